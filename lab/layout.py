@@ -1,0 +1,101 @@
+"""Where a stack lives: its ports (derived from one base port) and its directories."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.errors import LabError, PortInUseError
+from lab.process import is_port_free
+
+HOST = "127.0.0.1"
+PORTS_PER_STACK = 20
+SHOP_PORT_OFFSET = 10
+
+
+@dataclass(frozen=True, slots=True)
+class StackLayout:
+    data_dir: Path
+    base_port: int
+    shop_count: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.base_port <= 65535 - PORTS_PER_STACK:
+            raise LabError(f"--base-port must be between 1024 and {65535 - PORTS_PER_STACK}")
+        if not 1 <= self.shop_count <= PORTS_PER_STACK - SHOP_PORT_OFFSET:
+            raise LabError("shop_count must be between 1 and 10")
+
+    # ports
+    def pg_port(self, index: int) -> int:
+        return self.base_port + index
+
+    @property
+    def redis_port(self) -> int:
+        return self.base_port + 2
+
+    @property
+    def prometheus_port(self) -> int:
+        return self.base_port + 3
+
+    @property
+    def alertmanager_port(self) -> int:
+        return self.base_port + 4
+
+    @property
+    def controlplane_port(self) -> int:
+        return self.base_port + 5
+
+    def shop_port(self, index: int) -> int:
+        return self.base_port + SHOP_PORT_OFFSET + index
+
+    def all_ports(self) -> dict[str, int]:
+        ports = {
+            "pg0": self.pg_port(0),
+            "pg1": self.pg_port(1),
+            "redis": self.redis_port,
+            "prometheus": self.prometheus_port,
+            "alertmanager": self.alertmanager_port,
+            "controlplane": self.controlplane_port,
+        }
+        ports.update({f"shop-{i}": self.shop_port(i) for i in range(self.shop_count)})
+        return ports
+
+    # directories
+    @property
+    def pg_root(self) -> Path:
+        return self.data_dir / "pg"
+
+    def pg_data(self, index: int) -> Path:
+        return self.pg_root / f"pg{index}"
+
+    @property
+    def wal_archive(self) -> Path:
+        return self.pg_root / "wal_archive"
+
+    @property
+    def logs(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.data_dir / "stack.json"
+
+    def check_ports_free(self) -> None:
+        taken = [f"{name} ({port})" for name, port in self.all_ports().items()
+                 if not is_port_free(HOST, port)]
+        if taken:
+            raise PortInUseError(
+                f"ports already in use on {HOST}: {', '.join(taken)}; "
+                "choose another --base-port or stop what is listening there"
+            )
+
+
+def find_free_base_port(*, low: int = 20000, high: int = 40000, attempts: int = 200) -> int:
+    """A base port whose whole block of PORTS_PER_STACK ports is free right now."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(low, high, PORTS_PER_STACK)
+        if all(is_port_free(HOST, base + i) for i in range(PORTS_PER_STACK)):
+            return base
+    raise PortInUseError(f"no free block of {PORTS_PER_STACK} ports between {low} and {high}")

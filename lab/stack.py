@@ -1,0 +1,320 @@
+"""A whole stack on loopback: start it in order, describe it in stack.json, stop it cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lab import postgres as pg
+from lab.binaries import Binaries, find_binaries
+from lab.errors import LabError
+from lab.layout import HOST, StackLayout
+from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
+from lab.process import ServerProcess, is_pid_alive, terminate_pid
+from shop.config import ShopSettings
+from shop.db import make_engine
+from shop.schema import create_schema, seed_products
+
+logger = logging.getLogger(__name__)
+
+STACK_FILE_VERSION = 1
+# Stop order: clients before the servers they use; the primary before its standby so that
+# the standby receives the primary's shutdown checkpoint.
+STOP_ORDER = ("shop", "controlplane", "prometheus", "alertmanager", "redis", "primary", "standby")
+
+
+@dataclass(slots=True)
+class Stack:
+    layout: StackLayout
+    binaries: Binaries = field(default_factory=find_binaries)
+    products: int = 1000
+    stock: int = 100
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    processes: dict[str, ServerProcess] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, pg.PgNode] = field(default_factory=dict)
+    started_at: str = ""
+
+    # -- building blocks ---------------------------------------------------------------------
+    def _node(self, index: int) -> pg.PgNode:
+        name = f"pg{index}"
+        return pg.PgNode(
+            name=name,
+            port=self.layout.pg_port(index),
+            data_dir=self.layout.pg_data(index),
+            log_path=self.layout.logs / f"{name}.log",
+            binaries=self.binaries,
+            os_user=pg.pg_os_user(),
+        )
+
+    @property
+    def pg_ports(self) -> list[int]:
+        return [self.layout.pg_port(0), self.layout.pg_port(1)]
+
+    def shop_env(self, index: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "SHOP_ORDERS_URL": pg.shop_url("orders", self.pg_ports),
+                "SHOP_INVENTORY_URL": pg.shop_url("inventory", self.pg_ports),
+                "SHOP_REDIS_URL": f"redis://{HOST}:{self.layout.redis_port}/0",
+                "SHOP_INSTANCE_ID": f"shop-{index}",
+                "SHOP_ADMIN_TOKEN": self.admin_token,
+            }
+        )
+        env.update(extra or {})
+        return env
+
+    def shop_settings(self, index: int = 0, **overrides: Any) -> ShopSettings:
+        env = self.shop_env(index)
+        values: dict[str, Any] = {
+            "orders_url": env["SHOP_ORDERS_URL"],
+            "inventory_url": env["SHOP_INVENTORY_URL"],
+            "redis_url": env["SHOP_REDIS_URL"],
+            "instance_id": env["SHOP_INSTANCE_ID"],
+            "admin_token": self.admin_token,
+        }
+        values.update(overrides)
+        return ShopSettings(**values)
+
+    def shop_server(
+        self, index: int, *, port: int | None = None, extra_env: Mapping[str, str] | None = None
+    ) -> ServerProcess:
+        port = port or self.layout.shop_port(index)
+        name = f"shop-{index}"
+        return ServerProcess(
+            name=name,
+            argv=[
+                sys.executable, "-m", "gunicorn", "-c", "python:shop.gunicorn_conf",
+                "-b", f"{HOST}:{port}", "--access-logfile", "-", "--log-level", "info",
+                "--worker-tmp-dir", "/dev/shm", "shop.wsgi:app",
+            ],
+            env=self.shop_env(index, extra_env),
+            log_path=self.layout.logs / f"{name}.log",
+            ready=lambda: http_ok(f"http://{HOST}:{port}/healthz"),
+        )
+
+    def _add(self, name: str, role: str, proc: ServerProcess) -> ServerProcess:
+        self.processes[name] = proc
+        self.roles[name] = role
+        return proc
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        self.layout.check_ports_free()
+        self.started_at = datetime.now(UTC).isoformat()
+        try:
+            self._start_postgres()
+            self._add("redis", "cache", redis_server(self.layout, self.binaries)).start()
+            # Alertmanager first: Prometheus drops alerts sent before it found Alertmanager.
+            am = alertmanager_server(self.layout, self.binaries)
+            self._add("alertmanager", "alertmanager", am).start()
+            self.processes["redis"].wait_ready()
+            am.wait_ready()
+            self._add("prometheus", "prometheus", prometheus_server(self.layout, self.binaries))
+            self.processes["prometheus"].start()
+            shops = [
+                self._add(f"shop-{i}", "shop", self.shop_server(i)).start()
+                for i in range(self.layout.shop_count)
+            ]
+            for proc in (*shops, self.processes["prometheus"]):
+                proc.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        description = self.describe()
+        write_stack_file(self.layout.stack_file, description)
+        return description
+
+    def _start_postgres(self) -> None:
+        user = pg.pg_os_user()
+        for path in (self.layout.pg_root, self.layout.wal_archive):
+            path.mkdir(parents=True, exist_ok=True)
+            pg.chown_to(path, user)
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        _check_reachable_by(self.layout.pg_root, user)
+        primary, standby = self._node(0), self._node(1)
+        self.nodes = {primary.name: primary, standby.name: standby}
+        primary.init_primary(self.layout.wal_archive)
+        self._add(primary.name, "primary", primary.server()).start().wait_ready()
+        pg.create_shop_databases(primary.port)
+        settings = self.shop_settings()
+        orders = make_engine(pg.shop_url("orders", [primary.port]), settings, role="lab")
+        inventory = make_engine(pg.shop_url("inventory", [primary.port]), settings, role="lab")
+        try:
+            create_schema(orders, inventory)
+            seed_products(inventory, count=self.products, stock=self.stock)
+        finally:
+            orders.dispose()
+            inventory.dispose()
+        # The standby is cloned before synchronous mode is on: with it on and no standby,
+        # every commit would wait forever.
+        standby.base_backup_from(primary.port)
+        self._add(standby.name, "standby", standby.server()).start().wait_ready()
+        pg.enable_synchronous_replication(primary.port, standby.name, timeout_s=60)
+
+    def stop(self) -> None:
+        for proc in self._in_stop_order():
+            try:
+                proc.stop()
+            except Exception:
+                logger.exception("stopping %s failed", proc.name)
+
+    def _in_stop_order(self) -> list[ServerProcess]:
+        rank = {role: i for i, role in enumerate(STOP_ORDER)}
+        names = sorted(self.processes, key=lambda n: rank.get(self.roles.get(n, ""), -1))
+        return [self.processes[n] for n in names]
+
+    # -- description -------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        components: dict[str, dict[str, Any]] = {}
+        for name, proc in self.processes.items():
+            port = self.layout.all_ports()[name]
+            entry: dict[str, Any] = {
+                "role": self.roles[name],
+                "host": HOST,
+                "port": port,
+                "pid": proc.pid,
+                "argv0": proc.argv[0],
+                "log": str(proc.log_path),
+            }
+            if name in self.nodes:
+                entry["data_dir"] = str(self.nodes[name].data_dir)
+                entry["dsn"] = f"host={HOST} port={port} user={pg.SUPERUSER} dbname=postgres"
+            elif name == "redis":
+                entry["url"] = f"redis://{HOST}:{port}/0"
+            else:
+                entry["url"] = f"http://{HOST}:{port}"
+            components[name] = entry
+        return {
+            "version": STACK_FILE_VERSION,
+            "data_dir": str(self.layout.data_dir),
+            "base_port": self.layout.base_port,
+            "started_at": self.started_at,
+            "supervisor_pid": os.getpid(),
+            "components": components,
+            "postgres": {
+                "bin_dir": str(self.binaries.pg_bin),
+                "os_user": pg.pg_os_user(),
+                "wal_archive": str(self.layout.wal_archive),
+                "databases": list(pg.DATABASES),
+            },
+            "shop": {
+                "orders_url": pg.shop_url("orders", self.pg_ports),
+                "inventory_url": pg.shop_url("inventory", self.pg_ports),
+                "redis_url": f"redis://{HOST}:{self.layout.redis_port}/0",
+                "instances": [f"http://{HOST}:{self.layout.shop_port(i)}"
+                              for i in range(self.layout.shop_count)],
+            },
+            "secrets": {"shop_admin_token": self.admin_token},
+        }
+
+
+def _check_reachable_by(path: Path, user: str | None) -> None:
+    if user is None:
+        return
+    done = subprocess.run(["test", "-w", str(path)], user=user, check=False)
+    if done.returncode != 0:
+        raise LabError(
+            f"the {user} OS user cannot write {path}: every parent directory must be "
+            "traversable by it (choose a --data-dir such as /tmp/shop-lab or one under /var/tmp)"
+        )
+
+
+def write_stack_file(path: Path, description: Mapping[str, Any]) -> None:
+    """Atomically, readable by its owner only: it holds the stack's tokens."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(description, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def read_stack_file(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "stack.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LabError(f"no stack described at {path}: is a stack running there?") from None
+    return data
+
+
+def running_components(description: Mapping[str, Any]) -> dict[str, int]:
+    """Components whose recorded pid is alive and still runs the recorded program."""
+    alive: dict[str, int] = {}
+    for name, comp in description.get("components", {}).items():
+        pid = comp.get("pid")
+        if isinstance(pid, int) and is_pid_alive(pid) and _runs(pid, comp.get("argv0", "")):
+            alive[name] = pid
+    return alive
+
+
+def _runs(pid: int, argv0: str) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    # Some servers (Redis) rewrite their title to "binary host:port": compare the binary.
+    program = raw.split(" ", 1)[0]
+    return not argv0 or Path(program).name == Path(argv0).name
+
+
+def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
+    """`controlplane down`: stop every live component recorded in DIR/stack.json, in order."""
+    description = read_stack_file(data_dir)
+    alive = running_components(description)
+    rank = {role: i for i, role in enumerate(STOP_ORDER)}
+    comps = description["components"]
+    stopped = []
+    for name in sorted(alive, key=lambda n: rank.get(comps[n]["role"], -1)):
+        sig = signal.SIGINT if comps[name]["role"] in ("primary", "standby") else signal.SIGTERM
+        terminate_pid(alive[name], timeout_s=timeout_s, sig=sig)
+        stopped.append(name)
+    supervisor = description.get("supervisor_pid")
+    if isinstance(supervisor, int) and supervisor != os.getpid() and is_pid_alive(supervisor):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGTERM)
+    return stopped
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Refuse a directory whose stack still runs; clear a stale one; make it reachable."""
+    if (data_dir / "stack.json").exists():
+        alive = running_components(read_stack_file(data_dir))
+        if alive:
+            raise LabError(
+                f"a stack is already running in {data_dir} ({', '.join(sorted(alive))}): "
+                f"run `controlplane down --data-dir {data_dir}` first"
+            )
+    if data_dir.exists() and any(data_dir.iterdir()):
+        if not (data_dir / "stack.json").exists() and not (data_dir / "pg").exists():
+            raise LabError(f"{data_dir} is not empty and holds no lab stack: choose another")
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o755)
+
+
+def wait_forever(stack: Stack, *, poll_s: float = 1.0) -> None:
+    """Supervise in the foreground: report components that die, until SIGINT/SIGTERM."""
+    reported: set[str] = set()
+    while True:
+        for name, proc in stack.processes.items():
+            if name not in reported and not proc.is_running():
+                reported.add(name)
+                logger.error("%s exited (log: %s)", name, proc.log_path)
+            elif name in reported and proc.is_running():
+                reported.discard(name)
+        time.sleep(poll_s)
