@@ -166,6 +166,14 @@ class Stack:
         self._add(standby.name, "standby", standby.server()).start().wait_ready()
         pg.enable_synchronous_replication(primary.port, standby.name, timeout_s=60)
 
+    def restart(self, name: str) -> ServerProcess:
+        """Start a stopped or killed component again and record its new pid in stack.json."""
+        proc = self.processes[name]
+        proc.stop()
+        proc.start().wait_ready()
+        write_stack_file(self.layout.stack_file, self.describe())
+        return proc
+
     def stop(self) -> None:
         for proc in self._in_stop_order():
             try:

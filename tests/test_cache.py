@@ -1,0 +1,137 @@
+"""The two-level catalog cache: hits, invalidation, flush, and life without Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from lab.process import wait_until
+from lab.stack import Stack
+from shop.cache import KEY_PREFIX
+from tests.conftest import order
+
+
+def cache_count(base_url: str, level: str, result: str) -> float:
+    text = requests.get(f"{base_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "shop_cache_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels == {
+                    "level": level, "result": result,
+                }:
+                    return sample.value
+    return 0.0
+
+
+@pytest.fixture
+def cache(stack: Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.describe()["shop"]["redis_url"])
+    yield client
+    client.close()
+
+
+def admin(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.admin_token}"}
+
+
+def test_the_second_read_is_served_from_the_local_cache(
+    shops: list[str], new_product: Callable[..., int], cache: redis.Redis
+) -> None:
+    product = new_product(stock=3)
+    hits_before = cache_count(shops[0], "local", "hit")
+    first = requests.get(f"{shops[0]}/products/{product}", timeout=5)
+    second = requests.get(f"{shops[0]}/products/{product}", timeout=5)
+    assert first.json() == second.json()
+    assert first.json()["stock"] == 3
+    assert cache_count(shops[0], "local", "hit") == hits_before + 1
+    assert cache.exists(f"{KEY_PREFIX}{product}")
+
+
+def test_another_instance_finds_the_product_in_redis(
+    shops: list[str], new_product: Callable[..., int]
+) -> None:
+    product = new_product(stock=3)
+    requests.get(f"{shops[0]}/products/{product}", timeout=5)
+    hits_before = cache_count(shops[1], "redis", "hit")
+    assert requests.get(f"{shops[1]}/products/{product}", timeout=5).json()["stock"] == 3
+    assert cache_count(shops[1], "redis", "hit") == hits_before + 1
+
+
+def test_an_order_invalidates_the_cached_stock(
+    shops: list[str], new_product: Callable[..., int], cache: redis.Redis
+) -> None:
+    product = new_product(stock=8)
+    assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["stock"] == 8
+    assert order(shops[0], str(uuid.uuid4()), product, quantity=3).status_code == 201
+    assert not cache.exists(f"{KEY_PREFIX}{product}")
+    assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["stock"] == 5
+
+
+def test_a_price_change_is_served_at_once_by_the_instance_that_made_it(
+    stack: Stack, shops: list[str], new_product: Callable[..., int]
+) -> None:
+    product = new_product(stock=1, price_cents=100)
+    assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["price_cents"] == 100
+    patched = requests.patch(
+        f"{shops[0]}/admin/products/{product}", json={"price_cents": 175}, headers=admin(stack),
+        timeout=5,
+    )
+    assert patched.status_code == 200, patched.text
+    assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["price_cents"] == 175
+
+
+def test_the_admin_endpoints_refuse_a_missing_or_wrong_token(
+    shops: list[str], new_product: Callable[..., int]
+) -> None:
+    product = new_product(stock=1)
+    no_token = requests.post(f"{shops[0]}/admin/cache/flush", timeout=5)
+    wrong = requests.patch(
+        f"{shops[0]}/admin/products/{product}", json={"price_cents": 1},
+        headers={"Authorization": "Bearer nope"}, timeout=5,
+    )
+    assert (no_token.status_code, wrong.status_code) == (401, 401)
+    assert "token" in no_token.json()["error"]
+    assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["price_cents"] == 1000
+
+
+def test_a_flush_empties_redis_and_the_local_level(
+    stack: Stack, shops: list[str], new_product: Callable[..., int], cache: redis.Redis
+) -> None:
+    product = new_product(stock=2)
+    requests.get(f"{shops[0]}/products/{product}", timeout=5)
+    flushed = requests.post(f"{shops[0]}/admin/cache/flush", headers=admin(stack), timeout=5)
+    assert flushed.status_code == 200
+    assert flushed.json()["redis_keys_removed"] >= 1
+    assert not cache.exists(f"{KEY_PREFIX}{product}")
+    misses_before = cache_count(shops[0], "local", "miss")
+    requests.get(f"{shops[0]}/products/{product}", timeout=5)
+    assert cache_count(shops[0], "local", "miss") == misses_before + 1
+
+
+def test_the_shop_keeps_serving_and_selling_with_redis_killed(
+    stack: Stack, shops: list[str], new_product: Callable[..., int]
+) -> None:
+    product = new_product(stock=5)
+    redis_proc = stack.processes["redis"]
+    redis_proc.kill()
+    try:
+        response = requests.get(f"{shops[1]}/products/{product}", timeout=5)
+        assert response.status_code == 200
+        assert response.json()["stock"] == 5
+        assert order(shops[1], str(uuid.uuid4()), product, quantity=2).status_code == 201
+        ready = requests.get(f"{shops[1]}/readyz", timeout=5)
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        assert ready.json()["checks"]["cache"]["ok"] is False
+        assert cache_count(shops[1], "redis", "error") >= 1
+    finally:
+        stack.restart("redis")
+    wait_until(
+        lambda: requests.get(f"{shops[1]}/readyz", timeout=5).json()["status"] == "ready",
+        timeout_s=10, what="readiness with Redis back",
+    )

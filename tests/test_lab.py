@@ -1,0 +1,118 @@
+"""The lab: a real stack comes up replicated and scraped, is described, and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_api_client import PrometheusConnect
+
+from lab.binaries import find_binaries, find_postgres_bin
+from lab.errors import MissingBinaryError, PortInUseError
+from lab.layout import HOST, StackLayout, find_free_base_port
+from lab.monitoring import check_rules, rules_path
+from lab.postgres import connect, replication_state
+from lab.process import is_pid_alive, is_port_free, wait_until
+from lab.stack import Stack
+from tests.conftest import lab_tmpdir, order
+
+
+def test_the_standby_streams_synchronously(stack: Stack) -> None:
+    state = replication_state(stack.layout.pg_port(0))
+    assert state == [{"application_name": "pg1", "state": "streaming", "sync_state": "sync"}]
+
+
+def test_an_acknowledged_order_reaches_the_standby(
+    stack: Stack, shops: list[str], new_product: Callable[..., int]
+) -> None:
+    response = order(shops[0], str(uuid.uuid4()), new_product(stock=1))
+    assert response.status_code == 201
+    order_id = response.json()["id"]
+
+    def on_standby() -> bool:
+        with connect(stack.layout.pg_port(1), dbname="orders") as conn:
+            return conn.execute("SELECT 1 FROM orders WHERE id = %s", (order_id,)).fetchone() is not None
+
+    wait_until(on_standby, timeout_s=10, what="the order replayed on the standby")
+
+
+def test_prometheus_scrapes_every_shop_instance(stack: Stack, shops: list[str]) -> None:
+    prom = PrometheusConnect(url=stack.describe()["components"]["prometheus"]["url"])
+    expected = {url.removeprefix("http://") for url in shops}
+
+    def all_up() -> bool:
+        result = prom.custom_query('up{job="shop"}')
+        return {r["metric"]["instance"] for r in result if r["value"][1] == "1"} == expected
+
+    wait_until(all_up, timeout_s=20, interval_s=0.5, what="every shop scraped with up == 1")
+
+
+def test_the_shipped_alert_rules_pass_promtool() -> None:
+    check_rules(find_binaries(), rules_path())
+
+
+def test_stack_json_describes_every_component_for_its_owner_only(stack: Stack) -> None:
+    path = stack.layout.stack_file
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    description = json.loads(path.read_text())
+    components = description["components"]
+    assert {c["role"] for c in components.values()} == {
+        "primary", "standby", "cache", "alertmanager", "prometheus", "shop",
+    }
+    for name, comp in components.items():
+        assert is_pid_alive(comp["pid"]), name
+        assert not is_port_free(HOST, comp["port"]), name
+
+
+def test_a_taken_port_is_reported_with_its_role(tmp_path: Path) -> None:
+    base = find_free_base_port()
+    with socket.socket() as squatter:
+        squatter.bind((HOST, base + 2))
+        squatter.listen()
+        with pytest.raises(PortInUseError, match=rf"redis \({base + 2}\)"):
+            StackLayout(tmp_path, base).check_ports_free()
+
+
+def test_a_missing_postgres_names_the_package_to_install(tmp_path: Path) -> None:
+    with pytest.raises(MissingBinaryError, match="apt-get install -y postgresql"):
+        find_postgres_bin(tmp_path)
+
+
+def test_up_detach_then_down_leaves_nothing_running() -> None:
+    data_dir = lab_tmpdir("shop-cli-")
+    base = find_free_base_port()
+    cli = [str(Path(sys.executable).parent / "controlplane")]
+    up = subprocess.run(
+        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base), "--shops", "1",
+         "--products", "10", "--detach"],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert up.returncode == 0, up.stderr
+    assert "shop-0" in up.stdout
+    description = json.loads((data_dir / "stack.json").read_text())
+    pids = {name: c["pid"] for name, c in description["components"].items()}
+    assert all(is_pid_alive(pid) for pid in pids.values())
+
+    again = subprocess.run(
+        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base + 100), "--detach"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert again.returncode != 0
+    assert "already running" in again.stderr
+
+    down = subprocess.run(
+        [*cli, "down", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert down.returncode == 0, down.stderr
+    assert all(not is_pid_alive(pid) for pid in pids.values())
+    assert all(is_port_free(HOST, c["port"]) for c in description["components"].values())
+    assert os.path.isdir(data_dir / "logs")
