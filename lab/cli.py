@@ -1,4 +1,4 @@
-"""The `controlplane` command: `up` and `down` for a lab stack (later: `serve` and more)."""
+"""The `controlplane` command: `up`, `demo`, `down` and `status` for a lab stack."""
 
 from __future__ import annotations
 
@@ -6,19 +6,38 @@ import json
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
 from lab.errors import LabError
 from lab.layout import StackLayout
+from lab.load import run_order_load
 from lab.stack import Stack, prepare_data_dir, read_stack_file, stop_described, wait_forever
 
 logger = logging.getLogger("lab")
 
 DEFAULT_DATA_DIR = Path(".lab")
 DEFAULT_BASE_PORT = 25400
+
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="where the stack keeps its data, logs and stack.json",
+)
+base_port_option = click.option(
+    "--base-port",
+    type=int,
+    default=DEFAULT_BASE_PORT,
+    show_default=True,
+    help="first of the 20 loopback ports the stack uses",
+)
 
 
 @click.group()
@@ -31,25 +50,16 @@ def main(verbose: bool) -> None:
     )
 
 
-def print_urls(description: dict[str, object]) -> None:
-    comps = description["components"]
-    assert isinstance(comps, dict)
+def print_urls(description: dict[str, Any]) -> None:
     click.echo(f"stack in {description['data_dir']} (described in stack.json):")
-    for name, comp in comps.items():
+    for name, comp in description["components"].items():
         where = comp.get("url") or comp.get("dsn")
         click.echo(f"  {name:<13} {comp['role']:<13} {where}  pid {comp['pid']}")
 
 
-@main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR,
-              show_default=True, help="where the stack keeps its data, logs and stack.json")
-@click.option("--base-port", type=int, default=DEFAULT_BASE_PORT, show_default=True,
-              help="first of the 20 loopback ports the stack uses")
-@click.option("--shops", type=int, default=2, show_default=True, help="shop instances")
-@click.option("--products", type=int, default=1000, show_default=True, help="catalog size")
-@click.option("--detach", is_flag=True, help="return once everything is ready")
-def up(data_dir: Path, base_port: int, shops: int, products: int, detach: bool) -> None:
-    """Start PostgreSQL primary + standby, Redis, Alertmanager, Prometheus and the shop."""
+def _start(
+    data_dir: Path, base_port: int, shops: int, products: int
+) -> tuple[Stack, dict[str, Any]]:
     data_dir = data_dir.absolute()
     try:
         layout = StackLayout(data_dir, base_port, shop_count=shops)
@@ -61,27 +71,89 @@ def up(data_dir: Path, base_port: int, shops: int, products: int, detach: bool) 
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     print_urls(description)
-    if detach:
-        click.echo(f"detached; stop it with: controlplane down --data-dir {data_dir}")
-        return
+    return stack, description
+
+
+def _supervise(stack: Stack, before_stop: Callable[[], None] | None = None) -> None:
+    """Stay in the foreground, reporting components that die, until Ctrl-C or SIGTERM."""
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    click.echo("running; Ctrl-C stops everything")
     try:
         wait_forever(stack)
     except KeyboardInterrupt:
         click.echo("stopping...")
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if before_stop:
+            before_stop()
         stack.stop()
         click.echo("stopped")
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR,
-              show_default=True)
+@data_dir_option
+@base_port_option
+@click.option("--shops", type=int, default=2, show_default=True, help="shop instances")
+@click.option("--products", type=int, default=1000, show_default=True, help="catalog size")
+@click.option("--detach", is_flag=True, help="return once everything is ready")
+def up(data_dir: Path, base_port: int, shops: int, products: int, detach: bool) -> None:
+    """Start PostgreSQL primary + standby, Redis, Alertmanager, Prometheus and the shop."""
+    stack, _ = _start(data_dir, base_port, shops, products)
+    if detach:
+        click.echo(f"detached; stop it with: controlplane down --data-dir {data_dir}")
+        return
+    click.echo("running; Ctrl-C stops everything")
+    _supervise(stack)
+
+
+@main.command()
+@data_dir_option
+@base_port_option
+@click.option(
+    "--load-s",
+    type=click.FloatRange(1, 3600),
+    default=600,
+    show_default=True,
+    help="how long the background order load runs",
+)
+def demo(data_dir: Path, base_port: int, load_s: float) -> None:
+    """The stack plus a gentle background order load; Ctrl-C stops everything."""
+    stack, description = _start(data_dir, base_port, shops=2, products=1000)
+    shop = description["shop"]["instances"][0]
+    prometheus = description["components"]["prometheus"]["url"]
+    click.echo(
+        "\ntry:\n"
+        f"  curl {shop}/products/1\n"
+        f"  curl -X POST {shop}/orders -H 'Idempotency-Key: demo-1' "
+        """-d '{"product_id": 1, "quantity": 1, "customer": "you", "address": "here"}'\n"""
+        f"  {prometheus}/graph?g0.expr=sum(rate(shop_orders_total[1m]))%20by%20(result)\n"
+        f"  {prometheus}/alerts   (kill -9 a shop's pid and watch ShopInstanceDown fire)\n"
+    )
+    stop_load = threading.Event()
+    load = threading.Thread(
+        target=run_order_load,
+        kwargs={
+            "shop_urls": description["shop"]["instances"],
+            "clients": 4,
+            "duration_s": load_s,
+            "product_ids": range(1, 1001),
+            "think_s": 0.1,
+            "stop": stop_load,
+        },
+        daemon=True,
+    )
+    load.start()
+    click.echo(f"background load: 4 clients, ~40 orders/s, for {load_s:g}s; Ctrl-C stops all")
+    _supervise(stack, before_stop=stop_load.set)
+
+
+@main.command()
+@data_dir_option
 def down(data_dir: Path) -> None:
     """Stop the stack described in DATA_DIR/stack.json."""
     try:
@@ -92,10 +164,9 @@ def down(data_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR,
-              show_default=True)
+@data_dir_option
 def status(data_dir: Path) -> None:
-    """Print the running stack's description (stack.json) as JSON."""
+    """Print the running stack's description (stack.json, without its secrets) as JSON."""
     try:
         description = read_stack_file(data_dir.absolute())
     except LabError as exc:

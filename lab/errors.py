@@ -1,9 +1,9 @@
 """The lab's exceptions.
 
-    LabError                 anything the lab cannot do, with a message saying why and what to do
-    ├── MissingBinaryError   a server binary is not installed (names the apt package)
-    ├── PortInUseError       a port the stack needs is taken
-    └── NotReadyError        a server did not become ready before its deadline
+LabError                 anything the lab cannot do, with a message saying why and what to do
+├── MissingBinaryError   a server binary is not installed (names the apt package)
+├── PortInUseError       a port the stack needs is taken
+└── NotReadyError        a server did not become ready before its deadline
 """
 
 from __future__ import annotations

@@ -82,8 +82,11 @@ class StackLayout:
         return self.data_dir / "stack.json"
 
     def check_ports_free(self) -> None:
-        taken = [f"{name} ({port})" for name, port in self.all_ports().items()
-                 if not is_port_free(HOST, port)]
+        taken = [
+            f"{name} ({port})"
+            for name, port in self.all_ports().items()
+            if not is_port_free(HOST, port)
+        ]
         if taken:
             raise PortInUseError(
                 f"ports already in use on {HOST}: {', '.join(taken)}; "

@@ -31,9 +31,21 @@ def redis_server(layout: StackLayout, binaries: Binaries) -> ServerProcess:
     return ServerProcess(
         name="redis",
         argv=[
-            binaries.redis_server, "--port", str(layout.redis_port), "--bind", HOST,
-            "--save", "", "--appendonly", "no", "--dir", str(workdir),
-            "--protected-mode", "yes", "--daemonize", "no",
+            binaries.redis_server,
+            "--port",
+            str(layout.redis_port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
         ],
         log_path=layout.logs / "redis.log",
         ready=lambda: is_port_open(HOST, layout.redis_port),
@@ -46,7 +58,9 @@ def rules_path() -> Path:
 
 def check_rules(binaries: Binaries, path: Path) -> None:
     done = subprocess.run(
-        [binaries.promtool, "check", "rules", str(path)], capture_output=True, text=True,
+        [binaries.promtool, "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
         check=False,
     )
     if done.returncode != 0:
@@ -64,7 +78,10 @@ def prometheus_config(layout: StackLayout, *, with_controlplane: bool) -> dict[s
                 }
             ],
         },
-        {"job_name": "prometheus", "static_configs": [{"targets": [f"{HOST}:{layout.prometheus_port}"]}]},
+        {
+            "job_name": "prometheus",
+            "static_configs": [{"targets": [f"{HOST}:{layout.prometheus_port}"]}],
+        },
     ]
     if with_controlplane:
         scrape.append(
@@ -76,7 +93,9 @@ def prometheus_config(layout: StackLayout, *, with_controlplane: bool) -> dict[s
     return {
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
         "alerting": {
-            "alertmanagers": [{"static_configs": [{"targets": [f"{HOST}:{layout.alertmanager_port}"]}]}]
+            "alertmanagers": [
+                {"static_configs": [{"targets": [f"{HOST}:{layout.alertmanager_port}"]}]}
+            ]
         },
         "rule_files": [str(layout.data_dir / "prometheus" / RULES_FILE)],
         "scrape_configs": scrape,
@@ -92,14 +111,19 @@ def prometheus_server(
     rules.write_text(rules_path().read_text())
     check_rules(binaries, rules)
     config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(layout, with_controlplane=with_controlplane)))
+    config.write_text(
+        yaml.safe_dump(prometheus_config(layout, with_controlplane=with_controlplane))
+    )
     url = f"http://{HOST}:{layout.prometheus_port}"
     return ServerProcess(
         name="prometheus",
         argv=[
-            binaries.prometheus, f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'data'}", "--storage.tsdb.retention.time=2d",
-            f"--web.listen-address={HOST}:{layout.prometheus_port}", "--web.enable-lifecycle",
+            binaries.prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address={HOST}:{layout.prometheus_port}",
+            "--web.enable-lifecycle",
             # Alerts reach Alertmanager within a second, not after the 1 min default resend.
             "--rules.alert.resend-delay=1s",
         ],
@@ -137,7 +161,8 @@ def alertmanager_server(
     return ServerProcess(
         name="alertmanager",
         argv=[
-            binaries.alertmanager, f"--config.file={config}",
+            binaries.alertmanager,
+            f"--config.file={config}",
             f"--storage.path={workdir / 'data'}",
             f"--web.listen-address={HOST}:{layout.alertmanager_port}",
             "--cluster.listen-address=",  # one Alertmanager: no gossip cluster

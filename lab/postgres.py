@@ -75,8 +75,13 @@ def chown_to(path: Path, user: str | None) -> None:
 
 def connect(port: int, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(
-        host=HOST, port=port, user=SUPERUSER, dbname=dbname, connect_timeout=2,
-        autocommit=True, **kwargs,
+        host=HOST,
+        port=port,
+        user=SUPERUSER,
+        dbname=dbname,
+        connect_timeout=2,
+        autocommit=True,
+        **kwargs,
     )
 
 
@@ -109,8 +114,13 @@ class PgNode:
     def run_tool(self, tool: str, *args: str, timeout_s: float = 120) -> str:
         argv = [self.binaries.pg(tool), *args]
         done = subprocess.run(
-            argv, user=self.os_user, cwd=self.data_dir.parent, capture_output=True, text=True,
-            timeout=timeout_s, check=False,
+            argv,
+            user=self.os_user,
+            cwd=self.data_dir.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
         if done.returncode != 0:
             raise LabError(f"{tool} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -120,8 +130,13 @@ class PgNode:
         return ServerProcess(
             name=self.name,
             argv=[
-                self.binaries.pg("postgres"), "-D", str(self.data_dir),
-                "-c", f"port={self.port}", "-c", f"cluster_name={self.name}",
+                self.binaries.pg("postgres"),
+                "-D",
+                str(self.data_dir),
+                "-c",
+                f"port={self.port}",
+                "-c",
+                f"cluster_name={self.name}",
             ],
             log_path=self.log_path,
             ready=lambda: is_accepting(self.port),
@@ -133,8 +148,15 @@ class PgNode:
 
     def init_primary(self, archive_dir: Path) -> None:
         self.run_tool(
-            "initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust",
-            "--encoding=UTF8", "--no-locale", "--data-checksums",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--data-checksums",
         )
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as fh:
@@ -147,16 +169,31 @@ class PgNode:
     def base_backup_from(self, source_port: int) -> None:
         """Clone the running primary into this node's data dir as a streaming standby."""
         self.run_tool(
-            "pg_basebackup", "-h", HOST, "-p", str(source_port), "-U", SUPERUSER,
-            "-D", str(self.data_dir), "-X", "stream", "-R", "--checkpoint=fast",
-            "-d", f"application_name={self.name}",
+            "pg_basebackup",
+            "-h",
+            HOST,
+            "-p",
+            str(source_port),
+            "-U",
+            SUPERUSER,
+            "-D",
+            str(self.data_dir),
+            "-X",
+            "stream",
+            "-R",
+            "--checkpoint=fast",
+            "-d",
+            f"application_name={self.name}",
             timeout_s=600,
         )
 
 
 def create_shop_databases(port: int) -> None:
     with connect(port) as conn:
-        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SHOP_ROLE,)).fetchone() is None:
+        if (
+            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SHOP_ROLE,)).fetchone()
+            is None
+        ):
             conn.execute(f"CREATE ROLE {SHOP_ROLE} LOGIN")
         for db in DATABASES:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
@@ -166,9 +203,7 @@ def create_shop_databases(port: int) -> None:
 
 def replication_state(primary_port: int) -> list[dict[str, Any]]:
     with connect(primary_port) as conn:
-        cur = conn.execute(
-            "SELECT application_name, state, sync_state FROM pg_stat_replication"
-        )
+        cur = conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication")
         return [
             {"application_name": r[0], "state": r[1], "sync_state": r[2]} for r in cur.fetchall()
         ]
@@ -201,6 +236,4 @@ def enable_synchronous_replication(primary_port: int, standby_name: str, timeout
 def shop_url(database: str, ports: list[int]) -> str:
     """A multi-host URL: new connections go to whichever node accepts writes."""
     hosts = "&".join(f"host={HOST}:{port}" for port in ports)
-    return (
-        f"postgresql+psycopg://{SHOP_ROLE}@/{database}?{hosts}&target_session_attrs=read-write"
-    )
+    return f"postgresql+psycopg://{SHOP_ROLE}@/{database}?{hosts}&target_session_attrs=read-write"

@@ -151,7 +151,9 @@ class ServerProcess:
         try:
             wait_until(check, timeout_s=self.ready_timeout_s, what=f"{self.name} ready")
         except NotReadyError as exc:
-            raise NotReadyError(f"{exc}; last lines of {self.log_path}:\n{tail(self.log_path)}")
+            raise NotReadyError(
+                f"{exc}; last lines of {self.log_path}:\n{tail(self.log_path)}"
+            ) from None
         return self
 
     def is_running(self) -> bool:

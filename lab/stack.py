@@ -98,9 +98,20 @@ class Stack:
         return ServerProcess(
             name=name,
             argv=[
-                sys.executable, "-m", "gunicorn", "-c", "python:shop.gunicorn_conf",
-                "-b", f"{HOST}:{port}", "--access-logfile", "-", "--log-level", "info",
-                "--worker-tmp-dir", "/dev/shm", "shop.wsgi:app",
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "python:shop.gunicorn_conf",
+                "-b",
+                f"{HOST}:{port}",
+                "--access-logfile",
+                "-",
+                "--log-level",
+                "info",
+                "--worker-tmp-dir",
+                "/dev/shm",
+                "shop.wsgi:app",
             ],
             env=self.shop_env(index, extra_env),
             log_path=self.layout.logs / f"{name}.log",
@@ -224,8 +235,10 @@ class Stack:
                 "orders_url": pg.shop_url("orders", self.pg_ports),
                 "inventory_url": pg.shop_url("inventory", self.pg_ports),
                 "redis_url": f"redis://{HOST}:{self.layout.redis_port}/0",
-                "instances": [f"http://{HOST}:{self.layout.shop_port(i)}"
-                              for i in range(self.layout.shop_count)],
+                "instances": [
+                    f"http://{HOST}:{self.layout.shop_port(i)}"
+                    for i in range(self.layout.shop_count)
+                ],
             },
             "secrets": {"shop_admin_token": self.admin_token},
         }

@@ -7,13 +7,13 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import text, update
+from sqlalchemy import Table, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
@@ -35,8 +35,8 @@ from shop.orders import OrderCoordinator, OrderRequest, order_json
 logger = logging.getLogger(__name__)
 
 MAX_PAGE = 500
-products = Product.__table__
-orders = Order.__table__
+products = cast(Table, Product.__table__)
+orders = cast(Table, Order.__table__)
 
 
 class OrderBody(BaseModel):
@@ -58,7 +58,7 @@ class ProductPatch(BaseModel):
 PRODUCT_FIELDS = ("id", "sku", "name", "price_cents", "stock")
 
 
-def product_json(row: Mapping[str, Any]) -> dict[str, Any]:
+def product_json(row: Mapping[Any, Any]) -> dict[str, Any]:
     return {name: row[name] for name in PRODUCT_FIELDS}
 
 
@@ -281,4 +281,3 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
         return jsonify(product)
 
     return app
-

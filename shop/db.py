@@ -64,7 +64,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def raw_connection(engine: Engine, *, autocommit: bool = False) -> Iterator[psycopg.Connection[Any]]:
+def raw_connection(
+    engine: Engine, *, autocommit: bool = False
+) -> Iterator[psycopg.Connection[Any]]:
     """A pooled psycopg connection; discarded from the pool if anything goes wrong on it."""
     proxy: PoolProxiedConnection = engine.raw_connection()
     conn: psycopg.Connection[Any] = proxy.driver_connection  # type: ignore[assignment]

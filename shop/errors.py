@@ -1,14 +1,14 @@
 """The shop's exceptions, each with the HTTP status it maps to.
 
-    ShopError (500)
-    ├── BadRequest (400)
-    ├── Unauthorized (401)
-    ├── OrderNotFound (404)
-    ├── ProductNotFound (404)
-    ├── OutOfStock (409)
-    ├── IdempotencyKeyReused (422)   same key, different request body
-    ├── Busy (503)                   a lock or statement timeout: try again
-    └── Unavailable (503)            a database could not be reached in time
+ShopError (500)
+├── BadRequest (400)
+├── Unauthorized (401)
+├── OrderNotFound (404)
+├── ProductNotFound (404)
+├── OutOfStock (409)
+├── IdempotencyKeyReused (422)   same key, different request body
+├── Busy (503)                   a lock or statement timeout: try again
+└── Unavailable (503)            a database could not be reached in time
 """
 
 from __future__ import annotations

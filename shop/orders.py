@@ -1,7 +1,8 @@
 """Placing an order: one two-phase commit over `inventory` and `orders`, with a decision log.
 
 The protocol (presumed abort), for transaction id `txid` = shop:<instance>:<order id>:
-  1. inventory: guarded UPDATE of stock, INSERT movement, PREPARE TRANSACTION '<txid>:inventory'
+  1. inventory: guarded UPDATE of stock + INSERT movement (one statement),
+                PREPARE TRANSACTION '<txid>:inventory'
   2. orders:    INSERT order (unique idempotency key), PREPARE TRANSACTION '<txid>:orders'
   3. orders:    INSERT INTO tx_decisions (txid, 'commit') ON CONFLICT DO NOTHING  <- the decision
   4. COMMIT PREPARED on inventory, then on orders
@@ -32,6 +33,14 @@ from shop.errors import Busy, IdempotencyKeyReused, OutOfStock, ProductNotFound,
 logger = logging.getLogger(__name__)
 
 GID_PREFIX = "shop:"
+
+# The guarded decrement and its movement row in one statement (one round trip).
+TAKE_STOCK = (
+    "WITH taken AS (UPDATE products SET stock = stock - %s, updated_at = now()"
+    " WHERE id = %s AND stock >= %s RETURNING id, price_cents)"
+    " INSERT INTO stock_movements (order_id, product_id, delta)"
+    " SELECT %s, id, %s FROM taken RETURNING (SELECT price_cents FROM taken)"
+)
 
 ORDER_COLUMNS = (
     "id, product_id, quantity, customer, address, unit_price_cents, total_cents, created_at,"
@@ -136,10 +145,9 @@ class OrderCoordinator:
             self.on_failpoint(step)
 
     def _place_once(self, request: OrderRequest, key: str) -> PlacedOrder:
+        # No look-up of the key first: a retry of a committed order meets the unique index on
+        # the key and is answered from the stored order (or from _refuse if stock ran out).
         fingerprint = request.fingerprint()
-        replay = self._replay(key, fingerprint, request.product_id)
-        if replay is not None:
-            return replay
         order_id = uuid.uuid4()
         # One transaction id, one prepared gid per participant (gids are unique per cluster).
         txid = f"{GID_PREFIX}{self.instance_id}:{order_id.hex}"
@@ -150,20 +158,14 @@ class OrderCoordinator:
                 raw_connection(self.orders) as ords,
             ):
                 inv.tpc_begin(participant_gid(txid, "inventory"))
-                row = inv.execute(
-                    "UPDATE products SET stock = stock - %s, updated_at = now()"
-                    " WHERE id = %s AND stock >= %s RETURNING price_cents",
-                    (request.quantity, request.product_id, request.quantity),
-                ).fetchone()
+                row = inv.execute(TAKE_STOCK, (
+                    request.quantity, request.product_id, request.quantity,
+                    order_id, -request.quantity,
+                )).fetchone()  # fmt: skip
                 if row is None:
                     inv.tpc_rollback()
                     return self._refuse(inv, request, key, fingerprint)
                 price_cents = int(row[0])
-                inv.execute(
-                    "INSERT INTO stock_movements (order_id, product_id, delta)"
-                    " VALUES (%s, %s, %s)",
-                    (order_id, request.product_id, -request.quantity),
-                )
                 ords.tpc_begin(participant_gid(txid, "orders"))
                 try:
                     cur = ords.cursor(row_factory=dict_row)
@@ -173,9 +175,16 @@ class OrderCoordinator:
                         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                         f" RETURNING {ORDER_COLUMNS}",
                         (
-                            order_id, key, fingerprint, request.product_id, request.quantity,
-                            request.customer, request.address, price_cents,
-                            price_cents * request.quantity, txid,
+                            order_id,
+                            key,
+                            fingerprint,
+                            request.product_id,
+                            request.quantity,
+                            request.customer,
+                            request.address,
+                            price_cents,
+                            price_cents * request.quantity,
+                            txid,
                         ),
                     ).fetchone()
                 except psycopg.errors.UniqueViolation:
@@ -187,6 +196,9 @@ class OrderCoordinator:
                         raise
                     return replay
                 assert order is not None
+                placed = PlacedOrder(
+                    order_json(order), replayed=False, product_id=request.product_id
+                )
                 self._hit("before_prepare")
                 inv.tpc_prepare()
                 prepared.append((self.inventory, participant_gid(txid, "inventory")))
@@ -207,7 +219,7 @@ class OrderCoordinator:
         except BaseException:
             self._abort_prepared(prepared)
             raise
-        return PlacedOrder(order=order_json(order), replayed=False, product_id=request.product_id)
+        return placed
 
     def _commit_decided(self, conn: psycopg.Connection[Any], gid: str) -> None:
         try:

@@ -19,9 +19,7 @@ def resolve_own_in_doubt(
     inventory = make_engine(settings.inventory_url, settings, role="inventory")
     try:
         coordinator = OrderCoordinator(orders, inventory, instance_id=settings.instance_id)
-        resolutions = coordinator.resolve_in_doubt(
-            min_age_s=min_age_s, only_own=not all_instances
-        )
+        resolutions = coordinator.resolve_in_doubt(min_age_s=min_age_s, only_own=not all_instances)
     finally:
         orders.dispose()
         inventory.dispose()

@@ -4,8 +4,8 @@ Alertmanager, two shops) on free loopback ports, and helpers to read its databas
 from __future__ import annotations
 
 import shutil
-import uuid
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any

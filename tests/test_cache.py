@@ -22,7 +22,8 @@ def cache_count(base_url: str, level: str, result: str) -> float:
         if family.name == "shop_cache_requests":
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels == {
-                    "level": level, "result": result,
+                    "level": level,
+                    "result": result,
                 }:
                     return sample.value
     return 0.0
@@ -78,7 +79,9 @@ def test_a_price_change_is_served_at_once_by_the_instance_that_made_it(
     product = new_product(stock=1, price_cents=100)
     assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["price_cents"] == 100
     patched = requests.patch(
-        f"{shops[0]}/admin/products/{product}", json={"price_cents": 175}, headers=admin(stack),
+        f"{shops[0]}/admin/products/{product}",
+        json={"price_cents": 175},
+        headers=admin(stack),
         timeout=5,
     )
     assert patched.status_code == 200, patched.text
@@ -91,8 +94,10 @@ def test_the_admin_endpoints_refuse_a_missing_or_wrong_token(
     product = new_product(stock=1)
     no_token = requests.post(f"{shops[0]}/admin/cache/flush", timeout=5)
     wrong = requests.patch(
-        f"{shops[0]}/admin/products/{product}", json={"price_cents": 1},
-        headers={"Authorization": "Bearer nope"}, timeout=5,
+        f"{shops[0]}/admin/products/{product}",
+        json={"price_cents": 1},
+        headers={"Authorization": "Bearer nope"},
+        timeout=5,
     )
     assert (no_token.status_code, wrong.status_code) == (401, 401)
     assert "token" in no_token.json()["error"]
@@ -133,5 +138,6 @@ def test_the_shop_keeps_serving_and_selling_with_redis_killed(
         stack.restart("redis")
     wait_until(
         lambda: requests.get(f"{shops[1]}/readyz", timeout=5).json()["status"] == "ready",
-        timeout_s=10, what="readiness with Redis back",
+        timeout_s=10,
+        what="readiness with Redis back",
     )

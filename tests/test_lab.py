@@ -39,7 +39,10 @@ def test_an_acknowledged_order_reaches_the_standby(
 
     def on_standby() -> bool:
         with connect(stack.layout.pg_port(1), dbname="orders") as conn:
-            return conn.execute("SELECT 1 FROM orders WHERE id = %s", (order_id,)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM orders WHERE id = %s", (order_id,)).fetchone()
+                is not None
+            )
 
     wait_until(on_standby, timeout_s=10, what="the order replayed on the standby")
 
@@ -65,7 +68,12 @@ def test_stack_json_describes_every_component_for_its_owner_only(stack: Stack) -
     description = json.loads(path.read_text())
     components = description["components"]
     assert {c["role"] for c in components.values()} == {
-        "primary", "standby", "cache", "alertmanager", "prometheus", "shop",
+        "primary",
+        "standby",
+        "cache",
+        "alertmanager",
+        "prometheus",
+        "shop",
     }
     for name, comp in components.items():
         assert is_pid_alive(comp["pid"]), name
@@ -91,9 +99,23 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
     base = find_free_base_port()
     cli = [str(Path(sys.executable).parent / "controlplane")]
     up = subprocess.run(
-        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base), "--shops", "1",
-         "--products", "10", "--detach"],
-        capture_output=True, text=True, timeout=180, check=False,
+        [
+            *cli,
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--base-port",
+            str(base),
+            "--shops",
+            "1",
+            "--products",
+            "10",
+            "--detach",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert up.returncode == 0, up.stderr
     assert "shop-0" in up.stdout
@@ -103,13 +125,19 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
 
     again = subprocess.run(
         [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base + 100), "--detach"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert again.returncode != 0
     assert "already running" in again.stderr
 
     down = subprocess.run(
-        [*cli, "down", "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120,
+        [*cli, "down", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert down.returncode == 0, down.stderr

@@ -137,7 +137,11 @@ def test_bad_input_gets_a_json_4xx_and_writes_nothing(
     template, headers, expected = BAD_INPUTS[case]
     product = new_product(stock=5)
     body = template % product if "%d" in template else template
-    headers = {**headers, "Idempotency-Key": f"bad-{uuid.uuid4()}"} if "Idempotency-Key" in headers else headers
+    headers = (
+        {**headers, "Idempotency-Key": f"bad-{uuid.uuid4()}"}
+        if "Idempotency-Key" in headers
+        else headers
+    )
     response = _post(shops[0], body, headers)
     assert response.status_code == expected, response.text
     assert response.headers["Content-Type"].startswith("application/json")

@@ -75,7 +75,8 @@ def test_the_resolver_leaves_transactions_younger_than_its_threshold_alone(
     port = find_free_base_port()
     product = new_product(stock=4)
     crashing = stack.shop_server(
-        91, port=port,
+        91,
+        port=port,
         extra_env={"SHOP_INSTANCE_ID": instance, "SHOP_FAILPOINT": "after_both_prepares"},
     )
     crashing.start().wait_ready()

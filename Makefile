@@ -1,0 +1,24 @@
+# The two commands a new machine needs: `make demo` and `make test`. Both set up first.
+.PHONY: setup demo test check bench bench-orders down
+
+DATA_DIR ?= .lab
+BASE_PORT ?= 25400
+
+setup:
+	@scripts/setup
+
+demo: setup
+	.venv/bin/controlplane demo --data-dir $(DATA_DIR) --base-port $(BASE_PORT)
+
+down:
+	.venv/bin/controlplane down --data-dir $(DATA_DIR)
+
+test: setup
+	scripts/check
+
+bench:
+	@SETUP_BENCH=1 scripts/setup
+	$(MAKE) bench-orders
+
+bench-orders:
+	.venv/bin/python bench/orders.py

@@ -1,0 +1,10 @@
+-- pgbench script (-M simple) for bench/orders.py: the same work as one local transaction
+-- pgbench substitutes :var outside quoted literals only, so ids are SQL expressions and the
+-- quoted gids for PREPARE/COMMIT PREPARED come back (\gset) from the stock statement, which
+-- the shop sends too: no extra round trip. RUN: becomes the run's name (no key collisions).
+\set pid random(1, 1000)
+\set n random(1, 9000000000000000000)
+BEGIN;
+WITH taken AS (UPDATE products SET stock = stock - 1, updated_at = now() WHERE id = :pid AND stock >= 1 RETURNING id, price_cents) INSERT INTO stock_movements (order_id, product_id, delta) SELECT md5('RUN:' || :client_id || ':' || :n)::uuid, id, -1 FROM taken RETURNING (SELECT price_cents FROM taken), quote_literal('RUN:' || :client_id || ':' || :n || ':inventory') AS gid_inv, quote_literal('RUN:' || :client_id || ':' || :n || ':orders') AS gid_ord \gset
+INSERT INTO orders (id, idempotency_key, request_hash, product_id, quantity, customer, address, unit_price_cents, total_cents, gid) VALUES (md5('RUN:' || :client_id || ':' || :n)::uuid, 'RUN:' || :client_id || ':' || :n, 'h', :pid, 1, 'bench', '1 Loopback Road', 100, 100, 'RUN:' || :client_id || ':' || :n) RETURNING id, created_at;
+COMMIT;
