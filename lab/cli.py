@@ -17,7 +17,14 @@ import click
 from lab.errors import LabError
 from lab.layout import StackLayout
 from lab.load import run_order_load
-from lab.stack import Stack, prepare_data_dir, read_stack_file, stop_described, wait_forever
+from lab.stack import (
+    Stack,
+    ensure_not_running,
+    prepare_data_dir,
+    read_stack_file,
+    stop_described,
+    wait_forever,
+)
 
 logger = logging.getLogger("lab")
 
@@ -63,6 +70,7 @@ def _start(
     data_dir = data_dir.absolute()
     try:
         layout = StackLayout(data_dir, base_port, shop_count=shops)
+        ensure_not_running(data_dir)
         layout.check_ports_free()
         prepare_data_dir(data_dir)
         stack = Stack(layout, products=products)

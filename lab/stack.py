@@ -311,8 +311,8 @@ def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
     return stopped
 
 
-def prepare_data_dir(data_dir: Path) -> None:
-    """Refuse a directory whose stack still runs; clear a stale one; make it reachable."""
+def ensure_not_running(data_dir: Path) -> None:
+    """Refuse a directory whose stack still runs (checked before ports: the clearer error)."""
     if (data_dir / "stack.json").exists():
         alive = running_components(read_stack_file(data_dir))
         if alive:
@@ -320,6 +320,11 @@ def prepare_data_dir(data_dir: Path) -> None:
                 f"a stack is already running in {data_dir} ({', '.join(sorted(alive))}): "
                 f"run `controlplane down --data-dir {data_dir}` first"
             )
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Clear a stale stack's directory (never a foreign one) and make it reachable."""
+    ensure_not_running(data_dir)
     if data_dir.exists() and any(data_dir.iterdir()):
         if not (data_dir / "stack.json").exists() and not (data_dir / "pg").exists():
             raise LabError(f"{data_dir} is not empty and holds no lab stack: choose another")

@@ -124,7 +124,7 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
     assert all(is_pid_alive(pid) for pid in pids.values())
 
     again = subprocess.run(
-        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base + 100), "--detach"],
+        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base), "--detach"],
         capture_output=True,
         text=True,
         timeout=60,
