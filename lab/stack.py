@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 STACK_FILE_VERSION = 1
 # Stop order: clients before the servers they use; the primary before its standby so that
 # the standby receives the primary's shutdown checkpoint.
-STOP_ORDER = ("shop", "controlplane", "prometheus", "alertmanager", "redis", "primary", "standby")
+STOP_ORDER = ("shop", "controlplane", "prometheus", "alertmanager", "cache", "primary", "standby")
 
 
 @dataclass(slots=True)

@@ -2,6 +2,12 @@
 
 Redis is never a single point of failure: any Redis error counts as a miss (and an error), and
 after one Redis stays skipped for `retry_after_s` so a dead or hung Redis costs no latency.
+
+Invalidation is write-behind: the product leaves the local level at once and is marked dirty;
+a background thread deletes dirty keys from Redis in batches (one DEL for many orders). Until
+its key is deleted, a dirty product is read from the database, never from Redis, so this
+instance never serves the copy it has just made stale. A failed delete stays dirty and is
+retried.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ class ProductCache:
         self.retry_after_s = retry_after_s
         self.clock = clock
         self._skip_redis_until = 0.0
+        self._dirty: set[int] = set()
+        self._wake = threading.Event()
+        self._invalidator: threading.Thread | None = None
 
     def get(self, product_id: int, load: Loader) -> dict[str, Any] | None:
         with self.lock:
@@ -54,12 +63,15 @@ class ProductCache:
             CACHE_REQUESTS.labels("local", "hit").inc()
             return product
         CACHE_REQUESTS.labels("local", "miss").inc()
-        product = self._redis_get(product_id)
+        with self.lock:
+            dirty = product_id in self._dirty
+        product = None if dirty else self._redis_get(product_id)
         if product is None:
             product = load()
             if product is None:
                 return None
-            self._redis_set(product_id, product)
+            if not dirty:
+                self._redis_set(product_id, product)
         with self.lock:
             self.local[product_id] = product
         return product
@@ -67,7 +79,43 @@ class ProductCache:
     def invalidate(self, product_id: int) -> None:
         with self.lock:
             self.local.pop(product_id, None)
-        self._redis_call(lambda: self.client.delete(KEY_PREFIX + str(product_id)))
+            self._dirty.add(product_id)
+            if self._invalidator is None:  # started lazily: after gunicorn forks the worker
+                self._invalidator = threading.Thread(
+                    target=self._delete_dirty_forever, name="cache-invalidator", daemon=True
+                )
+                self._invalidator.start()
+        self._wake.set()
+
+    def is_dirty(self, product_id: int) -> bool:
+        with self.lock:
+            return product_id in self._dirty
+
+    def _delete_dirty_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.delete_dirty()
+            except Exception:  # the loop's catch-all: log, keep the keys dirty, go on
+                logger.exception("cache invalidation failed; will retry")
+                time.sleep(1.0)
+                self._wake.set()
+
+    def delete_dirty(self) -> int:
+        """One DEL for every key marked dirty so far; returns how many were settled."""
+        with self.lock:
+            batch = list(self._dirty)
+        if not batch:
+            return 0
+        keys = [KEY_PREFIX + str(product_id) for product_id in batch]
+        if self._redis_call(lambda: self.client.delete(*keys), force=True) is None:
+            time.sleep(min(self.retry_after_s, 1.0))  # Redis down: keep them dirty, retry
+            self._wake.set()
+            return 0
+        with self.lock:
+            self._dirty.difference_update(batch)
+        return len(batch)
 
     def flush(self) -> int:
         """Empty both levels; returns the number of Redis keys removed (-1 if Redis is down)."""

@@ -206,7 +206,7 @@ class OrderCoordinator:
                 ords.tpc_prepare()
                 prepared.append((self.orders, participant_gid(txid, "orders")))
                 self._hit("after_both_prepares")
-                if not self._record_decision(txid, "commit"):
+                if not self._record_commit(ords, txid):
                     # A resolver decided abort first (we were too slow): honour it.
                     raise Unavailable("the transaction was aborted by the in-doubt resolver")
                 prepared.clear()  # from here on the order is decided: commit, never roll back
@@ -214,6 +214,7 @@ class OrderCoordinator:
                 self._commit_decided(inv, txid)
                 self._hit("after_first_commit")
                 self._commit_decided(ords, txid)
+                ords.autocommit = False
         except _DecidedButUnfinished:
             pass  # acknowledged: the logged decision makes the order durable
         except BaseException:
@@ -260,14 +261,18 @@ class OrderCoordinator:
             )
         return PlacedOrder(order=order_json(row), replayed=True, product_id=product_id)
 
-    def _record_decision(self, txid: str, decision: str) -> bool:
-        """True when our decision is the one recorded (first writer wins)."""
-        with raw_connection(self.orders, autocommit=True) as conn:
-            won = conn.execute(
-                "INSERT INTO tx_decisions (gid, decision, decided_by) VALUES (%s, %s, %s)"
-                " ON CONFLICT (gid) DO NOTHING RETURNING decision",
-                (txid, decision, self.instance_id),
-            ).fetchone()
+    def _record_commit(self, ords: psycopg.Connection[Any], txid: str) -> bool:
+        """True when 'commit' is the decision recorded (first writer wins).
+
+        Written on the orders connection itself: once its transaction is prepared the session
+        is idle, and in autocommit the decision is one round trip and durable on its own.
+        """
+        ords.autocommit = True
+        won = ords.execute(
+            "INSERT INTO tx_decisions (gid, decision, decided_by) VALUES (%s, 'commit', %s)"
+            " ON CONFLICT (gid) DO NOTHING RETURNING decision",
+            (txid, self.instance_id),
+        ).fetchone()
         return won is not None
 
     def _abort_prepared(self, prepared: list[tuple[Engine, str]]) -> None:

@@ -69,8 +69,14 @@ def test_an_order_invalidates_the_cached_stock(
     product = new_product(stock=8)
     assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["stock"] == 8
     assert order(shops[0], str(uuid.uuid4()), product, quantity=3).status_code == 201
-    assert not cache.exists(f"{KEY_PREFIX}{product}")
+    # At once on this instance (the product is dirty: read from the database)...
     assert requests.get(f"{shops[0]}/products/{product}", timeout=5).json()["stock"] == 5
+    # ...and in Redis as soon as the write-behind delete ran: the other instance sees it.
+    wait_until(
+        lambda: requests.get(f"{shops[1]}/products/{product}", timeout=5).json()["stock"] == 5,
+        timeout_s=5,
+        what="the new stock on the other instance",
+    )
 
 
 def test_a_price_change_is_served_at_once_by_the_instance_that_made_it(
@@ -141,3 +147,24 @@ def test_the_shop_keeps_serving_and_selling_with_redis_killed(
         timeout_s=10,
         what="readiness with Redis back",
     )
+
+
+def test_a_product_stays_dirty_and_is_read_from_the_database_while_redis_is_unreachable(
+    stack: Stack,
+) -> None:
+    from lab.layout import find_free_base_port
+    from shop.cache import ProductCache
+
+    dead = redis.Redis(port=find_free_base_port(), socket_connect_timeout=0.2)
+    cache = ProductCache(dead, local_ttl_s=60, local_size=10, redis_ttl_s=60, retry_after_s=0.1)
+    loads: list[int] = []
+
+    def load() -> dict[str, int]:
+        loads.append(1)
+        return {"id": 1, "stock": len(loads)}
+
+    assert cache.get(1, load) == {"id": 1, "stock": 1}
+    cache.invalidate(1)
+    assert cache.get(1, load) == {"id": 1, "stock": 2}  # from the loader, not a stale level
+    assert cache.is_dirty(1)  # the delete failed: it will be retried, not forgotten
+    dead.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -98,49 +99,31 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
     data_dir = lab_tmpdir("shop-cli-")
     base = find_free_base_port()
     cli = [str(Path(sys.executable).parent / "controlplane")]
-    up = subprocess.run(
-        [
-            *cli,
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--base-port",
-            str(base),
-            "--shops",
-            "1",
-            "--products",
-            "10",
-            "--detach",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert up.returncode == 0, up.stderr
-    assert "shop-0" in up.stdout
-    description = json.loads((data_dir / "stack.json").read_text())
-    pids = {name: c["pid"] for name, c in description["components"].items()}
-    assert all(is_pid_alive(pid) for pid in pids.values())
 
-    again = subprocess.run(
-        [*cli, "up", "--data-dir", str(data_dir), "--base-port", str(base), "--detach"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert again.returncode != 0
-    assert "already running" in again.stderr
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args], capture_output=True, text=True, timeout=180, check=False
+        )
 
-    down = subprocess.run(
-        [*cli, "down", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert down.returncode == 0, down.stderr
-    assert all(not is_pid_alive(pid) for pid in pids.values())
-    assert all(is_port_free(HOST, c["port"]) for c in description["components"].values())
-    assert os.path.isdir(data_dir / "logs")
+    try:
+        up = run("up", "--data-dir", str(data_dir), "--base-port", str(base), "--shops", "1",
+                 "--products", "10", "--detach")  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        assert "shop-0" in up.stdout
+        description = json.loads((data_dir / "stack.json").read_text())
+        pids = {name: c["pid"] for name, c in description["components"].items()}
+        assert all(is_pid_alive(pid) for pid in pids.values())
+
+        again = run("up", "--data-dir", str(data_dir), "--base-port", str(base), "--detach")
+        assert again.returncode != 0
+        assert "already running" in again.stderr
+
+        down = run("down", "--data-dir", str(data_dir))
+        assert down.returncode == 0, down.stderr
+        assert all(not is_pid_alive(pid) for pid in pids.values())
+        assert all(is_port_free(HOST, c["port"]) for c in description["components"].values())
+        assert os.path.isdir(data_dir / "logs")
+    finally:
+        if (data_dir / "stack.json").exists():
+            run("down", "--data-dir", str(data_dir))  # never leave a stack behind
+        shutil.rmtree(data_dir, ignore_errors=True)
