@@ -1,0 +1,186 @@
+"""The control plane's state: probe runs, incidents and their timelines, alerts, action runs,
+the audit log, silences and the leader lease (SQLAlchemy 2.0; SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on SQLite too (which stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: the control plane stores UTC-aware datetimes only")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        from datetime import UTC
+
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class IncidentState(StrEnum):
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class ActionState(StrEnum):
+    PENDING = "pending"  # waiting for the loop to start it
+    AWAITING_APPROVAL = "awaiting_approval"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # gave up: escalated
+    SKIPPED = "skipped"  # precheck said no (nothing to do, or unsafe)
+    DRY_RUN = "dry_run"
+    ABANDONED = "abandoned"  # the control plane died mid-action: marked failed-safe, not re-run
+
+
+TERMINAL_ACTION_STATES = frozenset(
+    {ActionState.SUCCEEDED, ActionState.FAILED, ActionState.SKIPPED, ActionState.DRY_RUN,
+     ActionState.ABANDONED}
+)  # fmt: skip
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class ProbeRun(Base):
+    __tablename__ = "probe_runs"
+    __table_args__ = (Index("ix_probe_runs_probe_at", "probe", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    probe: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str] = mapped_column(String(100))
+    health: Mapped[str] = mapped_column(String(10))
+    latency_ms: Mapped[float]
+    summary: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[datetime]
+
+
+class Incident(Base):
+    __tablename__ = "incidents"
+    # At most one open incident per fingerprint: deduplication enforced by the database.
+    __table_args__ = (
+        Index(
+            "uq_incidents_open_fingerprint",
+            "fingerprint",
+            unique=True,
+            sqlite_where=text("state = 'open'"),
+            postgresql_where=text("state = 'open'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(100))
+    source: Mapped[str] = mapped_column(String(20))  # probe | alert
+    target: Mapped[str] = mapped_column(String(100))
+    severity: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), default=IncidentState.OPEN)
+    summary: Mapped[str] = mapped_column(Text)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    flapping: Mapped[bool] = mapped_column(default=False)
+    detected_at: Mapped[datetime]  # first failure seen (probe) or startsAt (alert)
+    opened_at: Mapped[datetime]
+    action_started_at: Mapped[datetime | None]
+    recovered_at: Mapped[datetime | None]  # verified recovered
+    resolved_at: Mapped[datetime | None]
+
+
+class TimelineEvent(Base):
+    __tablename__ = "timeline_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), index=True)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Alert(Base):
+    """The latest state of each Alertmanager alert, by fingerprint."""
+
+    __tablename__ = "alerts"
+
+    fingerprint: Mapped[str] = mapped_column(String(100), primary_key=True)
+    alertname: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))  # firing | resolved
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    annotations: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    starts_at: Mapped[datetime]
+    ends_at: Mapped[datetime | None]
+    received_at: Mapped[datetime]
+    deliveries: Mapped[int] = mapped_column(default=1)
+
+
+class ActionRun(Base):
+    __tablename__ = "action_runs"
+    # Never the same remediation twice for one incident: enforced by the database.
+    __table_args__ = (UniqueConstraint("incident_id", "action", name="uq_action_per_incident"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"), index=True)
+    action: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    requested_by: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    output: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(default=0)
+    owner: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    verb: Mapped[str] = mapped_column(String(40))
+    action_run_id: Mapped[int | None] = mapped_column(ForeignKey("action_runs.id"), index=True)
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    duration_ms: Mapped[float | None]
+
+
+class Silence(Base):
+    __tablename__ = "silences"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    matchers: Mapped[dict[str, Any]] = mapped_column(default=dict)  # label -> exact value
+    starts_at: Mapped[datetime]
+    ends_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(100))
+    comment: Mapped[str] = mapped_column(Text, default="")
+
+
+class Lease(Base):
+    """Leader election: the row's owner acts; it renews before `until`, others wait it out."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    until: Mapped[datetime]

@@ -1,0 +1,71 @@
+"""What every probe is and returns: `Probe.run() -> ProbeResult`, never an exception."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Health(StrEnum):
+    UP = "up"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    health: Health
+    summary: str
+    latency_ms: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ProbeConfigError(ValueError):
+    """A probe's params do not fit its kind; the message names the param."""
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Probe(ABC):
+    """One check of one target. Subclasses catch their own client's errors and report DOWN."""
+
+    kind: ClassVar[str]
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, name: str, params: Mapping[str, Any], timeout_s: float) -> None:
+        self.name = name
+        self.timeout_s = timeout_s
+        try:
+            self.params = self.Params.model_validate(dict(params))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ProbeConfigError(f"probe {name!r} ({self.kind}): {problems}") from None
+
+    @abstractmethod
+    def check(self) -> ProbeResult:
+        """Look once, within `timeout_s`; report DOWN for a dead target, do not raise."""
+
+    def run(self) -> ProbeResult:
+        started = time.perf_counter()
+        result = self.check()
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        return ProbeResult(result.health, result.summary, latency_ms, result.details)
+
+
+def down(summary: str, **details: Any) -> ProbeResult:
+    return ProbeResult(Health.DOWN, summary, details=details)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

@@ -1,0 +1,41 @@
+"""RedisProbe: PING, memory use and the keyspace hit ratio."""
+
+from __future__ import annotations
+
+import redis
+from pydantic import Field
+
+from probes.base import Health, Params, Probe, ProbeResult, describe, down
+
+
+class RedisParams(Params):
+    url: str = Field(pattern=r"^rediss?://")
+    max_memory_bytes: int | None = Field(default=None, gt=0)
+
+
+class RedisProbe(Probe):
+    kind = "redis"
+    Params = RedisParams
+
+    def check(self) -> ProbeResult:
+        p: RedisParams = self.params  # type: ignore[assignment]
+        client = redis.Redis.from_url(
+            p.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+        )
+        try:
+            client.ping()
+            info = client.info(section="all")
+        except redis.RedisError as exc:
+            return down(describe(exc), url=p.url)
+        finally:
+            client.close()
+        hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
+        used_memory = int(info.get("used_memory", 0))
+        details = {
+            "used_memory_bytes": used_memory,
+            "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+            "keys": sum(int(v.get("keys", 0)) for k, v in info.items() if k.startswith("db")),
+        }
+        if p.max_memory_bytes and used_memory > p.max_memory_bytes:
+            return ProbeResult(Health.DEGRADED, "memory above the limit", details=details)
+        return ProbeResult(Health.UP, "PONG", details=details)

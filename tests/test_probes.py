@@ -1,0 +1,152 @@
+"""Probes: the contract every registered kind keeps, and each kind against a real server."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, delete, insert, text
+
+from lab.layout import find_free_base_port
+from lab.stack import Stack
+from probes.base import Health, ProbeConfigError, ProbeResult
+from probes.registry import PROBES, build_probe
+from shop.models import Order
+
+
+def params_for(kind: str, port: int) -> dict[str, Any]:
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    return {
+        "http": {"url": f"http://127.0.0.1:{port}/readyz"},
+        "tcp": {"port": port},
+        "postgres": {"dsn": dsn},
+        "redis": {"url": f"redis://127.0.0.1:{port}/0"},
+        "prometheus": {"url": f"http://127.0.0.1:{port}", "query": "up"},
+        "invariant": {"orders_dsn": dsn, "inventory_dsn": dsn},
+    }[kind]
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port that accepts TCP connections (in the backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", sorted(PROBES))
+def test_every_kind_reports_a_refused_connection_as_down(kind: str) -> None:
+    probe = build_probe(kind, f"dead-{kind}", params_for(kind, find_free_base_port()), 1.0)
+    result = probe.run()
+    assert isinstance(result, ProbeResult)
+    assert result.health is Health.DOWN
+    assert result.summary
+    assert result.latency_ms >= 0
+
+
+@pytest.mark.parametrize("kind", sorted(PROBES))
+def test_every_kind_honours_its_timeout_against_a_silent_server(kind: str, blackhole: int) -> None:
+    probe = build_probe(kind, f"silent-{kind}", params_for(kind, blackhole), 0.5)
+    started = time.monotonic()
+    result = probe.run()
+    elapsed_s = time.monotonic() - started
+    assert elapsed_s < 5, f"{kind} took {elapsed_s:.1f}s with a 0.5s timeout"
+    expected = Health.UP if kind == "tcp" else Health.DOWN  # tcp only asks: does it accept?
+    assert result.health is expected
+
+
+@pytest.mark.parametrize("kind", sorted(PROBES))
+def test_every_kind_refuses_unknown_params_naming_them(kind: str) -> None:
+    params = {**params_for(kind, 1), "colour": "blue"}
+    with pytest.raises(ProbeConfigError, match=r"params\.colour"):
+        build_probe(kind, "bad", params, 1.0)
+
+
+def test_an_unknown_kind_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ProbeConfigError, match=r"known: http"):
+        build_probe("telepathy", "x", {}, 1.0)
+
+
+def test_http_is_up_on_a_ready_shop_and_down_on_a_wrong_status(shops: list[str]) -> None:
+    ready = build_probe("http", "ready", {"url": f"{shops[0]}/readyz"}, 2).run()
+    missing = build_probe("http", "missing", {"url": f"{shops[0]}/nowhere"}, 2).run()
+    assert ready.health is Health.UP
+    assert (missing.health, missing.summary) == (Health.DOWN, "HTTP 404, expected 200")
+
+
+def test_postgres_sees_the_primary_with_its_synchronous_standby(stack: Stack) -> None:
+    dsn = f"host=127.0.0.1 port={stack.layout.pg_port(0)} user=postgres dbname=postgres"
+    params = {"dsn": dsn, "expect_role": "primary", "expect_sync_standby": True}
+    result = build_probe("postgres", "primary", params, 2).run()
+    assert result.health is Health.UP, result.summary
+    assert result.details["role"] == "primary"
+    assert [s["sync_state"] for s in result.details["standbys"]] == ["sync"]
+
+
+def test_postgres_reports_a_standby_where_a_primary_was_expected(stack: Stack) -> None:
+    dsn = f"host=127.0.0.1 port={stack.layout.pg_port(1)} user=postgres dbname=postgres"
+    as_standby = build_probe("postgres", "s", {"dsn": dsn, "expect_role": "standby"}, 2).run()
+    as_primary = build_probe("postgres", "p", {"dsn": dsn, "expect_role": "primary"}, 2).run()
+    assert as_standby.health is Health.UP
+    assert as_standby.details["receiving"] == "streaming"
+    assert as_primary.health is Health.DOWN
+    assert "expected primary" in as_primary.summary
+
+
+def test_redis_answers_with_memory_and_hit_ratio(stack: Stack) -> None:
+    url = stack.describe()["shop"]["redis_url"]
+    result = build_probe("redis", "cache", {"url": url}, 2).run()
+    assert result.health is Health.UP
+    assert result.details["used_memory_bytes"] > 0
+
+
+def test_prometheus_compares_every_series_with_the_threshold(
+    stack: Stack, shops: list[str]
+) -> None:
+    from lab.process import wait_until
+
+    url = stack.describe()["components"]["prometheus"]["url"]
+    all_up = {"url": url, "query": 'up{job="shop"}', "op": "<", "threshold": 1}
+    wait_until(
+        lambda: build_probe("prometheus", "up", all_up, 2).run().details["series"] == len(shops),
+        timeout_s=20, what="both shops scraped",
+    )  # fmt: skip
+    healthy = build_probe("prometheus", "up", all_up, 2).run()
+    breaching = build_probe(
+        "prometheus", "any", {"url": url, "query": 'up{job="shop"}', "op": ">", "threshold": 0}, 2
+    ).run()
+    assert healthy.health is Health.UP
+    assert breaching.health is Health.DOWN
+    assert len(breaching.details["breaching"]) == len(shops)
+
+
+def test_invariant_finds_an_order_without_its_inventory_movement(
+    stack: Stack, engines: dict[str, Engine], new_product: Callable[..., int]
+) -> None:
+    def dsn(db: str) -> str:
+        return f"host=127.0.0.1 port={stack.layout.pg_port(0)} user=postgres dbname={db}"
+
+    params = {"orders_dsn": dsn("orders"), "inventory_dsn": dsn("inventory"), "settle_s": 0}
+    assert build_probe("invariant", "inv", params, 5).run().health is Health.UP
+    orphan = uuid.uuid4()
+    with engines["orders"].begin() as conn:
+        conn.execute(
+            insert(Order).values(
+                id=orphan, idempotency_key=f"orphan-{orphan}", request_hash="x",
+                product_id=new_product(stock=1), quantity=1, customer="c", address="a",
+                unit_price_cents=1, total_cents=1, gid="none",
+                created_at=text("now() - interval '1 minute'"),
+            )
+        )  # fmt: skip
+    try:
+        broken = build_probe("invariant", "inv", params, 5).run()
+        assert broken.health is Health.DOWN
+        assert str(orphan) in broken.details["orders_without_movement"]
+    finally:
+        with engines["orders"].begin() as conn:
+            conn.execute(delete(Order).where(Order.id == orphan))
