@@ -1,0 +1,291 @@
+"""The pure part of the loop: `decide(snapshot, now) -> decisions`. No I/O, no clock, no session.
+
+Rules (Nagios and Alertmanager conventions):
+- a probe incident opens after `failures_to_open` consecutive non-UP results and resolves after
+  `successes_to_resolve` consecutive UPs, unless it is flapping;
+- flapping: the share of state changes over the last `flap_window` results, with hysteresis
+  (flapping above `flap_high`, stable again below `flap_low`); no actions while flapping;
+- an alert incident opens while its alert fires and resolves when Alertmanager says resolved;
+  a resolved alert never leads to an action;
+- an action is requested once per incident and policy, never while silenced or flapping,
+  and only within the policy's cooldown and runs-per-window limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from datetime import datetime, timedelta
+
+from controlplane.config import PolicySpec
+from probes.base import Health
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeState:
+    probe: str
+    service: str
+    recent: tuple[Health, ...]  # oldest first
+    failures_to_open: int
+    successes_to_resolve: int
+    summary: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    failing_since: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    fingerprint: str
+    alertname: str
+    status: str  # firing | resolved
+    labels: Mapping[str, str]
+    summary: str
+    starts_at: datetime
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentView:
+    id: int
+    fingerprint: str
+    kind: str
+    source: str
+    target: str
+    labels: Mapping[str, str]
+    flapping: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    incident_id: int | None
+    action: str
+    target: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SilenceView:
+    id: int
+    matchers: Mapping[str, str]
+    starts_at: datetime
+    ends_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    probes: Sequence[ProbeState] = ()
+    alerts: Sequence[AlertState] = ()
+    incidents: Sequence[IncidentView] = ()
+    runs: Sequence[RunView] = ()  # every run of the last max(window) and of open incidents
+    silences: Sequence[SilenceView] = ()
+    policies: Sequence[PolicySpec] = ()
+    flap_high: float = 0.5
+    flap_low: float = 0.25
+
+
+# -- decisions ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Open:
+    fingerprint: str
+    kind: str
+    source: str
+    target: str
+    severity: str
+    summary: str
+    labels: Mapping[str, str]
+    detected_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    incident_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetFlapping:
+    incident_id: int
+    flapping: bool
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAction:
+    fingerprint: str  # the incident, possibly opened by this same tick
+    policy: str
+    action: str
+    target: str
+    mode: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    fingerprint: str
+    reason: str
+
+
+Decision = Open | Resolve | SetFlapping | RequestAction | Hold
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def trailing(results: Sequence[Health], failing: bool) -> int:
+    count = 0
+    for health in reversed(results):
+        if (health is not Health.UP) != failing:
+            break
+        count += 1
+    return count
+
+
+def change_share(results: Sequence[Health]) -> float:
+    """Share of consecutive pairs whose UP/not-UP state differs (0 = stable, 1 = alternating)."""
+    if len(results) < 2:
+        return 0.0
+    up = [h is Health.UP for h in results]
+    changes = sum(1 for a, b in pairwise(up) if a != b)
+    return changes / (len(results) - 1)
+
+
+def is_flapping(was_flapping: bool, share: float, high: float, low: float) -> bool:
+    return share >= low if was_flapping else share >= high
+
+
+def matches(matchers: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in matchers.items())
+
+
+def incident_labels(kind: str, target: str, labels: Mapping[str, str]) -> dict[str, str]:
+    return {**labels, "kind": kind, "target": target}
+
+
+# -- the decision -------------------------------------------------------------------------------
+def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
+    decisions: list[Decision] = []
+    open_by_fp = {i.fingerprint: i for i in snapshot.incidents}
+    firing_alerts = {f"alert:{a.fingerprint}" for a in snapshot.alerts if a.status == "firing"}
+    resolving: set[str] = set()
+    flapping: dict[str, bool] = {fp: i.flapping for fp, i in open_by_fp.items()}
+    candidates: dict[str, tuple[str, str, Mapping[str, str]]] = {
+        fp: (i.kind, i.target, i.labels) for fp, i in open_by_fp.items()
+    }
+
+    for probe in snapshot.probes:
+        fp = f"probe:{probe.probe}"
+        incident = open_by_fp.get(fp)
+        failing = trailing(probe.recent, failing=True)
+        if incident is None:
+            if failing >= probe.failures_to_open:
+                worst = Health.DOWN if Health.DOWN in probe.recent[-failing:] else Health.DEGRADED
+                probe_labels = {**probe.labels, "probe": probe.probe, "service": probe.service}
+                decisions.append(
+                    Open(
+                        fingerprint=fp, kind=probe.probe, source="probe", target=probe.service,
+                        severity="critical" if worst is Health.DOWN else "warning",
+                        summary=f"{probe.probe}: {probe.summary}", labels=probe_labels,
+                        detected_at=probe.failing_since or now,
+                    )
+                )  # fmt: skip
+                candidates[fp] = (probe.probe, probe.service, probe_labels)
+            continue
+        share = change_share(probe.recent)
+        now_flapping = is_flapping(incident.flapping, share, snapshot.flap_high, snapshot.flap_low)
+        if now_flapping != incident.flapping:
+            decisions.append(SetFlapping(incident.id, now_flapping, round(share, 3)))
+        flapping[fp] = now_flapping
+        passed = trailing(probe.recent, failing=False)
+        if passed >= probe.successes_to_resolve and not now_flapping:
+            decisions.append(Resolve(incident.id, f"{probe.probe} passed {passed} times in a row"))
+            resolving.add(fp)
+
+    for alert in snapshot.alerts:
+        fp = f"alert:{alert.fingerprint}"
+        incident = open_by_fp.get(fp)
+        if alert.status == "firing" and incident is None:
+            alert_labels = dict(alert.labels)
+            decisions.append(
+                Open(
+                    fingerprint=fp, kind=alert.alertname, source="alert", target=alert.service,
+                    severity=alert_labels.get("severity", "warning"), summary=alert.summary,
+                    labels=alert_labels, detected_at=alert.starts_at,
+                )
+            )  # fmt: skip
+            candidates[fp] = (alert.alertname, alert.service, alert_labels)
+        elif alert.status == "resolved" and incident is not None:
+            decisions.append(Resolve(incident.id, "Alertmanager resolved the alert"))
+            resolving.add(fp)
+
+    for fp, (kind, target, labels) in candidates.items():
+        if fp in resolving:
+            continue
+        if fp.startswith("alert:") and fp not in firing_alerts:
+            continue  # never act on an alert that is not firing now
+        decisions.extend(_plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp)))
+    return decisions
+
+
+def _plan_action(
+    snapshot: Snapshot,
+    now: datetime,
+    fp: str,
+    kind: str,
+    target: str,
+    labels: Mapping[str, str],
+    flapping: bool | None,
+) -> list[Decision]:
+    everything = incident_labels(kind, target, labels)
+    policy = next((p for p in snapshot.policies if matches(p.match, everything)), None)
+    if policy is None:
+        return []
+    incident = next((i for i in snapshot.incidents if i.fingerprint == fp), None)
+    if incident is not None and any(
+        r.incident_id == incident.id and r.action == policy.action for r in snapshot.runs
+    ):
+        return []  # already requested for this incident: never twice
+    if flapping:
+        return [Hold(fp, "flapping: actions suppressed until it settles")]
+    silence = next(
+        (s for s in snapshot.silences
+         if s.starts_at <= now < s.ends_at and matches(s.matchers, everything)),
+        None,
+    )  # fmt: skip
+    if silence is not None:
+        return [Hold(fp, f"silenced by silence {silence.id} until {silence.ends_at:%H:%M:%S}")]
+    same = [r for r in snapshot.runs if r.action == policy.action and r.target == target]
+    if same:
+        last = max(r.created_at for r in same)
+        until = last + timedelta(seconds=policy.cooldown_s)
+        if now < until:
+            return [Hold(fp, f"{policy.action} on {target} cooling down until {until:%H:%M:%S}")]
+        in_window = [r for r in same if now - r.created_at < timedelta(seconds=policy.window_s)]
+        if len(in_window) >= policy.max_runs:
+            return [Hold(fp, f"{policy.action} on {target} ran {len(in_window)} times in "
+                             f"{policy.window_s:g}s: escalate to a human")]  # fmt: skip
+    return [
+        RequestAction(
+            fingerprint=fp, policy=policy.name, action=policy.action, target=target,
+            mode=policy.mode, reason=f"policy {policy.name}: {kind} on {target}",
+        )
+    ]  # fmt: skip
+
+
+def describe(decisions: Sequence[Decision]) -> str:
+    """One sentence for the tick's log line."""
+    if not decisions:
+        return "nothing to do"
+    parts = []
+    for d in decisions:
+        match d:
+            case Open():
+                parts.append(f"open {d.kind} on {d.target} ({d.severity})")
+            case Resolve():
+                parts.append(f"resolve incident {d.incident_id} ({d.reason})")
+            case SetFlapping():
+                state = "flapping" if d.flapping else "stable"
+                parts.append(f"incident {d.incident_id} {state} ({d.share:.0%} changes)")
+            case RequestAction():
+                parts.append(f"request {d.action} on {d.target} [{d.mode}] ({d.reason})")
+            case Hold():
+                parts.append(f"hold {d.fingerprint}: {d.reason}")
+    return "; ".join(parts)

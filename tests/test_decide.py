@@ -1,0 +1,151 @@
+"""The pure decision function, table-driven: no servers, no clock, no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from controlplane.config import PolicySpec
+from controlplane.incidents import (
+    AlertState,
+    Hold,
+    IncidentView,
+    Open,
+    ProbeState,
+    RequestAction,
+    Resolve,
+    RunView,
+    SetFlapping,
+    SilenceView,
+    Snapshot,
+    change_share,
+    decide,
+    describe,
+)
+from probes.base import Health
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+U, D, G = Health.UP, Health.DOWN, Health.DEGRADED
+RESTART = PolicySpec(name="restart-shop", match={"kind": "shop-0-ready"}, action="restart",
+                     cooldown_s=60, max_runs=2, window_s=600)  # fmt: skip
+FLUSH = PolicySpec(name="flush", match={"alertname": "CacheStale"}, action="cache_flush")
+
+
+def probe(*recent: Health, opens: int = 3, resolves: int = 2) -> ProbeState:
+    return ProbeState("shop-0-ready", "shop-0", tuple(recent), opens, resolves, "HTTP 503")
+
+
+def incident(flapping: bool = False, fp: str = "probe:shop-0-ready", id: int = 7) -> IncidentView:
+    kind = "shop-0-ready" if fp.startswith("probe:") else "CacheStale"
+    labels = (
+        {"alertname": "CacheStale"}
+        if fp.startswith("alert:")
+        else {"probe": "shop-0-ready", "service": "shop-0"}
+    )
+    return IncidentView(id, fp, kind, fp.split(":")[0], "shop-0", labels, flapping)
+
+
+def alert(status: str) -> AlertState:
+    return AlertState("a1", "CacheStale", status, {"alertname": "CacheStale"}, "stale", NOW,
+                      "cache")  # fmt: skip
+
+
+def kinds(decisions: list[object]) -> list[str]:
+    return [type(d).__name__ for d in decisions]
+
+
+TABLE = [
+    # (description, snapshot, expected decision kinds)
+    ("two failures do not open an incident",
+     Snapshot(probes=[probe(U, D, D)], policies=[RESTART]), []),
+    ("three failures open it and request the policy's action at once",
+     Snapshot(probes=[probe(U, D, D, D)], policies=[RESTART]), ["Open", "RequestAction"]),
+    ("degraded counts as failing",
+     Snapshot(probes=[probe(G, G, G)]), ["Open"]),
+    ("a failure streak broken by a success does not open",
+     Snapshot(probes=[probe(D, D, U, D, D)]), []),
+    ("an open incident resolves after two successes",
+     Snapshot(probes=[probe(D, D, D, U, U)], incidents=[incident()]), ["Resolve"]),
+    ("one success is not enough to resolve",
+     Snapshot(probes=[probe(D, D, D, D, U)], incidents=[incident()]), []),
+    ("an alternating probe is marked flapping and not resolved; actions are held",
+     Snapshot(probes=[probe(D, U, D, U, D, U, U)], incidents=[incident()], policies=[RESTART]),
+     ["SetFlapping", "Hold"]),
+    ("a flapping incident stays flapping until the changes fall below the low mark",
+     Snapshot(probes=[probe(D, U, D, U, U, U, U)], incidents=[incident(flapping=True)]), []),
+    ("a flapping incident that settled is stable again and resolves",
+     Snapshot(probes=[probe(D, U, U, U, U, U, U, U, U, U)], incidents=[incident(flapping=True)]),
+     ["SetFlapping", "Resolve"]),
+    ("an action already run for this incident is never requested again",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(hours=2))]), []),
+    ("the same action on the same target within its cooldown is held",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30))]), ["Hold"]),
+    ("past the cooldown but at max runs in the window it is held for a human",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(5, "restart", "shop-0", NOW - timedelta(seconds=300)),
+                    RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]), ["Hold"]),
+    ("a silence matching the incident holds the action",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              silences=[SilenceView(1, {"service": "shop-0"}, NOW - timedelta(minutes=1),
+                                    NOW + timedelta(minutes=9))]), ["Hold"]),
+    ("an expired silence holds nothing",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              silences=[SilenceView(1, {"target": "shop-0"}, NOW - timedelta(minutes=10),
+                                    NOW - timedelta(minutes=1))]), ["RequestAction"]),
+    ("a firing alert opens an incident and requests its action",
+     Snapshot(alerts=[alert("firing")], policies=[FLUSH]), ["Open", "RequestAction"]),
+    ("a resolved alert resolves its incident and never requests an action",
+     Snapshot(alerts=[alert("resolved")], incidents=[incident(fp="alert:a1")], policies=[FLUSH]),
+     ["Resolve"]),
+    ("a resolved alert with no incident does nothing at all",
+     Snapshot(alerts=[alert("resolved")], policies=[FLUSH]), []),
+    ("no policy matches: an incident but no action",
+     Snapshot(probes=[probe(D, D, D)], policies=[FLUSH]), ["Open"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), [(s, e) for _, s, e in TABLE],
+                         ids=[d for d, _, _ in TABLE])  # fmt: skip
+def test_decide(snapshot: Snapshot, expected: list[str]) -> None:
+    assert kinds(decide(snapshot, NOW)) == expected
+
+
+def test_an_opened_probe_incident_carries_its_service_labels_severity_and_detection_time() -> None:
+    since = NOW - timedelta(seconds=3)
+    state = ProbeState("shop-0-ready", "shop-0", (U, D, G, D), 3, 2, "HTTP 503",
+                       {"component": "shop"}, since)  # fmt: skip
+    [opened] = decide(Snapshot(probes=[state]), NOW)
+    assert isinstance(opened, Open)
+    assert (opened.severity, opened.detected_at, opened.target) == ("critical", since, "shop-0")
+    assert opened.labels == {"component": "shop", "probe": "shop-0-ready", "service": "shop-0"}
+
+
+def test_a_requested_action_names_the_incident_by_fingerprint_and_carries_the_mode() -> None:
+    approval = RESTART.model_copy(update={"mode": "approval"})
+    decisions = decide(Snapshot(probes=[probe(D, D, D)], policies=[approval]), NOW)
+    request = decisions[-1]
+    assert isinstance(request, RequestAction)
+    assert (request.fingerprint, request.mode, request.action) == (
+        "probe:shop-0-ready",
+        "approval",
+        "restart",
+    )
+
+
+def test_the_change_share_counts_flips_between_consecutive_results() -> None:
+    assert change_share([U, U, U]) == 0
+    assert change_share([U, D, U, D, U]) == 1
+    assert change_share([D, U, U, U, U]) == 0.25
+    assert change_share([G, D, U]) == 0.5  # degraded and down are both "failing"
+
+
+def test_the_sentence_says_what_was_decided_and_why() -> None:
+    sentence = describe(decide(Snapshot(probes=[probe(D, D, D)], policies=[RESTART]), NOW))
+    assert sentence.startswith("open shop-0-ready on shop-0 (critical); request restart")
+    assert describe([]) == "nothing to do"
+    assert "flapping" in describe([SetFlapping(1, True, 0.8)])
+    assert "Alertmanager" in describe([Resolve(1, "Alertmanager resolved the alert")])
+    assert "silenced" in describe([Hold("x", "silenced by silence 1")])
