@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from datetime import datetime, timedelta
+from itertools import pairwise
 
 from controlplane.config import PolicySpec
 from probes.base import Health
