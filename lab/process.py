@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.errors import LabError, NotReadyError
+from remediation.executors.processes import spawn, terminate_pid
 
 logger = logging.getLogger(__name__)
 
@@ -57,44 +58,6 @@ def is_port_free(host: str, port: int) -> bool:
         return True
 
 
-def is_pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
-
-
-def terminate_pid(pid: int, *, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """Send `sig`, wait for the process to go, SIGKILL it after `timeout_s`."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        wait_until(lambda: not is_pid_alive(pid), timeout_s=timeout_s, what=f"exit of pid {pid}")
-    except NotReadyError:
-        logger.warning("pid %d ignored signal %d for %.1fs; killing it", pid, sig, timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not is_pid_alive(pid), timeout_s=5.0, what=f"death of pid {pid}")
-
-
 @dataclass(slots=True)
 class ServerProcess:
     """One server process: its command, log file, readiness check and stop signal."""
@@ -103,7 +66,7 @@ class ServerProcess:
     argv: Sequence[str]
     log_path: Path
     ready: Callable[[], bool]
-    env: Mapping[str, str] | None = None
+    env_overrides: Mapping[str, str] | None = None  # on top of this process's environment
     user: str | None = None
     cwd: Path | None = None
     stop_signal: int = signal.SIGTERM
@@ -116,26 +79,18 @@ class ServerProcess:
         return self.popen.pid if self.popen else None
 
     def start(self) -> ServerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        env = dict(os.environ if self.env is None else self.env)
         try:
             # A new session: the server outlives a detached `controlplane up`, and a Ctrl-C
             # in the terminal reaches only the supervisor, which stops servers in order.
-            self.popen = subprocess.Popen(
-                list(self.argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
+            self.popen = spawn(
+                self.argv,
+                log_path=self.log_path,
+                env_overrides=self.env_overrides,
                 cwd=self.cwd,
                 user=self.user,
-                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise LabError(f"{self.name}: cannot run {self.argv[0]!r}: {exc.strerror}") from exc
-        finally:
-            log.close()
         logger.info("%s started (pid %d), log %s", self.name, self.popen.pid, self.log_path)
         return self
 

@@ -23,7 +23,8 @@ from lab.binaries import Binaries, find_binaries
 from lab.errors import LabError
 from lab.layout import HOST, StackLayout
 from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
-from lab.process import ServerProcess, is_pid_alive, terminate_pid
+from lab.process import ServerProcess
+from remediation.executors.processes import is_pid_alive, runs_program, terminate_pid
 from shop.config import ShopSettings
 from shop.db import make_engine
 from shop.schema import create_schema, seed_products
@@ -65,7 +66,8 @@ class Stack:
         return [self.layout.pg_port(0), self.layout.pg_port(1)]
 
     def shop_env(self, index: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+        """The SHOP_* variables of instance `index` (on top of the lab's own environment)."""
+        env: dict[str, str] = {}
         env.update(
             {
                 "SHOP_ORDERS_URL": pg.shop_url("orders", self.pg_ports),
@@ -113,7 +115,7 @@ class Stack:
                 "/dev/shm",
                 "shop.wsgi:app",
             ],
-            env=self.shop_env(index, extra_env),
+            env_overrides=self.shop_env(index, extra_env),
             log_path=self.layout.logs / f"{name}.log",
             ready=lambda: http_ok(f"http://{HOST}:{port}/healthz"),
         )
@@ -209,6 +211,13 @@ class Stack:
                 "pid": proc.pid,
                 "argv0": proc.argv[0],
                 "log": str(proc.log_path),
+                # How to start it again: what the control plane's lab executor runs.
+                "start": {
+                    "argv": list(proc.argv),
+                    "env": dict(proc.env_overrides or {}),
+                    "cwd": str(proc.cwd) if proc.cwd else None,
+                    "user": proc.user,
+                },
             }
             if name in self.nodes:
                 entry["data_dir"] = str(self.nodes[name].data_dir)
@@ -278,19 +287,9 @@ def running_components(description: Mapping[str, Any]) -> dict[str, int]:
     alive: dict[str, int] = {}
     for name, comp in description.get("components", {}).items():
         pid = comp.get("pid")
-        if isinstance(pid, int) and is_pid_alive(pid) and _runs(pid, comp.get("argv0", "")):
+        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
             alive[name] = pid
     return alive
-
-
-def _runs(pid: int, argv0: str) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return False
-    # Some servers (Redis) rewrite their title to "binary host:port": compare the binary.
-    program = raw.split(" ", 1)[0]
-    return not argv0 or Path(program).name == Path(argv0).name
 
 
 def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:

@@ -21,8 +21,9 @@ from lab.errors import MissingBinaryError, PortInUseError
 from lab.layout import HOST, StackLayout, find_free_base_port
 from lab.monitoring import check_rules, rules_path
 from lab.postgres import connect, replication_state
-from lab.process import is_pid_alive, is_port_free, wait_until
+from lab.process import is_port_free, wait_until
 from lab.stack import Stack
+from remediation.executors.processes import is_pid_alive
 from tests.conftest import lab_tmpdir, order
 
 

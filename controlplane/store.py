@@ -1,0 +1,340 @@
+"""All SQL of the control plane, as small named functions over a Session.
+
+State changes are compare-and-set (`UPDATE ... WHERE id = ? AND state = ?`, go on only if one
+row changed) or guarded by a unique constraint, so two workers, two control planes or two
+deliveries of one webhook can never do one thing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from controlplane.models import (
+    ActionRun,
+    ActionState,
+    Alert,
+    AuditEntry,
+    Incident,
+    IncidentState,
+    Lease,
+    ProbeRun,
+    Silence,
+    TimelineEvent,
+)
+
+
+# -- engine and schema --------------------------------------------------------------------------
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=10
+        )
+
+        @event.listens_for(engine, "connect")
+        def on_connect(dbapi_conn: Any, record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we send BEGIN ourselves, below
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def on_begin(conn: Any) -> None:
+            # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout)
+            # instead of failing when it upgrades a read lock.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (idempotent)."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("controlplane") / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    with factory() as session, session.begin():
+        yield session
+
+
+def _upsert(session: Session) -> Any:
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
+
+
+# -- probe runs ---------------------------------------------------------------------------------
+def record_probe_run(
+    session: Session, *, probe: str, kind: str, target: str, health: str, latency_ms: float,
+    summary: str, details: Mapping[str, Any], at: datetime,
+) -> None:  # fmt: skip
+    session.add(
+        ProbeRun(
+            probe=probe,
+            kind=kind,
+            target=target,
+            health=health,
+            latency_ms=latency_ms,
+            summary=summary,
+            details=dict(details),
+            at=at,
+        )
+    )
+
+
+def recent_probe_runs(session: Session, probe: str, limit: int) -> list[ProbeRun]:
+    """Newest first."""
+    return list(
+        session.scalars(
+            select(ProbeRun)
+            .where(ProbeRun.probe == probe)
+            .order_by(ProbeRun.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+def prune_probe_runs(session: Session, keep_per_probe: int) -> int:
+    """Bounded history: keep the newest `keep_per_probe` runs of each probe."""
+    removed = 0
+    for probe in session.scalars(select(ProbeRun.probe).distinct()):
+        cutoff = session.scalar(
+            select(ProbeRun.id).where(ProbeRun.probe == probe)
+            .order_by(ProbeRun.id.desc()).offset(keep_per_probe).limit(1)
+        )  # fmt: skip
+        if cutoff is not None:
+            result = session.execute(
+                delete(ProbeRun).where(ProbeRun.probe == probe, ProbeRun.id <= cutoff)
+            )
+            removed += result.rowcount  # type: ignore[attr-defined]
+    return removed
+
+
+# -- alerts -------------------------------------------------------------------------------------
+def upsert_alert(session: Session, alert: Mapping[str, Any], received_at: datetime) -> None:
+    """The latest status of an alert by fingerprint; a repeated delivery only counts."""
+    insert = _upsert(session)
+    values = {**alert, "received_at": received_at, "deliveries": 1}
+    stmt = insert(Alert).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Alert.fingerprint],
+        set_={
+            "status": stmt.excluded.status,
+            "labels": stmt.excluded.labels,
+            "annotations": stmt.excluded.annotations,
+            "starts_at": stmt.excluded.starts_at,
+            "ends_at": stmt.excluded.ends_at,
+            "received_at": stmt.excluded.received_at,
+            "deliveries": Alert.deliveries + 1,
+        },
+    )
+    session.execute(stmt)
+
+
+def alerts_to_consider(session: Session, since: datetime) -> list[Alert]:
+    """Firing alerts, and alerts resolved recently (to resolve their incidents)."""
+    return list(
+        session.scalars(
+            select(Alert).where((Alert.status == "firing") | (Alert.received_at >= since))
+        )
+    )
+
+
+def alert(session: Session, fingerprint: str) -> Alert | None:
+    return session.get(Alert, fingerprint)
+
+
+# -- incidents ----------------------------------------------------------------------------------
+def open_incidents(session: Session) -> list[Incident]:
+    return list(session.scalars(select(Incident).where(Incident.state == IncidentState.OPEN)))
+
+
+def open_incident(session: Session, **values: Any) -> Incident | None:
+    """None when an open incident with this fingerprint exists already (deduplicated)."""
+    try:
+        with session.begin_nested():
+            incident = Incident(state=IncidentState.OPEN, **values)
+            session.add(incident)
+            session.flush()
+    except IntegrityError:
+        return None
+    return incident
+
+
+def resolve_incident(session: Session, incident_id: int, now: datetime) -> bool:
+    result = session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id, Incident.state == IncidentState.OPEN)
+        .values(state=IncidentState.RESOLVED, resolved_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def set_flapping(session: Session, incident_id: int, flapping: bool) -> None:
+    session.execute(update(Incident).where(Incident.id == incident_id).values(flapping=flapping))
+
+
+def mark_incident(session: Session, incident_id: int, **values: Any) -> None:
+    session.execute(update(Incident).where(Incident.id == incident_id).values(**values))
+
+
+def add_timeline(
+    session: Session, incident_id: int, kind: str, message: str, at: datetime,
+    data: Mapping[str, Any] | None = None,
+) -> None:  # fmt: skip
+    session.add(TimelineEvent(incident_id=incident_id, kind=kind, message=message, at=at,
+                              data=dict(data or {})))  # fmt: skip
+
+
+def incident_timeline(session: Session, incident_id: int) -> list[TimelineEvent]:
+    return list(
+        session.scalars(
+            select(TimelineEvent).where(TimelineEvent.incident_id == incident_id)
+            .order_by(TimelineEvent.id)
+        )
+    )  # fmt: skip
+
+
+def list_incidents(session: Session, *, state: str | None, limit: int) -> list[Incident]:
+    query = select(Incident).order_by(Incident.id.desc()).limit(limit)
+    if state:
+        query = query.where(Incident.state == state)
+    return list(session.scalars(query))
+
+
+# -- action runs --------------------------------------------------------------------------------
+def create_action_run(session: Session, **values: Any) -> ActionRun | None:
+    """None when this action already exists for this incident (never twice)."""
+    try:
+        with session.begin_nested():
+            run = ActionRun(**values)
+            session.add(run)
+            session.flush()
+    except IntegrityError:
+        return None
+    return run
+
+
+def change_run_state(
+    session: Session, run_id: int, expected: ActionState | Sequence[ActionState],
+    new: ActionState, **values: Any,
+) -> bool:  # fmt: skip
+    """Compare-and-set: True only for the one caller that moved it from `expected`."""
+    allowed = [expected] if isinstance(expected, ActionState) else list(expected)
+    result = session.execute(
+        update(ActionRun)
+        .where(ActionRun.id == run_id, ActionRun.state.in_(allowed))
+        .values(state=new, **values)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def runs_in_state(session: Session, state: ActionState) -> list[ActionRun]:
+    return list(session.scalars(select(ActionRun).where(ActionRun.state == state)))
+
+
+def runs_since(session: Session, since: datetime) -> list[ActionRun]:
+    return list(session.scalars(select(ActionRun).where(ActionRun.created_at >= since)))
+
+
+def runs_of_incidents(session: Session, incident_ids: Sequence[int]) -> list[ActionRun]:
+    if not incident_ids:
+        return []
+    return list(session.scalars(select(ActionRun).where(ActionRun.incident_id.in_(incident_ids))))
+
+
+def list_runs(session: Session, *, incident_id: int | None, limit: int) -> list[ActionRun]:
+    query = select(ActionRun).order_by(ActionRun.id.desc()).limit(limit)
+    if incident_id is not None:
+        query = query.where(ActionRun.incident_id == incident_id)
+    return list(session.scalars(query))
+
+
+def count_runs_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(ActionRun.state, func.count()).group_by(ActionRun.state))
+    return {state: count for state, count in rows.tuples()}
+
+
+# -- audit --------------------------------------------------------------------------------------
+def audit(
+    session: Session, *, actor: str, verb: str, message: str, at: datetime,
+    action_run_id: int | None = None, incident_id: int | None = None,
+    data: Mapping[str, Any] | None = None, duration_ms: float | None = None,
+) -> None:  # fmt: skip
+    session.add(
+        AuditEntry(actor=actor, verb=verb, message=message, at=at, action_run_id=action_run_id,
+                   incident_id=incident_id, data=dict(data or {}), duration_ms=duration_ms)
+    )  # fmt: skip
+
+
+def audit_of_run(session: Session, run_id: int) -> list[AuditEntry]:
+    return list(
+        session.scalars(
+            select(AuditEntry).where(AuditEntry.action_run_id == run_id).order_by(AuditEntry.id)
+        )
+    )
+
+
+# -- silences -----------------------------------------------------------------------------------
+def create_silence(session: Session, **values: Any) -> Silence:
+    silence = Silence(**values)
+    session.add(silence)
+    session.flush()
+    return silence
+
+
+def active_silences(session: Session, now: datetime) -> list[Silence]:
+    return list(
+        session.scalars(select(Silence).where(Silence.starts_at <= now, Silence.ends_at > now))
+    )
+
+
+def expire_silence(session: Session, silence_id: int, now: datetime) -> bool:
+    result = session.execute(
+        update(Silence).where(Silence.id == silence_id, Silence.ends_at > now).values(ends_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+# -- leadership ---------------------------------------------------------------------------------
+def hold_lease(session: Session, name: str, owner: str, ttl_s: float, now: datetime) -> bool:
+    """Take or renew the lease: only if free, expired, or already ours (compare-and-set)."""
+    until = now + timedelta(seconds=ttl_s)
+    result = session.execute(
+        update(Lease)
+        .where(Lease.name == name, (Lease.owner == owner) | (Lease.until < now))
+        .values(owner=owner, until=until)
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    try:
+        with session.begin_nested():
+            session.add(Lease(name=name, owner=owner, until=until))
+            session.flush()
+    except IntegrityError:
+        return False  # someone else holds it
+    return True
+
+
+def lease_holder(session: Session, name: str) -> Lease | None:
+    return session.get(Lease, name)

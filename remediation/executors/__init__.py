@@ -1,0 +1,1 @@
+"""Executors: where actions act (local processes now; SSH or systemd later)."""
