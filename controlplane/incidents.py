@@ -181,12 +181,16 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                 probe_labels = {**probe.labels, "probe": probe.probe, "service": probe.service}
                 decisions.append(
                     Open(
-                        fingerprint=fp, kind=probe.probe, source="probe", target=probe.service,
+                        fingerprint=fp,
+                        kind=probe.probe,
+                        source="probe",
+                        target=probe.service,
                         severity="critical" if worst is Health.DOWN else "warning",
-                        summary=f"{probe.probe}: {probe.summary}", labels=probe_labels,
+                        summary=f"{probe.probe}: {probe.summary}",
+                        labels=probe_labels,
                         detected_at=probe.failing_since or now,
                     )
-                )  # fmt: skip
+                )
                 candidates[fp] = (probe.probe, probe.service, probe_labels)
             continue
         share = change_share(probe.recent)
@@ -206,22 +210,35 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             alert_labels = dict(alert.labels)
             decisions.append(
                 Open(
-                    fingerprint=fp, kind=alert.alertname, source="alert", target=alert.service,
-                    severity=alert_labels.get("severity", "warning"), summary=alert.summary,
-                    labels=alert_labels, detected_at=alert.starts_at,
+                    fingerprint=fp,
+                    kind=alert.alertname,
+                    source="alert",
+                    target=alert.service,
+                    severity=alert_labels.get("severity", "warning"),
+                    summary=alert.summary,
+                    labels=alert_labels,
+                    detected_at=alert.starts_at,
                 )
-            )  # fmt: skip
+            )
             candidates[fp] = (alert.alertname, alert.service, alert_labels)
         elif alert.status == "resolved" and incident is not None:
             decisions.append(Resolve(incident.id, "Alertmanager resolved the alert"))
             resolving.add(fp)
 
+    planned: set[tuple[str, str]] = set()
     for fp, (kind, target, labels) in candidates.items():
         if fp in resolving:
             continue
         if fp.startswith("alert:") and fp not in firing_alerts:
             continue  # never act on an alert that is not firing now
-        decisions.extend(_plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp)))
+        for d in _plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp)):
+            if isinstance(d, RequestAction):
+                if (d.action, d.target) in planned:
+                    # Two incidents about one fault (a probe and an alert): one action.
+                    decisions.append(Hold(fp, f"{d.action} on {d.target} already requested"))
+                    continue
+                planned.add((d.action, d.target))
+            decisions.append(d)
     return decisions
 
 
@@ -246,10 +263,13 @@ def _plan_action(
     if flapping:
         return [Hold(fp, "flapping: actions suppressed until it settles")]
     silence = next(
-        (s for s in snapshot.silences
-         if s.starts_at <= now < s.ends_at and matches(s.matchers, everything)),
+        (
+            s
+            for s in snapshot.silences
+            if s.starts_at <= now < s.ends_at and matches(s.matchers, everything)
+        ),
         None,
-    )  # fmt: skip
+    )
     if silence is not None:
         return [Hold(fp, f"silenced by silence {silence.id} until {silence.ends_at:%H:%M:%S}")]
     same = [r for r in snapshot.runs if r.action == policy.action and r.target == target]
@@ -260,14 +280,23 @@ def _plan_action(
             return [Hold(fp, f"{policy.action} on {target} cooling down until {until:%H:%M:%S}")]
         in_window = [r for r in same if now - r.created_at < timedelta(seconds=policy.window_s)]
         if len(in_window) >= policy.max_runs:
-            return [Hold(fp, f"{policy.action} on {target} ran {len(in_window)} times in "
-                             f"{policy.window_s:g}s: escalate to a human")]  # fmt: skip
+            return [
+                Hold(
+                    fp,
+                    f"{policy.action} on {target} ran {len(in_window)} times in "
+                    f"{policy.window_s:g}s: escalate to a human",
+                )
+            ]
     return [
         RequestAction(
-            fingerprint=fp, policy=policy.name, action=policy.action, target=target,
-            mode=policy.mode, reason=f"policy {policy.name}: {kind} on {target}",
+            fingerprint=fp,
+            policy=policy.name,
+            action=policy.action,
+            target=target,
+            mode=policy.mode,
+            reason=f"policy {policy.name}: {kind} on {target}",
         )
-    ]  # fmt: skip
+    ]
 
 
 def describe(decisions: Sequence[Decision]) -> str:

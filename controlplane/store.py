@@ -85,9 +85,17 @@ def _upsert(session: Session) -> Any:
 
 # -- probe runs ---------------------------------------------------------------------------------
 def record_probe_run(
-    session: Session, *, probe: str, kind: str, target: str, health: str, latency_ms: float,
-    summary: str, details: Mapping[str, Any], at: datetime,
-) -> None:  # fmt: skip
+    session: Session,
+    *,
+    probe: str,
+    kind: str,
+    target: str,
+    health: str,
+    latency_ms: float,
+    summary: str,
+    details: Mapping[str, Any],
+    at: datetime,
+) -> None:
     session.add(
         ProbeRun(
             probe=probe,
@@ -119,9 +127,12 @@ def prune_probe_runs(session: Session, keep_per_probe: int) -> int:
     removed = 0
     for probe in session.scalars(select(ProbeRun.probe).distinct()):
         cutoff = session.scalar(
-            select(ProbeRun.id).where(ProbeRun.probe == probe)
-            .order_by(ProbeRun.id.desc()).offset(keep_per_probe).limit(1)
-        )  # fmt: skip
+            select(ProbeRun.id)
+            .where(ProbeRun.probe == probe)
+            .order_by(ProbeRun.id.desc())
+            .offset(keep_per_probe)
+            .limit(1)
+        )
         if cutoff is not None:
             result = session.execute(
                 delete(ProbeRun).where(ProbeRun.probe == probe, ProbeRun.id <= cutoff)
@@ -199,20 +210,28 @@ def mark_incident(session: Session, incident_id: int, **values: Any) -> None:
 
 
 def add_timeline(
-    session: Session, incident_id: int, kind: str, message: str, at: datetime,
+    session: Session,
+    incident_id: int,
+    kind: str,
+    message: str,
+    at: datetime,
     data: Mapping[str, Any] | None = None,
-) -> None:  # fmt: skip
-    session.add(TimelineEvent(incident_id=incident_id, kind=kind, message=message, at=at,
-                              data=dict(data or {})))  # fmt: skip
+) -> None:
+    session.add(
+        TimelineEvent(
+            incident_id=incident_id, kind=kind, message=message, at=at, data=dict(data or {})
+        )
+    )
 
 
 def incident_timeline(session: Session, incident_id: int) -> list[TimelineEvent]:
     return list(
         session.scalars(
-            select(TimelineEvent).where(TimelineEvent.incident_id == incident_id)
+            select(TimelineEvent)
+            .where(TimelineEvent.incident_id == incident_id)
             .order_by(TimelineEvent.id)
         )
-    )  # fmt: skip
+    )
 
 
 def list_incidents(session: Session, *, state: str | None, limit: int) -> list[Incident]:
@@ -236,9 +255,12 @@ def create_action_run(session: Session, **values: Any) -> ActionRun | None:
 
 
 def change_run_state(
-    session: Session, run_id: int, expected: ActionState | Sequence[ActionState],
-    new: ActionState, **values: Any,
-) -> bool:  # fmt: skip
+    session: Session,
+    run_id: int,
+    expected: ActionState | Sequence[ActionState],
+    new: ActionState,
+    **values: Any,
+) -> bool:
     """Compare-and-set: True only for the one caller that moved it from `expected`."""
     allowed = [expected] if isinstance(expected, ActionState) else list(expected)
     result = session.execute(
@@ -277,14 +299,29 @@ def count_runs_by_state(session: Session) -> dict[str, int]:
 
 # -- audit --------------------------------------------------------------------------------------
 def audit(
-    session: Session, *, actor: str, verb: str, message: str, at: datetime,
-    action_run_id: int | None = None, incident_id: int | None = None,
-    data: Mapping[str, Any] | None = None, duration_ms: float | None = None,
-) -> None:  # fmt: skip
+    session: Session,
+    *,
+    actor: str,
+    verb: str,
+    message: str,
+    at: datetime,
+    action_run_id: int | None = None,
+    incident_id: int | None = None,
+    data: Mapping[str, Any] | None = None,
+    duration_ms: float | None = None,
+) -> None:
     session.add(
-        AuditEntry(actor=actor, verb=verb, message=message, at=at, action_run_id=action_run_id,
-                   incident_id=incident_id, data=dict(data or {}), duration_ms=duration_ms)
-    )  # fmt: skip
+        AuditEntry(
+            actor=actor,
+            verb=verb,
+            message=message,
+            at=at,
+            action_run_id=action_run_id,
+            incident_id=incident_id,
+            data=dict(data or {}),
+            duration_ms=duration_ms,
+        )
+    )
 
 
 def audit_of_run(session: Session, run_id: int) -> list[AuditEntry]:

@@ -25,6 +25,7 @@ from lab.stack import (
     stop_described,
     wait_forever,
 )
+from web.server import serve
 
 logger = logging.getLogger("lab")
 
@@ -158,6 +159,9 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
     load.start()
     click.echo(f"background load: 4 clients, ~40 orders/s, for {load_s:g}s; Ctrl-C stops all")
     _supervise(stack, before_stop=stop_load.set)
+
+
+main.add_command(serve)
 
 
 @main.command()

@@ -24,6 +24,7 @@ from lab.errors import LabError
 from lab.layout import HOST, StackLayout
 from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
 from lab.process import ServerProcess
+from lab.targets import controlplane_targets, write_targets
 from remediation.executors.processes import is_pid_alive, runs_program, terminate_pid
 from shop.config import ShopSettings
 from shop.db import make_engine
@@ -43,7 +44,10 @@ class Stack:
     binaries: Binaries = field(default_factory=find_binaries)
     products: int = 1000
     stock: int = 100
+    with_controlplane: bool = True
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    webhook_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     processes: dict[str, ServerProcess] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, pg.PgNode] = field(default_factory=dict)
@@ -133,11 +137,14 @@ class Stack:
             self._start_postgres()
             self._add("redis", "cache", redis_server(self.layout, self.binaries)).start()
             # Alertmanager first: Prometheus drops alerts sent before it found Alertmanager.
-            am = alertmanager_server(self.layout, self.binaries)
+            am = alertmanager_server(self.layout, self.binaries, webhook_token=self.webhook_token)
             self._add("alertmanager", "alertmanager", am).start()
             self.processes["redis"].wait_ready()
             am.wait_ready()
-            self._add("prometheus", "prometheus", prometheus_server(self.layout, self.binaries))
+            prometheus = prometheus_server(
+                self.layout, self.binaries, with_controlplane=self.with_controlplane
+            )
+            self._add("prometheus", "prometheus", prometheus)
             self.processes["prometheus"].start()
             shops = [
                 self._add(f"shop-{i}", "shop", self.shop_server(i)).start()
@@ -145,12 +152,41 @@ class Stack:
             ]
             for proc in (*shops, self.processes["prometheus"]):
                 proc.wait_ready()
+            # The control plane reads stack.json (its executor's process table) from the start.
+            write_stack_file(self.layout.stack_file, self.describe())
+            if self.with_controlplane:
+                self._add("controlplane", "controlplane", self.controlplane_server())
+                self.processes["controlplane"].start().wait_ready()
         except BaseException:
             self.stop()
             raise
         description = self.describe()
         write_stack_file(self.layout.stack_file, description)
         return description
+
+    @property
+    def targets_file(self) -> Path:
+        return self.layout.data_dir / "controlplane" / "targets.toml"
+
+    def controlplane_server(self, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
+        write_targets(
+            self.targets_file,
+            controlplane_targets(self.layout, shop_admin_token=self.admin_token),
+        )
+        url = f"http://{HOST}:{self.layout.controlplane_port}"
+        return ServerProcess(
+            name="controlplane",
+            argv=[sys.executable, "-m", "lab", "serve", "--targets", str(self.targets_file)],
+            env_overrides={
+                "CP_API_TOKEN": self.api_token,
+                "CP_WEBHOOK_TOKEN": self.webhook_token,
+                "CP_INSTANCE_ID": "cp-lab",
+                **(extra_env or {}),
+            },
+            log_path=self.layout.logs / "controlplane.log",
+            ready=lambda: http_ok(f"{url}/readyz"),
+            ready_timeout_s=60,
+        )
 
     def _start_postgres(self) -> None:
         user = pg.pg_os_user()
@@ -193,6 +229,9 @@ class Stack:
                 proc.stop()
             except Exception:
                 logger.exception("stopping %s failed", proc.name)
+        # Processes the control plane restarted are not our children: stack.json knows them.
+        if self.layout.stack_file.exists():
+            stop_described(self.layout.data_dir)
 
     def _in_stop_order(self) -> list[ServerProcess]:
         rank = {role: i for i, role in enumerate(STOP_ORDER)}
@@ -249,7 +288,11 @@ class Stack:
                     for i in range(self.layout.shop_count)
                 ],
             },
-            "secrets": {"shop_admin_token": self.admin_token},
+            "secrets": {
+                "shop_admin_token": self.admin_token,
+                "controlplane_api_token": self.api_token,
+                "alertmanager_webhook_token": self.webhook_token,
+            },
         }
 
 

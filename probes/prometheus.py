@@ -45,7 +45,7 @@ class PrometheusProbe(Probe):
         at = time.time()
         try:
             result = prom.custom_query(
-                p.query, params={"time": at, "timeout": f"{self.timeout_s}s"}
+                p.query, params={"time": at, "timeout": f"{int(self.timeout_s * 1000)}ms"}
             )
         except (PrometheusApiClientException, requests.RequestException, ValueError) as exc:
             return down(describe(exc), query=p.query)

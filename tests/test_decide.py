@@ -102,6 +102,11 @@ TABLE = [
      ["Resolve"]),
     ("a resolved alert with no incident does nothing at all",
      Snapshot(alerts=[alert("resolved")], policies=[FLUSH]), []),
+    ("a probe and an alert about one target in one cycle request one action between them",
+     Snapshot(probes=[probe(D, D, D)], alerts=[AlertState("a2", "ShopDown", "firing",
+              {"kind": "shop-0-ready"}, "down", NOW, "shop-0")],
+              policies=[PolicySpec(name="r", match={"target": "shop-0"}, action="restart")]),
+     ["Open", "Open", "RequestAction", "Hold"]),
     ("no policy matches: an incident but no action",
      Snapshot(probes=[probe(D, D, D)], policies=[FLUSH]), ["Open"]),
 ]  # fmt: skip

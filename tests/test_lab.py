@@ -70,6 +70,7 @@ def test_stack_json_describes_every_component_for_its_owner_only(stack: Stack) -
     description = json.loads(path.read_text())
     components = description["components"]
     assert {c["role"] for c in components.values()} == {
+        "controlplane",
         "primary",
         "standby",
         "cache",

@@ -1,1 +1,45 @@
-"""web package."""
+"""The control plane's web layer: `create_app(settings=None, control_plane=None)`."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from controlplane import services
+from controlplane.config import Settings
+from controlplane.errors import ControlPlaneError
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None, control_plane: services.ControlPlane | None = None
+) -> Flask:
+    from web.alerts import alerts
+    from web.api import api
+    from web.health import health
+
+    app = Flask(__name__)
+    if control_plane is None:
+        control_plane = services.start_control_plane(settings or Settings.load())
+    app.extensions["control_plane"] = control_plane
+    app.register_blueprint(health)
+    app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(alerts, url_prefix="/api/v1")
+
+    @app.errorhandler(ControlPlaneError)
+    def control_plane_error(exc: ControlPlaneError) -> tuple[Response, int]:
+        return jsonify(error=str(exc)), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        logger.exception("unhandled error")
+        return jsonify(error="internal error"), 500
+
+    return app

@@ -1,0 +1,339 @@
+"""The action engine: runs remediations beside the loop (Patroni's AsyncExecutor).
+
+Each run is claimed by compare-and-set (pending -> running), then: precheck (re-reads live
+state), execute, verify with a deadline, retried with backoff up to the policy's attempts, then
+succeeded or escalated. Every step is an audit row. A run is never started twice."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from controlplane import store
+from controlplane.config import PolicySpec, Settings
+from controlplane.metrics import Metrics
+from controlplane.models import ActionRun, ActionState, Incident
+from controlplane.notify import Notifier
+from remediation.base import Action, ActionContext, ActionError, Check
+from remediation.executors.base import Executor
+from remediation.registry import UnknownAction, build_action
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class NotYetHealthy(Exception):
+    """Verification failed this attempt: worth another attempt."""
+
+
+class ActionEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        executor: Executor,
+        health_of: Callable[[str], Check],
+        notifier: Notifier,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.executor = executor
+        self.health_of = health_of
+        self.notifier = notifier
+        self.metrics = metrics
+        self.clock = clock
+        self.backoff_s = backoff_s
+        self.pool = ThreadPoolExecutor(settings.action_workers, thread_name_prefix="action")
+        self.in_flight: set[int] = set()
+        self.lock = threading.Lock()
+        self.on_finished: Callable[[], None] = lambda: None
+
+    @property
+    def busy(self) -> int:
+        with self.lock:
+            return len(self.in_flight)
+
+    # -- starting ------------------------------------------------------------------------------
+    def dispatch_pending(self) -> list[int]:
+        """Claim every pending run (compare-and-set) and start it beside the loop."""
+        with store.transaction(self.factory) as s:
+            pending = [r.id for r in store.runs_in_state(s, ActionState.PENDING)]
+        started = []
+        for run_id in pending:
+            now = self.clock()
+            with store.transaction(self.factory) as s:
+                if not store.change_run_state(
+                    s,
+                    run_id,
+                    ActionState.PENDING,
+                    ActionState.RUNNING,
+                    owner=self.settings.instance_id,
+                    started_at=now,
+                ):
+                    continue  # another worker (or control plane) took it
+                run = s.get(ActionRun, run_id)
+                assert run is not None
+                store.audit(
+                    s,
+                    actor=self.settings.instance_id,
+                    verb="start",
+                    at=now,
+                    action_run_id=run_id,
+                    incident_id=run.incident_id,
+                    message=f"{run.action} on {run.target} started",
+                )
+                if run.incident_id is not None:
+                    store.add_timeline(s, run.incident_id, "action", f"{run.action} started", now)
+                    incident = s.get(Incident, run.incident_id)
+                    if incident is not None and incident.action_started_at is None:
+                        incident.action_started_at = now
+            with self.lock:
+                self.in_flight.add(run_id)
+                self.metrics.actions_in_progress.set(len(self.in_flight))
+            self.pool.submit(self._run_guarded, run_id)
+            started.append(run_id)
+        return started
+
+    def abandon_orphans(self) -> list[int]:
+        """On becoming leader: runs left `running` by a dead control plane are marked
+        abandoned (failed-safe) and escalated, never run again."""
+        now = self.clock()
+        abandoned = []
+        with store.transaction(self.factory) as s:
+            for run in store.runs_in_state(s, ActionState.RUNNING):
+                if run.id in self.in_flight:
+                    continue
+                if store.change_run_state(
+                    s, run.id, ActionState.RUNNING, ActionState.ABANDONED, finished_at=now
+                ):
+                    store.audit(
+                        s,
+                        actor=self.settings.instance_id,
+                        verb="abandon",
+                        at=now,
+                        action_run_id=run.id,
+                        incident_id=run.incident_id,
+                        message=f"{run.owner} stopped during {run.action}: not re-run; "
+                        "a human must check",
+                    )
+                    if run.incident_id is not None:
+                        store.add_timeline(
+                            s,
+                            run.incident_id,
+                            "escalated",
+                            f"{run.action} abandoned mid-way: escalated",
+                            now,
+                        )
+                    abandoned.append(run.id)
+        for run_id in abandoned:
+            self.metrics.actions.labels("unknown", ActionState.ABANDONED).inc()
+            self.notifier.notify("escalation", f"action run {run_id} abandoned", {"run": run_id})
+        return abandoned
+
+    # -- running -------------------------------------------------------------------------------
+    def _run_guarded(self, run_id: int) -> None:
+        try:
+            self._run(run_id)
+        except Exception as exc:  # the job's catch-all: record, escalate, go on
+            logger.exception("action run %d crashed", run_id)
+            self._finish(run_id, ActionState.FAILED, {"error": repr(exc)}, "crashed: escalated")
+        finally:
+            with self.lock:
+                self.in_flight.discard(run_id)
+                self.metrics.actions_in_progress.set(len(self.in_flight))
+            self.on_finished()
+
+    def _policy(self, run: ActionRun) -> PolicySpec:
+        """The run's policy; for an operator's request, the policy configured for that action
+        (its params and limits are the defaults), else bare defaults."""
+        name = run.params.get("policy")
+        found = next((p for p in self.settings.policies if p.name == name), None)
+        found = found or next((p for p in self.settings.policies if p.action == run.action), None)
+        return found or PolicySpec(name="manual", match={}, action=run.action)
+
+    def _run(self, run_id: int) -> None:
+        with store.transaction(self.factory) as s:
+            run = s.get(ActionRun, run_id)
+            assert run is not None
+        policy = self._policy(run)
+        service = self.settings.service(run.target)
+        try:
+            action = build_action(run.action)
+        except UnknownAction as exc:
+            self._finish(run_id, ActionState.FAILED, {"error": str(exc)}, str(exc))
+            return
+        params: dict[str, Any] = {**policy.params, **run.params.get("params", {})}
+        ctx = ActionContext(
+            target=run.target,
+            component=service.component if service else None,
+            params=params,
+            executor=self.executor,
+            is_healthy=lambda: self.health_of(run.target),
+        )
+        try:
+            pre = self._step(run, "precheck", lambda: action.precheck(ctx))
+        except ActionError as exc:
+            self._finish(run_id, ActionState.FAILED, {"error": str(exc)}, f"precheck: {exc}")
+            return
+        if not pre.ok:
+            self._finish(
+                run_id,
+                ActionState.SKIPPED,
+                {"precheck": pre.reason},
+                f"precheck declined: {pre.reason}",
+            )
+            return
+        retrying = Retrying(
+            stop=stop_after_attempt(policy.max_attempts),
+            wait=wait_exponential(multiplier=self.backoff_s, max=30),
+            retry=retry_if_exception_type((NotYetHealthy, ActionError)),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._attempt(run, action, ctx, policy, attempt.retry_state.attempt_number)
+        except (NotYetHealthy, ActionError, _Permanent) as exc:
+            self._finish(
+                run_id,
+                ActionState.FAILED,
+                {"error": str(exc)},
+                f"gave up after {policy.max_attempts} attempt(s): {exc}; escalated",
+            )
+            return
+        self._finish(run_id, ActionState.SUCCEEDED, {}, "verified recovered")
+
+    def _attempt(
+        self, run: ActionRun, action: Action, ctx: ActionContext, policy: PolicySpec, number: int
+    ) -> None:
+        with store.transaction(self.factory) as s:
+            s.get(ActionRun, run.id).attempts = number  # type: ignore[union-attr]
+        try:
+            outcome = self._step(run, f"execute #{number}", lambda: action.execute(ctx))
+        except ActionError as exc:
+            if exc.permanent:
+                raise _Permanent(str(exc)) from exc
+            raise
+        self._record(run, "output", outcome.summary, dict(outcome.data))
+        deadline = time.monotonic() + policy.verify_timeout_s
+        check = Check(False, "not verified yet")
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            check = action.verify(ctx)
+            if check.ok:
+                break
+            time.sleep(0.2)
+        self._record(
+            run,
+            "verify",
+            f"{'passed' if check.ok else 'failed'}: {check.reason}",
+            {"ok": check.ok},
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+        if not check.ok:
+            raise NotYetHealthy(check.reason)
+
+    def _step(self, run: ActionRun, verb: str, call: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        try:
+            result = call()
+        except ActionError as exc:
+            self._record(
+                run,
+                verb,
+                f"failed: {exc}",
+                {"permanent": exc.permanent},
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+            raise
+        message = getattr(result, "reason", None) or getattr(result, "summary", "") or "done"
+        data = {"ok": result.ok} if isinstance(result, Check) else {}
+        self._record(run, verb, message, data, duration_ms=(time.monotonic() - started) * 1000)
+        return result
+
+    def _record(
+        self,
+        run: ActionRun,
+        verb: str,
+        message: str,
+        data: dict[str, Any],
+        duration_ms: float | None = None,
+    ) -> None:
+        with store.transaction(self.factory) as s:
+            store.audit(
+                s,
+                actor=self.settings.instance_id,
+                verb=verb,
+                message=message,
+                at=self.clock(),
+                action_run_id=run.id,
+                incident_id=run.incident_id,
+                data=data,
+                duration_ms=duration_ms,
+            )
+
+    def _finish(self, run_id: int, state: ActionState, output: dict[str, Any], why: str) -> None:
+        now = self.clock()
+        with store.transaction(self.factory) as s:
+            if not store.change_run_state(
+                s, run_id, ActionState.RUNNING, state, finished_at=now, output=output
+            ):
+                return
+            run = s.get(ActionRun, run_id)
+            assert run is not None
+            store.audit(
+                s,
+                actor=self.settings.instance_id,
+                verb="finish",
+                at=now,
+                action_run_id=run_id,
+                incident_id=run.incident_id,
+                message=f"{state}: {why}",
+                data=output,
+            )
+            if run.incident_id is not None:
+                kind = {ActionState.SUCCEEDED: "recovered", ActionState.SKIPPED: "action"}.get(
+                    state, "escalated"
+                )
+                store.add_timeline(s, run.incident_id, kind, f"{run.action}: {why}", now)
+                if state is ActionState.SUCCEEDED:
+                    store.mark_incident(s, run.incident_id, recovered_at=now)
+        self.metrics.actions.labels(run.action, state).inc()
+        if state in (ActionState.FAILED,):
+            self.notifier.notify(
+                "escalation", f"{run.action} on {run.target} failed", {"run": run_id, "why": why}
+            )
+        elif state is ActionState.SUCCEEDED:
+            self.notifier.notify(
+                "action", f"{run.action} on {run.target} recovered it", {"run": run_id}
+            )
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.busy:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Permanent(Exception):
+    """An ActionError marked permanent: stop retrying (not matched by the retry filter)."""

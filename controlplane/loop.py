@@ -1,0 +1,263 @@
+"""The loop (Patroni's ha.py): `run_cycle(now) -> str`. Hold the lease, take a snapshot, call
+the pure `decide`, persist the decisions, start actions beside the loop, say why in one line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from controlplane import store
+from controlplane.config import Settings
+from controlplane.engine import ActionEngine, utcnow
+from controlplane.incidents import (
+    AlertState,
+    Decision,
+    Hold,
+    IncidentView,
+    Open,
+    ProbeState,
+    RequestAction,
+    Resolve,
+    RunView,
+    SetFlapping,
+    SilenceView,
+    Snapshot,
+    decide,
+    describe,
+)
+from controlplane.metrics import Metrics
+from controlplane.models import ActionState, Alert, IncidentState
+from controlplane.notify import Notifier
+from probes.base import Health
+
+logger = logging.getLogger(__name__)
+
+LEADER_LEASE = "leader"
+RECENT_ALERTS = timedelta(minutes=10)
+MODE_STATE = {
+    "auto": ActionState.PENDING,
+    "approval": ActionState.AWAITING_APPROVAL,
+    "dry_run": ActionState.DRY_RUN,
+}
+
+
+def service_of_alert(settings: Settings, labels: dict[str, Any]) -> str:
+    """The first service whose labels all appear on the alert; else its `service` label."""
+    for service in settings.services:
+        if service.labels and all(labels.get(k) == v for k, v in service.labels.items()):
+            return service.name
+    return str(labels.get("service") or labels.get("instance") or labels.get("alertname", "?"))
+
+
+def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snapshot:
+    probes = []
+    for spec in settings.probes:
+        runs = store.recent_probe_runs(session, spec.name, settings.flap_window)
+        if not runs:
+            continue
+        recent = tuple(Health(r.health) for r in reversed(runs))
+        failing_since = None
+        for r in runs:  # newest first: walk back through the failing streak
+            if r.health == Health.UP:
+                break
+            failing_since = r.at
+        service = settings.service(spec.service)
+        probes.append(
+            ProbeState(
+                probe=spec.name,
+                service=spec.service,
+                recent=recent,
+                failures_to_open=spec.failures_to_open,
+                successes_to_resolve=spec.successes_to_resolve,
+                summary=runs[0].summary,
+                labels=dict(service.labels) if service else {},
+                failing_since=failing_since,
+            )
+        )
+    alerts = [
+        AlertState(
+            fingerprint=a.fingerprint,
+            alertname=a.alertname,
+            status=a.status,
+            labels=dict(a.labels),
+            summary=str(a.annotations.get("summary", a.alertname)),
+            starts_at=a.starts_at,
+            service=service_of_alert(settings, a.labels),
+        )
+        for a in store.alerts_to_consider(session, now - RECENT_ALERTS)
+    ]
+    incidents = store.open_incidents(session)
+    window = max((p.window_s for p in settings.policies), default=3600.0)
+    action_runs = {r.id: r for r in store.runs_since(session, now - timedelta(seconds=window))}
+    action_runs.update(
+        {r.id: r for r in store.runs_of_incidents(session, [i.id for i in incidents])}
+    )
+    return Snapshot(
+        probes=probes,
+        alerts=alerts,
+        incidents=[
+            IncidentView(
+                i.id, i.fingerprint, i.kind, i.source, i.target, dict(i.labels), i.flapping
+            )
+            for i in incidents
+        ],
+        runs=[
+            RunView(r.incident_id, r.action, r.target, r.created_at) for r in action_runs.values()
+        ],
+        silences=[
+            SilenceView(s.id, dict(s.matchers), s.starts_at, s.ends_at)
+            for s in store.active_silences(session, now)
+        ],
+        policies=settings.policies,
+        flap_high=settings.flap_high,
+        flap_low=settings.flap_low,
+    )
+
+
+class Loop:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        engine: ActionEngine,
+        notifier: Notifier,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.engine = engine
+        self.notifier = notifier
+        self.metrics = metrics
+        self.clock = clock
+        self.is_leader = False
+        self.last_sentence = ""
+        self.last_cycle_at: datetime | None = None
+
+    def run_cycle(self, now: datetime | None = None) -> str:
+        now = now or self.clock()
+        started = time.monotonic()
+        with store.transaction(self.factory) as s:
+            leader = store.hold_lease(
+                s, LEADER_LEASE, self.settings.instance_id, self.settings.lease_ttl_s, now
+            )
+        if not leader:
+            self.is_leader = False
+            self.metrics.is_leader.set(0)
+            return self._said(now, "standby: another control plane holds the lease")
+        if not self.is_leader:
+            self.is_leader = True
+            self.metrics.is_leader.set(1)
+            abandoned = self.engine.abandon_orphans()
+            if abandoned:
+                logger.warning("took over leadership; abandoned runs %s", abandoned)
+        with store.transaction(self.factory) as s:
+            decisions = decide(build_snapshot(s, self.settings, now), now)
+            self._apply(s, decisions, now)
+            self.metrics.incidents_open.set(len(store.open_incidents(s)))
+        started_runs = self.engine.dispatch_pending()
+        sentence = describe(decisions)
+        if started_runs:
+            sentence += f"; started action run(s) {', '.join(map(str, started_runs))}"
+        if self.engine.busy:
+            sentence += f"; {self.engine.busy} action(s) in progress"
+        self.metrics.cycle_seconds.observe(time.monotonic() - started)
+        return self._said(now, sentence)
+
+    def _said(self, now: datetime, sentence: str) -> str:
+        if sentence != self.last_sentence or "nothing to do" not in sentence:
+            logger.info("cycle: %s", sentence)
+        self.last_sentence = sentence
+        self.last_cycle_at = now
+        return sentence
+
+    def _apply(self, s: Session, decisions: Sequence[Decision], now: datetime) -> None:
+        by_fp = {i.fingerprint: i for i in store.open_incidents(s)}
+        for d in decisions:
+            match d:
+                case Open():
+                    incident = store.open_incident(
+                        s,
+                        fingerprint=d.fingerprint,
+                        kind=d.kind,
+                        source=d.source,
+                        target=d.target,
+                        severity=d.severity,
+                        summary=d.summary,
+                        labels=dict(d.labels),
+                        detected_at=d.detected_at,
+                        opened_at=now,
+                    )
+                    if incident is None:
+                        continue
+                    by_fp[d.fingerprint] = incident
+                    store.add_timeline(
+                        s,
+                        incident.id,
+                        "opened",
+                        d.summary,
+                        now,
+                        {"detected_at": d.detected_at.isoformat()},
+                    )
+                    self.metrics.incidents.labels("opened").inc()
+                    self.notifier.notify(
+                        "open", d.summary, {"incident": incident.id, "target": d.target}
+                    )
+                case Resolve():
+                    if store.resolve_incident(s, d.incident_id, now):
+                        store.add_timeline(s, d.incident_id, "resolved", d.reason, now)
+                        self.metrics.incidents.labels("resolved").inc()
+                        self.notifier.notify("resolve", d.reason, {"incident": d.incident_id})
+                case SetFlapping():
+                    store.set_flapping(s, d.incident_id, d.flapping)
+                    state = "flapping" if d.flapping else "stable again"
+                    store.add_timeline(
+                        s, d.incident_id, "flapping", f"{state} ({d.share:.0%} state changes)", now
+                    )
+                case RequestAction():
+                    self._request(s, d, by_fp, now)
+                case Hold():
+                    pass  # said in the cycle's sentence; no row every tick
+
+    def _request(self, s: Session, d: RequestAction, by_fp: dict[str, Any], now: datetime) -> None:
+        incident = by_fp.get(d.fingerprint)
+        if incident is None or incident.state != IncidentState.OPEN:
+            return
+        if d.fingerprint.startswith("alert:"):
+            alert = s.get(Alert, d.fingerprint.removeprefix("alert:"))
+            if alert is None or alert.status != "firing":
+                return  # never an action on a resolved alert
+        state = MODE_STATE[d.mode]
+        run = store.create_action_run(
+            s,
+            incident_id=incident.id,
+            action=d.action,
+            target=d.target,
+            mode=d.mode,
+            state=state,
+            requested_by=f"policy:{d.policy}",
+            reason=d.reason,
+            params={"policy": d.policy},
+            created_at=now,
+        )
+        if run is None:
+            return  # already requested for this incident
+        verb = {ActionState.DRY_RUN: "dry-run", ActionState.AWAITING_APPROVAL: "await-approval"}
+        store.audit(
+            s,
+            actor=f"policy:{d.policy}",
+            verb=verb.get(state, "request"),
+            at=now,
+            action_run_id=run.id,
+            incident_id=incident.id,
+            message=f"{d.action} on {d.target}: {d.reason}",
+        )
+        store.add_timeline(
+            s, incident.id, "action", f"{d.action} requested ({d.mode})", now, {"run": run.id}
+        )

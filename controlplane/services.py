@@ -1,0 +1,311 @@
+"""What the web layer may call: read state, and write intents (alerts, action requests,
+approvals, silences) for the loop to act on. Nothing here runs a remediation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from controlplane import store
+from controlplane.config import Settings
+from controlplane.errors import Conflict, InvalidRequest, NotFound
+from controlplane.models import ActionRun, ActionState, Incident
+from controlplane.runtime import ControlPlane as ControlPlane  # re-exported for web
+from probes.base import Health
+from remediation.registry import ACTIONS
+
+
+# -- Alertmanager webhook (version 4) ------------------------------------------------------------
+class AlertIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: str = Field(pattern="^(firing|resolved)$")
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: datetime
+    endsAt: datetime | None = None
+    fingerprint: str = Field(min_length=1, max_length=100)
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    version: str = Field(pattern="^4$")
+    status: str = Field(pattern="^(firing|resolved)$")
+    receiver: str
+    alerts: list[AlertIn] = Field(min_length=1, max_length=1000)
+
+
+def receive_alerts(cp: ControlPlane, payload: WebhookIn) -> dict[str, int]:
+    """Record each alert's latest status by fingerprint (a repeat only counts), wake the loop."""
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        for alert in payload.alerts:
+            ends_at = alert.endsAt if alert.endsAt and alert.endsAt.year > 1 else None
+            store.upsert_alert(
+                s,
+                {
+                    "fingerprint": alert.fingerprint,
+                    "alertname": alert.labels.get("alertname", "unnamed"),
+                    "status": alert.status,
+                    "labels": alert.labels,
+                    "annotations": alert.annotations,
+                    "starts_at": alert.startsAt,
+                    "ends_at": ends_at,
+                },
+                now,
+            )
+            cp.metrics.alerts_received.labels(alert.status).inc()
+    cp.wake()
+    return {"accepted": len(payload.alerts)}
+
+
+# -- reading ------------------------------------------------------------------------------------
+def incident_json(i: Incident) -> dict[str, Any]:
+    def iso(at: datetime | None) -> str | None:
+        return at.isoformat() if at else None
+
+    return {
+        "id": i.id,
+        "fingerprint": i.fingerprint,
+        "kind": i.kind,
+        "source": i.source,
+        "target": i.target,
+        "severity": i.severity,
+        "state": i.state,
+        "summary": i.summary,
+        "labels": i.labels,
+        "flapping": i.flapping,
+        "detected_at": iso(i.detected_at),
+        "opened_at": iso(i.opened_at),
+        "action_started_at": iso(i.action_started_at),
+        "recovered_at": iso(i.recovered_at),
+        "resolved_at": iso(i.resolved_at),
+    }
+
+
+def run_json(r: ActionRun) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "incident_id": r.incident_id,
+        "action": r.action,
+        "target": r.target,
+        "mode": r.mode,
+        "state": r.state,
+        "requested_by": r.requested_by,
+        "reason": r.reason,
+        "attempts": r.attempts,
+        "output": r.output,
+        "created_at": r.created_at.isoformat(),
+        "started_at": r.started_at.isoformat() if r.started_at else None,
+        "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+    }
+
+
+def list_incidents(cp: ControlPlane, state: str | None, limit: int) -> list[dict[str, Any]]:
+    with store.transaction(cp.factory) as s:
+        return [incident_json(i) for i in store.list_incidents(s, state=state, limit=limit)]
+
+
+def get_incident(cp: ControlPlane, incident_id: int) -> dict[str, Any]:
+    with store.transaction(cp.factory) as s:
+        incident = s.get(Incident, incident_id)
+        if incident is None:
+            raise NotFound(f"incident {incident_id} does not exist")
+        body = incident_json(incident)
+        body["timeline"] = [
+            {"at": e.at.isoformat(), "kind": e.kind, "message": e.message, "data": e.data}
+            for e in store.incident_timeline(s, incident_id)
+        ]
+        body["actions"] = [
+            run_json(r) for r in store.list_runs(s, incident_id=incident_id, limit=50)
+        ]
+    return body
+
+
+def get_action(cp: ControlPlane, run_id: int) -> dict[str, Any]:
+    with store.transaction(cp.factory) as s:
+        run = s.get(ActionRun, run_id)
+        if run is None:
+            raise NotFound(f"action run {run_id} does not exist")
+        body = run_json(run)
+        body["audit"] = [
+            {
+                "at": a.at.isoformat(),
+                "actor": a.actor,
+                "verb": a.verb,
+                "message": a.message,
+                "data": a.data,
+                "duration_ms": a.duration_ms,
+            }
+            for a in store.audit_of_run(s, run_id)
+        ]
+    return body
+
+
+def health_summary(cp: ControlPlane) -> dict[str, Any]:
+    """Per service: the worst latest probe result and its open incidents; overall: the worst."""
+    order = [Health.UP, Health.DEGRADED, Health.DOWN]
+    with store.transaction(cp.factory) as s:
+        services: dict[str, dict[str, Any]] = {
+            svc.name: {"status": "unknown", "probes": {}, "open_incidents": []}
+            for svc in cp.settings.services
+        }
+        for spec in cp.settings.probes:
+            runs = store.recent_probe_runs(s, spec.name, 1)
+            if not runs:
+                continue
+            entry = services[spec.service]
+            entry["probes"][spec.name] = {
+                "health": runs[0].health,
+                "summary": runs[0].summary,
+                "latency_ms": runs[0].latency_ms,
+                "at": runs[0].at.isoformat(),
+            }
+            current = entry["status"]
+            health = Health(runs[0].health)
+            if current == "unknown" or order.index(health) > order.index(Health(current)):
+                entry["status"] = health.value
+        for incident in store.open_incidents(s):
+            if incident.target in services:
+                services[incident.target]["open_incidents"].append(incident.id)
+    statuses = [v["status"] for v in services.values() if v["status"] != "unknown"]
+    overall = max(statuses, key=lambda h: order.index(Health(h))) if statuses else "unknown"
+    return {"status": overall, "services": services}
+
+
+def readiness(cp: ControlPlane) -> tuple[bool, dict[str, Any]]:
+    checks: dict[str, Any] = {"scheduler": cp.scheduler.running, "leader": cp.loop.is_leader}
+    try:
+        with store.transaction(cp.factory) as s:
+            store.lease_holder(s, "leader")
+        checks["state_store"] = True
+    except Exception as exc:  # readiness reports any store failure, it never raises
+        checks["state_store"] = False
+        checks["error"] = type(exc).__name__
+    last = cp.loop.last_cycle_at
+    fresh = last is not None and cp.clock() - last < timedelta(
+        seconds=max(10, 5 * cp.settings.loop_interval_s)
+    )
+    checks["loop_recent"] = fresh
+    return bool(checks["state_store"] and checks["scheduler"] and fresh), checks
+
+
+def metrics_text(cp: ControlPlane) -> bytes:
+    return generate_latest(cp.metrics.registry)
+
+
+# -- intents ------------------------------------------------------------------------------------
+class ActionRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: str
+    target: str
+    reason: str = Field(min_length=1, max_length=1000)
+    incident_id: int | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
+    """An operator's request: a pending run for the loop to start (202 with its id)."""
+    if body.action not in ACTIONS:
+        raise InvalidRequest(f"unknown action {body.action!r} (known: {sorted(ACTIONS)})")
+    if cp.settings.service(body.target) is None:
+        raise InvalidRequest(f"unknown target {body.target!r}")
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        if body.incident_id is not None and s.get(Incident, body.incident_id) is None:
+            raise NotFound(f"incident {body.incident_id} does not exist")
+        run = store.create_action_run(
+            s,
+            incident_id=body.incident_id,
+            action=body.action,
+            target=body.target,
+            mode="auto",
+            state=ActionState.PENDING,
+            requested_by=who,
+            reason=body.reason,
+            params={"params": body.params},
+            created_at=now,
+        )
+        if run is None:
+            raise Conflict(f"{body.action} was already requested for incident {body.incident_id}")
+        store.audit(
+            s,
+            actor=who,
+            verb="request",
+            at=now,
+            action_run_id=run.id,
+            incident_id=body.incident_id,
+            message=f"{body.action} on {body.target}: {body.reason}",
+        )
+        run_id = run.id
+    cp.wake()
+    return run_id
+
+
+def approve_action(cp: ControlPlane, run_id: int, who: str) -> None:
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        if s.get(ActionRun, run_id) is None:
+            raise NotFound(f"action run {run_id} does not exist")
+        if not store.change_run_state(
+            s, run_id, ActionState.AWAITING_APPROVAL, ActionState.PENDING
+        ):
+            raise Conflict(f"action run {run_id} is not awaiting approval")
+        store.audit(s, actor=who, verb="approve", at=now, action_run_id=run_id, message="approved")
+    cp.wake()
+
+
+class SilenceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    matchers: dict[str, str] = Field(min_length=1)
+    duration_s: float = Field(gt=0, le=7 * 24 * 3600)
+    comment: str = ""
+
+
+def create_silence(cp: ControlPlane, body: SilenceIn, who: str) -> dict[str, Any]:
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        silence = store.create_silence(
+            s,
+            matchers=body.matchers,
+            starts_at=now,
+            ends_at=now + timedelta(seconds=body.duration_s),
+            created_by=who,
+            comment=body.comment,
+        )
+        store.audit(
+            s,
+            actor=who,
+            verb="silence",
+            at=now,
+            message=f"silence {silence.id}",
+            data={"matchers": body.matchers, "duration_s": body.duration_s},
+        )
+        return {
+            "id": silence.id,
+            "matchers": silence.matchers,
+            "ends_at": silence.ends_at.isoformat(),
+        }
+
+
+def expire_silence(cp: ControlPlane, silence_id: int, who: str) -> None:
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        if not store.expire_silence(s, silence_id, now):
+            raise NotFound(f"no active silence {silence_id}")
+        store.audit(s, actor=who, verb="unsilence", at=now, message=f"silence {silence_id}")
+
+
+def validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+
+
+def start_control_plane(settings: Settings) -> ControlPlane:
+    return ControlPlane(settings).start()

@@ -1,0 +1,147 @@
+"""The control plane's targets for a lab stack: services, probes and policies, as TOML."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lab import postgres as pg
+from lab.layout import HOST, StackLayout
+
+
+def dsn(port: int, db: str = "postgres") -> str:
+    return f"host={HOST} port={port} user={pg.SUPERUSER} dbname={db}"
+
+
+def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[str, Any]:
+    shops = [f"shop-{i}" for i in range(layout.shop_count)]
+    instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
+    services: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "labels": {"job": "shop", "instance": f"{HOST}:{layout.shop_port(i)}"},
+            "component": name,
+        }
+        for i, name in enumerate(shops)
+    ]
+    services += [
+        {"name": "pg0", "labels": {"node": "pg0"}, "component": "pg0"},
+        {"name": "pg1", "labels": {"node": "pg1"}, "component": "pg1"},
+        {"name": "redis", "labels": {"service": "shop-cache"}, "component": "redis"},
+        {"name": "shop-db", "labels": {"service": "shop-db"}},
+    ]
+    probes: list[dict[str, Any]] = [
+        {
+            "name": f"{name}-ready",
+            "kind": "http",
+            "service": name,
+            "interval_s": 1,
+            "timeout_s": 0.9,
+            "failures_to_open": 2,
+            "successes_to_resolve": 2,
+            "params": {"url": f"{url}/readyz", "degraded_body_contains": '"status":"degraded"'},
+        }
+        for name, url in zip(shops, instances, strict=True)
+    ]
+    probes += [
+        {
+            "name": "pg0-postgres",
+            "kind": "postgres",
+            "service": "pg0",
+            "interval_s": 2,
+            "timeout_s": 1.5,
+            "params": {"dsn": dsn(layout.pg_port(0))},
+        },
+        {
+            "name": "pg1-postgres",
+            "kind": "postgres",
+            "service": "pg1",
+            "interval_s": 2,
+            "timeout_s": 1.5,
+            "params": {"dsn": dsn(layout.pg_port(1))},
+        },
+        {
+            "name": "redis-ping",
+            "kind": "redis",
+            "service": "redis",
+            "interval_s": 2,
+            "timeout_s": 1,
+            "params": {"url": f"redis://{HOST}:{layout.redis_port}/0"},
+        },
+        {
+            "name": "shop-invariants",
+            "kind": "invariant",
+            "service": "shop-db",
+            "interval_s": 10,
+            "timeout_s": 5,
+            "failures_to_open": 2,
+            "params": {
+                "orders_dsn": dsn(layout.pg_port(0), "orders"),
+                "inventory_dsn": dsn(layout.pg_port(0), "inventory"),
+                "settle_s": 10,
+            },
+        },
+        {
+            "name": "shop-in-doubt",
+            "kind": "prometheus",
+            "service": "shop-db",
+            "interval_s": 5,
+            "timeout_s": 2,
+            "failures_to_open": 3,
+            "params": {
+                "url": f"http://{HOST}:{layout.prometheus_port}",
+                "query": "max(shop_in_doubt_transactions)",
+                "op": ">",
+                "threshold": 0,
+                "unhealthy": "degraded",
+            },
+        },
+    ]
+    policies = [
+        {
+            "name": "restart-dead-shop",
+            "match": {"job": "shop"},
+            "action": "restart",
+            "mode": "auto",
+            "cooldown_s": 20,
+            "max_runs": 3,
+            "window_s": 600,
+            "max_attempts": 3,
+            "verify_timeout_s": 15,
+        },
+        {
+            "name": "flush-shop-cache",
+            "match": {"alertname": "ShopCatalogStale"},
+            "action": "cache_flush",
+            "mode": "auto",
+            "cooldown_s": 30,
+            "params": {
+                "redis_url": f"redis://{HOST}:{layout.redis_port}/0",
+                "instances": instances,
+                "admin_token": shop_admin_token,
+            },
+        },
+    ]
+    return {
+        "controlplane": {
+            "database_url": f"sqlite:///{layout.data_dir / 'controlplane' / 'state.db'}",
+            "listen_host": HOST,
+            "listen_port": layout.controlplane_port,
+            "stack_file": str(layout.stack_file),
+            "loop_interval_s": 0.5,
+        },
+        "services": services,
+        "probes": probes,
+        "policies": policies,
+    }
+
+
+def write_targets(path: Path, targets: dict[str, Any]) -> None:
+    """Readable by its owner only: it holds the shop's admin token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        tomli_w.dump(targets, fh)

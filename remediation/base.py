@@ -1,0 +1,55 @@
+"""What every action is: `precheck` (re-reads live state), idempotent `execute`, `verify`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from remediation.executors.base import Executor
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    summary: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ActionError(Exception):
+    """`permanent=True`: do not retry, escalate now; otherwise a later attempt may succeed."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True, slots=True)
+class ActionContext:
+    target: str  # the service
+    component: str | None  # the executor's name for its process
+    params: Mapping[str, Any]
+    executor: Executor
+    is_healthy: Callable[[], Check]  # the target's probes (and business invariants), now
+
+
+class Action(ABC):
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def precheck(self, ctx: ActionContext) -> Check:
+        """Is it still broken, and is acting safe now? Reads live state, changes nothing."""
+
+    @abstractmethod
+    def execute(self, ctx: ActionContext) -> Outcome:
+        """Act. Safe to call again after a failure (idempotent). Raises ActionError."""
+
+    def verify(self, ctx: ActionContext) -> Check:
+        """Did it work? Called repeatedly until it passes or the deadline passes."""
+        return ctx.is_healthy()

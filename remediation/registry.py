@@ -1,0 +1,27 @@
+"""Action kinds by name, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+from remediation.base import Action
+
+ACTIONS: dict[str, str] = {
+    "restart": "remediation.restart:Restart",
+    "cache_flush": "remediation.cache_flush:CacheFlush",
+}
+
+
+class UnknownAction(ValueError):
+    pass
+
+
+def build_action(kind: str) -> Action:
+    try:
+        module_name, _, class_name = ACTIONS[kind].partition(":")
+    except KeyError:
+        raise UnknownAction(
+            f"unknown action {kind!r} (known: {', '.join(sorted(ACTIONS))})"
+        ) from None
+    action: Action = getattr(importlib.import_module(module_name), class_name)()
+    return action

@@ -1,0 +1,26 @@
+"""POST /api/v1/alerts: Alertmanager's webhook (version 4), bearer-token authenticated."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import ValidationError
+
+from controlplane import services
+from controlplane.errors import InvalidRequest
+from web.auth import control_plane, require_token
+
+alerts = Blueprint("alerts", __name__)
+
+
+@alerts.post("/alerts")
+def receive() -> tuple[Response, int]:
+    cp = control_plane()
+    require_token(cp.settings.webhook_token, "webhook")
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object (Alertmanager webhook v4)")
+    try:
+        payload = services.WebhookIn.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+    return jsonify(services.receive_alerts(cp, payload)), 200

@@ -1,0 +1,92 @@
+"""The JSON API: health, incidents, actions (requests and approvals), silences."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import BaseModel, ValidationError
+
+from controlplane import services
+from controlplane.errors import InvalidRequest
+from web.auth import control_plane, require_token
+
+api = Blueprint("api", __name__)
+M = TypeVar("M", bound=BaseModel)
+WHO = "api"
+
+
+@api.before_request
+def authenticate() -> None:
+    if request.endpoint != "alerts.receive":
+        require_token(control_plane().settings.api_token, "API")
+
+
+def parse(model: type[M]) -> M:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+
+
+def int_arg(name: str, default: int, high: int) -> int:
+    try:
+        value = int(request.args.get(name, default))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if not 1 <= value <= high:
+        raise InvalidRequest(f"{name} must be between 1 and {high}")
+    return value
+
+
+@api.get("/health")
+def health() -> Response:
+    return jsonify(services.health_summary(control_plane()))
+
+
+@api.get("/incidents")
+def incidents() -> Response:
+    state = request.args.get("state")
+    if state not in (None, "open", "resolved"):
+        raise InvalidRequest("state must be open or resolved")
+    found = services.list_incidents(control_plane(), state, int_arg("limit", 50, 500))
+    return jsonify(incidents=found)
+
+
+@api.get("/incidents/<int:incident_id>")
+def incident(incident_id: int) -> Response:
+    return jsonify(services.get_incident(control_plane(), incident_id))
+
+
+@api.post("/actions")
+def request_action() -> tuple[Response, int]:
+    run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), WHO)
+    return jsonify(id=run_id, state="pending"), 202
+
+
+@api.get("/actions/<int:run_id>")
+def action(run_id: int) -> Response:
+    return jsonify(services.get_action(control_plane(), run_id))
+
+
+@api.post("/actions/<int:run_id>/approve")
+def approve(run_id: int) -> tuple[Response, int]:
+    services.approve_action(control_plane(), run_id, WHO)
+    return jsonify(id=run_id, state="pending"), 202
+
+
+@api.post("/silences")
+def silence() -> tuple[Response, int]:
+    created: dict[str, Any] = services.create_silence(
+        control_plane(), parse(services.SilenceIn), WHO
+    )
+    return jsonify(created), 201
+
+
+@api.delete("/silences/<int:silence_id>")
+def unsilence(silence_id: int) -> tuple[Response, int]:
+    services.expire_silence(control_plane(), silence_id, WHO)
+    return jsonify(id=silence_id, expired=True), 200
