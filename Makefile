@@ -18,7 +18,10 @@ test: setup
 
 bench:
 	@SETUP_BENCH=1 scripts/setup
-	$(MAKE) bench-orders
+	$(MAKE) bench-orders bench-controlplane
+
+bench-controlplane:
+	.venv/bin/python bench/controlplane.py
 
 bench-orders:
 	.venv/bin/python bench/orders.py

@@ -1,0 +1,206 @@
+"""Control plane timings on a fresh lab stack, reported as medians over trials:
+
+  1. kill -9 of a shop instance -> incident opened        (goal < 3 s)
+     kill -9 of a shop instance -> verified recovered     (goal < 10 s)
+  2. Alertmanager-style webhook received -> action started (goal < 1 s)
+  3. webhook intake rate with deduplication: concurrent deliveries of many alerts, each
+     repeated; alerts/s accepted, and one incident per distinct alert.
+
+Usage: python bench/controlplane.py [--kills 6] [--webhooks 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from lab.layout import StackLayout, find_free_base_port
+from lab.process import wait_until
+from lab.stack import Stack
+
+RESTART_COOLDOWN_S = 20  # the lab's restart policy: one restart per target per 20 s
+
+
+class Api:
+    def __init__(self, stack: Stack) -> None:
+        self.url = f"{stack.describe()['components']['controlplane']['url']}/api/v1"
+        self.api = {"Authorization": f"Bearer {stack.api_token}"}
+        self.hook = {"Authorization": f"Bearer {stack.webhook_token}"}
+        self.session = requests.Session()
+
+    def incidents(self) -> list[dict[str, Any]]:
+        r = self.session.get(f"{self.url}/incidents?limit=500", headers=self.api, timeout=10)
+        r.raise_for_status()
+        found: list[dict[str, Any]] = r.json()["incidents"]
+        return found
+
+    def alert(self, fingerprint: str, status: str = "firing", **labels: str) -> int:
+        body = {
+            "version": "4",
+            "status": status,
+            "receiver": "controlplane",
+            "alerts": [
+                {
+                    "status": status,
+                    "fingerprint": fingerprint,
+                    "labels": {"alertname": "ShopCatalogStale", **labels},
+                    "annotations": {"summary": "bench"},
+                    "startsAt": datetime.now(UTC).isoformat(),
+                    "endsAt": "0001-01-01T00:00:00Z",
+                }
+            ],
+        }
+        return self.session.post(
+            f"{self.url}/alerts", json=body, headers=self.hook, timeout=10
+        ).status_code
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def kill_trials(stack: Stack, api: Api, kills: int) -> dict[str, list[float]]:
+    opened, recovered = [], []
+    last_kill: dict[str, float] = {}
+    for n in range(kills):
+        name = f"shop-{n % 2}"
+        wait_s = RESTART_COOLDOWN_S + 1 - (time.time() - last_kill.get(name, 0))
+        if wait_s > 0:
+            time.sleep(wait_s)  # bounded: respect the policy's cooldown between trials
+        pid = json.loads(stack.layout.stack_file.read_text())["components"][name]["pid"]
+        killed_at = time.time()
+        os.killpg(pid, signal.SIGKILL)
+        last_kill[name] = killed_at
+
+        def recovered_incident(name: str = name, since: float = killed_at) -> dict[str, Any] | None:
+            for i in api.incidents():
+                if (
+                    i["fingerprint"] == f"probe:{name}-ready"
+                    and at(i["opened_at"]) >= since
+                    and i["recovered_at"]
+                ):
+                    return i
+            return None
+
+        wait_until(
+            lambda: recovered_incident() is not None,
+            timeout_s=60,
+            interval_s=0.1,
+            what=f"{name} recovered",
+        )
+        incident = recovered_incident()
+        assert incident is not None
+        opened.append(at(incident["opened_at"]) - killed_at)
+        recovered.append(at(incident["recovered_at"]) - killed_at)
+        print(
+            f"kill {n + 1}: {name} opened after {opened[-1]:.2f}s, "
+            f"verified recovered after {recovered[-1]:.2f}s",
+            file=sys.stderr,
+        )
+    return {"opened_s": opened, "recovered_s": recovered}
+
+
+def webhook_trials(api: Api, count: int) -> list[float]:
+    delays = []
+    for n in range(count):
+        fingerprint = f"bench-{uuid.uuid4().hex[:12]}"
+        sent_at = time.time()
+        # A target of its own per trial, so the policy's cooldown never holds a trial.
+        assert api.alert(fingerprint, service=f"bench-{n}") == 200
+
+        def started(fp: str = f"alert:{fingerprint}") -> dict[str, Any] | None:
+            found = [i for i in api.incidents() if i["fingerprint"] == fp]
+            return found[0] if found and found[0]["action_started_at"] else None
+
+        wait_until(
+            lambda: started() is not None, timeout_s=30, interval_s=0.05, what="the action started"
+        )
+        incident = started()
+        assert incident is not None
+        delays.append(at(incident["action_started_at"]) - sent_at)
+        api.alert(fingerprint, status="resolved", service=f"bench-{n}")
+    return delays
+
+
+def intake_rate(api: Api, distinct: int, repeats: int, clients: int) -> dict[str, Any]:
+    fingerprints = [f"rate-{uuid.uuid4().hex[:12]}" for _ in range(distinct)]
+    deliveries = [fp for fp in fingerprints for _ in range(repeats)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(lambda fp: api.alert(fp, service="rate"), deliveries))
+    elapsed = time.monotonic() - started
+    wanted = {f"alert:{fp}" for fp in fingerprints}
+    wait_until(
+        lambda: len(wanted & {i["fingerprint"] for i in api.incidents()}) == distinct,
+        timeout_s=60,
+        what="every distinct alert an incident",
+    )
+    incidents = [i for i in api.incidents() if i["fingerprint"] in wanted]
+    for fp in fingerprints:
+        api.alert(fp, status="resolved", service="rate")
+    return {
+        "deliveries": len(deliveries),
+        "alerts_per_s": len(deliveries) / elapsed,
+        "non_200": sum(1 for s in statuses if s != 200),
+        "incidents": len(incidents),
+        "distinct": distinct,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--webhooks", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-cp-", dir="/tmp"))
+    data_dir.chmod(0o755)
+    stack = Stack(StackLayout(data_dir, find_free_base_port()), products=100)
+    try:
+        stack.start()
+        api = Api(stack)
+        time.sleep(3)  # bounded: let every probe report once before the first fault
+        kills = kill_trials(stack, api, args.kills)
+        hooks = webhook_trials(api, args.webhooks)
+        rate = intake_rate(api, distinct=50, repeats=20, clients=32)
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    med = statistics.median
+    print(
+        f"kill -9 shop -> incident opened:     median {med(kills['opened_s']):.2f}s "
+        f"(max {max(kills['opened_s']):.2f}s, {args.kills} trials; goal < 3 s)"
+    )
+    print(
+        f"kill -9 shop -> verified recovered:  median {med(kills['recovered_s']):.2f}s "
+        f"(max {max(kills['recovered_s']):.2f}s; goal < 10 s)"
+    )
+    print(
+        f"webhook -> action started:           median {med(hooks):.3f}s "
+        f"(max {max(hooks):.3f}s, {args.webhooks} trials; goal < 1 s)"
+    )
+    print(
+        f"webhook intake: {rate['alerts_per_s']:.0f} alerts/s ({rate['deliveries']} deliveries"
+        f" of {rate['distinct']} alerts by 32 clients; {rate['non_200']} not 200; "
+        f"{rate['incidents']} incidents for {rate['distinct']} alerts)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"kills": kills, "webhook_s": hooks, "intake": rate}))
+
+
+if __name__ == "__main__":
+    main()
