@@ -68,6 +68,7 @@ class Settings(Frozen):
     instance_id: str = Field(default_factory=lambda: f"cp-{os.getpid()}")
     api_token: str = ""
     webhook_token: str = ""
+    admin_password: str = ""  # the operators' dashboard login
     stack_file: Path | None = None  # the lab executor's process table
     notify_webhook_url: str = ""
     smtp_host: str = ""

@@ -48,6 +48,7 @@ class Stack:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     webhook_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     processes: dict[str, ServerProcess] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, pg.PgNode] = field(default_factory=dict)
@@ -180,6 +181,7 @@ class Stack:
             env_overrides={
                 "CP_API_TOKEN": self.api_token,
                 "CP_WEBHOOK_TOKEN": self.webhook_token,
+                "CP_ADMIN_PASSWORD": self.admin_password,
                 "CP_INSTANCE_ID": "cp-lab",
                 **(extra_env or {}),
             },
@@ -292,6 +294,7 @@ class Stack:
                 "shop_admin_token": self.admin_token,
                 "controlplane_api_token": self.api_token,
                 "alertmanager_webhook_token": self.webhook_token,
+                "controlplane_admin_password": self.admin_password,
             },
         }
 

@@ -15,6 +15,7 @@ PROBES: dict[str, str] = {
     "redis": "probes.redis:RedisProbe",
     "prometheus": "probes.prometheus:PrometheusProbe",
     "invariant": "probes.invariant:InvariantProbe",
+    "backup": "probes.backup:BackupProbe",
 }
 
 

@@ -6,6 +6,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ def params_for(kind: str, port: int) -> dict[str, Any]:
         "redis": {"url": f"redis://127.0.0.1:{port}/0"},
         "prometheus": {"url": f"http://127.0.0.1:{port}", "query": "up"},
         "invariant": {"orders_dsn": dsn, "inventory_dsn": dsn},
+        "backup": {"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"},
     }[kind]
 
 
@@ -68,7 +70,7 @@ def test_every_kind_refuses_unknown_params_naming_them(kind: str) -> None:
 
 
 def test_an_unknown_kind_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ProbeConfigError, match=r"known: http"):
+    with pytest.raises(ProbeConfigError, match=r"known: backup, http"):
         build_probe("telepathy", "x", {}, 1.0)
 
 
@@ -150,3 +152,37 @@ def test_invariant_finds_an_order_without_its_inventory_movement(
     finally:
         with engines["orders"].begin() as conn:
             conn.execute(delete(Order).where(Order.id == orphan))
+
+
+def test_backup_is_down_without_a_verified_backup_and_up_with_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from controlplane import store
+    from controlplane.models import Backup
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = store.make_engine(url)
+    store.migrate(engine)
+    params = {"database_url": url, "max_age_s": 3600}
+    assert build_probe("backup", "b", params, 2).run().summary == "no verified backup"
+    now = datetime.now(UTC)
+    with store.transaction(store.session_factory(engine)) as s:
+        s.add(
+            Backup(
+                label="old",
+                path="/x",
+                started_at=now - timedelta(hours=3),
+                verified_at=now - timedelta(hours=2),
+            )
+        )
+    stale = build_probe("backup", "b", params, 2).run()
+    assert stale.health is Health.DOWN and "2.0 h old" in stale.summary
+    with store.transaction(store.session_factory(engine)) as s:
+        s.add(Backup(label="new", path="/y", started_at=now, verified_at=now))
+        s.add(Backup(label="unverified", path="/z", started_at=now, verified_at=None))
+    fresh = build_probe("backup", "b", params, 2).run()
+    assert fresh.health is Health.UP
+    assert fresh.details["verified_backups"] == 2
+    engine.dispose()
