@@ -25,6 +25,7 @@ from lab.layout import HOST, StackLayout
 from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
 from lab.process import ServerProcess
 from lab.targets import controlplane_targets, write_targets
+from remediation.executors.lab import LabExecutor
 from remediation.executors.processes import is_pid_alive, runs_program, terminate_pid
 from shop.config import ShopSettings
 from shop.db import make_engine
@@ -33,9 +34,10 @@ from shop.schema import create_schema, seed_products
 logger = logging.getLogger(__name__)
 
 STACK_FILE_VERSION = 1
-# Stop order: clients before the servers they use; the primary before its standby so that
+# Stop order: the control plane first (else it "heals" what is being stopped), clients before
+# the servers they use; the primary before its standby so that
 # the standby receives the primary's shutdown checkpoint.
-STOP_ORDER = ("shop", "controlplane", "prometheus", "alertmanager", "cache", "primary", "standby")
+STOP_ORDER = ("controlplane", "shop", "prometheus", "alertmanager", "cache", "primary", "standby")
 
 
 @dataclass(slots=True)
@@ -112,8 +114,6 @@ class Stack:
                 "python:shop.gunicorn_conf",
                 "-b",
                 f"{HOST}:{port}",
-                "--access-logfile",
-                "-",
                 "--log-level",
                 "info",
                 "--worker-tmp-dir",
@@ -222,7 +222,9 @@ class Stack:
         proc = self.processes[name]
         proc.stop()
         proc.start().wait_ready()
-        write_stack_file(self.layout.stack_file, self.describe())
+        # Only this component's entry: the control plane may have recorded other pids since.
+        assert proc.pid is not None
+        LabExecutor(self.layout.stack_file).record_pid(name, proc.pid)
         return proc
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab.errors import NotReadyError
 from lab.process import wait_until
 from lab.stack import Stack
 
@@ -312,3 +313,62 @@ def test_health_and_readiness_report_every_service(api: Api) -> None:
     assert health["services"]["pg0"]["probes"]["pg0-postgres"]["health"] == "up"
     ready = requests.get(f"{api.url}/readyz", timeout=5)
     assert ready.status_code == 200 and ready.json()["checks"]["leader"] is True
+
+
+def test_a_control_plane_killed_mid_action_never_runs_that_action_twice(
+    stack: Stack, api: Api
+) -> None:
+    from remediation.executors.lab import LabExecutor
+
+    killed_at = datetime.now(UTC).isoformat()
+    kill_shop(stack, "shop-1")
+
+    def running() -> dict[str, Any] | None:
+        for incident in api.get("/incidents?state=open")["incidents"]:
+            if (
+                incident["fingerprint"] == "probe:shop-1-ready"
+                and incident["opened_at"] >= killed_at
+                and incident["action_started_at"]
+            ):
+                return incident
+        return None
+
+    wait_until(
+        lambda: running() is not None, timeout_s=30, interval_s=0.02, what="the restart running"
+    )
+    incident = running()
+    assert incident is not None
+    os.killpg(component_pid(stack, "controlplane"), signal.SIGKILL)  # mid-action
+    stack.restart("controlplane")
+
+    def runs() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = api.get(f"/incidents/{incident['id']}")["actions"]
+        return found
+
+    wait_until(
+        lambda: runs()[0]["state"] == "abandoned",
+        timeout_s=30,
+        what="the interrupted run marked abandoned",
+    )
+    api.wait_cycles(5)
+    [run] = runs()  # still exactly one: never run again
+    verbs = [a["verb"] for a in api.get(f"/actions/{run['id']}")["audit"]]
+    assert verbs[-1] == "abandon" and verbs.count("start") == 1
+    timeline = [e["kind"] for e in api.get(f"/incidents/{incident['id']}")["timeline"]]
+    assert "escalated" in timeline
+    # A human's turn: restart it by hand if the interrupted action had not, then it resolves.
+    shop = stack.describe()["shop"]["instances"][1]
+
+    def shop_ready() -> bool:
+        return requests.get(f"{shop}/readyz", timeout=2).status_code == 200
+
+    try:
+        wait_until(shop_ready, timeout_s=3, what="shop-1 up")
+    except NotReadyError:
+        LabExecutor(stack.layout.stack_file).restart("shop-1")
+        wait_until(shop_ready, timeout_s=30, what="shop-1 restarted by hand")
+    wait_until(
+        lambda: api.incident("probe:shop-1-ready", "open") is None,
+        timeout_s=30,
+        what="the incident resolved once the probe passed",
+    )

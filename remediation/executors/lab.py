@@ -44,6 +44,11 @@ class LabExecutor:
             raise ExecutorError(f"the stack has no component {component!r}") from None
         return comp
 
+    def record_pid(self, component: str, pid: int) -> None:
+        """Record a component's new pid (under the same lock as restarts)."""
+        with self._locked() as description:
+            description["components"][component]["pid"] = pid
+
     def components(self) -> list[str]:
         return sorted(json.loads(self.stack_file.read_text())["components"])
 

@@ -61,6 +61,11 @@ def terminate_pid(pid: int, *, timeout_s: float = 10.0, sig: int = signal.SIGTER
         wait_for_exit(pid, 5.0)
 
 
+# Servers we start outlive whoever asked for them: keep their Popen objects (so that none is
+# collected while its process runs) until they have exited and been reaped.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -70,9 +75,12 @@ def spawn(
     user: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server in its own session, appending to its log."""
+    for pid, child in list(_children.items()):
+        if child.poll() is not None:
+            del _children[pid]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             list(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -82,3 +90,5 @@ def spawn(
             user=user,
             start_new_session=True,
         )
+    _children[proc.pid] = proc
+    return proc
