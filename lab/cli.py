@@ -135,6 +135,7 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
     stack, description = _start(data_dir, base_port, shops=2, products=1000)
     shop = description["shop"]["instances"][0]
     prometheus = description["components"]["prometheus"]["url"]
+    cp = description["components"]["controlplane"]["url"]
     click.echo(
         "\ntry:\n"
         f"  curl {shop}/products/1\n"
@@ -142,6 +143,10 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
         """-d '{"product_id": 1, "quantity": 1, "customer": "you", "address": "here"}'\n"""
         f"  {prometheus}/graph?g0.expr=sum(rate(shop_orders_total[1m]))%20by%20(result)\n"
         f"  {prometheus}/alerts   (kill -9 a shop's pid and watch ShopInstanceDown fire)\n"
+        f"  curl -H 'Authorization: Bearer {stack.api_token}' {cp}/api/v1/health\n"
+        f"  curl -H 'Authorization: Bearer {stack.api_token}' {cp}/api/v1/incidents\n"
+        f"  kill -9 -{description['components']['shop-1']['pid']}   (shop-1 dies; the control "
+        "plane restarts it)\n"
     )
     stop_load = threading.Event()
     load = threading.Thread(

@@ -10,8 +10,15 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+# Servers we start outlive whoever asked for them: keep their Popen objects (so that none is
+# collected while its process runs) until they have exited and been reaped.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 def is_pid_alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:  # ours: let Popen reap it, so that it knows it has exited
+        return child.poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -59,11 +66,6 @@ def terminate_pid(pid: int, *, timeout_s: float = 10.0, sig: int = signal.SIGTER
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_for_exit(pid, 5.0)
-
-
-# Servers we start outlive whoever asked for them: keep their Popen objects (so that none is
-# collected while its process runs) until they have exited and been reaped.
-_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def spawn(
