@@ -257,6 +257,7 @@ class Loop:
             action_run_id=run.id,
             incident_id=incident.id,
             message=f"{d.action} on {d.target}: {d.reason}",
+            data={"policy": d.policy, "mode": d.mode, "target": d.target},
         )
         store.add_timeline(
             s, incident.id, "action", f"{d.action} requested ({d.mode})", now, {"run": run.id}

@@ -242,6 +242,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
             action_run_id=run.id,
             incident_id=body.incident_id,
             message=f"{body.action} on {body.target}: {body.reason}",
+            data={"params": body.params, "target": body.target},
         )
         run_id = run.id
     cp.wake()

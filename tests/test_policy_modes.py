@@ -1,0 +1,124 @@
+"""Policy modes and limits through the real engine (SQLite state store, a dead TCP port as
+the broken target, and NoExecutor, whose every restart fails): approval, dry run, escalation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane import services, store
+from controlplane.config import Settings
+from controlplane.errors import Conflict
+from controlplane.models import ActionRun, ActionState
+from controlplane.runtime import ControlPlane, NoExecutor
+from lab.layout import find_free_base_port
+from lab.process import wait_until
+
+
+def build(tmp_path: Path, **policy: Any) -> ControlPlane:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        instance_id="cp-test",
+        services=[{"name": "svc", "component": "svc"}],
+        probes=[
+            {
+                "name": "svc-tcp",
+                "kind": "tcp",
+                "service": "svc",
+                "interval_s": 1,
+                "timeout_s": 0.5,
+                "failures_to_open": 1,
+                "params": {"port": find_free_base_port()},
+            }
+        ],
+        policies=[
+            {
+                "name": "fix-svc",
+                "match": {"service": "svc"},
+                "action": "restart",
+                "verify_timeout_s": 0.5,
+                **policy,
+            }
+        ],
+    )
+    return ControlPlane(settings, executor=NoExecutor(), action_backoff_s=0.01)
+
+
+@pytest.fixture
+def cp_factory(tmp_path: Path) -> Iterator[Any]:
+    built: list[ControlPlane] = []
+
+    def make(**policy: Any) -> ControlPlane:
+        cp = build(tmp_path, **policy)
+        built.append(cp)
+        return cp
+
+    yield make
+    for cp in built:
+        cp.stop()
+
+
+def fail_once_and_decide(cp: ControlPlane) -> None:
+    cp.run_probe(cp.settings.probes[0])
+    cp.loop.run_cycle()
+
+
+def only_run(cp: ControlPlane) -> ActionRun:
+    with store.transaction(cp.factory) as s:
+        [run] = store.list_runs(s, incident_id=None, limit=10)
+    return run
+
+
+def test_an_approval_policy_waits_for_an_operator_then_runs(cp_factory: Any) -> None:
+    cp = cp_factory(mode="approval", max_attempts=1)
+    fail_once_and_decide(cp)
+    cp.loop.run_cycle()
+    assert only_run(cp).state == ActionState.AWAITING_APPROVAL
+    services.approve_action(cp, only_run(cp).id, "alice")
+    cp.loop.run_cycle()
+    wait_until(
+        lambda: only_run(cp).state == ActionState.FAILED,
+        timeout_s=10,
+        what="the approved run finished",
+    )
+    with store.transaction(cp.factory) as s:
+        verbs = [(a.actor, a.verb) for a in store.audit_of_run(s, only_run(cp).id)]
+    assert verbs[:3] == [
+        ("policy:fix-svc", "await-approval"),
+        ("alice", "approve"),
+        ("cp-test", "start"),
+    ]
+    with pytest.raises(Conflict):
+        services.approve_action(cp, only_run(cp).id, "bob")  # approved once, not twice
+
+
+def test_a_dry_run_policy_records_what_it_would_do_and_does_nothing(cp_factory: Any) -> None:
+    cp = cp_factory(mode="dry_run")
+    fail_once_and_decide(cp)
+    cp.loop.run_cycle()
+    run = only_run(cp)
+    assert run.state == ActionState.DRY_RUN and run.attempts == 0
+    with store.transaction(cp.factory) as s:
+        assert [a.verb for a in store.audit_of_run(s, run.id)] == ["dry-run"]
+
+
+def test_a_restart_that_keeps_failing_escalates_after_its_attempts(cp_factory: Any) -> None:
+    cp = cp_factory(mode="auto", max_attempts=3)
+    fail_once_and_decide(cp)
+    wait_until(
+        lambda: only_run(cp).state == ActionState.FAILED, timeout_s=20, what="the run escalated"
+    )
+    run = only_run(cp)
+    assert run.attempts == 3
+    with store.transaction(cp.factory) as s:
+        verbs = [a.verb for a in store.audit_of_run(s, run.id)]
+        timeline = [e.kind for e in store.incident_timeline(s, run.incident_id or 0)]
+    assert [v for v in verbs if v.startswith("execute")] == [
+        "execute #1",
+        "execute #2",
+        "execute #3",
+    ]
+    assert verbs[-1] == "finish" and "escalated" in timeline
