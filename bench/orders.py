@@ -170,7 +170,13 @@ def prepare_bench_database(stack: Stack) -> None:
 def measure(clients: int, duration_s: int) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-orders-", dir="/tmp"))
     data_dir.chmod(0o755)
-    stack = Stack(StackLayout(data_dir, find_free_base_port()), products=PRODUCTS, stock=STOCK)
+    # The shop alone: no control plane probing beside it (bench/controlplane.py measures that).
+    stack = Stack(
+        StackLayout(data_dir, find_free_base_port()),
+        products=PRODUCTS,
+        stock=STOCK,
+        with_controlplane=False,
+    )
     try:
         stack.start()
         prepare_bench_database(stack)

@@ -77,15 +77,8 @@ class ActionEngine:
         for run_id in pending:
             now = self.clock()
             with store.transaction(self.factory) as s:
-                if not store.change_run_state(
-                    s,
-                    run_id,
-                    ActionState.PENDING,
-                    ActionState.RUNNING,
-                    owner=self.settings.instance_id,
-                    started_at=now,
-                ):
-                    continue  # another worker (or control plane) took it
+                if not store.claim_run(s, run_id, self.settings.instance_id, now):
+                    continue  # taken by another worker, or its target is busy: later
                 run = s.get(ActionRun, run_id)
                 assert run is not None
                 store.audit(

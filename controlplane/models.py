@@ -142,7 +142,18 @@ class Alert(Base):
 class ActionRun(Base):
     __tablename__ = "action_runs"
     # Never the same remediation twice for one incident: enforced by the database.
-    __table_args__ = (UniqueConstraint("incident_id", "action", name="uq_action_per_incident"),)
+    __table_args__ = (
+        UniqueConstraint("incident_id", "action", name="uq_action_per_incident"),
+        # One action at a time per target: a lock the database enforces, even across
+        # concurrent transactions on PostgreSQL.
+        Index(
+            "uq_action_running_per_target",
+            "target",
+            unique=True,
+            sqlite_where=text("state = 'running'"),
+            postgresql_where=text("state = 'running'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"), index=True)

@@ -101,7 +101,11 @@ class ControlPlane:
     # -- probing ------------------------------------------------------------------------------
     def run_probe(self, spec: ProbeSpec) -> ProbeResult:
         """One scheduled probe run: look, record, and wake the loop if the health changed."""
-        result = self.probes[spec.name].run()
+        try:
+            result = self.probes[spec.name].run()
+        except Exception as exc:  # the job's catch-all: a probe bug is recorded as DOWN
+            logger.exception("probe %s crashed", spec.name)
+            result = ProbeResult(Health.DOWN, f"probe crashed: {type(exc).__name__}: {exc}")
         with store.transaction(self.factory) as s:
             store.record_probe_run(
                 s,

@@ -271,6 +271,23 @@ def change_run_state(
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def claim_run(session: Session, run_id: int, owner: str, now: datetime) -> bool:
+    """pending -> running, only if this run is still pending (compare-and-set) and no other
+    action runs on its target (the partial unique index): the per-target lock."""
+    try:
+        with session.begin_nested():
+            return change_run_state(
+                session,
+                run_id,
+                ActionState.PENDING,
+                ActionState.RUNNING,
+                owner=owner,
+                started_at=now,
+            )
+    except IntegrityError:
+        return False
+
+
 def runs_in_state(session: Session, state: ActionState) -> list[ActionRun]:
     return list(session.scalars(select(ActionRun).where(ActionRun.state == state)))
 

@@ -298,3 +298,37 @@ def test_the_sqlite_state_store_is_migrated_and_keeps_probe_history_bounded(
             assert s.query(Incident).count() == 0 and s.query(AuditEntry).count() == 0
     finally:
         cp.stop()
+
+
+def test_one_action_at_a_time_per_target(state_url: str) -> None:
+    now = datetime.now(UTC)
+    cp = ControlPlane(settings(state_url, "cp-lock"))
+    try:
+        with store.transaction(cp.factory) as s:
+            ids = []
+            for action in ("restart", "cache_flush"):
+                run = store.create_action_run(
+                    s,
+                    incident_id=None,
+                    action=action,
+                    target="shop-0",
+                    mode="auto",
+                    state=ActionState.PENDING,
+                    requested_by="x",
+                    reason="x",
+                    params={},
+                    created_at=now,
+                )
+                assert run is not None
+                ids.append(run.id)
+        with store.transaction(cp.factory) as s:
+            assert store.claim_run(s, ids[0], "w1", now)
+        with store.transaction(cp.factory) as s:
+            assert not store.claim_run(s, ids[1], "w2", now)  # the target is busy
+            assert s.get(ActionRun, ids[1]).state == ActionState.PENDING  # type: ignore[union-attr]
+        with store.transaction(cp.factory) as s:
+            store.change_run_state(s, ids[0], ActionState.RUNNING, ActionState.SUCCEEDED)
+        with store.transaction(cp.factory) as s:
+            assert store.claim_run(s, ids[1], "w2", now)  # free again
+    finally:
+        cp.stop()
