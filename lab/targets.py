@@ -16,6 +16,14 @@ def dsn(port: int, db: str = "postgres") -> str:
     return f"host={HOST} port={port} user={pg.SUPERUSER} dbname={db}"
 
 
+def primary_dsn(layout: StackLayout, db: str) -> str:
+    """Whichever node accepts writes, so that the in-doubt resolver follows a failover."""
+    return (
+        f"host={HOST},{HOST} port={layout.pg_port(0)},{layout.pg_port(1)} "
+        f"user={pg.SUPERUSER} dbname={db} target_session_attrs=read-write"
+    )
+
+
 def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[str, Any]:
     shops = [f"shop-{i}" for i in range(layout.shop_count)]
     instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
@@ -123,6 +131,26 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
                 "instances": instances,
                 "admin_token": shop_admin_token,
             },
+        },
+    ]
+    in_doubt = {
+        "action": "in_doubt",
+        "mode": "auto",
+        "cooldown_s": 5,
+        "max_runs": 20,
+        "verify_timeout_s": 15,
+        "params": {
+            "orders_dsn": primary_dsn(layout, "orders"),
+            "inventory_dsn": primary_dsn(layout, "inventory"),
+            "min_age_s": 10,
+        },
+    }
+    policies += [
+        {"name": "resolve-in-doubt", "match": {"probe": "shop-in-doubt"}, **in_doubt},
+        {
+            "name": "resolve-in-doubt-alert",
+            "match": {"alertname": "ShopInDoubtTransactions"},
+            **in_doubt,
         },
     ]
     return {

@@ -9,6 +9,7 @@ from remediation.base import Action
 ACTIONS: dict[str, str] = {
     "restart": "remediation.restart:Restart",
     "cache_flush": "remediation.cache_flush:CacheFlush",
+    "in_doubt": "remediation.in_doubt:InDoubt",
 }
 
 

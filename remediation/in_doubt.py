@@ -1,0 +1,104 @@
+"""InDoubt: finish the shop's two-phase commits left prepared by a crash or a failover.
+
+The shop's protocol, spoken over SQL (the control plane never imports the shop): each
+prepared transaction `<txid>:<database>` is committed if the decision log (`tx_decisions` in
+the orders database) says commit; otherwise 'abort' is recorded first (the first decision
+written wins, so a slow coordinator cannot commit it later) and it is rolled back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+
+IN_DOUBT = (
+    "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s"
+    " AND prepared <= now() - make_interval(secs => %s) ORDER BY prepared"
+)
+
+
+class InDoubtParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    orders_dsn: str  # libpq DSNs; multi-host with target_session_attrs=read-write after failover
+    inventory_dsn: str
+    # Younger ones may belong to a coordinator still at work: leave them alone.
+    min_age_s: float = Field(default=10.0, ge=0)
+    gid_prefix: str = "shop:"
+    connect_timeout_s: int = 3
+
+
+class InDoubt(Action):
+    kind = "in_doubt"
+
+    @staticmethod
+    def _params(ctx: ActionContext) -> InDoubtParams:
+        try:
+            return InDoubtParams.model_validate(dict(ctx.params))
+        except ValidationError as exc:
+            raise ActionError(f"bad in_doubt params: {exc}", permanent=True) from None
+
+    def _connect(self, dsn: str, p: InDoubtParams) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(dsn, connect_timeout=p.connect_timeout_s, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ActionError(f"cannot reach the database: {exc}") from exc
+
+    def _in_doubt(self, p: InDoubtParams) -> dict[str, list[str]]:
+        found = {}
+        for name, dsn in (("inventory", p.inventory_dsn), ("orders", p.orders_dsn)):
+            with self._connect(dsn, p) as conn:
+                rows = conn.execute(IN_DOUBT, (p.gid_prefix + "%", p.min_age_s)).fetchall()
+                found[name] = [r[0] for r in rows]
+        return found
+
+    def precheck(self, ctx: ActionContext) -> Check:
+        found = self._in_doubt(self._params(ctx))
+        total = sum(len(g) for g in found.values())
+        if not total:
+            return Check(False, "no transaction in doubt")
+        return Check(True, f"{total} prepared transaction(s) in doubt")
+
+    def execute(self, ctx: ActionContext) -> Outcome:
+        p = self._params(ctx)
+        decided: dict[str, list[str]] = {"commit": [], "abort": []}
+        with self._connect(p.orders_dsn, p) as log:
+            for database, gids in self._in_doubt(p).items():
+                dsn = p.orders_dsn if database == "orders" else p.inventory_dsn
+                with self._connect(dsn, p) as conn:
+                    for gid in gids:
+                        txid = gid.rsplit(":", 1)[0]
+                        log.execute(
+                            "INSERT INTO tx_decisions (gid, decision, decided_by)"
+                            " VALUES (%s, 'abort', 'controlplane') ON CONFLICT (gid) DO NOTHING",
+                            (txid,),
+                        )
+                        row = log.execute(
+                            "SELECT decision FROM tx_decisions WHERE gid = %s", (txid,)
+                        ).fetchone()
+                        decision = str(row[0]) if row else "abort"
+                        conn.autocommit = False  # tpc_* on a connection outside a transaction
+                        try:
+                            if decision == "commit":
+                                conn.tpc_commit(gid)
+                            else:
+                                conn.tpc_rollback(gid)
+                        except psycopg.errors.UndefinedObject:
+                            continue  # someone (the shop restarting) finished it first
+                        finally:
+                            conn.autocommit = True
+                        decided[decision].append(gid)
+        return Outcome(
+            f"committed {len(decided['commit'])}, rolled back {len(decided['abort'])}",
+            decided,
+        )
+
+    def verify(self, ctx: ActionContext) -> Check:
+        left = sum(len(g) for g in self._in_doubt(self._params(ctx)).values())
+        if left:
+            return Check(False, f"{left} still in doubt")
+        return ctx.is_healthy()  # and the business invariants hold
