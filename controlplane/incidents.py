@@ -62,6 +62,7 @@ class RunView:
     action: str
     target: str
     created_at: datetime
+    acted: bool = True  # False for a run that did nothing (precheck declined, dry run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,10 @@ def _plan_action(
     )
     if silence is not None:
         return [Hold(fp, f"silenced by silence {silence.id} until {silence.ends_at:%H:%M:%S}")]
-    same = [r for r in snapshot.runs if r.action == policy.action and r.target == target]
+    # Cooldown and runs-per-window count what acted: a declined or dry run changed nothing.
+    same = [
+        r for r in snapshot.runs if r.action == policy.action and r.target == target and r.acted
+    ]
     if same:
         last = max(r.created_at for r in same)
         until = last + timedelta(seconds=policy.cooldown_s)

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 LEADER_LEASE = "leader"
 RECENT_ALERTS = timedelta(minutes=10)
+NO_EFFECT = frozenset({ActionState.SKIPPED, ActionState.DRY_RUN})
 MODE_STATE = {
     "auto": ActionState.PENDING,
     "approval": ActionState.AWAITING_APPROVAL,
@@ -107,7 +108,8 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
             for i in incidents
         ],
         runs=[
-            RunView(r.incident_id, r.action, r.target, r.created_at) for r in action_runs.values()
+            RunView(r.incident_id, r.action, r.target, r.created_at, r.state not in NO_EFFECT)
+            for r in action_runs.values()
         ],
         silences=[
             SilenceView(s.id, dict(s.matchers), s.starts_at, s.ends_at)

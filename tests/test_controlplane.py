@@ -320,21 +320,28 @@ def test_a_control_plane_killed_mid_action_never_runs_that_action_twice(
 ) -> None:
     from remediation.executors.lab import LabExecutor
 
-    killed_at = datetime.now(UTC).isoformat()
+    # Start from a settled shop-1: no open incident (a new one must open for this kill).
+    wait_until(
+        lambda: api.incident("probe:shop-1-ready", "open") is None,
+        timeout_s=60,
+        what="no open shop-1 incident",
+    )
+    killed_at = datetime.now(UTC)
     kill_shop(stack, "shop-1")
 
     def running() -> dict[str, Any] | None:
         for incident in api.get("/incidents?state=open")["incidents"]:
             if (
                 incident["fingerprint"] == "probe:shop-1-ready"
-                and incident["opened_at"] >= killed_at
+                and datetime.fromisoformat(incident["opened_at"]) >= killed_at
                 and incident["action_started_at"]
             ):
                 return incident
         return None
 
+    # Within the policy's cooldown of an earlier restart of shop-1, this one waits for it.
     wait_until(
-        lambda: running() is not None, timeout_s=30, interval_s=0.02, what="the restart running"
+        lambda: running() is not None, timeout_s=90, interval_s=0.02, what="the restart running"
     )
     incident = running()
     assert incident is not None
