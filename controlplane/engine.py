@@ -177,6 +177,7 @@ class ActionEngine:
             params=params,
             executor=self.executor,
             is_healthy=lambda: self.health_of(run.target),
+            labels=dict(service.labels) if service else {},
         )
         try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))

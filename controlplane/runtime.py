@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -40,6 +41,38 @@ class NoExecutor:
 
     def components(self) -> list[str]:
         return []
+
+    def fence(self, component: str) -> bool:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def stop(self, component: str, timeout_s: float = 30) -> None:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def run_tool(
+        self,
+        component: str,
+        tool: str,
+        args: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: float = 300,
+    ) -> str:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def data_dir(self, component: str) -> str:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def reset_data_dir(self, component: str) -> None:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def fact(self, key: str) -> Any:
+        return None
+
+    def set_fact(self, key: str, value: Any) -> None:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
+    def set_role(self, component: str, role: str) -> None:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
 
 def build_probes(settings: Settings) -> dict[str, Probe]:

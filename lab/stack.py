@@ -283,6 +283,8 @@ class Stack:
                 "wal_archive": str(self.layout.wal_archive),
                 "databases": list(pg.DATABASES),
             },
+            # Kept by the control plane's actions from here on (Patroni's /sync key).
+            "facts": {"synchronous": True},
             "shop": {
                 "orders_url": pg.shop_url("orders", self.pg_ports),
                 "inventory_url": pg.shop_url("inventory", self.pg_ports),

@@ -26,6 +26,7 @@ def primary_dsn(layout: StackLayout, db: str) -> str:
 
 def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[str, Any]:
     shops = [f"shop-{i}" for i in range(layout.shop_count)]
+    nodes = {f"pg{i}": dsn(layout.pg_port(i)) for i in range(2)}
     instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
     services: list[dict[str, Any]] = [
         {
@@ -80,6 +81,28 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             "params": {"url": f"redis://{HOST}:{layout.redis_port}/0"},
         },
         {
+            # A refused connection is definite: one result opens the incident. A primary that
+            # does not answer is given grace_s first (the probe stays UP meanwhile).
+            "name": "shop-db-primary",
+            "kind": "pg_primary",
+            "service": "shop-db",
+            "interval_s": 0.5,
+            "timeout_s": 0.5,
+            "failures_to_open": 1,
+            "successes_to_resolve": 2,
+            "params": {"nodes": nodes, "grace_s": 5},
+        },
+        {
+            "name": "shop-db-standby",
+            "kind": "pg_standby",
+            "service": "shop-db",
+            "interval_s": 1,
+            "timeout_s": 1,
+            "failures_to_open": 2,
+            "successes_to_resolve": 2,
+            "params": {"nodes": nodes},
+        },
+        {
             "name": "shop-invariants",
             "kind": "invariant",
             "service": "shop-db",
@@ -87,8 +110,8 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             "timeout_s": 5,
             "failures_to_open": 2,
             "params": {
-                "orders_dsn": dsn(layout.pg_port(0), "orders"),
-                "inventory_dsn": dsn(layout.pg_port(0), "inventory"),
+                "orders_dsn": primary_dsn(layout, "orders"),
+                "inventory_dsn": primary_dsn(layout, "inventory"),
                 "settle_s": 10,
             },
         },
@@ -119,6 +142,7 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             "window_s": 600,
             "max_attempts": 3,
             "verify_timeout_s": 15,
+            "params": {"liveness_url": "http://{instance}/healthz"},
         },
         {
             "name": "flush-shop-cache",
@@ -145,6 +169,42 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             "min_age_s": 10,
         },
     }
+    failover = {
+        "action": "failover",
+        "mode": "auto",
+        "cooldown_s": 30,
+        "max_runs": 3,
+        "window_s": 600,
+        "max_attempts": 2,
+        "verify_timeout_s": 30,
+        "params": {"nodes": nodes},
+    }
+    policies += [
+        {"name": "failover-primary", "match": {"probe": "shop-db-primary"}, **failover},
+        {"name": "failover-alert", "match": {"alertname": "ShopDatabaseNoPrimary"}, **failover},
+        {
+            "name": "rejoin-standby",
+            "match": {"probe": "shop-db-standby"},
+            "action": "rejoin",
+            "mode": "auto",
+            "cooldown_s": 10,
+            "max_runs": 5,
+            "window_s": 600,
+            "max_attempts": 2,
+            "verify_timeout_s": 30,
+            "params": {"nodes": nodes},
+        },
+        {
+            # Never matches an incident: the params and limits of an operator's switchover.
+            "name": "switchover",
+            "match": {"request": "switchover"},
+            "action": "switchover",
+            "mode": "auto",
+            "cooldown_s": 0,
+            "verify_timeout_s": 30,
+            "params": {"nodes": nodes},
+        },
+    ]
     policies += [
         {"name": "resolve-in-doubt", "match": {"probe": "shop-in-doubt"}, **in_doubt},
         {

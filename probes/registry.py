@@ -12,6 +12,8 @@ PROBES: dict[str, str] = {
     "http": "probes.http:HttpProbe",
     "tcp": "probes.tcp:TcpProbe",
     "postgres": "probes.postgres:PostgresProbe",
+    "pg_primary": "probes.pg_primary:PgPrimaryProbe",
+    "pg_standby": "probes.pg_standby:PgStandbyProbe",
     "redis": "probes.redis:RedisProbe",
     "prometheus": "probes.prometheus:PrometheusProbe",
     "invariant": "probes.invariant:InvariantProbe",

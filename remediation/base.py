@@ -37,6 +37,7 @@ class ActionContext:
     params: Mapping[str, Any]
     executor: Executor
     is_healthy: Callable[[], Check]  # the target's probes (and business invariants), now
+    labels: Mapping[str, str] = field(default_factory=dict)  # the target service's labels
 
 
 class Action(ABC):

@@ -10,6 +10,9 @@ ACTIONS: dict[str, str] = {
     "restart": "remediation.restart:Restart",
     "cache_flush": "remediation.cache_flush:CacheFlush",
     "in_doubt": "remediation.in_doubt:InDoubt",
+    "failover": "remediation.failover:Failover",
+    "rejoin": "remediation.rejoin:Rejoin",
+    "switchover": "remediation.switchover:Switchover",
 }
 
 

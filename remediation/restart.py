@@ -1,9 +1,31 @@
-"""Restart: start a dead (or unresponsive) service instance again through the executor."""
+"""Restart: start a dead (or unresponsive) service instance again through the executor.
+
+With a `liveness_url` param (formatted with the service's labels, e.g.
+`http://{instance}/healthz`), an instance whose process runs and answers it is left alone:
+it is not ready because of a dependency (its database failing over), and a restart would
+only add an outage of its own."""
 
 from __future__ import annotations
 
+import requests
+
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome
 from remediation.executors.base import ExecutorError
+
+
+def is_alive(ctx: ActionContext) -> str | None:
+    template = ctx.params.get("liveness_url")
+    if not template or ctx.component is None or not ctx.executor.is_running(ctx.component):
+        return None
+    try:
+        url = str(template).format(**ctx.labels)
+    except KeyError as exc:
+        raise ActionError(f"liveness_url needs the label {exc}", permanent=True) from None
+    try:
+        response = requests.get(url, timeout=float(ctx.params.get("liveness_timeout_s", 2)))
+    except requests.RequestException:
+        return None
+    return url if response.status_code == 200 else None
 
 
 class Restart(Action):
@@ -15,6 +37,13 @@ class Restart(Action):
         health = ctx.is_healthy()
         if health.ok:
             return Check(False, f"{ctx.target} is healthy again: nothing to do")
+        alive = is_alive(ctx)
+        if alive:
+            return Check(
+                False,
+                f"{ctx.target} is alive ({alive} answers) but not ready ({health.reason}): "
+                "a dependency's fault, a restart would not help",
+            )
         return Check(True, f"{ctx.target} still unhealthy ({health.reason})")
 
     def execute(self, ctx: ActionContext) -> Outcome:

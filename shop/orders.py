@@ -120,7 +120,7 @@ class OrderCoordinator:
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_delay(self.retry_deadline_s),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
+            wait=wait_exponential(multiplier=0.05, max=0.25),  # a failover takes ~1 s: look often
             reraise=True,
         )
         try:

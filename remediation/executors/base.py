@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 
 class ExecutorError(Exception):
@@ -17,3 +18,38 @@ class Executor(Protocol):
         ...
 
     def components(self) -> list[str]: ...
+
+    def fence(self, component: str) -> bool:
+        """SIGKILL it and every process of its group, even a stopped (SIGSTOP) one; returns
+        whether anything was running. After this it cannot accept a write."""
+        ...
+
+    def stop(self, component: str, timeout_s: float = 30) -> None:
+        """A clean (fast) stop; SIGKILL after `timeout_s`."""
+        ...
+
+    def run_tool(
+        self,
+        component: str,
+        tool: str,
+        args: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: float = 300,
+    ) -> str:
+        """Run one of the component's server tools (e.g. pg_rewind) as its OS user."""
+        ...
+
+    def data_dir(self, component: str) -> str: ...
+
+    def reset_data_dir(self, component: str) -> None:
+        """Empty its (stopped) data directory, e.g. for a fresh base backup."""
+        ...
+
+    def fact(self, key: str) -> Any:
+        """A fact the actions keep about the cluster (e.g. whether commits are synchronous)."""
+        ...
+
+    def set_fact(self, key: str, value: Any) -> None: ...
+
+    def set_role(self, component: str, role: str) -> None: ...

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from remediation.executors.base import ExecutorError
-from remediation.executors.processes import runs_program, spawn, terminate_pid
+from remediation.executors.processes import runs_program, spawn, terminate_pid, wait_for_exit
 
 
 class LabExecutor:
@@ -58,24 +61,106 @@ class LabExecutor:
         return isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))
 
     def restart(self, component: str) -> int:
+        # Outside the lock: a shop's graceful stop takes seconds, and a fence must not wait.
+        # (One action at a time per target: nobody else restarts this component meanwhile.)
+        comp = self._component(component)
+        if "start" not in comp:
+            raise ExecutorError(f"no start recipe for {component!r} in {self.stack_file}")
+        pid = comp.get("pid")
+        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
+            sig = signal.SIGINT if comp["role"] in ("primary", "standby") else signal.SIGTERM
+            terminate_pid(pid, timeout_s=10, sig=sig)
+        start = comp["start"]
+        try:
+            proc = spawn(
+                start["argv"],
+                log_path=Path(comp["log"]),
+                env_overrides=start.get("env") or {},
+                cwd=Path(start["cwd"]) if start.get("cwd") else None,
+                user=start.get("user"),
+            )
+        except OSError as exc:
+            raise ExecutorError(f"cannot start {component}: {exc}") from exc
+        self.record_pid(component, proc.pid)
+        return proc.pid
+
+    def fence(self, component: str) -> bool:
+        comp = self._component(component)
+        pid = comp.get("pid")
+        if not (isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))):
+            return False
+        # Servers are spawned in their own session: the group is the server and its children
+        # (PostgreSQL's backends keep serving their sessions without the postmaster).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_for_exit(pid, 10):
+            raise ExecutorError(f"{component} (pid {pid}) survived SIGKILL")
+        return True
+
+    def stop(self, component: str, timeout_s: float = 30) -> None:
+        comp = self._component(component)
+        pid = comp.get("pid")
+        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
+            sig = signal.SIGINT if comp["role"] in ("primary", "standby") else signal.SIGTERM
+            terminate_pid(pid, timeout_s=timeout_s, sig=sig)
+
+    def run_tool(
+        self,
+        component: str,
+        tool: str,
+        args: Sequence[str],
+        *,
+        stdin: str | None = None,
+        timeout_s: float = 300,
+    ) -> str:
+        description = json.loads(self.stack_file.read_text())
+        comp = self._component(component)
+        bin_dir = description.get("postgres", {}).get("bin_dir")
+        if not bin_dir or "/" in tool:
+            raise ExecutorError(f"no tool {tool!r} for {component}")
+        start = comp.get("start", {})
+        try:
+            done = subprocess.run(
+                [str(Path(bin_dir) / tool), *args],
+                input=stdin if stdin is not None else "",
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                user=start.get("user"),
+                cwd=start.get("cwd"),
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ExecutorError(f"{tool} for {component}: {exc}") from exc
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip()[-1500:]
+            raise ExecutorError(f"{tool} for {component} failed ({done.returncode}): {tail}")
+        return done.stdout + done.stderr
+
+    def data_dir(self, component: str) -> str:
+        path = self._component(component).get("data_dir")
+        if not path:
+            raise ExecutorError(f"{component} has no data directory")
+        return str(path)
+
+    def reset_data_dir(self, component: str) -> None:
+        if self.is_running(component):
+            raise ExecutorError(f"{component} runs: stop it before emptying its data directory")
+        path = Path(self.data_dir(component))
+        owner = path.stat()
+        shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+    def fact(self, key: str) -> Any:
+        return json.loads(self.stack_file.read_text()).get("facts", {}).get(key)
+
+    def set_fact(self, key: str, value: Any) -> None:
         with self._locked() as description:
-            comp = description["components"].get(component)
-            if comp is None or "start" not in comp:
-                raise ExecutorError(f"no start recipe for {component!r} in {self.stack_file}")
-            pid = comp.get("pid")
-            if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
-                sig = signal.SIGINT if comp["role"] in ("primary", "standby") else signal.SIGTERM
-                terminate_pid(pid, timeout_s=10, sig=sig)
-            start = comp["start"]
-            try:
-                proc = spawn(
-                    start["argv"],
-                    log_path=Path(comp["log"]),
-                    env_overrides=start.get("env") or {},
-                    cwd=Path(start["cwd"]) if start.get("cwd") else None,
-                    user=start.get("user"),
-                )
-            except OSError as exc:
-                raise ExecutorError(f"cannot start {component}: {exc}") from exc
-            comp["pid"] = proc.pid
-            return proc.pid
+            description.setdefault("facts", {})[key] = value
+
+    def set_role(self, component: str, role: str) -> None:
+        with self._locked() as description:
+            description["components"][component]["role"] = role

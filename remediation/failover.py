@@ -1,0 +1,94 @@
+"""Failover: the primary is gone; fence it, promote the standby, keep writes flowing.
+
+Never two writable primaries: every node that is not a standby is fenced (SIGKILL of its
+whole process group, even a stopped one) before anything is promoted. Never a lost
+acknowledged order: promotion needs the `synchronous` fact (the standby confirmed every
+commit up to the failure), unless the policy says `require_synchronous = false`."""
+
+from __future__ import annotations
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from remediation import pg_ops
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.pg_nodes import NodeState, leader_of
+
+
+class FailoverParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nodes: dict[str, str] = Field(min_length=2)  # executor component -> superuser DSN
+    require_synchronous: bool = True
+    promote_timeout_s: float = Field(default=30, gt=0)
+
+
+def params_of(ctx: ActionContext) -> FailoverParams:
+    try:
+        return FailoverParams.model_validate(dict(ctx.params))
+    except ValidationError as exc:
+        raise ActionError(f"bad params: {exc}", permanent=True) from None
+
+
+class Failover(Action):
+    kind = "failover"
+
+    def precheck(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        views = pg_ops.views(p.nodes)
+        leader = leader_of(views)
+        if leader is not None:
+            return Check(False, f"{leader.name} accepts writes: nothing to fail over")
+        if sum(v.state is NodeState.PRIMARY for v in views) > 1:
+            return Check(False, "several writable nodes on one timeline: a human must choose")
+        standbys = [v for v in views if v.state is NodeState.STANDBY]
+        if not standbys:
+            return Check(False, "no standby answers: nothing to promote")
+        synchronous = ctx.executor.fact(pg_ops.SYNCHRONOUS)
+        if p.require_synchronous and synchronous is not True:
+            return Check(
+                False,
+                "commits were not known synchronous when the primary failed: promoting "
+                "could lose acknowledged orders; an operator must decide",
+            )
+        down = ", ".join(f"{v.name} {v.state}" for v in views if v.state is not NodeState.STANDBY)
+        return Check(True, f"no primary ({down}); {standbys[0].name} can be promoted")
+
+    def execute(self, ctx: ActionContext) -> Outcome:
+        p = params_of(ctx)
+        views = pg_ops.views(p.nodes)
+        leader = leader_of(views)
+        if leader is not None:  # a retry after the promotion went through
+            return Outcome(f"{leader.name} leads already", {"leader": leader.name})
+        fenced = [v.name for v in views if v.state is not NodeState.STANDBY]
+        for view in views:
+            if view.state is not NodeState.STANDBY:
+                pg_ops.fence(ctx.executor, view)
+        standbys = sorted(
+            (v for v in views if v.state is NodeState.STANDBY),
+            key=lambda v: v.receiving != "streaming",
+        )
+        if not standbys:
+            raise ActionError("no standby left to promote", permanent=True)
+        new = standbys[0]
+        ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)  # alone now: commits are local
+        pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s)
+        ctx.executor.set_role(new.name, "primary")
+        for name in fenced:
+            ctx.executor.set_role(name, "standby")  # to be rejoined as one
+        return Outcome(
+            f"fenced {', '.join(fenced)}; promoted {new.name}; commits are asynchronous "
+            "until a standby rejoins",
+            {"leader": new.name, "fenced": fenced, "synchronous": False},
+        )
+
+    def verify(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None:
+            return Check(False, "no leader yet")
+        try:
+            pg_ops.commit_a_write(p.nodes[leader.name])
+        except (ActionError, psycopg.Error) as exc:
+            return Check(False, f"a write on {leader.name} failed: {exc}")
+        return Check(True, f"{leader.name} leads and commits writes")

@@ -1,0 +1,103 @@
+"""The cluster as the failover and rejoin actions see it: each node's state and the leader (the
+writable node on the highest timeline). The probes keep their own copy (no import between them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+
+
+class NodeState(StrEnum):
+    PRIMARY = "primary"  # accepts writes
+    STANDBY = "standby"  # in recovery
+    REFUSED = "refused"  # nothing listens, or it is starting or stopping: a definite "down"
+    UNANSWERED = "unanswered"  # no answer within the timeout: hung, stopped or partitioned
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    name: str
+    state: NodeState
+    detail: str = ""
+    timeline: int | None = None  # a primary's; a standby's received timeline
+    receiving: str | None = None  # a standby's WAL receiver status ("streaming")
+    standbys: tuple[tuple[str, str, str], ...] = ()  # a primary's (name, state, sync_state)
+    sync_names: str = ""
+
+    @property
+    def sync_standbys(self) -> list[str]:
+        return [n for n, state, sync in self.standbys if state == "streaming" and sync == "sync"]
+
+
+def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
+    try:
+        with psycopg.connect(
+            dsn,
+            connect_timeout=max(1, round(timeout_s)),
+            autocommit=True,
+            options=f"-c statement_timeout={int(timeout_s * 1000)}",
+        ) as conn:
+            return _look(name, conn)
+    except psycopg.Error as exc:
+        text = str(exc)
+        state = NodeState.UNANSWERED if "timeout" in text.lower() else NodeState.REFUSED
+        return NodeView(
+            name, state, text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        )
+
+
+def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row and row[0]:
+        # received_tli: a standby stuck on an old timeline "streams" in a loop, to no end.
+        wal = conn.execute("SELECT status, received_tli FROM pg_stat_wal_receiver").fetchone()
+        if wal is None:
+            return NodeView(name, NodeState.STANDBY)
+        return NodeView(name, NodeState.STANDBY, timeline=int(wal[1] or 0), receiving=str(wal[0]))
+    row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    timeline = int(str(row[0])[:8], 16) if row else None
+    standbys = tuple(
+        (str(r[0]), str(r[1]), str(r[2]))
+        for r in conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication")
+    )
+    names = conn.execute("SHOW synchronous_standby_names").fetchone()
+    return NodeView(
+        name,
+        NodeState.PRIMARY,
+        timeline=timeline,
+        standbys=standbys,
+        sync_names=str(names[0]) if names else "",
+    )
+
+
+def observe_all(nodes: Mapping[str, str], timeout_s: float) -> list[NodeView]:
+    """Every node at once: a hung node costs its timeout, not the sum of them."""
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        futures = [pool.submit(observe, name, dsn, timeout_s) for name, dsn in nodes.items()]
+        return [f.result() for f in futures]
+
+
+def leader_of(views: Sequence[NodeView]) -> NodeView | None:
+    """The writable node on the highest timeline; None if there is none or it is a tie."""
+    writable = sorted(
+        (v for v in views if v.state is NodeState.PRIMARY),
+        key=lambda v: v.timeline or 0,
+        reverse=True,
+    )
+    if not writable or (len(writable) > 1 and writable[0].timeline == writable[1].timeline):
+        return None
+    return writable[0]
+
+
+def follows(view: NodeView, leader: NodeView) -> bool:
+    """A standby streaming the leader's timeline."""
+    return (
+        view.state is NodeState.STANDBY
+        and view.receiving == "streaming"
+        and view.timeline == leader.timeline
+    )

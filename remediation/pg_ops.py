@@ -1,0 +1,156 @@
+"""PostgreSQL operations shared by failover, switchover and rejoin: fence, promote, switch
+synchronous replication off and on, and bring a node back as a streaming standby.
+
+The `synchronous` fact (kept by the executor, as Patroni keeps its /sync key in the DCS) is
+true only while every acknowledged commit is known to be on the standby: it is cleared
+*before* commits may go asynchronous and set *after* a commit has waited for the standby."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from remediation.base import ActionError
+from remediation.executors.base import Executor, ExecutorError
+from remediation.pg_nodes import NodeState, NodeView, follows, observe, observe_all
+
+logger = logging.getLogger(__name__)
+
+SYNCHRONOUS = "synchronous"
+ANY_STANDBY = "*"  # FIRST 1 of any standby: whichever node is the standby counts
+REWOUND_OR_CLEAN = ("shut down", "shut down in recovery")
+
+
+def connect(dsn: str, timeout_s: float = 3) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=max(2, round(timeout_s)), autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise ActionError(f"cannot reach {dsn}: {exc}") from exc
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() >= deadline:
+            raise ActionError(f"{what} not reached within {timeout_s:g}s")
+        time.sleep(0.1)
+
+
+def set_sync_names(dsn: str, names: str) -> None:
+    """ALTER SYSTEM + reload: commits waiting on the old setting are released at once."""
+    with connect(dsn) as conn:
+        conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def degrade_to_async(executor: Executor, dsn: str) -> None:
+    executor.set_fact(SYNCHRONOUS, False)  # first: from here on a commit may be local only
+    set_sync_names(dsn, "")
+
+
+def restore_sync(executor: Executor, leader: str, dsn: str, timeout_s: float) -> None:
+    set_sync_names(dsn, ANY_STANDBY)
+
+    def synchronous() -> bool:
+        view = observe(leader, dsn, 2)
+        return view.state is NodeState.PRIMARY and bool(view.sync_standbys)
+
+    wait_for(synchronous, timeout_s, f"a synchronous standby of {leader}")
+    commit_a_write(dsn)  # this commit waited for the standby: all before it is there too
+    executor.set_fact(SYNCHRONOUS, True)
+
+
+def commit_a_write(dsn: str, timeout_s: float = 5) -> None:
+    """A transaction with an xid and a commit record: proof that writes commit."""
+    with connect(dsn) as conn:
+        conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
+        conn.autocommit = False
+        conn.execute("SELECT txid_current()")
+        conn.commit()
+
+
+def fence(executor: Executor, view: NodeView) -> bool:
+    try:
+        return executor.fence(view.name)
+    except ExecutorError as exc:
+        raise ActionError(f"cannot fence {view.name}: {exc}") from exc
+
+
+def promote(view: NodeView, dsn: str, timeout_s: float) -> None:
+    with connect(dsn) as conn:
+        # Before promoting: the new primary has no standby yet, so it starts asynchronous.
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+        conn.execute("SELECT pg_reload_conf()")
+        row = conn.execute("SELECT pg_promote(true, %s)", (int(timeout_s),)).fetchone()
+    if not (row and row[0]):
+        raise ActionError(f"{view.name} did not finish promotion within {timeout_s:g}s")
+
+
+def cluster_state(executor: Executor, node: str) -> str:
+    out = executor.run_tool(node, "pg_controldata", ["-D", executor.data_dir(node)])
+    for line in out.splitlines():
+        if line.startswith("Database cluster state:"):
+            return line.split(":", 1)[1].strip()
+    raise ActionError(f"pg_controldata of {node} has no cluster state")
+
+
+def rejoin(
+    executor: Executor,
+    node: str,
+    leader: NodeView,
+    nodes: Mapping[str, str],
+    *,
+    timeout_s: float,
+) -> str:
+    """Make `node` a standby streaming from `leader`: stop it, finish its crash recovery in
+    single-user mode (never as a server: it would accept writes), pg_rewind it from the
+    leader (a fresh base backup if that fails), start it. Returns how it was done."""
+    executor.fence(node)  # whatever it is now (a rogue primary, a stuck standby): gone
+    data_dir = executor.data_dir(node)
+    state = cluster_state(executor, node)
+    how = []
+    if state not in REWOUND_OR_CLEAN:
+        # A crashed primary: pg_rewind cannot read it until crash recovery has run.
+        executor.run_tool(
+            node,
+            "postgres",
+            ["--single", "-D", data_dir, "-c", "archive_mode=off", "postgres"],
+            stdin="",
+        )
+        how.append(f"crash recovery in single-user mode (was {state})")
+    source = f"{nodes[leader.name]} application_name={node}"
+    with connect(nodes[leader.name]) as conn:
+        # A just-promoted leader's control file still names the old timeline until its first
+        # checkpoint, and pg_rewind would then wrongly find "no rewind required".
+        conn.execute("CHECKPOINT")
+    try:
+        out = executor.run_tool(
+            node, "pg_rewind", ["-D", data_dir, "--source-server", source, "-R"]
+        )
+        how.append("no rewind needed" if "no rewind required" in out else "pg_rewind")
+    except ExecutorError as exc:
+        logger.warning("pg_rewind of %s failed, taking a base backup: %s", node, exc)
+        executor.reset_data_dir(node)
+        executor.run_tool(
+            node,
+            "pg_basebackup",
+            ["-D", data_dir, "-d", source, "-X", "stream", "-R", "--checkpoint=fast"],
+            timeout_s=max(timeout_s, 600),
+        )
+        how.append(f"base backup (pg_rewind failed: {str(exc)[-200:]})")
+    executor.restart(node)
+    executor.set_role(node, "standby")
+
+    def streaming() -> bool:
+        return follows(observe(node, nodes[node], 2), leader)
+
+    wait_for(streaming, timeout_s, f"{node} streaming from {leader.name}")
+    return ", ".join(how)
+
+
+def views(nodes: Mapping[str, str], timeout_s: float = 2) -> list[NodeView]:
+    return observe_all(nodes, timeout_s)

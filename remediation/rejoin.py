@@ -1,0 +1,92 @@
+"""Rejoin: restore redundancy. Writes first: with no synchronous standby, switch the leader to
+asynchronous commits at once (a commit waiting for a standby that is gone waits forever).
+Then bring every other node back as a standby of the leader (fencing a rogue writable one
+first), and restore synchronous commits once one streams."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from remediation import pg_ops
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.pg_nodes import NodeState, NodeView, follows, leader_of
+
+
+class RejoinParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nodes: dict[str, str] = Field(min_length=2)
+    settle_s: float = Field(default=5, ge=0)  # a standby that reconnects within this is left be
+    rejoin_timeout_s: float = Field(default=120, gt=0)
+
+
+def params_of(ctx: ActionContext) -> RejoinParams:
+    try:
+        return RejoinParams.model_validate(dict(ctx.params))
+    except ValidationError as exc:
+        raise ActionError(f"bad params: {exc}", permanent=True) from None
+
+
+class Rejoin(Action):
+    kind = "rejoin"
+
+    def precheck(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        views = pg_ops.views(p.nodes)
+        leader = leader_of(views)
+        if leader is None:
+            return Check(False, "no leader to rejoin to (a failover's job)")
+        missing = [v.name for v in views if v != leader and not follows(v, leader)]
+        if not missing and leader.sync_standbys:
+            return Check(False, f"{leader.name} has a synchronous standby: nothing to do")
+        return Check(True, f"{leader.name} leads; to rejoin: {', '.join(missing) or 'none'}")
+
+    def execute(self, ctx: ActionContext) -> Outcome:
+        p = params_of(ctx)
+        views = pg_ops.views(p.nodes)
+        leader = leader_of(views)
+        if leader is None:
+            raise ActionError("no leader to rejoin to")
+        steps: list[str] = []
+        leader_dsn = p.nodes[leader.name]
+        if not leader.sync_standbys and leader.sync_names:
+            pg_ops.degrade_to_async(ctx.executor, leader_dsn)
+            steps.append(f"{leader.name} degraded to asynchronous commits")
+        for view in views:
+            if view == leader or follows(view, leader):
+                continue
+            if view.state is NodeState.PRIMARY:
+                pg_ops.fence(ctx.executor, view)
+                steps.append(f"fenced {view.name} (writable beside the leader)")
+            elif view.state is NodeState.STANDBY and self._settles(view, leader, p):
+                continue
+            how = pg_ops.rejoin(
+                ctx.executor, view.name, leader, p.nodes, timeout_s=p.rejoin_timeout_s
+            )
+            steps.append(f"{view.name} rejoined ({how})")
+        pg_ops.restore_sync(ctx.executor, leader.name, leader_dsn, p.rejoin_timeout_s)
+        steps.append(f"{leader.name} synchronous again")
+        return Outcome("; ".join(steps), {"leader": leader.name, "steps": steps})
+
+    @staticmethod
+    def _settles(view: NodeView, leader: NodeView, p: RejoinParams) -> bool:
+        try:
+            pg_ops.wait_for(
+                lambda: follows(pg_ops.views({view.name: p.nodes[view.name]})[0], leader),
+                p.settle_s,
+                f"{view.name} streaming",
+            )
+        except ActionError:
+            return False
+        return True
+
+    def verify(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None:
+            return Check(False, "no leader")
+        if not leader.sync_standbys:
+            return Check(False, f"{leader.name} has no synchronous standby yet")
+        if ctx.executor.fact(pg_ops.SYNCHRONOUS) is not True:
+            return Check(False, "synchronous commits not confirmed yet")
+        return Check(True, f"{', '.join(leader.sync_standbys)} streams synchronously")

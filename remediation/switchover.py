@@ -1,0 +1,108 @@
+"""Switchover: an operator's planned change of primary, with no acknowledged commit lost and
+a write outage of about one promotion. The leader is stopped cleanly (its shutdown
+checkpoint reaches the synchronous standby), the standby is promoted once it has received
+that checkpoint, and the old leader rejoins as the new standby at once."""
+
+from __future__ import annotations
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from remediation import pg_ops
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.pg_nodes import NodeState, leader_of
+
+
+class SwitchoverParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nodes: dict[str, str] = Field(min_length=2)
+    candidate: str | None = None  # default: the synchronous standby
+    promote_timeout_s: float = Field(default=30, gt=0)
+    rejoin_timeout_s: float = Field(default=120, gt=0)
+
+
+def params_of(ctx: ActionContext) -> SwitchoverParams:
+    try:
+        return SwitchoverParams.model_validate(dict(ctx.params))
+    except ValidationError as exc:
+        raise ActionError(f"bad params: {exc}", permanent=True) from None
+
+
+class Switchover(Action):
+    kind = "switchover"
+
+    def precheck(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None:
+            return Check(False, "no leader: that is a failover")
+        if p.candidate is not None and p.candidate not in p.nodes:
+            return Check(False, f"unknown candidate {p.candidate!r}")
+        if p.candidate == leader.name:
+            return Check(False, f"{leader.name} leads already")
+        sync = [n for n in leader.sync_standbys if p.candidate in (None, n)]
+        if not sync:
+            return Check(False, "no synchronous standby to switch to: it could lose commits")
+        return Check(True, f"switch {leader.name} -> {sync[0]}")
+
+    def execute(self, ctx: ActionContext) -> Outcome:
+        p = params_of(ctx)
+        views = pg_ops.views(p.nodes)
+        leader = leader_of(views)
+        if leader is None:
+            raise ActionError("no leader to switch from", permanent=True)
+        candidates = [n for n in leader.sync_standbys if p.candidate in (None, n)]
+        if not candidates:
+            if p.candidate is not None and leader.name == p.candidate:
+                return Outcome(f"{leader.name} leads already", {"leader": leader.name})
+            raise ActionError("no synchronous standby to switch to", permanent=True)
+        new = next(v for v in views if v.name == candidates[0])
+        ctx.executor.stop(leader.name)  # clean: its shutdown checkpoint goes to the standby
+        checkpoint = self._checkpoint_lsn(ctx, leader.name)
+
+        def received() -> bool:
+            with pg_ops.connect(p.nodes[new.name]) as conn:
+                row = conn.execute(
+                    "SELECT pg_wal_lsn_diff(pg_last_wal_receive_lsn(), %s::pg_lsn) >= 0",
+                    (checkpoint,),
+                ).fetchone()
+            return bool(row and row[0])
+
+        try:
+            pg_ops.wait_for(received, 10, f"{new.name} holding {leader.name}'s last WAL")
+        except (ActionError, psycopg.Error) as exc:
+            ctx.executor.restart(leader.name)  # back as it was: nothing was promoted
+            raise ActionError(f"switchover abandoned, {leader.name} restarted: {exc}") from exc
+        ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)
+        pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s)
+        ctx.executor.set_role(new.name, "primary")
+        ctx.executor.set_role(leader.name, "standby")
+        promoted = next(v for v in pg_ops.views(p.nodes) if v.name == new.name)
+        if promoted.state is not NodeState.PRIMARY:
+            raise ActionError(f"{new.name} did not become writable")
+        how = pg_ops.rejoin(
+            ctx.executor, leader.name, promoted, p.nodes, timeout_s=p.rejoin_timeout_s
+        )
+        pg_ops.restore_sync(ctx.executor, new.name, p.nodes[new.name], p.rejoin_timeout_s)
+        return Outcome(
+            f"{new.name} leads; {leader.name} rejoined as its synchronous standby ({how})",
+            {"leader": new.name, "standby": leader.name},
+        )
+
+    @staticmethod
+    def _checkpoint_lsn(ctx: ActionContext, node: str) -> str:
+        out = ctx.executor.run_tool(node, "pg_controldata", ["-D", ctx.executor.data_dir(node)])
+        for line in out.splitlines():
+            if line.startswith("Latest checkpoint location:"):
+                return line.split(":", 1)[1].strip()
+        raise ActionError(f"no checkpoint location in pg_controldata of {node}")
+
+    def verify(self, ctx: ActionContext) -> Check:
+        p = params_of(ctx)
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None or not leader.sync_standbys:
+            return Check(False, "no leader with a synchronous standby yet")
+        if p.candidate is not None and leader.name != p.candidate:
+            return Check(False, f"{leader.name} leads, not {p.candidate}")
+        return Check(True, f"{leader.name} leads, {', '.join(leader.sync_standbys)} synchronous")
