@@ -7,6 +7,8 @@ Rules (Nagios and Alertmanager conventions):
   (flapping above `flap_high`, stable again below `flap_low`); no actions while flapping;
 - an alert incident opens while its alert fires and resolves when Alertmanager says resolved;
   a resolved alert never leads to an action;
+- a probe incident an action recovered that fails again before it resolves is resolved and
+  opened anew (a new failure, not the same one);
 - an action is requested once per incident and policy, never while silenced or flapping,
   and only within the policy's cooldown and runs-per-window limits.
 """
@@ -54,6 +56,7 @@ class IncidentView:
     target: str
     labels: Mapping[str, str]
     flapping: bool
+    recovered_at: datetime | None = None  # an action verified it recovered
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,20 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
         fp = f"probe:{probe.probe}"
         incident = open_by_fp.get(fp)
         failing = trailing(probe.recent, failing=True)
+        if (
+            incident is not None
+            and incident.recovered_at is not None
+            and failing >= probe.failures_to_open
+            and probe.failing_since is not None
+            and probe.failing_since > incident.recovered_at
+        ):
+            # Recovered by an action, then failed again before it could resolve: a new
+            # failure, which deserves its own incident (and its own action, within limits).
+            decisions.append(Resolve(incident.id, "recovered, then failed again: reopened"))
+            del open_by_fp[fp]
+            candidates.pop(fp, None)
+            flapping.pop(fp, None)
+            incident = None
         if incident is None:
             if failing >= probe.failures_to_open:
                 worst = Health.DOWN if Health.DOWN in probe.recent[-failing:] else Health.DEGRADED
@@ -232,7 +249,8 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             continue
         if fp.startswith("alert:") and fp not in firing_alerts:
             continue  # never act on an alert that is not firing now
-        for d in _plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp)):
+        incident = open_by_fp.get(fp)
+        for d in _plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp), incident):
             if isinstance(d, RequestAction):
                 if (d.action, d.target) in planned:
                     # Two incidents about one fault (a probe and an alert): one action.
@@ -251,12 +269,12 @@ def _plan_action(
     target: str,
     labels: Mapping[str, str],
     flapping: bool | None,
+    incident: IncidentView | None,
 ) -> list[Decision]:
     everything = incident_labels(kind, target, labels)
     policy = next((p for p in snapshot.policies if matches(p.match, everything)), None)
     if policy is None:
         return []
-    incident = next((i for i in snapshot.incidents if i.fingerprint == fp), None)
     if incident is not None and any(
         r.incident_id == incident.id and r.action == policy.action for r in snapshot.runs
     ):

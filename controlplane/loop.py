@@ -103,7 +103,14 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
         alerts=alerts,
         incidents=[
             IncidentView(
-                i.id, i.fingerprint, i.kind, i.source, i.target, dict(i.labels), i.flapping
+                i.id,
+                i.fingerprint,
+                i.kind,
+                i.source,
+                i.target,
+                dict(i.labels),
+                i.flapping,
+                i.recovered_at,
             )
             for i in incidents
         ],

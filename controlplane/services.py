@@ -127,6 +127,14 @@ def get_incident(cp: ControlPlane, incident_id: int) -> dict[str, Any]:
     return body
 
 
+def list_actions(cp: ControlPlane, action: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest action runs first, optionally of one action kind."""
+    with store.transaction(cp.factory) as s:
+        return [
+            run_json(r) for r in store.list_runs(s, incident_id=None, limit=limit, action=action)
+        ]
+
+
 def get_action(cp: ControlPlane, run_id: int) -> dict[str, Any]:
     with store.transaction(cp.factory) as s:
         run = s.get(ActionRun, run_id)

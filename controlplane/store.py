@@ -302,10 +302,14 @@ def runs_of_incidents(session: Session, incident_ids: Sequence[int]) -> list[Act
     return list(session.scalars(select(ActionRun).where(ActionRun.incident_id.in_(incident_ids))))
 
 
-def list_runs(session: Session, *, incident_id: int | None, limit: int) -> list[ActionRun]:
+def list_runs(
+    session: Session, *, incident_id: int | None, limit: int, action: str | None = None
+) -> list[ActionRun]:
     query = select(ActionRun).order_by(ActionRun.id.desc()).limit(limit)
     if incident_id is not None:
         query = query.where(ActionRun.incident_id == incident_id)
+    if action is not None:
+        query = query.where(ActionRun.action == action)
     return list(session.scalars(query))
 
 

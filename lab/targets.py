@@ -41,6 +41,9 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
         {"name": "pg1", "labels": {"node": "pg1"}, "component": "pg1"},
         {"name": "redis", "labels": {"service": "shop-cache"}, "component": "redis"},
         {"name": "shop-db", "labels": {"service": "shop-db"}},
+        # The PostgreSQL cluster as a whole: failover, rejoin and switchover act on it, one at
+        # a time, and never wait behind an in-doubt resolution of shop-db.
+        {"name": "shop-db-cluster", "labels": {"service": "shop-db-cluster"}},
     ]
     probes: list[dict[str, Any]] = [
         {
@@ -85,7 +88,7 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             # does not answer is given grace_s first (the probe stays UP meanwhile).
             "name": "shop-db-primary",
             "kind": "pg_primary",
-            "service": "shop-db",
+            "service": "shop-db-cluster",
             "interval_s": 0.5,
             "timeout_s": 0.5,
             "failures_to_open": 1,
@@ -95,7 +98,7 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
         {
             "name": "shop-db-standby",
             "kind": "pg_standby",
-            "service": "shop-db",
+            "service": "shop-db-cluster",
             "interval_s": 1,
             "timeout_s": 1,
             "failures_to_open": 2,

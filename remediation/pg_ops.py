@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 SYNCHRONOUS = "synchronous"
 ANY_STANDBY = "*"  # FIRST 1 of any standby: whichever node is the standby counts
 REWOUND_OR_CLEAN = ("shut down", "shut down in recovery")
+CRASHED_STANDBY = "in archive recovery"  # single-user mode cannot run a standby
 
 
 def connect(dsn: str, timeout_s: float = 3) -> psycopg.Connection[Any]:
@@ -113,6 +114,20 @@ def rejoin(
     data_dir = executor.data_dir(node)
     state = cluster_state(executor, node)
     how = []
+
+    def streaming() -> bool:
+        return follows(observe(node, nodes[node], 2), leader)
+
+    if state == CRASHED_STANDBY:
+        # A standby that died: started again it replays and streams on, if it still can.
+        executor.restart(node)
+        try:
+            wait_for(streaming, min(timeout_s, 15), f"{node} streaming again")
+            return "restarted as it was (a crashed standby)"
+        except ActionError:
+            executor.stop(node)  # cleanly: "shut down in recovery", which pg_rewind reads
+            state = cluster_state(executor, node)
+            how.append("restarted, did not follow")
     if state not in REWOUND_OR_CLEAN:
         # A crashed primary: pg_rewind cannot read it until crash recovery has run.
         executor.run_tool(
@@ -144,10 +159,6 @@ def rejoin(
         how.append(f"base backup (pg_rewind failed: {str(exc)[-200:]})")
     executor.restart(node)
     executor.set_role(node, "standby")
-
-    def streaming() -> bool:
-        return follows(observe(node, nodes[node], 2), leader)
-
     wait_for(streaming, timeout_s, f"{node} streaming from {leader.name}")
     return ", ".join(how)
 

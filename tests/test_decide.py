@@ -158,3 +158,40 @@ def test_the_sentence_says_what_was_decided_and_why() -> None:
     assert "flapping" in describe([SetFlapping(1, True, 0.8)])
     assert "Alertmanager" in describe([Resolve(1, "Alertmanager resolved the alert")])
     assert "silenced" in describe([Hold("x", "silenced by silence 1")])
+
+
+def recovered_incident(recovered_at: datetime) -> IncidentView:
+    base = incident()
+    return IncidentView(base.id, base.fingerprint, base.kind, base.source, base.target,
+                        base.labels, False, recovered_at)  # fmt: skip
+
+
+def failing_probe(since: datetime) -> ProbeState:
+    return ProbeState("shop-0-ready", "shop-0", (U, U, D, D, D), 3, 2, "HTTP 503",
+                      failing_since=since)  # fmt: skip
+
+
+def test_a_recovered_incident_that_fails_again_is_resolved_and_opened_anew_with_its_action() -> (
+    None
+):
+    snapshot = Snapshot(
+        probes=[failing_probe(NOW - timedelta(seconds=3))],
+        incidents=[recovered_incident(NOW - timedelta(seconds=10))],
+        policies=[RESTART],
+        runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=120))],
+    )
+    decisions = decide(snapshot, NOW)
+    assert kinds(decisions) == ["Resolve", "Open", "RequestAction"]
+    resolve = decisions[0]
+    assert isinstance(resolve, Resolve) and resolve.incident_id == 7
+    assert "failed again" in resolve.reason
+
+
+def test_a_recovered_incident_still_showing_the_old_failure_is_not_reopened() -> None:
+    snapshot = Snapshot(
+        probes=[failing_probe(NOW - timedelta(seconds=30))],  # the streak began before recovery
+        incidents=[recovered_incident(NOW - timedelta(seconds=10))],
+        policies=[RESTART],
+        runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=120))],
+    )
+    assert kinds(decide(snapshot, NOW)) == []

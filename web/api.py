@@ -61,6 +61,12 @@ def incident(incident_id: int) -> Response:
     return jsonify(services.get_incident(control_plane(), incident_id))
 
 
+@api.get("/actions")
+def actions() -> Response:
+    kind = request.args.get("action")
+    return jsonify(actions=services.list_actions(control_plane(), kind, int_arg("limit", 50, 500)))
+
+
 @api.post("/actions")
 def request_action() -> tuple[Response, int]:
     run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), WHO)

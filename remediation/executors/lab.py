@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from remediation.executors.base import ExecutorError
-from remediation.executors.processes import runs_program, spawn, terminate_pid, wait_for_exit
+from remediation.executors.processes import (
+    is_pid_alive,
+    runs_program,
+    spawn,
+    terminate_pid,
+    wait_for_exit,
+)
 
 
 class LabExecutor:
@@ -88,6 +94,7 @@ class LabExecutor:
         comp = self._component(component)
         pid = comp.get("pid")
         if not (isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))):
+            self._clear_stale_pid_file(comp)
             return False
         # Servers are spawned in their own session: the group is the server and its children
         # (PostgreSQL's backends keep serving their sessions without the postmaster).
@@ -97,7 +104,24 @@ class LabExecutor:
             os.kill(pid, signal.SIGKILL)
         if not wait_for_exit(pid, 10):
             raise ExecutorError(f"{component} (pid {pid}) survived SIGKILL")
+        self._clear_stale_pid_file(comp)
         return True
+
+    @staticmethod
+    def _clear_stale_pid_file(comp: dict[str, Any]) -> None:
+        """A killed postmaster whose parent has not reaped it yet is a zombie, and PostgreSQL
+        (kill(pid, 0) succeeds on a zombie) would refuse its data directory: "lock file
+        postmaster.pid already exists". Remove the file when its process is dead."""
+        data_dir = comp.get("data_dir")
+        if not data_dir:
+            return
+        pid_file = Path(data_dir) / "postmaster.pid"
+        try:
+            owner = int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        if not is_pid_alive(owner):
+            pid_file.unlink(missing_ok=True)
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
         comp = self._component(component)
