@@ -1,6 +1,7 @@
 """PgStandbyProbe: is the cluster redundant, i.e. does a standby stream synchronously from
 the leader? A writable node beside the leader (an old primary come back on its own) is a
-split brain and reports DOWN. Without a leader it reports UP: that is pg_primary's incident."""
+split brain and reports DOWN. Without a leader (but a node answering) it reports UP: that
+is pg_primary's incident."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class PgStandbyProbe(Probe):
             for v in views
         }
         leader = leader_of(views)
+        if all(v.state in (NodeState.REFUSED, NodeState.UNANSWERED) for v in views):
+            return ProbeResult(Health.DOWN, "no node answers", details=details)
         if leader is None:
             return ProbeResult(Health.UP, "no leader: the primary probe's concern", details=details)
         rogue = [v.name for v in views if v.state is NodeState.PRIMARY and v != leader]

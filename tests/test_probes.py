@@ -25,6 +25,8 @@ def params_for(kind: str, port: int) -> dict[str, Any]:
         "http": {"url": f"http://127.0.0.1:{port}/readyz"},
         "tcp": {"port": port},
         "postgres": {"dsn": dsn},
+        "pg_primary": {"nodes": {"pg0": dsn}},
+        "pg_standby": {"nodes": {"pg0": dsn, "pg1": dsn}},
         "redis": {"url": f"redis://127.0.0.1:{port}/0"},
         "prometheus": {"url": f"http://127.0.0.1:{port}", "query": "up"},
         "invariant": {"orders_dsn": dsn, "inventory_dsn": dsn},

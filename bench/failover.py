@@ -1,0 +1,115 @@
+"""Primary kill -> first acknowledged order, over N trials on one lab stack with its control
+plane, and the acknowledged orders lost (goal: p50 < 2 s, p99 < 5 s, 0 lost).
+
+    .venv/bin/python bench/failover.py --trials 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lab.layout import StackLayout, find_free_base_port
+from lab.process import wait_until
+from lab.stack import Stack
+from tests.conftest import lab_tmpdir
+from tests.test_failover import (
+    described,
+    orders_present,
+    postmaster_pid,
+    prepared_count,
+    wait_redundant,
+)
+
+
+def trial(stack: Stack) -> tuple[float, list[str]]:
+    """Kill the leader while one client orders in a loop; seconds to the first 201 after."""
+    leader = wait_redundant(stack, timeout_s=120)
+    shop = described(stack)["shop"]["instances"][0]
+    acked: list[str] = []
+    first_after: list[float] = []
+    killed_at: list[float] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + 60
+        with requests.Session() as session:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    r = session.post(
+                        f"{shop}/orders",
+                        json={
+                            "product_id": 1 + len(acked) % 50,
+                            "quantity": 1,
+                            "customer": "bench",
+                            "address": "1 Road",
+                        },
+                        headers={"Idempotency-Key": str(uuid.uuid4())},
+                        timeout=15,
+                    )
+                except requests.RequestException:
+                    continue
+                if r.status_code == 201:
+                    acked.append(r.json()["id"])
+                    if killed_at and not first_after:
+                        first_after.append(time.monotonic() - killed_at[0])
+                        stop.set()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_until(lambda: len(acked) >= 5, timeout_s=30, what="orders flowing")
+    killed_at.append(time.monotonic())
+    os.kill(postmaster_pid(stack, leader), signal.SIGKILL)
+    thread.join(timeout=70)
+    if not first_after:
+        raise RuntimeError("no order acknowledged within 60 s of the kill")
+    return first_after[0], acked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=10)
+    args = parser.parse_args()
+    data_dir = lab_tmpdir("shop-bench-ha-")
+    stack = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50,
+                  stock=100000)  # fmt: skip
+    times: list[float] = []
+    acknowledged: list[str] = []
+    try:
+        stack.start()
+        for n in range(args.trials):
+            seconds, acked = trial(stack)
+            times.append(seconds)
+            acknowledged += acked
+            print(f"trial {n + 1}: first acknowledged order {seconds:.2f}s after the kill")
+        wait_redundant(stack, timeout_s=120)
+        wait_until(lambda: prepared_count(stack) == 0, timeout_s=120, what="nothing in doubt")
+        present = orders_present(stack, acknowledged)
+        lost = len(set(acknowledged) - set(present))
+        twice = sum(1 for c in present.values() if c > 1)
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    ordered = sorted(times)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    print(
+        f"kill -> first acknowledged order over {len(times)} trials: "
+        f"p50 {statistics.median(times):.2f}s, p99 {p99:.2f}s, max {max(times):.2f}s; "
+        f"{len(acknowledged)} acknowledged orders, {lost} lost, {twice} twice"
+    )
+
+
+if __name__ == "__main__":
+    main()
