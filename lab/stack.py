@@ -25,7 +25,7 @@ from lab.layout import HOST, StackLayout
 from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
 from lab.process import ServerProcess
 from lab.targets import controlplane_targets, write_targets
-from remediation.executors.lab import LabExecutor
+from remediation.executors.lab import LabExecutor, stop_signal
 from remediation.executors.processes import is_pid_alive, runs_program, terminate_pid
 from shop.config import ShopSettings
 from shop.db import make_engine
@@ -350,8 +350,7 @@ def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
     comps = description["components"]
     stopped = []
     for name in sorted(alive, key=lambda n: rank.get(comps[n]["role"], -1)):
-        sig = signal.SIGINT if comps[name]["role"] in ("primary", "standby") else signal.SIGTERM
-        terminate_pid(alive[name], timeout_s=timeout_s, sig=sig)
+        terminate_pid(alive[name], timeout_s=timeout_s, sig=stop_signal(comps[name]["role"]))
         stopped.append(name)
     supervisor = description.get("supervisor_pid")
     if isinstance(supervisor, int) and supervisor != os.getpid() and is_pid_alive(supervisor):

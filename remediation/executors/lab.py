@@ -24,6 +24,11 @@ from remediation.executors.processes import (
 )
 
 
+def stop_signal(role: str) -> int:
+    """PostgreSQL stops "fast" on SIGINT (SIGTERM would be "smart": wait for every client)."""
+    return signal.SIGINT if role in ("primary", "standby") else signal.SIGTERM
+
+
 class LabExecutor:
     def __init__(self, stack_file: Path) -> None:
         self.stack_file = stack_file
@@ -72,10 +77,7 @@ class LabExecutor:
         comp = self._component(component)
         if "start" not in comp:
             raise ExecutorError(f"no start recipe for {component!r} in {self.stack_file}")
-        pid = comp.get("pid")
-        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
-            sig = signal.SIGINT if comp["role"] in ("primary", "standby") else signal.SIGTERM
-            terminate_pid(pid, timeout_s=10, sig=sig)
+        self.stop(component, timeout_s=10)
         start = comp["start"]
         try:
             proc = spawn(
@@ -127,8 +129,7 @@ class LabExecutor:
         comp = self._component(component)
         pid = comp.get("pid")
         if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
-            sig = signal.SIGINT if comp["role"] in ("primary", "standby") else signal.SIGTERM
-            terminate_pid(pid, timeout_s=timeout_s, sig=sig)
+            terminate_pid(pid, timeout_s=timeout_s, sig=stop_signal(comp["role"]))
 
     def run_tool(
         self,
