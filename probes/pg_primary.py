@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import Field
 
+from pgcluster.nodes import NodeState, leader_of, observe_all
 from probes.base import Health, Params, Probe, ProbeResult
-from probes.pg_nodes import NodeState, leader_of, observe_all
 
 
 class PgPrimaryParams(Params):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from pgcluster.nodes import NodeState, follows, leader_of, observe_all
 from probes.base import Health, Params, Probe, ProbeResult
-from probes.pg_nodes import NodeState, follows, leader_of, observe_all
 
 
 class PgStandbyParams(Params):

@@ -5,9 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from remediation.executors.base import Executor
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,14 @@ class ActionContext:
     executor: Executor
     is_healthy: Callable[[], Check]  # the target's probes (and business invariants), now
     labels: Mapping[str, str] = field(default_factory=dict)  # the target service's labels
+
+
+def parse_params(model: type[ParamsT], ctx: ActionContext, kind: str) -> ParamsT:
+    """The action's params, typed; bad ones are a permanent error (no retry fixes them)."""
+    try:
+        return model.model_validate(dict(ctx.params))
+    except ValidationError as exc:
+        raise ActionError(f"bad {kind} params: {exc}", permanent=True) from None
 
 
 class Action(ABC):

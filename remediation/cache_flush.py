@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis
 import requests
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
 class FlushParams(BaseModel):
@@ -24,10 +24,7 @@ class CacheFlush(Action):
 
     @staticmethod
     def _params(ctx: ActionContext) -> FlushParams:
-        try:
-            return FlushParams.model_validate(dict(ctx.params))
-        except ValidationError as exc:
-            raise ActionError(f"bad cache_flush params: {exc}", permanent=True) from None
+        return parse_params(FlushParams, ctx, "cache_flush")
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = self._params(ctx)

@@ -8,11 +8,11 @@ commit up to the failure), unless the policy says `require_synchronous = false`.
 from __future__ import annotations
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from pgcluster.nodes import NodeState, leader_of
 from remediation import pg_ops
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
-from remediation.pg_nodes import NodeState, leader_of
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
 class FailoverParams(BaseModel):
@@ -24,10 +24,7 @@ class FailoverParams(BaseModel):
 
 
 def params_of(ctx: ActionContext) -> FailoverParams:
-    try:
-        return FailoverParams.model_validate(dict(ctx.params))
-    except ValidationError as exc:
-        raise ActionError(f"bad params: {exc}", permanent=True) from None
+    return parse_params(FailoverParams, ctx, "failover")
 
 
 class Failover(Action):

@@ -11,9 +11,9 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 IN_DOUBT = (
     "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s"
@@ -37,10 +37,7 @@ class InDoubt(Action):
 
     @staticmethod
     def _params(ctx: ActionContext) -> InDoubtParams:
-        try:
-            return InDoubtParams.model_validate(dict(ctx.params))
-        except ValidationError as exc:
-            raise ActionError(f"bad in_doubt params: {exc}", permanent=True) from None
+        return parse_params(InDoubtParams, ctx, "in_doubt")
 
     def _connect(self, dsn: str, p: InDoubtParams) -> psycopg.Connection[Any]:
         try:

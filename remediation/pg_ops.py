@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 
+from pgcluster.nodes import NodeState, NodeView, follows, observe, observe_all
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
-from remediation.pg_nodes import NodeState, NodeView, follows, observe, observe_all
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,17 @@ def promote(view: NodeView, dsn: str, timeout_s: float) -> None:
         raise ActionError(f"{view.name} did not finish promotion within {timeout_s:g}s")
 
 
-def cluster_state(executor: Executor, node: str) -> str:
+def controldata(executor: Executor, node: str, label: str) -> str:
+    """One line of pg_controldata for the node's data directory, e.g. "Database cluster state"."""
     out = executor.run_tool(node, "pg_controldata", ["-D", executor.data_dir(node)])
     for line in out.splitlines():
-        if line.startswith("Database cluster state:"):
+        if line.startswith(f"{label}:"):
             return line.split(":", 1)[1].strip()
-    raise ActionError(f"pg_controldata of {node} has no cluster state")
+    raise ActionError(f"pg_controldata of {node} has no {label!r}")
+
+
+def cluster_state(executor: Executor, node: str) -> str:
+    return controldata(executor, node, "Database cluster state")
 
 
 def rejoin(

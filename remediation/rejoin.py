@@ -5,11 +5,11 @@ first), and restore synchronous commits once one streams."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from pgcluster.nodes import NodeState, NodeView, follows, leader_of
 from remediation import pg_ops
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
-from remediation.pg_nodes import NodeState, NodeView, follows, leader_of
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
 class RejoinParams(BaseModel):
@@ -21,10 +21,7 @@ class RejoinParams(BaseModel):
 
 
 def params_of(ctx: ActionContext) -> RejoinParams:
-    try:
-        return RejoinParams.model_validate(dict(ctx.params))
-    except ValidationError as exc:
-        raise ActionError(f"bad params: {exc}", permanent=True) from None
+    return parse_params(RejoinParams, ctx, "rejoin")
 
 
 class Rejoin(Action):

@@ -6,11 +6,11 @@ that checkpoint, and the old leader rejoins as the new standby at once."""
 from __future__ import annotations
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from pgcluster.nodes import NodeState, leader_of
 from remediation import pg_ops
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
-from remediation.pg_nodes import NodeState, leader_of
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
 class SwitchoverParams(BaseModel):
@@ -23,10 +23,7 @@ class SwitchoverParams(BaseModel):
 
 
 def params_of(ctx: ActionContext) -> SwitchoverParams:
-    try:
-        return SwitchoverParams.model_validate(dict(ctx.params))
-    except ValidationError as exc:
-        raise ActionError(f"bad params: {exc}", permanent=True) from None
+    return parse_params(SwitchoverParams, ctx, "switchover")
 
 
 class Switchover(Action):
@@ -59,7 +56,7 @@ class Switchover(Action):
             raise ActionError("no synchronous standby to switch to", permanent=True)
         new = next(v for v in views if v.name == candidates[0])
         ctx.executor.stop(leader.name)  # clean: its shutdown checkpoint goes to the standby
-        checkpoint = self._checkpoint_lsn(ctx, leader.name)
+        checkpoint = pg_ops.controldata(ctx.executor, leader.name, "Latest checkpoint location")
 
         def received() -> bool:
             with pg_ops.connect(p.nodes[new.name]) as conn:
@@ -89,14 +86,6 @@ class Switchover(Action):
             f"{new.name} leads; {leader.name} rejoined as its synchronous standby ({how})",
             {"leader": new.name, "standby": leader.name},
         )
-
-    @staticmethod
-    def _checkpoint_lsn(ctx: ActionContext, node: str) -> str:
-        out = ctx.executor.run_tool(node, "pg_controldata", ["-D", ctx.executor.data_dir(node)])
-        for line in out.splitlines():
-            if line.startswith("Latest checkpoint location:"):
-                return line.split(":", 1)[1].strip()
-        raise ActionError(f"no checkpoint location in pg_controldata of {node}")
 
     def verify(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

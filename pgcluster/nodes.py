@@ -1,5 +1,5 @@
-"""What each PostgreSQL node of a cluster is right now, and which one leads (shared by the
-cluster probes): the writable node on the highest timeline, as after a promotion."""
+"""Each node's state (primary, standby, refused, unanswered) and the leader: the writable node
+on the highest timeline, as after a promotion."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
-
-from probes.base import describe
 
 
 class NodeState(StrEnum):
@@ -48,7 +46,9 @@ def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
     except psycopg.Error as exc:
         text = str(exc)
         state = NodeState.UNANSWERED if "timeout" in text.lower() else NodeState.REFUSED
-        return NodeView(name, state, describe(exc))
+        return NodeView(
+            name, state, text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        )
 
 
 def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:
