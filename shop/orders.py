@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,11 +201,13 @@ class OrderCoordinator:
                     order_json(order), replayed=False, product_id=request.product_id
                 )
                 self._hit("before_prepare")
-                inv.tpc_prepare()
+                # Listed before PREPARE: if the connection dies during it, whether it took is
+                # unknown, and rolling back a gid that was never prepared is harmless.
                 prepared.append((self.inventory, participant_gid(txid, "inventory")))
+                inv.tpc_prepare()
                 self._hit("after_first_prepare")
-                ords.tpc_prepare()
                 prepared.append((self.orders, participant_gid(txid, "orders")))
+                ords.tpc_prepare()
                 self._hit("after_both_prepares")
                 if not self._record_commit(ords, txid):
                     # A resolver decided abort first (we were too slow): honour it.
@@ -216,7 +219,9 @@ class OrderCoordinator:
                 self._commit_decided(ords, txid)
                 ords.autocommit = False
         except _DecidedButUnfinished:
-            pass  # acknowledged: the logged decision makes the order durable
+            # Acknowledged: the logged decision makes the order durable.
+            for engine, part in ((self.inventory, "inventory"), (self.orders, "orders")):
+                self._finish_later(engine, participant_gid(txid, part), commit=True)
         except BaseException:
             self._abort_prepared(prepared)
             raise
@@ -280,8 +285,40 @@ class OrderCoordinator:
             try:
                 with raw_connection(engine) as conn:
                     conn.tpc_rollback(gid)
+            except psycopg.errors.UndefinedObject:
+                pass  # never prepared (the connection died first), or already resolved
             except Exception:
-                logger.warning("could not roll back prepared %s; the resolver will", gid)
+                self._finish_later(engine, gid, commit=False)
+
+    def _finish_later(self, engine: Engine, gid: str, *, commit: bool) -> None:
+        """Typically the database just failed over: a prepared transaction survives the
+        promotion and holds its rows' locks, so every order for that product would wait for
+        the in-doubt resolver. This coordinator knows the decision for its own gid, so it
+        finishes it itself as soon as a primary answers (the resolver remains the backstop)."""
+        threading.Thread(
+            target=self._finish, args=(engine, gid, commit), name=f"finish {gid}", daemon=True
+        ).start()
+
+    def _finish(self, engine: Engine, gid: str, commit: bool) -> None:
+        verb = "commit" if commit else "roll back"
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_delay(self.retry_deadline_s),
+            wait=wait_exponential(multiplier=0.05, max=0.25),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt, raw_connection(engine) as conn:
+                    if commit:
+                        conn.tpc_commit(gid)
+                    else:
+                        conn.tpc_rollback(gid)
+            logger.info("%s of prepared %s done after a retry", verb, gid)
+        except psycopg.errors.UndefinedObject:
+            pass  # already finished (or never prepared)
+        except Exception:
+            logger.warning("could not %s prepared %s; the resolver will", verb, gid)
 
     # -- in-doubt resolution ---------------------------------------------------------------
     def resolve_in_doubt(
