@@ -221,6 +221,15 @@ class Loop:
                 case Resolve():
                     if store.resolve_incident(s, d.incident_id, now):
                         store.add_timeline(s, d.incident_id, "resolved", d.reason, now)
+                        # Never an action on a resolved incident: drop what awaits approval.
+                        for run_id in store.expire_unapproved_runs(s, d.incident_id, now):
+                            store.add_timeline(
+                                s,
+                                d.incident_id,
+                                "action",
+                                f"action run {run_id} no longer awaits approval: resolved",
+                                now,
+                            )
                         self.metrics.incidents.labels("resolved").inc()
                         self.notifier.notify("resolve", d.reason, {"incident": d.incident_id})
                 case SetFlapping():

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from controlplane import store
 from controlplane.config import Settings
 from controlplane.errors import Conflict, InvalidRequest, NotFound
-from controlplane.models import ActionRun, ActionState, Incident
+from controlplane.models import ActionRun, ActionState, Incident, IncidentState
 from controlplane.runtime import ControlPlane as ControlPlane  # re-exported for web
 from probes.base import Health
 from remediation.registry import ACTIONS
@@ -260,8 +260,12 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
 def approve_action(cp: ControlPlane, run_id: int, who: str) -> None:
     now = cp.clock()
     with store.transaction(cp.factory) as s:
-        if s.get(ActionRun, run_id) is None:
+        run = s.get(ActionRun, run_id)
+        if run is None:
             raise NotFound(f"action run {run_id} does not exist")
+        incident = s.get(Incident, run.incident_id) if run.incident_id is not None else None
+        if incident is not None and incident.state != IncidentState.OPEN:
+            raise Conflict(f"incident {incident.id} is {incident.state}: nothing to approve")
         if not store.change_run_state(
             s, run_id, ActionState.AWAITING_APPROVAL, ActionState.PENDING
         ):

@@ -288,6 +288,30 @@ def claim_run(session: Session, run_id: int, owner: str, now: datetime) -> bool:
         return False
 
 
+def expire_unapproved_runs(session: Session, incident_id: int, now: datetime) -> list[int]:
+    """The incident's runs still awaiting approval become skipped; returns their ids."""
+    ids = list(
+        session.scalars(
+            select(ActionRun.id).where(
+                ActionRun.incident_id == incident_id,
+                ActionRun.state == ActionState.AWAITING_APPROVAL,
+            )
+        )
+    )
+    return [
+        run_id
+        for run_id in ids
+        if change_run_state(
+            session,
+            run_id,
+            ActionState.AWAITING_APPROVAL,
+            ActionState.SKIPPED,
+            finished_at=now,
+            output={"skipped": "the incident resolved before approval"},
+        )
+    ]
+
+
 def runs_in_state(session: Session, state: ActionState) -> list[ActionRun]:
     return list(session.scalars(select(ActionRun).where(ActionRun.state == state)))
 

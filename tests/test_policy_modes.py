@@ -3,6 +3,7 @@ the broken target, and NoExecutor, whose every restart fails): approval, dry run
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from controlplane import services, store
 from controlplane.config import Settings
 from controlplane.errors import Conflict
-from controlplane.models import ActionRun, ActionState
+from controlplane.models import ActionRun, ActionState, Incident, IncidentState
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
 from lab.process import wait_until
@@ -122,3 +123,26 @@ def test_a_restart_that_keeps_failing_escalates_after_its_attempts(cp_factory: A
         "execute #3",
     ]
     assert verbs[-1] == "finish" and "escalated" in timeline
+
+
+def test_a_run_awaiting_approval_is_dropped_when_its_incident_resolves(cp_factory: Any) -> None:
+    cp = cp_factory(mode="approval", max_attempts=1)
+    fail_once_and_decide(cp)
+    cp.loop.run_cycle()
+    assert only_run(cp).state == ActionState.AWAITING_APPROVAL
+    with socket.create_server(("127.0.0.1", cp.settings.probes[0].params["port"])):
+        # One failure then passes: flapping at first, so it takes a run of passes to resolve.
+        for _ in range(cp.settings.flap_window * 2):
+            cp.run_probe(cp.settings.probes[0])
+            cp.loop.run_cycle()
+            if only_run(cp).state != ActionState.AWAITING_APPROVAL:
+                break
+    run = only_run(cp)
+    assert run.state == ActionState.SKIPPED
+    assert run.output == {"skipped": "the incident resolved before approval"}
+    with pytest.raises(Conflict):
+        services.approve_action(cp, run.id, "alice")  # never an action on a resolved incident
+    with store.transaction(cp.factory) as s:
+        assert run.incident_id is not None
+        incident = s.get(Incident, run.incident_id)
+        assert incident is not None and incident.state == IncidentState.RESOLVED
