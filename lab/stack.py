@@ -55,6 +55,8 @@ class Stack:
     roles: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, pg.PgNode] = field(default_factory=dict)
     started_at: str = ""
+    # Per policy name, settings that replace the lab's defaults (benchmarks lift rate limits).
+    policy_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     # -- building blocks ---------------------------------------------------------------------
     def _node(self, index: int) -> pg.PgNode:
@@ -172,7 +174,11 @@ class Stack:
     def controlplane_server(self, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
         write_targets(
             self.targets_file,
-            controlplane_targets(self.layout, shop_admin_token=self.admin_token),
+            controlplane_targets(
+                self.layout,
+                shop_admin_token=self.admin_token,
+                policy_overrides=self.policy_overrides,
+            ),
         )
         url = f"http://{HOST}:{self.layout.controlplane_port}"
         return ServerProcess(

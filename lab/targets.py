@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ def primary_dsn(layout: StackLayout, db: str) -> str:
     )
 
 
-def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[str, Any]:
+def controlplane_targets(
+    layout: StackLayout,
+    *,
+    shop_admin_token: str,
+    policy_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     shops = [f"shop-{i}" for i in range(layout.shop_count)]
     nodes = {f"pg{i}": dsn(layout.pg_port(i)) for i in range(2)}
     instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
@@ -216,6 +222,11 @@ def controlplane_targets(layout: StackLayout, *, shop_admin_token: str) -> dict[
             **in_doubt,
         },
     ]
+    overrides = dict(policy_overrides or {})
+    unknown = set(overrides) - {p["name"] for p in policies}
+    if unknown:
+        raise ValueError(f"overrides for unknown policies: {sorted(unknown)}")
+    policies = [{**p, **overrides.get(str(p["name"]), {})} for p in policies]
     return {
         "controlplane": {
             "database_url": f"sqlite:///{layout.data_dir / 'controlplane' / 'state.db'}",
