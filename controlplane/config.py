@@ -61,6 +61,23 @@ class PolicySpec(Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class BackupSettings(Frozen):
+    """Scheduled base backups of the PostgreSQL cluster, restore drills, and retention."""
+
+    nodes: dict[str, str] = Field(min_length=1)  # name -> DSN; backups come from the leader
+    backups_dir: Path
+    archive_dir: Path  # the cluster's WAL archive (archive_command writes it)
+    scratch_dir: Path  # where a drill restores (emptied after)
+    interval_s: float = Field(default=24 * 3600, gt=0)
+    drill_interval_s: float = Field(default=24 * 3600, gt=0)
+    first_after_s: float = Field(default=10, ge=0)  # the first backup, after start-up
+    keep_count: int = Field(default=3, ge=1)  # never fewer than this many backups
+    max_age_s: float = Field(default=7 * 24 * 3600, gt=0)  # beyond keep_count, older go
+    orders_db: str = "orders"
+    inventory_db: str = "inventory"
+    drill_timeout_s: float = Field(default=600, gt=0)
+
+
 class Settings(Frozen):
     database_url: str = "sqlite:///controlplane.db"
     listen_host: str = "127.0.0.1"
@@ -85,6 +102,7 @@ class Settings(Frozen):
     services: tuple[ServiceSpec, ...] = ()
     probes: tuple[ProbeSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()
+    backups: BackupSettings | None = None
 
     @model_validator(mode="after")
     def references_resolve(self) -> Settings:
@@ -126,7 +144,7 @@ class Settings(Frozen):
             values.update(read_targets(path))
         for name in cls.model_fields:
             key = ENV_PREFIX + name.upper()
-            if key in environ and name not in ("services", "probes", "policies"):
+            if key in environ and name not in ("services", "probes", "policies", "backups"):
                 values[name] = environ[key]
         values.update(overrides)
         try:
@@ -143,7 +161,7 @@ def read_targets(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"targets file {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = dict(data.pop("controlplane", {}))
-    for section in ("services", "probes", "policies"):
+    for section in ("services", "probes", "policies", "backups"):
         if section in data:
             values[section] = data.pop(section)
     if data:

@@ -163,6 +163,7 @@ class ActionEngine:
         with store.transaction(self.factory) as s:
             run = s.get(ActionRun, run_id)
             assert run is not None
+            last_good_at = store.last_good_before_incident(s, run.incident_id)
         policy = self._policy(run)
         service = self.settings.service(run.target)
         try:
@@ -178,6 +179,7 @@ class ActionEngine:
             executor=self.executor,
             is_healthy=lambda: self.health_of(run.target),
             labels=dict(service.labels) if service else {},
+            last_good_at=last_good_at,
         )
         try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))
@@ -268,18 +270,22 @@ class ActionEngine:
         data: dict[str, Any],
         duration_ms: float | None = None,
     ) -> None:
+        now = self.clock()
         with store.transaction(self.factory) as s:
             store.audit(
                 s,
                 actor=self.settings.instance_id,
                 verb=verb,
                 message=message,
-                at=self.clock(),
+                at=now,
                 action_run_id=run.id,
                 incident_id=run.incident_id,
                 data=data,
                 duration_ms=duration_ms,
             )
+            if verb == "output" and run.incident_id is not None:
+                # What the action did (e.g. a restore's measured loss) belongs on the incident.
+                store.add_timeline(s, run.incident_id, "action", f"{run.action}: {message}", now)
 
     def _finish(self, run_id: int, state: ActionState, output: dict[str, Any], why: str) -> None:
         now = self.clock()

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from apscheduler.triggers.interval import IntervalTrigger
 
 from controlplane import store
+from controlplane.backups import Backups
 from controlplane.config import ProbeSpec, Settings
 from controlplane.engine import ActionEngine, utcnow
 from controlplane.errors import ConfigError
@@ -65,6 +66,16 @@ class NoExecutor:
     def reset_data_dir(self, component: str) -> None:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
+    def put_files(
+        self,
+        component: str,
+        dest_dir: str,
+        *,
+        source_dir: str | None = None,
+        files: Mapping[str, str] | None = None,
+    ) -> None:
+        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
+
     def fact(self, key: str) -> Any:
         return None
 
@@ -112,6 +123,12 @@ class ControlPlane:
             executor = (
                 LabExecutor(Path(settings.stack_file)) if settings.stack_file else NoExecutor()
             )
+        self.executor = executor
+        self.backups = (
+            Backups(settings.backups, executor, self.factory, clock=clock)
+            if settings.backups
+            else None
+        )
         self.engine = ActionEngine(
             settings,
             self.factory,
@@ -192,6 +209,23 @@ class ControlPlane:
                 next_run_time=self.clock(),
             )
         self.scheduler.add_job(self.prune, IntervalTrigger(seconds=60), id="prune")
+        if self.backups is not None:
+            b = self.settings.backups
+            assert b is not None
+            self.scheduler.add_job(
+                self.backups.scheduled_backup,
+                IntervalTrigger(seconds=b.interval_s),
+                id="backup",
+                name="base backup, drill, retention",
+                next_run_time=self.clock() + timedelta(seconds=b.first_after_s),
+                misfire_grace_time=None,
+            )
+            self.scheduler.add_job(
+                self.backups.scheduled_drill,
+                IntervalTrigger(seconds=b.drill_interval_s),
+                id="drill",
+                name="restore drill",
+            )
         self.scheduler.start()
         self.loop_thread.start()
         self.started = True

@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from controlplane import store
+from controlplane.backups import catalog_rows
 from controlplane.config import Settings
 from controlplane.errors import Conflict, InvalidRequest, NotFound
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
@@ -133,6 +134,11 @@ def list_actions(cp: ControlPlane, action: str | None, limit: int) -> list[dict[
         return [
             run_json(r) for r in store.list_runs(s, incident_id=None, limit=limit, action=action)
         ]
+
+
+def list_backups(cp: ControlPlane) -> list[dict[str, Any]]:
+    """The backup catalog, newest first, with each backup's last drill."""
+    return catalog_rows(cp.factory)
 
 
 def get_action(cp: ControlPlane, run_id: int) -> dict[str, Any]:

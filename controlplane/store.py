@@ -25,6 +25,7 @@ from controlplane.models import (
     ActionState,
     Alert,
     AuditEntry,
+    Backup,
     Incident,
     IncidentState,
     Lease,
@@ -120,6 +121,29 @@ def recent_probe_runs(session: Session, probe: str, limit: int) -> list[ProbeRun
             .limit(limit)
         )
     )
+
+
+def last_good_before_incident(session: Session, incident_id: int | None) -> datetime | None:
+    """When the incident's probe last started a passing check before the failure was seen:
+    the state it read then was sound (damage made before it would have shown)."""
+    incident = session.get(Incident, incident_id) if incident_id is not None else None
+    if incident is None:
+        return None
+    # An alert on a probe's metric (cp_probe_up) carries the probe's name as a label.
+    probe = incident.kind if incident.source == "probe" else incident.labels.get("probe")
+    if not probe:
+        return None
+    run = session.scalars(
+        select(ProbeRun)
+        .where(
+            ProbeRun.probe == probe,
+            ProbeRun.health == "up",
+            ProbeRun.at < incident.detected_at,
+        )
+        .order_by(ProbeRun.at.desc())
+        .limit(1)
+    ).first()
+    return None if run is None else run.at - timedelta(milliseconds=run.latency_ms)
 
 
 def prune_probe_runs(session: Session, keep_per_probe: int) -> int:
@@ -420,3 +444,24 @@ def hold_lease(session: Session, name: str, owner: str, ttl_s: float, now: datet
 
 def lease_holder(session: Session, name: str) -> Lease | None:
     return session.get(Lease, name)
+
+
+# -- backup catalog -----------------------------------------------------------------------------
+def add_backup(session: Session, **values: Any) -> Backup:
+    backup = Backup(**values)
+    session.add(backup)
+    session.flush()
+    return backup
+
+
+def list_backups(session: Session) -> list[Backup]:
+    """Newest first."""
+    return list(session.scalars(select(Backup).order_by(Backup.started_at.desc())))
+
+
+def backup_by_label(session: Session, label: str) -> Backup | None:
+    return session.scalars(select(Backup).where(Backup.label == label)).first()
+
+
+def delete_backup(session: Session, label: str) -> None:
+    session.execute(delete(Backup).where(Backup.label == label))

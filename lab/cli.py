@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from lab.backup_cli import backup, list_backups, restore
 from lab.errors import LabError
 from lab.layout import StackLayout
 from lab.load import run_order_load
@@ -167,6 +168,9 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
 
 
 main.add_command(serve)
+main.add_command(backup)
+main.add_command(list_backups)
+main.add_command(restore)
 
 
 @main.command()

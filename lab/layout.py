@@ -74,6 +74,14 @@ class StackLayout:
         return self.pg_root / "wal_archive"
 
     @property
+    def backups(self) -> Path:
+        return self.pg_root / "backups"
+
+    @property
+    def scratch(self) -> Path:
+        return self.pg_root / "scratch"
+
+    @property
     def logs(self) -> Path:
         return self.data_dir / "logs"
 

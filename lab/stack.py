@@ -198,7 +198,12 @@ class Stack:
 
     def _start_postgres(self) -> None:
         user = pg.pg_os_user()
-        for path in (self.layout.pg_root, self.layout.wal_archive):
+        for path in (
+            self.layout.pg_root,
+            self.layout.wal_archive,
+            self.layout.backups,
+            self.layout.scratch,
+        ):
             path.mkdir(parents=True, exist_ok=True)
             pg.chown_to(path, user)
         self.layout.logs.mkdir(parents=True, exist_ok=True)

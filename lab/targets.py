@@ -12,6 +12,8 @@ import tomli_w
 from lab import postgres as pg
 from lab.layout import HOST, StackLayout
 
+BACKUP_INTERVAL_S = 3600  # the lab's WAL archive and data are small: hourly base backups
+
 
 def dsn(port: int, db: str = "postgres") -> str:
     return f"host={HOST} port={port} user={pg.SUPERUSER} dbname={db}"
@@ -32,6 +34,7 @@ def controlplane_targets(
     policy_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     shops = [f"shop-{i}" for i in range(layout.shop_count)]
+    state_db = f"sqlite:///{layout.data_dir / 'controlplane' / 'state.db'}"
     nodes = {f"pg{i}": dsn(layout.pg_port(i)) for i in range(2)}
     instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
     services: list[dict[str, Any]] = [
@@ -50,6 +53,8 @@ def controlplane_targets(
         # The PostgreSQL cluster as a whole: failover, rejoin and switchover act on it, one at
         # a time, and never wait behind an in-doubt resolution of shop-db.
         {"name": "shop-db-cluster", "labels": {"service": "shop-db-cluster"}},
+        # Backups apart: a stale backup is no reason to doubt a failover or a restore.
+        {"name": "shop-db-backups", "labels": {"service": "shop-db-backups"}},
     ]
     probes: list[dict[str, Any]] = [
         {
@@ -112,10 +117,11 @@ def controlplane_targets(
             "params": {"nodes": nodes},
         },
         {
+            # On the cluster: a restore of damaged data and a failover never run together.
             "name": "shop-invariants",
             "kind": "invariant",
-            "service": "shop-db",
-            "interval_s": 10,
+            "service": "shop-db-cluster",
+            "interval_s": 5,
             "timeout_s": 5,
             "failures_to_open": 2,
             "params": {
@@ -138,6 +144,16 @@ def controlplane_targets(
                 "threshold": 0,
                 "unhealthy": "degraded",
             },
+        },
+        {
+            "name": "shop-backups",
+            "kind": "backup",
+            "service": "shop-db-backups",
+            "interval_s": 15,
+            "timeout_s": 5,
+            # The first backup and its drill take a while after start-up.
+            "failures_to_open": 8,
+            "params": {"database_url": state_db, "max_age_s": 2 * BACKUP_INTERVAL_S + 600},
         },
     ]
     policies = [
@@ -214,6 +230,30 @@ def controlplane_targets(
             "params": {"nodes": nodes},
         },
     ]
+    policies.append(
+        {
+            # Discards every write after the restore point: an operator approves it.
+            "name": "restore-damaged-data",
+            "match": {"probe": "shop-invariants"},
+            "action": "restore",
+            "mode": "approval",
+            "cooldown_s": 60,
+            "max_runs": 2,
+            "window_s": 3600,
+            "max_attempts": 1,
+            "verify_timeout_s": 60,
+            "params": {
+                "nodes": nodes,
+                "backups_dir": str(layout.backups),
+                "archive_dir": str(layout.wal_archive),
+                "cache": {
+                    "redis_url": f"redis://{HOST}:{layout.redis_port}/0",
+                    "instances": instances,
+                    "admin_token": shop_admin_token,
+                },
+            },
+        }
+    )
     policies += [
         {"name": "resolve-in-doubt", "match": {"probe": "shop-in-doubt"}, **in_doubt},
         {
@@ -229,7 +269,7 @@ def controlplane_targets(
     policies = [{**p, **overrides.get(str(p["name"]), {})} for p in policies]
     return {
         "controlplane": {
-            "database_url": f"sqlite:///{layout.data_dir / 'controlplane' / 'state.db'}",
+            "database_url": state_db,
             "listen_host": HOST,
             "listen_port": layout.controlplane_port,
             "stack_file": str(layout.stack_file),
@@ -238,6 +278,17 @@ def controlplane_targets(
         "services": services,
         "probes": probes,
         "policies": policies,
+        "backups": {
+            "nodes": nodes,
+            "backups_dir": str(layout.backups),
+            "archive_dir": str(layout.wal_archive),
+            "scratch_dir": str(layout.scratch),
+            "interval_s": BACKUP_INTERVAL_S,
+            "drill_interval_s": 6 * 3600,
+            "first_after_s": 5,
+            "keep_count": 3,
+            "max_age_s": 24 * 3600,
+        },
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -42,6 +43,9 @@ class ActionContext:
     executor: Executor
     is_healthy: Callable[[], Check]  # the target's probes (and business invariants), now
     labels: Mapping[str, str] = field(default_factory=dict)  # the target service's labels
+    # For an incident's run: when its probe last passed before the failure (the latest point
+    # known good, e.g. the restore point for data damage); None when unknown.
+    last_good_at: datetime | None = None
 
 
 def parse_params(model: type[ParamsT], ctx: ActionContext, kind: str) -> ParamsT:

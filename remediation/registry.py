@@ -13,6 +13,7 @@ ACTIONS: dict[str, str] = {
     "failover": "remediation.failover:Failover",
     "rejoin": "remediation.rejoin:Rejoin",
     "switchover": "remediation.switchover:Switchover",
+    "restore": "remediation.restore:Restore",
 }
 
 

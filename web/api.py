@@ -67,6 +67,11 @@ def actions() -> Response:
     return jsonify(actions=services.list_actions(control_plane(), kind, int_arg("limit", 50, 500)))
 
 
+@api.get("/backups")
+def backups() -> Response:
+    return jsonify(backups=services.list_backups(control_plane()))
+
+
 @api.post("/actions")
 def request_action() -> tuple[Response, int]:
     run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), WHO)

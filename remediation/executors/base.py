@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 
@@ -44,6 +44,19 @@ class Executor(Protocol):
 
     def reset_data_dir(self, component: str) -> None:
         """Empty its (stopped) data directory, e.g. for a fresh base backup."""
+        ...
+
+    def put_files(
+        self,
+        component: str,
+        dest_dir: str,
+        *,
+        source_dir: str | None = None,
+        files: Mapping[str, str] | None = None,
+    ) -> None:
+        """Fill `dest_dir` (replaced if it exists; the component's own data directory only
+        while it is stopped) with a copy of `source_dir` and then `files` (name -> text), all
+        owned by the component's OS user."""
         ...
 
     def fact(self, key: str) -> Any:

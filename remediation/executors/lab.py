@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,31 @@ class LabExecutor:
         shutil.rmtree(path)
         path.mkdir(mode=0o700)
         os.chown(path, owner.st_uid, owner.st_gid)
+
+    def put_files(
+        self,
+        component: str,
+        dest_dir: str,
+        *,
+        source_dir: str | None = None,
+        files: Mapping[str, str] | None = None,
+    ) -> None:
+        own = Path(self.data_dir(component))
+        dest = Path(dest_dir)
+        if dest == own and self.is_running(component):
+            raise ExecutorError(f"{component} runs: stop it before replacing its data directory")
+        owner = own.parent.stat()  # the data directory itself may be gone mid-restore
+        if dest.exists() and source_dir is not None:
+            shutil.rmtree(dest)
+        if source_dir is not None:
+            shutil.copytree(source_dir, dest, symlinks=True)
+        dest.mkdir(mode=0o700, exist_ok=True)
+        for name, text in (files or {}).items():
+            (dest / name).write_text(text)
+        os.chmod(dest, 0o700)
+        for root, dirs, names in os.walk(dest):
+            for entry in (root, *(os.path.join(root, n) for n in dirs + names)):
+                os.lchown(entry, owner.st_uid, owner.st_gid)
 
     def fact(self, key: str) -> Any:
         return json.loads(self.stack_file.read_text()).get("facts", {}).get(key)

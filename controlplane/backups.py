@@ -1,0 +1,248 @@
+"""Backups as the control plane keeps them: take one from the leader, drill it (restore into a
+scratch instance, replay the archive, check the shop's invariants there), retire old ones.
+Scheduled by the runtime; also run by the `controlplane backup` command. The catalog is in the
+state store; each backup directory describes itself too (see remediation.pitr)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from controlplane import store
+from controlplane.config import BackupSettings
+from pgcluster.nodes import leader_of, observe_all
+from probes.base import Health
+from probes.invariant import InvariantProbe
+from remediation import pitr
+from remediation.base import ActionError
+from remediation.executors.base import Executor, ExecutorError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+Clock = Callable[[], datetime]
+
+
+class BackupError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DrillResult:
+    label: str
+    passed: bool
+    summary: str
+    duration_s: float
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Backups:
+    def __init__(
+        self,
+        settings: BackupSettings,
+        executor: Executor,
+        factory: sessionmaker[Session],
+        *,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.factory = factory
+        self.clock = clock
+        self.lock = threading.Lock()  # the scheduled jobs one at a time (a drill never races)
+
+    def _leader(self) -> str:
+        leader = leader_of(observe_all(self.settings.nodes, 3))
+        if leader is None:
+            raise BackupError("no writable leader to back up")
+        return leader.name
+
+    # -- take --------------------------------------------------------------------------------
+    def take(self, progress: Progress = pitr.no_progress) -> pitr.BackupInfo:
+        node = self._leader()
+        try:
+            info = pitr.take_base_backup(
+                self.executor,
+                node,
+                self.settings.nodes[node],
+                self.settings.backups_dir,
+                now=self.clock,
+                progress=progress,
+            )
+        except ActionError as exc:
+            raise BackupError(str(exc)) from exc
+        with store.transaction(self.factory) as s:
+            store.add_backup(
+                s,
+                label=info.label,
+                path=info.path,
+                started_at=info.started_at,
+                finished_at=info.finished_at,
+                size_bytes=info.size_bytes,
+                checksum=info.checksum,
+                drill={"source": info.source, "start_wal": info.start_wal},
+            )
+        logger.info("backup %s of %s taken (%d bytes)", info.label, node, info.size_bytes)
+        return info
+
+    # -- drill -------------------------------------------------------------------------------
+    def drill(self, label: str | None = None, progress: Progress = pitr.no_progress) -> DrillResult:
+        """Restore a backup (default: the newest) into a scratch instance, replay the WAL
+        archive, and check the shop's invariants there; the result goes in the catalog, and
+        a pass marks the backup verified."""
+        infos = {b.label: b for b in pitr.list_backups(self.settings.backups_dir)}
+        if not infos:
+            raise BackupError(f"no backup in {self.settings.backups_dir} to drill")
+        info = infos.get(label) if label else list(infos.values())[-1]
+        if info is None:
+            raise BackupError(f"no backup labelled {label!r}")
+        node = self._leader()
+        started = time.monotonic()
+        scratch_dir = self.settings.scratch_dir / f"drill-{info.label}-{os.getpid()}"
+        passed, summary = False, ""
+        details: dict[str, Any] = {}
+        progress(f"drill of {info.label}: verify, restore into {scratch_dir}, replay the archive")
+        try:
+            pitr.check_backup(self.executor, node, info)
+            scratch = pitr.start_scratch(
+                self.executor,
+                node,
+                self.settings.nodes[node],
+                info,
+                self.settings.archive_dir,
+                scratch_dir,
+                free_port(),
+                timeout_s=self.settings.drill_timeout_s,
+            )
+        except (ActionError, ExecutorError) as exc:
+            summary = f"restore failed: {exc}"
+        else:
+            try:
+                progress(f"restored on port {scratch.port}; checking the shop's invariants")
+                passed, summary, details = self._invariants(scratch.dsn)
+            finally:
+                pitr.stop_scratch(self.executor, scratch)
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+        result = DrillResult(info.label, passed, summary, round(time.monotonic() - started, 3))
+        self._record_drill(result, details)
+        progress(f"drill {'passed' if passed else 'FAILED'} in {result.duration_s:.1f}s: {summary}")
+        return result
+
+    def _invariants(self, dsn: str) -> tuple[bool, str, dict[str, Any]]:
+        probe = InvariantProbe(
+            name="drill-invariants",
+            timeout_s=30,
+            params={
+                "orders_dsn": pitr.dsn_with(dsn, dbname=self.settings.orders_db),
+                "inventory_dsn": pitr.dsn_with(dsn, dbname=self.settings.inventory_db),
+                # A restored cluster has no transaction in flight: every row counts.
+                "settle_s": 0,
+            },
+        )
+        result = probe.run()
+        return result.health is Health.UP, result.summary, dict(result.details)
+
+    def _record_drill(self, result: DrillResult, details: dict[str, Any]) -> None:
+        now = self.clock()
+        with store.transaction(self.factory) as s:
+            backup = store.backup_by_label(s, result.label)
+            if backup is None:
+                return
+            backup.drill = {
+                **backup.drill,
+                "at": now.isoformat(),
+                "passed": result.passed,
+                "summary": result.summary,
+                "duration_s": result.duration_s,
+                "orders": details.get("orders"),
+            }
+            backup.verified_at = now if result.passed else backup.verified_at
+
+    # -- retention ---------------------------------------------------------------------------
+    def apply_retention(self, progress: Progress = pitr.no_progress) -> list[str]:
+        """Keep the newest `keep_count` backups, and any younger than `max_age_s`, and the
+        newest verified one whatever its age; delete the rest, and the archived WAL that only
+        they needed."""
+        now = self.clock()
+        with store.transaction(self.factory) as s:
+            catalog = store.list_backups(s)  # newest first
+            verified = next((b.label for b in catalog if b.verified_at is not None), None)
+            doomed = [
+                b.label
+                for i, b in enumerate(catalog)
+                if i >= self.settings.keep_count
+                and now - b.started_at > timedelta(seconds=self.settings.max_age_s)
+                and b.label != verified
+            ]
+            for label in doomed:
+                store.delete_backup(s, label)
+        for label in doomed:
+            shutil.rmtree(self.settings.backups_dir / label, ignore_errors=True)
+            progress(f"deleted {label}")
+        remaining = pitr.list_backups(self.settings.backups_dir)
+        if doomed and remaining:
+            try:
+                pitr.prune_archive(
+                    self.executor, self._leader(), self.settings.archive_dir, remaining[0]
+                )
+                progress(f"WAL archive pruned up to {remaining[0].start_wal}")
+            except (ExecutorError, BackupError) as exc:
+                logger.warning("WAL archive not pruned: %s", exc)
+        return doomed
+
+    # -- the scheduled job -------------------------------------------------------------------
+    def scheduled_backup(self) -> None:
+        """Take, drill, retire: one job, so that a drill never races its own backup."""
+        try:
+            with self.lock:
+                info = self.take()
+                result = self.drill(info.label)
+                if not result.passed:
+                    logger.error("drill of %s failed: %s", info.label, result.summary)
+                self.apply_retention()
+        except BackupError as exc:
+            logger.error("scheduled backup failed: %s", exc)
+
+    def scheduled_drill(self) -> None:
+        try:
+            with self.lock:
+                self.drill()
+        except BackupError as exc:
+            logger.error("scheduled drill failed: %s", exc)
+
+
+def catalog_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    with store.transaction(factory) as s:
+        return [
+            {
+                "label": b.label,
+                "started_at": b.started_at.isoformat(),
+                "finished_at": b.finished_at.isoformat() if b.finished_at else None,
+                "size_bytes": b.size_bytes,
+                "checksum": b.checksum,
+                "verified_at": b.verified_at.isoformat() if b.verified_at else None,
+                "drill": b.drill,
+                "path": b.path,
+            }
+            for b in store.list_backups(s)
+        ]

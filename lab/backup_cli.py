@@ -1,0 +1,171 @@
+"""`controlplane backup`, `backups` and `restore --to TIME` for a lab stack's control plane.
+
+A backup is taken here, in this process, with the control plane's own settings and catalog
+(as `pg_basebackup` would be run by hand); a restore is asked of the running control plane,
+which runs it as a guarded, audited action, and this command follows its progress."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+from controlplane import store
+from controlplane.backups import BackupError, Backups, catalog_rows
+from controlplane.config import Settings
+from controlplane.errors import ConfigError
+from lab.errors import LabError
+from lab.stack import read_stack_file
+from remediation.executors.lab import LabExecutor
+
+DATA_DIR_HELP = "where the stack keeps its data, logs and stack.json"
+RESTORE_TARGET = "shop-db-cluster"
+
+
+def _settings(data_dir: Path) -> Settings:
+    targets = data_dir.absolute() / "controlplane" / "targets.toml"
+    try:
+        settings = Settings.load(environ={}, targets_file=targets)
+    except ConfigError as exc:
+        raise click.ClickException(f"{exc} (is a stack running in {data_dir}?)") from None
+    if settings.backups is None:
+        raise click.ClickException(f"{targets} configures no backups")
+    return settings
+
+
+def _backups(data_dir: Path) -> Backups:
+    settings = _settings(data_dir)
+    if settings.stack_file is None:
+        raise click.ClickException("the control plane's settings name no stack file")
+    engine = store.make_engine(settings.database_url)
+    store.migrate(engine)
+    assert settings.backups is not None
+    return Backups(
+        settings.backups, LabExecutor(settings.stack_file), store.session_factory(engine)
+    )
+
+
+def echo_step(message: str) -> None:
+    click.echo(f"{datetime.now(UTC):%H:%M:%S} {message}")
+
+
+@click.command()
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
+)
+@click.option("--no-drill", is_flag=True, help="skip the restore drill that verifies it")
+def backup(data_dir: Path, no_drill: bool) -> None:
+    """Take a base backup of the leader now, verify it, and drill it (restore + invariants)."""
+    backups = _backups(data_dir)
+    try:
+        info = backups.take(progress=echo_step)
+        if not no_drill:
+            result = backups.drill(info.label, progress=echo_step)
+            if not result.passed:
+                raise click.ClickException(f"the drill of {info.label} failed: {result.summary}")
+        backups.apply_retention(progress=echo_step)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(info.label)
+
+
+@click.command(name="backups")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
+)
+@click.option("--json", "as_json", is_flag=True, help="the catalog as JSON")
+def list_backups(data_dir: Path, as_json: bool) -> None:
+    """The backup catalog, newest first: size, checksum, and the last drill's result."""
+    rows = catalog_rows(_backups(data_dir).factory)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no backups")
+    for row in rows:
+        drill = row["drill"]
+        verdict = (
+            f"verified {row['verified_at']}"
+            if row["verified_at"]
+            else (
+                "drill FAILED: " + str(drill.get("summary")) if "passed" in drill else "not drilled"
+            )
+        )
+        click.echo(
+            f"{row['label']}  {(row['size_bytes'] or 0) / 1e6:7.1f} MB  "
+            f"sha256:{(row['checksum'] or '')[:12]}  {verdict}"
+        )
+
+
+def parse_time(value: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)  # a bare time is UTC
+
+
+def _api(data_dir: Path) -> tuple[str, dict[str, str]]:
+    try:
+        description = read_stack_file(data_dir.absolute())
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    url = description["components"]["controlplane"]["url"]
+    token = description["secrets"]["controlplane_api_token"]
+    return f"{url}/api/v1", {"Authorization": f"Bearer {token}"}
+
+
+@click.command()
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
+)
+@click.option("--to", "to", required=True, help="restore point, ISO 8601 (UTC if no offset)")
+@click.option("--reason", default="operator's point-in-time restore", show_default=True)
+@click.option("--timeout-s", type=float, default=900, show_default=True)
+def restore(data_dir: Path, to: str, reason: str, timeout_s: float) -> None:
+    """Restore the whole PostgreSQL cluster to TIME (every write after it is discarded), then
+    rebuild the standby and flush the caches. Runs as the control plane's `restore` action."""
+    point = parse_time(to)
+    base, headers = _api(data_dir)
+    body = {
+        "action": "restore",
+        "target": RESTORE_TARGET,
+        "reason": reason,
+        "params": {"to": point.isoformat()},
+    }
+    response = requests.post(f"{base}/actions", json=body, headers=headers, timeout=10)
+    if response.status_code != 202:
+        raise click.ClickException(f"refused ({response.status_code}): {response.text.strip()}")
+    run_id = response.json()["id"]
+    echo_step(f"restore to {point.isoformat()} requested: action run {run_id}")
+    run = follow(base, headers, run_id, timeout_s)
+    if run["state"] != "succeeded":
+        raise click.ClickException(f"restore {run['state']}: {run.get('output')}")
+    echo_step("restore verified")
+
+
+def follow(base: str, headers: dict[str, str], run_id: int, timeout_s: float) -> dict[str, Any]:
+    """Print each audit entry of the run as it appears, until the run ends."""
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            run: dict[str, Any] = requests.get(
+                f"{base}/actions/{run_id}", headers=headers, timeout=10
+            ).json()
+        except requests.RequestException as exc:
+            echo_step(f"(control plane unreachable: {exc}; retrying)")
+            time.sleep(1)
+            continue
+        for entry in run["audit"][seen:]:
+            echo_step(f"{entry['verb']}: {entry['message']}")
+        seen = len(run["audit"])
+        if run["state"] in ("succeeded", "failed", "skipped", "abandoned"):
+            return run
+        time.sleep(0.5)
+    raise click.ClickException(f"action run {run_id} still running after {timeout_s:g}s")

@@ -1,0 +1,322 @@
+"""Base backups and point-in-time recovery with PostgreSQL's own tools: pg_basebackup (with a
+SHA-256 manifest), pg_verifybackup, recovery from the WAL archive, pg_archivecleanup.
+
+Each backup directory carries its own description (`controlplane-backup.json`), so a restore
+needs only the directory; the control plane's catalog indexes them and records the drills."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import make_conninfo
+
+from remediation import pg_ops
+from remediation.base import ActionError
+from remediation.executors.base import Executor, ExecutorError
+
+META_FILE = "controlplane-backup.json"
+# Not copied into a data directory: ours, and pg_basebackup's manifest (meaningless there).
+NOT_DATA = (META_FILE, "backup_manifest")
+START_WAL = re.compile(r"^START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)", re.M)
+
+Progress = Callable[[str], None]
+
+
+def no_progress(_: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupInfo:
+    label: str
+    path: str
+    source: str  # the node it was taken from
+    started_at: datetime
+    finished_at: datetime
+    start_wal: str  # the first WAL segment a restore of it needs
+    checksum: str  # SHA-256 of its backup_manifest, which holds every file's own SHA-256
+    size_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["started_at"] = self.started_at.isoformat()
+        data["finished_at"] = self.finished_at.isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BackupInfo:
+        return cls(
+            **{
+                **data,
+                "started_at": datetime.fromisoformat(data["started_at"]),
+                "finished_at": datetime.fromisoformat(data["finished_at"]),
+            }
+        )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def verify_args(path: Path) -> list[str]:
+    return ["--ignore", META_FILE, str(path)]
+
+
+def take_base_backup(
+    executor: Executor,
+    node: str,
+    dsn: str,
+    backups_dir: Path,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    progress: Progress = no_progress,
+) -> BackupInfo:
+    """pg_basebackup of `node` (its WAL streamed in, so the backup restores on its own), then
+    pg_verifybackup against its manifest before it is described as a backup at all."""
+    started_at = now()
+    label = started_at.strftime("base-%Y%m%dT%H%M%S%fZ")
+    dest = backups_dir / label
+    progress(f"pg_basebackup of {node} into {dest}")
+    try:
+        executor.run_tool(
+            node,
+            "pg_basebackup",
+            [
+                "-D",
+                str(dest),
+                "-d",
+                dsn,
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "-l",
+                label,
+                "--manifest-checksums=SHA256",
+            ],
+            timeout_s=3600,
+        )
+        progress("pg_verifybackup: every file against its SHA-256, and the WAL")
+        executor.run_tool(node, "pg_verifybackup", verify_args(dest), timeout_s=3600)
+    except ExecutorError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ActionError(f"base backup of {node} failed: {exc}") from exc
+    found = START_WAL.search((dest / "backup_label").read_text())
+    if found is None:
+        raise ActionError(f"{dest}/backup_label names no start WAL segment")
+    info = BackupInfo(
+        label=label,
+        path=str(dest),
+        source=node,
+        started_at=started_at,
+        finished_at=now(),
+        start_wal=found.group(1),
+        checksum=sha256_of(dest / "backup_manifest"),
+        size_bytes=size_of(dest),
+    )
+    (dest / META_FILE).write_text(json.dumps(info.to_json(), indent=2))
+    progress(f"{label}: {info.size_bytes / 1e6:.1f} MB, manifest sha256 {info.checksum[:16]}…")
+    return info
+
+
+def list_backups(backups_dir: Path) -> list[BackupInfo]:
+    """The finished backups in the directory, oldest first (a half-written one has no meta)."""
+    found = []
+    for meta in backups_dir.glob(f"*/{META_FILE}"):
+        try:
+            found.append(BackupInfo.from_json(json.loads(meta.read_text())))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return sorted(found, key=lambda b: b.finished_at)
+
+
+def backup_for(backups_dir: Path, target: datetime | None) -> BackupInfo:
+    """The newest backup that finished before `target` (a restore cannot stop inside one)."""
+    usable = [b for b in list_backups(backups_dir) if target is None or b.finished_at < target]
+    if not usable:
+        when = f" finished before {target.isoformat()}" if target else ""
+        raise ActionError(f"no base backup{when} in {backups_dir}", permanent=True)
+    return usable[-1]
+
+
+def check_backup(executor: Executor, node: str, backup: BackupInfo) -> None:
+    """Its manifest is the one cataloged, and every file matches the manifest."""
+    path = Path(backup.path)
+    if sha256_of(path / "backup_manifest") != backup.checksum:
+        raise ActionError(f"{backup.label}: backup_manifest checksum differs", permanent=True)
+    try:
+        executor.run_tool(node, "pg_verifybackup", verify_args(path), timeout_s=3600)
+    except ExecutorError as exc:
+        raise ActionError(f"{backup.label} fails verification: {exc}", permanent=True) from exc
+
+
+def recovery_conf(archive_dir: Path, target: datetime | None, extra: dict[str, str]) -> str:
+    """Settings appended to the copy's postgresql.auto.conf (later lines win)."""
+    settings = {
+        "restore_command": f"cp {archive_dir}/%f %p",
+        "recovery_target_action": "promote",
+        "recovery_target_timeline": "latest",
+        # A restored cluster stands alone until its standby is rebuilt.
+        "synchronous_standby_names": "",
+        "primary_conninfo": "",
+        **extra,
+    }
+    if target is not None:
+        settings["recovery_target_time"] = target.isoformat()
+        settings["recovery_target_inclusive"] = "off"
+    lines = [f"{k} = '{v}'" for k, v in settings.items()]
+    return "\n# restore by the control plane\n" + "\n".join(lines) + "\n"
+
+
+RECOVERY_SETTINGS = (
+    "restore_command",
+    "recovery_target_action",
+    "recovery_target_timeline",
+    "recovery_target_time",
+    "recovery_target_inclusive",
+    "primary_conninfo",
+)
+
+
+def prepare_recovery(
+    executor: Executor,
+    node: str,
+    dest: Path,
+    backup: BackupInfo,
+    archive_dir: Path,
+    target: datetime | None,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """`dest` becomes a copy of the backup set to recover up to `target` and promote."""
+    source = Path(backup.path)
+    auto_conf = (source / "postgresql.auto.conf").read_text()
+    executor.put_files(node, str(dest), source_dir=str(source))
+    executor.put_files(
+        node,
+        str(dest),
+        files={
+            "postgresql.auto.conf": auto_conf + recovery_conf(archive_dir, target, extra or {}),
+            "recovery.signal": "",
+        },
+    )
+    for name in (*NOT_DATA, "standby.signal"):
+        (dest / name).unlink(missing_ok=True)
+
+
+def wait_promoted(dsn: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
+    """Recovery reached its target (or the archive's end) and the server took the primary's
+    role: it accepts connections and is out of recovery. A server that stops meanwhile (e.g.
+    "recovery ended before configured recovery target was reached") fails it at once."""
+
+    def promoted() -> bool:
+        if alive is not None and not alive():
+            raise ActionError("the server stopped during recovery (see its log)")
+        try:
+            with pg_ops.connect(dsn, timeout_s=2) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+                return row is not None and not row[0]
+        except ActionError:
+            return False
+
+    pg_ops.wait_for(promoted, timeout_s, "recovery finished and promoted")
+
+
+def reset_recovery_settings(dsn: str) -> None:
+    """A restored node keeps no recovery target: as a standby later it would stop there."""
+    with pg_ops.connect(dsn) as conn:
+        for name in RECOVERY_SETTINGS:
+            conn.execute(f"ALTER SYSTEM RESET {name}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def dsn_with(dsn: str, **changes: Any) -> str:
+    return make_conninfo(dsn, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Scratch:
+    """A throw-away instance restored from a backup, for a drill."""
+
+    node: str  # whose OS user and tools run it
+    data_dir: Path
+    port: int
+    dsn: str
+
+
+def start_scratch(
+    executor: Executor,
+    node: str,
+    node_dsn: str,
+    backup: BackupInfo,
+    archive_dir: Path,
+    scratch_dir: Path,
+    port: int,
+    *,
+    timeout_s: float,
+) -> Scratch:
+    """Restore `backup` into `scratch_dir`, replay the whole archive, promote, and start it on
+    `port` (never archiving: its WAL must not mix with the cluster's)."""
+    extra = {
+        "port": str(port),
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": str(scratch_dir),
+        "archive_mode": "off",
+        "cluster_name": f"{node}-drill",
+    }
+    prepare_recovery(executor, node, scratch_dir, backup, archive_dir, None, extra)
+    scratch = Scratch(node, scratch_dir, port, dsn_with(node_dsn, host="127.0.0.1", port=port))
+    try:
+        executor.run_tool(
+            node,
+            "pg_ctl",
+            [
+                "start",
+                "-D",
+                str(scratch_dir),
+                "-l",
+                str(scratch_dir / "drill.log"),
+                "-w",
+                "-t",
+                str(round(timeout_s)),
+            ],
+            timeout_s=timeout_s + 10,
+        )
+        wait_promoted(scratch.dsn, timeout_s)
+    except (ExecutorError, ActionError) as exc:
+        stop_scratch(executor, scratch)
+        raise ActionError(f"drill restore of {backup.label} failed: {exc}") from exc
+    return scratch
+
+
+def stop_scratch(executor: Executor, scratch: Scratch) -> None:
+    with contextlib.suppress(ExecutorError):  # not running
+        executor.run_tool(
+            scratch.node, "pg_ctl", ["stop", "-D", str(scratch.data_dir), "-m", "immediate"]
+        )
+    shutil.rmtree(scratch.data_dir, ignore_errors=True)
+
+
+def prune_archive(executor: Executor, node: str, archive_dir: Path, oldest: BackupInfo) -> str:
+    """Drop the archived WAL no remaining backup needs (older than the oldest's start)."""
+    return executor.run_tool(node, "pg_archivecleanup", [str(archive_dir), oldest.start_wal])
+
+
+def elapsed_since(start: float) -> float:
+    return round(time.monotonic() - start, 3)

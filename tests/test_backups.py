@@ -1,0 +1,299 @@
+"""Backups on a stack of their own (a restore rewrites the cluster): the scheduled backup and
+its drill, the `backup`/`backups`/`restore` commands, retention, and point-in-time restore
+after rows are deleted (automatic, approved by an operator) or a table is dropped (CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from controlplane import store
+from controlplane.backups import Backups
+from controlplane.config import Settings
+from lab.layout import StackLayout, find_free_base_port
+from lab.process import wait_until
+from lab.stack import Stack
+from remediation.executors.lab import LabExecutor
+from tests.conftest import lab_tmpdir
+from tests.test_controlplane import Api
+from tests.test_failover import (
+    leader,
+    order,
+    orders_present,
+    prepared_count,
+    runs_of,
+    wait_redundant,
+)
+from tests.test_in_doubt import crash_at
+
+
+@pytest.fixture(scope="module")
+def bk() -> Iterator[Stack]:
+    data_dir = lab_tmpdir("shop-backup-")
+    lab = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()
+        shutil.rmtree("/tmp/shop-backup-logs", ignore_errors=True)
+        shutil.copytree(lab.layout.logs, "/tmp/shop-backup-logs", dirs_exist_ok=True)
+        with contextlib.suppress(OSError):
+            for name in ("state.db", "state.db-wal"):
+                shutil.copy(data_dir / "controlplane" / name, f"/tmp/shop-backup-logs/{name}")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bk_api(bk: Stack) -> Api:
+    return Api(bk)
+
+
+def cli(stack: Stack, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lab", *args, "--data-dir", str(stack.layout.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def catalog(stack: Stack) -> list[dict[str, Any]]:
+    done = cli(stack, "backups", "--json")
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    return rows
+
+
+def primary_sql(stack: Stack, db: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    name = leader(stack)
+    assert name is not None
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=stack.layout.pg_port(int(name[-1])),
+        user="postgres",
+        dbname=db,
+        autocommit=True,
+    ) as conn:
+        cur = conn.execute(sql, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+def with_a_backup(stack: Stack) -> None:
+    wait_until(lambda: bool(catalog(stack)), timeout_s=180, what="a base backup")
+
+
+def place_orders(stack: Stack, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        response = order(stack, product_id=1 + i % 50)
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def invariants_pass_with(api: Api, orders_at_least: int) -> bool:
+    probe = api.get("/health")["services"]["shop-db-cluster"]["probes"]["shop-invariants"]
+    summary = str(probe.get("summary", ""))
+    return probe["health"] == "up" and int(summary.split()[0]) >= orders_at_least
+
+
+def settled(stack: Stack, api: Api) -> None:
+    """Every order so far is older than the probe's settle time and a check has passed."""
+    count = int(primary_sql(stack, "orders", "SELECT count(*) FROM orders")[0][0])
+    wait_until(
+        lambda: invariants_pass_with(api, count),
+        timeout_s=60,
+        what=f"an invariant check passing over {count} orders",
+    )
+
+
+def test_the_control_plane_takes_and_drills_a_backup_soon_after_start(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_until(
+        lambda: any(r["verified_at"] for r in catalog(bk)), timeout_s=180, what="a verified backup"
+    )
+    newest = next(r for r in catalog(bk) if r["verified_at"])
+    manifest = Path(newest["path"]) / "backup_manifest"
+    assert hashlib.sha256(manifest.read_bytes()).hexdigest() == newest["checksum"]
+    assert newest["drill"]["passed"] is True
+    assert "consistent" in newest["drill"]["summary"]
+    wait_until(
+        lambda: (
+            bk_api.get("/health")["services"]["shop-db-backups"]["probes"]["shop-backups"]["health"]
+            == "up"
+        ),
+        timeout_s=60,
+        what="the backup probe up",
+    )
+
+
+def test_the_backup_command_reports_progress_and_catalogs_a_verified_backup(bk: Stack) -> None:
+    before = {r["label"] for r in catalog(bk)}
+    done = cli(bk, "backup")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "pg_basebackup" in done.stdout
+    assert "drill passed" in done.stdout
+    label = done.stdout.strip().splitlines()[-1]
+    assert label not in before
+    row = next(r for r in catalog(bk) if r["label"] == label)
+    assert row["verified_at"] is not None
+    assert row["size_bytes"] > 1_000_000
+    listing = cli(bk, "backups")
+    assert label in listing.stdout and "verified" in listing.stdout
+    assert Api(bk).get("/backups")["backups"] == catalog(bk)  # API clients see the catalog
+
+
+def test_a_corrupted_backup_fails_its_drill_and_is_not_verified(bk: Stack) -> None:
+    backups = backups_of(bk)
+    info = backups.take()
+    victim = next(p for p in sorted(Path(info.path, "base").rglob("*")) if p.is_file())
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, other bytes
+    result = backups.drill(info.label)
+    assert not result.passed
+    assert "verification" in result.summary
+    row = next(r for r in catalog(bk) if r["label"] == info.label)
+    assert row["verified_at"] is None and row["drill"]["passed"] is False
+    shutil.rmtree(info.path)
+    with store.transaction(backups.factory) as s:
+        store.delete_backup(s, info.label)
+
+
+def backups_of(stack: Stack, **changes: Any) -> Backups:
+    settings = Settings.load(environ={}, targets_file=stack.targets_file)
+    assert settings.backups is not None
+    engine = store.make_engine(settings.database_url)
+    return Backups(
+        settings.backups.model_copy(update=changes),
+        LabExecutor(stack.layout.stack_file),
+        store.session_factory(engine),
+        clock=lambda: datetime.now(UTC) + timedelta(days=30),
+    )
+
+
+def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_needed(
+    bk: Stack,
+) -> None:
+    while len(catalog(bk)) < 2:
+        backups_of(bk).take()
+    rows = catalog(bk)
+    newest = rows[0]
+    deleted = backups_of(bk, keep_count=1, max_age_s=3600).apply_retention()
+    assert sorted(deleted) == sorted(r["label"] for r in rows[1:])
+    assert [r["label"] for r in catalog(bk)] == [newest["label"]]
+    assert not any(Path(r["path"]).exists() for r in rows[1:])
+    start_wal = json.loads((Path(newest["path"]) / "controlplane-backup.json").read_text())[
+        "start_wal"
+    ]
+    segments = [p.name for p in bk.layout.wal_archive.iterdir() if len(p.name) == 24]
+    assert segments and min(segments) >= start_wal
+
+
+def test_deleted_order_rows_are_restored_after_approval_and_the_loss_is_reported(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_redundant(bk)
+    with_a_backup(bk)
+    good = place_orders(bk, 10)
+    settled(bk, bk_api)
+    victims = good[:4]
+    primary_sql(bk, "orders", "DELETE FROM orders WHERE id::text = ANY(%s)", victims)
+    late = place_orders(bk, 3)  # after the last good point: a restore must discard these
+
+    def awaiting() -> dict[str, Any] | None:
+        return next(
+            (r for r in runs_of(bk_api, "restore") if r["state"] == "awaiting_approval"), None
+        )
+
+    wait_until(lambda: awaiting() is not None, timeout_s=90, what="a restore awaiting approval")
+    # Prometheus alerts on the same failure (the control plane's cp_probe_up metric); the
+    # alert keeps the probe's label, so it meets the same restore policy.
+    wait_until(
+        lambda: any(
+            i["kind"] == "ShopDataInvariantsViolated" and i["source"] == "alert"
+            for i in bk_api.get("/incidents?limit=500")["incidents"]
+        ),
+        timeout_s=90,
+        what="the ShopDataInvariantsViolated alert's incident",
+    )
+    run = awaiting()
+    assert run is not None
+    assert bk_api.post(f"/actions/{run['id']}/approve", {}).status_code == 202
+    wait_until(
+        lambda: bk_api.get(f"/actions/{run['id']}")["state"] in ("succeeded", "failed"),
+        timeout_s=300,
+        what="the restore finished",
+    )
+    done = bk_api.get(f"/actions/{run['id']}")
+    assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
+    report = next(a for a in done["audit"] if a["verb"] == "output")
+    assert set(orders_present(bk, good)) == set(good)  # the deleted rows are back
+    assert set(late) <= set(report["data"]["lost_order_ids"])
+    assert orders_present(bk, late) == {}
+    assert report["data"]["lost_orders"] == len(report["data"]["lost_order_ids"])
+    assert f"{report['data']['lost_orders']} orders written after" in report["message"]
+    incident = bk_api.get(f"/incidents/{done['incident_id']}")
+    assert any(
+        "orders written after the restore point" in e["message"] for e in incident["timeline"]
+    )
+    # The alert's incident met the restore policy too, yet only one restore ran: the other
+    # request was held by the cooldown, or awaits approval until its incident resolves.
+    assert [r["state"] for r in runs_of(bk_api, "restore")].count("succeeded") == 1
+    wait_redundant(bk)
+    assert order(bk).status_code == 201
+
+
+def test_a_dropped_table_is_restored_by_the_restore_command_to_a_time_before_the_drop(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_redundant(bk)
+    with_a_backup(bk)
+    kept = place_orders(bk, 5)
+    settled(bk, bk_api)
+    before_drop = primary_sql(bk, "inventory", "SELECT now()")[0][0]
+    time.sleep(0.5)  # the drop must be strictly after the restore point
+    primary_sql(bk, "inventory", "DROP TABLE stock_movements")
+    assert order(bk).status_code != 201
+    done = cli(bk, "restore", "--to", before_drop.isoformat(), timeout_s=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restore verified" in done.stdout
+    assert "output: restored" in done.stdout
+    assert primary_sql(bk, "inventory", "SELECT to_regclass('stock_movements')")[0][0]
+    assert set(orders_present(bk, kept)) == set(kept)
+    wait_redundant(bk)
+    assert order(bk).status_code == 201
+
+
+def test_a_restore_to_before_every_backup_is_refused_with_a_clear_error(bk: Stack) -> None:
+    done = cli(bk, "restore", "--to", "2001-01-01T00:00:00Z", "--timeout-s", "60")
+    assert done.returncode != 0
+    assert "no base backup finished before" in done.stdout + done.stderr
+
+
+def test_a_restore_finishes_the_two_phase_commits_it_brings_back_prepared(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_redundant(bk)
+    with_a_backup(bk)
+    crash_at(bk, "after_both_prepares", product=7, index=90)  # no decision: must roll back
+    assert prepared_count(bk) == 2
+    point = primary_sql(bk, "postgres", "SELECT now()")[0][0]
+    done = cli(bk, "restore", "--to", point.isoformat(), timeout_s=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in doubt: committed 0, rolled back 2" in done.stdout
+    assert prepared_count(bk) == 0
+    assert order(bk, product_id=7).status_code == 201  # its row lock went with it
