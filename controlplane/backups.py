@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -47,13 +46,6 @@ class DrillResult:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Backups:
@@ -131,7 +123,7 @@ class Backups:
                 info,
                 self.settings.archive_dir,
                 scratch_dir,
-                free_port(),
+                pitr.free_port(),
                 timeout_s=self.settings.drill_timeout_s,
             )
         except (ActionError, ExecutorError) as exc:

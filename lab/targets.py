@@ -246,6 +246,7 @@ def controlplane_targets(
                 "nodes": nodes,
                 "backups_dir": str(layout.backups),
                 "archive_dir": str(layout.wal_archive),
+                "scratch_dir": str(layout.scratch),
                 "cache": {
                     "redis_url": f"redis://{HOST}:{layout.redis_port}/0",
                     "instances": instances,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -270,9 +271,11 @@ def start_scratch(
     port: int,
     *,
     timeout_s: float,
+    target: datetime | None = None,
 ) -> Scratch:
-    """Restore `backup` into `scratch_dir`, replay the whole archive, promote, and start it on
-    `port` (never archiving: its WAL must not mix with the cluster's)."""
+    """Restore `backup` into `scratch_dir`, replay the archive (to its end, or to `target`),
+    promote, and start it on `port` (never archiving: its WAL must not mix with the
+    cluster's)."""
     extra = {
         "port": str(port),
         "listen_addresses": "127.0.0.1",
@@ -280,7 +283,7 @@ def start_scratch(
         "archive_mode": "off",
         "cluster_name": f"{node}-drill",
     }
-    prepare_recovery(executor, node, scratch_dir, backup, archive_dir, None, extra)
+    prepare_recovery(executor, node, scratch_dir, backup, archive_dir, target, extra)
     scratch = Scratch(node, scratch_dir, port, dsn_with(node_dsn, host="127.0.0.1", port=port))
     try:
         executor.run_tool(
@@ -316,6 +319,13 @@ def stop_scratch(executor: Executor, scratch: Scratch) -> None:
 def prune_archive(executor: Executor, node: str, archive_dir: Path, oldest: BackupInfo) -> str:
     """Drop the archived WAL no remaining backup needs (older than the oldest's start)."""
     return executor.run_tool(node, "pg_archivecleanup", [str(archive_dir), oldest.start_wal])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def elapsed_since(start: float) -> float:

@@ -42,7 +42,12 @@ from tests.test_in_doubt import crash_at
 @pytest.fixture(scope="module")
 def bk() -> Iterator[Stack]:
     data_dir = lab_tmpdir("shop-backup-")
-    lab = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50)
+    lab = Stack(
+        StackLayout(data_dir, find_free_base_port(), shop_count=2),
+        products=50,
+        # Several restores within minutes: beyond the lab's guard of 2 an hour, 60 s apart.
+        policy_overrides={"restore-damaged-data": {"cooldown_s": 1, "max_runs": 50}},
+    )
     try:
         lab.start()
         yield lab
@@ -203,7 +208,40 @@ def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_nee
     assert segments and min(segments) >= start_wal
 
 
-def test_deleted_order_rows_are_restored_after_approval_and_the_loss_is_reported(
+def last_restore_id(bk_api: Api) -> int:
+    return max((int(r["id"]) for r in runs_of(bk_api, "restore")), default=0)
+
+
+def approved_restore(bk_api: Api, after_id: int) -> dict[str, Any]:
+    """Wait for a restore the damage calls for (a run newer than `after_id`), approve it, and
+    return the finished run with its report (the `output` audit entry) as `report`."""
+
+    def awaiting() -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in runs_of(bk_api, "restore")
+                if r["state"] == "awaiting_approval" and r["id"] > after_id
+            ),
+            None,
+        )
+
+    wait_until(lambda: awaiting() is not None, timeout_s=90, what="a restore awaiting approval")
+    run = awaiting()
+    assert run is not None
+    assert bk_api.post(f"/actions/{run['id']}/approve", {}).status_code == 202
+    wait_until(
+        lambda: bk_api.get(f"/actions/{run['id']}")["state"] in ("succeeded", "failed"),
+        timeout_s=300,
+        what="the restore finished",
+    )
+    done: dict[str, Any] = bk_api.get(f"/actions/{run['id']}")
+    assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
+    done["report"] = next(a for a in done["audit"] if a["verb"] == "output")
+    return done
+
+
+def test_deleted_order_rows_are_put_back_after_approval_keeping_every_later_order(
     bk: Stack, bk_api: Api
 ) -> None:
     wait_redundant(bk)
@@ -211,15 +249,9 @@ def test_deleted_order_rows_are_restored_after_approval_and_the_loss_is_reported
     good = place_orders(bk, 10)
     settled(bk, bk_api)
     victims = good[:4]
+    before = last_restore_id(bk_api)
     primary_sql(bk, "orders", "DELETE FROM orders WHERE id::text = ANY(%s)", victims)
-    late = place_orders(bk, 3)  # after the last good point: a restore must discard these
-
-    def awaiting() -> dict[str, Any] | None:
-        return next(
-            (r for r in runs_of(bk_api, "restore") if r["state"] == "awaiting_approval"), None
-        )
-
-    wait_until(lambda: awaiting() is not None, timeout_s=90, what="a restore awaiting approval")
+    late = place_orders(bk, 3)  # after the last good point: a full restore would lose these
     # Prometheus alerts on the same failure (the control plane's cp_probe_up metric); the
     # alert keeps the probe's label, so it meets the same restore policy.
     wait_until(
@@ -230,29 +262,67 @@ def test_deleted_order_rows_are_restored_after_approval_and_the_loss_is_reported
         timeout_s=90,
         what="the ShopDataInvariantsViolated alert's incident",
     )
-    run = awaiting()
-    assert run is not None
-    assert bk_api.post(f"/actions/{run['id']}/approve", {}).status_code == 202
+    done = approved_restore(bk_api, before)
+    report = done["report"]
+    assert report["data"]["mode"] == "repair"
+    assert report["data"]["repair"]["orders.orders"] == "4 rows put back"
+    assert set(orders_present(bk, good + late)) == set(good + late)  # back, and none lost
+    assert report["data"]["lost_orders"] == 0
+    incident = bk_api.get(f"/incidents/{done['incident_id']}")
+    assert any("0 orders lost" in e["message"] for e in incident["timeline"])
+    # The alert's incident met the restore policy too, yet only one restore ran: the other
+    # request awaits approval until its incident resolves, and is then dropped.
+    assert [r["state"] for r in runs_of(bk_api, "restore")].count("succeeded") == 1
     wait_until(
-        lambda: bk_api.get(f"/actions/{run['id']}")["state"] in ("succeeded", "failed"),
-        timeout_s=300,
-        what="the restore finished",
+        lambda: not any(r["state"] == "awaiting_approval" for r in runs_of(bk_api, "restore")),
+        timeout_s=90,
+        what="no restore left awaiting approval",
     )
-    done = bk_api.get(f"/actions/{run['id']}")
-    assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
-    report = next(a for a in done["audit"] if a["verb"] == "output")
-    assert set(orders_present(bk, good)) == set(good)  # the deleted rows are back
+    wait_redundant(bk)
+    assert order(bk).status_code == 201
+
+
+def test_a_dropped_table_is_recreated_from_a_scratch_restore_with_its_rows(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_redundant(bk)
+    with_a_backup(bk)
+    kept = place_orders(bk, 5)
+    settled(bk, bk_api)
+    movements = primary_sql(bk, "inventory", "SELECT count(*) FROM stock_movements")[0][0]
+    before = last_restore_id(bk_api)
+    primary_sql(bk, "inventory", "DROP TABLE stock_movements")
+    assert order(bk).status_code != 201
+    report = approved_restore(bk_api, before)["report"]
+    assert report["data"]["mode"] == "repair"
+    assert report["data"]["repair"]["inventory.stock_movements"] == (
+        f"recreated with {movements} rows"
+    )
+    assert set(orders_present(bk, kept)) == set(kept)
+    wait_until(lambda: order(bk).status_code == 201, timeout_s=30, what="orders flowing")
+
+
+def test_damage_a_repair_cannot_undo_is_restored_in_full_with_the_loss_reported(
+    bk: Stack, bk_api: Api
+) -> None:
+    wait_redundant(bk)
+    with_a_backup(bk)
+    good = place_orders(bk, 5)
+    settled(bk, bk_api)
+    # Changed in place, not lost: no copy of lost rows can undo it.
+    before = last_restore_id(bk_api)
+    primary_sql(bk, "orders", "UPDATE orders SET quantity = 7 WHERE id::text = %s", good[0])
+    late = place_orders(bk, 3)
+    report = approved_restore(bk_api, before)["report"]
+    assert report["data"]["mode"] == "full"
+    assert "a repair in place did not do" in report["message"]
+    quantity = primary_sql(bk, "orders", "SELECT quantity FROM orders WHERE id::text = %s", good[0])
+    assert quantity == [(1,)]
+    assert set(orders_present(bk, good)) == set(good)
+    assert orders_present(bk, late) == {}  # written after the point: gone, and reported
     assert set(late) <= set(report["data"]["lost_order_ids"])
-    assert orders_present(bk, late) == {}
     assert report["data"]["lost_orders"] == len(report["data"]["lost_order_ids"])
     assert f"{report['data']['lost_orders']} orders written after" in report["message"]
-    incident = bk_api.get(f"/incidents/{done['incident_id']}")
-    assert any(
-        "orders written after the restore point" in e["message"] for e in incident["timeline"]
-    )
-    # The alert's incident met the restore policy too, yet only one restore ran: the other
-    # request was held by the cooldown, or awaits approval until its incident resolves.
-    assert [r["state"] for r in runs_of(bk_api, "restore")].count("succeeded") == 1
     wait_redundant(bk)
     assert order(bk).status_code == 201
 
