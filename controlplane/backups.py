@@ -19,9 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
 from controlplane.config import BackupSettings
+from pgcluster import invariants
 from pgcluster.nodes import leader_of, observe_all
-from probes.base import Health
-from probes.invariant import InvariantProbe
 from remediation import pitr
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
@@ -141,18 +140,17 @@ class Backups:
         return result
 
     def _invariants(self, dsn: str) -> tuple[bool, str, dict[str, Any]]:
-        probe = InvariantProbe(
-            name="drill-invariants",
+        verdict = invariants.check(
+            pitr.dsn_with(dsn, dbname=self.settings.orders_db),
+            pitr.dsn_with(dsn, dbname=self.settings.inventory_db),
+            settle_s=0,  # a restored cluster has no transaction in flight: every row counts
             timeout_s=30,
-            params={
-                "orders_dsn": pitr.dsn_with(dsn, dbname=self.settings.orders_db),
-                "inventory_dsn": pitr.dsn_with(dsn, dbname=self.settings.inventory_db),
-                # A restored cluster has no transaction in flight: every row counts.
-                "settle_s": 0,
-            },
         )
-        result = probe.run()
-        return result.health is Health.UP, result.summary, dict(result.details)
+        if not verdict.readable:
+            return False, f"invariants not readable: {verdict.error}", {}
+        if verdict.problems:
+            return False, "; ".join(verdict.problems), verdict.details
+        return True, f"{verdict.details['orders']} orders consistent", verdict.details
 
     def _record_drill(self, result: DrillResult, details: dict[str, Any]) -> None:
         now = self.clock()

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
+from pgcluster import invariants
 from pgcluster.nodes import leader_of
 from remediation import pg_ops, pitr, repair
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
@@ -48,7 +49,7 @@ class RestoreParams(BaseModel):
             "inventory": ["stock_movements"],
         }
     )
-    repair_verify_s: float = Field(default=20, gt=0)
+    settle_s: float = Field(default=10, ge=0)  # as the invariant probe: rows still in 2PC
     archive_timeout_s: float = Field(default=30, gt=0)
 
 
@@ -135,11 +136,27 @@ class Restore(Action):
                 f"restore point {point.isoformat()} is not in the past", permanent=True
             )
         backup = pitr.backup_for(Path(p.backups_dir), point)
-        if p.to is None:
-            health = ctx.is_healthy()
-            if health.ok:
-                return Check(False, f"the data is sound again ({health.reason}): no restore")
+        if p.to is None:  # an incident's restore: the data must be damaged, not out of reach
+            leader = leader_of(pg_ops.views(p.nodes))
+            if leader is None:
+                return Check(False, "no writable primary: a failover's job, not a restore's")
+            verdict = self._verdict(p, p.nodes[leader.name])
+            if not verdict.readable:
+                return Check(False, f"cannot read the data ({verdict.error}): not a restore")
+            if verdict.is_sound:
+                return Check(False, "the data is sound: nothing to restore")
+            damage = "; ".join(verdict.problems)
+            return Check(True, f"{damage}: restore {backup.label} to {point.isoformat()}")
         return Check(True, f"restore {backup.label} to {point.isoformat()}")
+
+    @staticmethod
+    def _verdict(p: RestoreParams, dsn: str) -> invariants.Verdict:
+        return invariants.check(
+            pitr.dsn_with(dsn, dbname=p.orders_db),
+            pitr.dsn_with(dsn, dbname=p.inventory_db),
+            settle_s=p.settle_s,
+            timeout_s=10,
+        )
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)
@@ -264,10 +281,10 @@ class Restore(Action):
                 report.update({f"{db}.{table}": what for table, what in done.items()})
         finally:
             pitr.stop_scratch(ctx.executor, scratch)
-        try:
-            pg_ops.wait_for(lambda: ctx.is_healthy().ok, p.repair_verify_s, "sound data")
-        except ActionError:
-            raise ActionError(f"invariants still fail after {report}") from None
+        verdict = self._verdict(p, dsn)
+        if not verdict.is_sound:
+            problems = "; ".join(verdict.problems) or verdict.error
+            raise ActionError(f"after {report} the invariants still fail: {problems}")
         flushed = self._flush_caches(ctx, p)
         seconds = pitr.elapsed_since(started)
         what = ", ".join(f"{t}: {w}" for t, w in report.items())

@@ -3,6 +3,7 @@ Alertmanager, two shops) on free loopback ports, and helpers to read its databas
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -18,6 +19,27 @@ from lab.layout import StackLayout, find_free_base_port
 from lab.stack import Stack
 from shop.db import make_engine
 from shop.models import Order, Product, StockMovement
+
+
+@contextlib.contextmanager
+def stack_of_its_own(name: str, **stack_args: Any) -> Iterator[Stack]:
+    """A two-shop stack for one test module (its tests move the primary or rewrite the data).
+    Its logs and state store are kept in /tmp/<name>-logs for a failed run's post-mortem (CI
+    prints nothing else of the servers)."""
+    data_dir = lab_tmpdir(f"{name}-")
+    lab = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), **stack_args)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()
+        kept = Path(f"/tmp/{name}-logs")
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(lab.layout.logs, kept, dirs_exist_ok=True)
+        with contextlib.suppress(OSError):
+            for db in ("state.db", "state.db-wal"):
+                shutil.copy(data_dir / "controlplane" / db, kept / db)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def lab_tmpdir(prefix: str) -> Path:

@@ -4,7 +4,6 @@ after rows are deleted (automatic, approved by an operator) or a table is droppe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -22,11 +21,10 @@ import pytest
 from controlplane import store
 from controlplane.backups import Backups
 from controlplane.config import Settings
-from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
 from remediation.executors.lab import LabExecutor
-from tests.conftest import lab_tmpdir
+from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
 from tests.test_failover import (
     leader,
@@ -41,24 +39,10 @@ from tests.test_in_doubt import crash_at
 
 @pytest.fixture(scope="module")
 def bk() -> Iterator[Stack]:
-    data_dir = lab_tmpdir("shop-backup-")
-    lab = Stack(
-        StackLayout(data_dir, find_free_base_port(), shop_count=2),
-        products=50,
-        # Several restores within minutes: beyond the lab's guard of 2 an hour, 60 s apart.
-        policy_overrides={"restore-damaged-data": {"cooldown_s": 1, "max_runs": 50}},
-    )
-    try:
-        lab.start()
+    # Several restores within minutes: beyond the lab's guard of 2 an hour, 60 s apart.
+    overrides = {"restore-damaged-data": {"cooldown_s": 1, "max_runs": 50}}
+    with stack_of_its_own("shop-backup", products=50, policy_overrides=overrides) as lab:
         yield lab
-    finally:
-        lab.stop()
-        shutil.rmtree("/tmp/shop-backup-logs", ignore_errors=True)
-        shutil.copytree(lab.layout.logs, "/tmp/shop-backup-logs", dirs_exist_ok=True)
-        with contextlib.suppress(OSError):
-            for name in ("state.db", "state.db-wal"):
-                shutil.copy(data_dir / "controlplane" / name, f"/tmp/shop-backup-logs/{name}")
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
