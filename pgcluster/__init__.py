@@ -1,2 +1,3 @@
-"""What a PostgreSQL cluster's nodes are right now, and which one leads: read by the cluster
-probes and by the failover, rejoin and switchover actions (a leaf: it imports none of them)."""
+"""What a PostgreSQL cluster's nodes are right now, which one leads, and whether the shop's data
+keeps its invariants: read by the probes, the drills and the actions (a leaf: it imports none
+of them)."""

@@ -23,8 +23,8 @@ from shop.models import Order, Product, StockMovement
 
 @contextlib.contextmanager
 def stack_of_its_own(name: str, **stack_args: Any) -> Iterator[Stack]:
-    """A two-shop stack for one test module (its tests move the primary or rewrite the data).
-    Its logs and state store are kept in /tmp/<name>-logs for a failed run's post-mortem (CI
+    """A two-shop stack (a module of its own when its tests move the primary or rewrite the
+    data). Its logs and state store are kept in /tmp/<name>-logs for a failed run's post-mortem (CI
     prints nothing else of the servers)."""
     data_dir = lab_tmpdir(f"{name}-")
     lab = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), **stack_args)
@@ -51,14 +51,9 @@ def lab_tmpdir(prefix: str) -> Path:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    data_dir = lab_tmpdir("shop-lab-")
-    lab = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50)
-    try:
-        lab.start()
+    """The stack most tests share (logs kept in /tmp/shop-lab-logs afterwards)."""
+    with stack_of_its_own("shop-lab", products=50) as lab:
         yield lab
-    finally:
-        lab.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
