@@ -23,7 +23,7 @@ from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.notify import Notifier
 from remediation.base import Action, ActionContext, ActionError, Check
-from remediation.executors.base import Executor
+from remediation.executors.base import Executor, ExecutorError
 from remediation.registry import UnknownAction, build_action
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class ActionEngine:
         abandoned (failed-safe) and escalated, never run again."""
         now = self.clock()
         abandoned = []
+        touched: set[str] = set()
         with store.transaction(self.factory) as s:
             for run in store.runs_in_state(s, ActionState.RUNNING):
                 if run.id in self.in_flight:
@@ -133,6 +134,19 @@ class ActionEngine:
                             now,
                         )
                     abandoned.append(run.id)
+                    service = self.settings.service(run.target)
+                    if service is not None and service.component:
+                        touched.add(service.component)
+        for component in sorted(touched):
+            # What did the dead run leave? Asking records a process it started unrecorded.
+            try:
+                running = self.executor.is_running(component)
+            except ExecutorError as exc:
+                logger.warning("cannot tell whether %s runs: %s", component, exc)
+                continue
+            logger.info(
+                "after an abandoned run, %s %s", component, "runs" if running else "is down"
+            )
         for run_id in abandoned:
             self.metrics.actions.labels("unknown", ActionState.ABANDONED).inc()
             self.notifier.notify("escalation", f"action run {run_id} abandoned", {"run": run_id})

@@ -23,7 +23,8 @@ from lab.monitoring import check_rules, rules_path
 from lab.postgres import connect, replication_state
 from lab.process import is_port_free, wait_until
 from lab.stack import Stack
-from remediation.executors.processes import is_pid_alive
+from remediation.executors.lab import LabExecutor
+from remediation.executors.processes import is_pid_alive, spawn, wait_for_exit
 from tests.conftest import lab_tmpdir, order
 
 
@@ -135,3 +136,38 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
         if (data_dir / "stack.json").exists():
             run("down", "--data-dir", str(data_dir))  # never leave a stack behind
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_server_started_but_never_recorded_is_adopted_rather_than_left_running(
+    tmp_path: Path,
+) -> None:
+    # What a control plane killed between starting a server and recording its pid leaves.
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", f"server-{uuid.uuid4()}"]
+    orphan = spawn(argv, log_path=tmp_path / "orphan.log")
+    gone = spawn([sys.executable, "-c", "pass"], log_path=tmp_path / "gone.log")
+    gone.wait()
+    stack_file = tmp_path / "stack.json"
+    stack_file.write_text(
+        json.dumps(
+            {
+                "components": {
+                    "svc": {
+                        "role": "shop",
+                        "pid": gone.pid,
+                        "argv0": argv[0],
+                        "start": {"argv": argv, "env": {}, "cwd": None, "user": None},
+                    }
+                }
+            }
+        )
+    )
+    executor = LabExecutor(stack_file)
+    try:
+        assert executor.is_running("svc")
+        assert json.loads(stack_file.read_text())["components"]["svc"]["pid"] == orphan.pid
+        executor.stop("svc", timeout_s=5)  # and so the usual stop reaches it
+        assert wait_for_exit(orphan.pid, timeout_s=5)
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()

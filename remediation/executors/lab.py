@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,9 +20,12 @@ from remediation.executors.processes import (
     is_pid_alive,
     runs_program,
     spawn,
+    started_as,
     terminate_pid,
     wait_for_exit,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def stop_signal(role: str) -> int:
@@ -67,9 +71,24 @@ class LabExecutor:
         return sorted(json.loads(self.stack_file.read_text())["components"])
 
     def is_running(self, component: str) -> bool:
+        return self._adopt(component) is not None
+
+    def _adopt(self, component: str) -> int | None:
+        """The component's live pid. When the recorded one is dead but a process started from
+        the component's own command line runs (a control plane killed between starting it
+        and recording it), that one is recorded: else it would serve unseen, and outlive the
+        stack."""
         comp = self._component(component)
         pid = comp.get("pid")
-        return isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))
+        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
+            return pid
+        argv = comp.get("start", {}).get("argv")
+        found = started_as(argv) if argv else []
+        if len(found) != 1:
+            return None
+        logger.warning("%s runs as pid %d, which was never recorded: adopted", component, found[0])
+        self.record_pid(component, found[0])
+        return found[0]
 
     def restart(self, component: str) -> int:
         # Outside the lock: a shop's graceful stop takes seconds, and a fence must not wait.
@@ -93,6 +112,7 @@ class LabExecutor:
         return proc.pid
 
     def fence(self, component: str) -> bool:
+        self._adopt(component)
         comp = self._component(component)
         pid = comp.get("pid")
         if not (isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))):
@@ -126,6 +146,7 @@ class LabExecutor:
             pid_file.unlink(missing_ok=True)
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
+        self._adopt(component)
         comp = self._component(component)
         pid = comp.get("pid")
         if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):

@@ -47,6 +47,26 @@ def runs_program(pid: int, program: str) -> bool:
     return not program or Path(raw.split(" ", 1)[0]).name == Path(program).name
 
 
+def started_as(argv: Sequence[str]) -> list[int]:
+    """Live processes that lead their own process group (as `spawn` starts them) and whose
+    command line is exactly `argv`: a server someone started but nobody recorded."""
+    want = [a.encode() for a in argv]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0") != want:
+                continue
+            if os.getpgid(pid) != pid:
+                continue  # a worker forked by the server, not the server
+        except (OSError, ProcessLookupError):
+            continue
+        found.append(pid)
+    return found
+
+
 def wait_for_exit(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
