@@ -208,10 +208,10 @@ def prepare_recovery(
     """`dest` becomes a copy of the backup set to recover up to `target` and promote."""
     source = Path(backup.path)
     auto_conf = (source / "postgresql.auto.conf").read_text()
-    executor.put_files(node, str(dest), source_dir=str(source))
     executor.put_files(
         node,
         str(dest),
+        source_dir=str(source),
         files={
             "postgresql.auto.conf": auto_conf + recovery_conf(archive_dir, target, extra or {}),
             "recovery.signal": "",
@@ -283,9 +283,9 @@ def start_scratch(
         "archive_mode": "off",
         "cluster_name": f"{node}-drill",
     }
-    prepare_recovery(executor, node, scratch_dir, backup, archive_dir, target, extra)
     scratch = Scratch(node, scratch_dir, port, dsn_with(node_dsn, host="127.0.0.1", port=port))
     try:
+        prepare_recovery(executor, node, scratch_dir, backup, archive_dir, target, extra)
         executor.run_tool(
             node,
             "pg_ctl",

@@ -112,10 +112,9 @@ class LabExecutor:
         return proc.pid
 
     def fence(self, component: str) -> bool:
-        self._adopt(component)
+        pid = self._adopt(component)
         comp = self._component(component)
-        pid = comp.get("pid")
-        if not (isinstance(pid, int) and runs_program(pid, comp.get("argv0", ""))):
+        if pid is None:
             self._clear_stale_pid_file(comp)
             return False
         # Servers are spawned in their own session: the group is the server and its children
@@ -146,11 +145,10 @@ class LabExecutor:
             pid_file.unlink(missing_ok=True)
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
-        self._adopt(component)
-        comp = self._component(component)
-        pid = comp.get("pid")
-        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
-            terminate_pid(pid, timeout_s=timeout_s, sig=stop_signal(comp["role"]))
+        pid = self._adopt(component)
+        if pid is not None:
+            role = self._component(component)["role"]
+            terminate_pid(pid, timeout_s=timeout_s, sig=stop_signal(role))
 
     def run_tool(
         self,
