@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
 from controlplane.config import BackupSettings
+from controlplane.engine import utcnow
 from pgcluster import invariants
 from pgcluster.nodes import leader_of, observe_all
 from remediation import pitr
@@ -43,10 +44,6 @@ class DrillResult:
     duration_s: float
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Backups:
     def __init__(
         self,
@@ -54,7 +51,7 @@ class Backups:
         executor: Executor,
         factory: sessionmaker[Session],
         *,
-        clock: Clock = utc_now,
+        clock: Clock = utcnow,
     ) -> None:
         self.settings = settings
         self.executor = executor
@@ -133,7 +130,6 @@ class Backups:
                 passed, summary, details = self._invariants(scratch.dsn)
             finally:
                 pitr.stop_scratch(self.executor, scratch)
-        shutil.rmtree(scratch_dir, ignore_errors=True)
         result = DrillResult(info.label, passed, summary, round(time.monotonic() - started, 3))
         self._record_drill(result, details)
         progress(f"drill {'passed' if passed else 'FAILED'} in {result.duration_s:.1f}s: {summary}")

@@ -16,15 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from remediation import pg_ops
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
-
-
-def connect(dsn: str) -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(dsn, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        raise ActionError(f"cannot reach {dsn}: {exc}") from exc
 
 
 def exists(conn: psycopg.Connection[Any], table: str) -> bool:
@@ -47,7 +41,7 @@ def recreate_table(
         raise ActionError(f"could not recreate {table}: {exc}") from exc
     finally:
         dump.unlink(missing_ok=True)
-    with connect(live_dsn) as conn:
+    with pg_ops.connect(live_dsn, timeout_s=5) as conn:
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
         found = row.fetchone()
     return int(found[0]) if found else 0
@@ -57,7 +51,11 @@ def copy_missing_rows(scratch_dsn: str, live_dsn: str, table: str) -> int:
     """Rows of the scratch copy that the live table lacks (by its primary key), copied back;
     rows written since stay as they are. Returns how many were put back."""
     name = sql.Identifier(table)
-    with connect(scratch_dsn) as src, connect(live_dsn) as dst, dst.transaction():
+    with (
+        pg_ops.connect(scratch_dsn, timeout_s=5) as src,
+        pg_ops.connect(live_dsn, timeout_s=5) as dst,
+        dst.transaction(),
+    ):
         dst.execute(
             sql.SQL(
                 "CREATE TEMP TABLE repair_rows (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP"
@@ -86,7 +84,7 @@ def repair_tables(
     """Per table: what was done ("recreated with N rows", "N rows put back", "intact")."""
     report = {}
     for table in tables:
-        with connect(live_dsn) as live:
+        with pg_ops.connect(live_dsn, timeout_s=5) as live:
             present = exists(live, table)
         if not present:
             rows = recreate_table(executor, node, scratch_dsn, live_dsn, table, work_dir)

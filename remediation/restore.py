@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,10 @@ def written_after(dsn: str, point: datetime, p: RestoreParams) -> set[str] | Non
         (p.inventory_db, "SELECT order_id::text FROM stock_movements WHERE created_at >= %s"),
     ):
         try:
-            with psycopg.connect(
-                pitr.dsn_with(dsn, dbname=db), connect_timeout=3, autocommit=True
-            ) as conn:
+            with pg_ops.connect(pitr.dsn_with(dsn, dbname=db)) as conn:
                 found |= {str(r[0]) for r in conn.execute(sql, (point,)).fetchall()}
                 readable = True
-        except psycopg.Error as exc:
+        except (ActionError, psycopg.Error) as exc:
             logger.warning("cannot read %s for the loss report: %s", db, exc)
     return found if readable else None
 
@@ -92,9 +91,7 @@ def written_after(dsn: str, point: datetime, p: RestoreParams) -> set[str] | Non
 def still_present(dsn: str, ids: set[str], p: RestoreParams) -> set[str]:
     if not ids:
         return set()
-    with psycopg.connect(
-        pitr.dsn_with(dsn, dbname=p.orders_db), connect_timeout=3, autocommit=True
-    ) as conn:
+    with pg_ops.connect(pitr.dsn_with(dsn, dbname=p.orders_db)) as conn:
         rows = conn.execute(
             "SELECT id::text FROM orders WHERE id::text = ANY(%s)", (list(ids),)
         ).fetchall()
@@ -306,32 +303,19 @@ class Restore(Action):
 
     @staticmethod
     def _resolve_in_doubt(ctx: ActionContext, p: RestoreParams, dsn: str) -> str:
-        resolve_ctx = ActionContext(
-            target=ctx.target,
-            component=None,
-            params={
-                "orders_dsn": pitr.dsn_with(dsn, dbname=p.orders_db),
-                "inventory_dsn": pitr.dsn_with(dsn, dbname=p.inventory_db),
-                "min_age_s": 0,
-            },
-            executor=ctx.executor,
-            is_healthy=ctx.is_healthy,
-        )
-        return InDoubt().execute(resolve_ctx).summary
+        params = {
+            "orders_dsn": pitr.dsn_with(dsn, dbname=p.orders_db),
+            "inventory_dsn": pitr.dsn_with(dsn, dbname=p.inventory_db),
+            "min_age_s": 0,
+        }
+        return InDoubt().execute(replace(ctx, component=None, params=params)).summary
 
     @staticmethod
     def _flush_caches(ctx: ActionContext, p: RestoreParams) -> str:
         if p.cache is None:
             return "none configured"
-        flush_ctx = ActionContext(
-            target=ctx.target,
-            component=None,
-            params=p.cache,
-            executor=ctx.executor,
-            is_healthy=ctx.is_healthy,
-        )
         try:
-            return CacheFlush().execute(flush_ctx).summary
+            return CacheFlush().execute(replace(ctx, component=None, params=p.cache)).summary
         except ActionError as exc:  # the restore stands; a stale cache expires by its TTL
             return f"flush failed ({exc})"
 
