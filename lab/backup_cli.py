@@ -16,14 +16,15 @@ import click
 import requests
 
 from controlplane import store
-from controlplane.backups import BackupError, Backups, catalog_rows
+from controlplane.backups import BackupError, Backups, Clock, catalog_rows
 from controlplane.config import Settings
+from controlplane.engine import utcnow
 from controlplane.errors import ConfigError
 from lab.errors import LabError
+from lab.options import data_dir_option
 from lab.stack import read_stack_file
 from remediation.executors.lab import LabExecutor
 
-DATA_DIR_HELP = "where the stack keeps its data, logs and stack.json"
 RESTORE_TARGET = "shop-db-cluster"
 
 
@@ -38,7 +39,9 @@ def _settings(data_dir: Path) -> Settings:
     return settings
 
 
-def _backups(data_dir: Path) -> Backups:
+def open_backups(data_dir: Path, *, clock: Clock = utcnow, **changes: Any) -> Backups:
+    """The stack's backups as its control plane keeps them (its settings, `changes` applied,
+    and its catalog)."""
     settings = _settings(data_dir)
     if settings.stack_file is None:
         raise click.ClickException("the control plane's settings name no stack file")
@@ -46,7 +49,10 @@ def _backups(data_dir: Path) -> Backups:
     store.migrate(engine)
     assert settings.backups is not None
     return Backups(
-        settings.backups, LabExecutor(settings.stack_file), store.session_factory(engine)
+        settings.backups.model_copy(update=changes),
+        LabExecutor(settings.stack_file),
+        store.session_factory(engine),
+        clock=clock,
     )
 
 
@@ -55,13 +61,11 @@ def echo_step(message: str) -> None:
 
 
 @click.command()
-@click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
-)
+@data_dir_option
 @click.option("--no-drill", is_flag=True, help="skip the restore drill that verifies it")
 def backup(data_dir: Path, no_drill: bool) -> None:
     """Take a base backup of the leader now, verify it, and drill it (restore + invariants)."""
-    backups = _backups(data_dir)
+    backups = open_backups(data_dir)
     try:
         info = backups.take(progress=echo_step)
         if not no_drill:
@@ -75,13 +79,11 @@ def backup(data_dir: Path, no_drill: bool) -> None:
 
 
 @click.command(name="backups")
-@click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
-)
+@data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="the catalog as JSON")
 def list_backups(data_dir: Path, as_json: bool) -> None:
     """The backup catalog, newest first: size, checksum, and the last drill's result."""
-    rows = catalog_rows(_backups(data_dir).factory)
+    rows = catalog_rows(open_backups(data_dir).factory)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -121,9 +123,7 @@ def _api(data_dir: Path) -> tuple[str, dict[str, str]]:
 
 
 @click.command()
-@click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=Path(".lab"), help=DATA_DIR_HELP
-)
+@data_dir_option
 @click.option("--to", "to", required=True, help="restore point, ISO 8601 (UTC if no offset)")
 @click.option("--reason", default="operator's point-in-time restore", show_default=True)
 @click.option("--timeout-s", type=float, default=900, show_default=True)

@@ -18,6 +18,7 @@ from lab.backup_cli import backup, list_backups, restore
 from lab.errors import LabError
 from lab.layout import StackLayout
 from lab.load import run_order_load
+from lab.options import base_port_option, data_dir_option
 from lab.stack import (
     Stack,
     ensure_not_running,
@@ -29,24 +30,6 @@ from lab.stack import (
 from web.server import serve
 
 logger = logging.getLogger("lab")
-
-DEFAULT_DATA_DIR = Path(".lab")
-DEFAULT_BASE_PORT = 25400
-
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    help="where the stack keeps its data, logs and stack.json",
-)
-base_port_option = click.option(
-    "--base-port",
-    type=int,
-    default=DEFAULT_BASE_PORT,
-    show_default=True,
-    help="first of the 20 loopback ports the stack uses",
-)
 
 
 @click.group()

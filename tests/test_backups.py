@@ -20,10 +20,9 @@ import pytest
 
 from controlplane import store
 from controlplane.backups import Backups
-from controlplane.config import Settings
+from lab.backup_cli import open_backups
 from lab.process import wait_until
 from lab.stack import Stack
-from remediation.executors.lab import LabExecutor
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
 from tests.test_failover import (
@@ -163,14 +162,8 @@ def test_a_corrupted_backup_fails_its_drill_and_is_not_verified(bk: Stack) -> No
 
 
 def backups_of(stack: Stack, **changes: Any) -> Backups:
-    settings = Settings.load(environ={}, targets_file=stack.targets_file)
-    assert settings.backups is not None
-    engine = store.make_engine(settings.database_url)
-    return Backups(
-        settings.backups.model_copy(update=changes),
-        LabExecutor(stack.layout.stack_file),
-        store.session_factory(engine),
-        clock=lambda: datetime.now(UTC) + timedelta(days=30),
+    return open_backups(
+        stack.layout.data_dir, clock=lambda: datetime.now(UTC) + timedelta(days=30), **changes
     )
 
 
