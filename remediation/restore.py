@@ -164,6 +164,9 @@ class Restore(Action):
         target = leader.name if leader else next(iter(p.nodes))
         timings: dict[str, float] = {}
         started = time.monotonic()
+        # Verified before any use, a repair's scratch copy included (its rows go live).
+        pitr.check_backup(ctx.executor, target, backup)
+        timings["verify_backup_s"] = pitr.elapsed_since(started)
         tried = ""
         if p.to is None and p.scratch_dir and leader is not None:
             try:
@@ -171,8 +174,6 @@ class Restore(Action):
             except ActionError as exc:
                 tried = f"a repair in place did not do ({exc}); "
                 logger.warning("repair in place failed, restoring in full: %s", exc)
-        pitr.check_backup(ctx.executor, target, backup)
-        timings["verify_backup_s"] = pitr.elapsed_since(started)
         before = written_after(p.nodes[target], point, p) if leader else None
         segment = archive_current_wal(p.nodes[target], p.archive_timeout_s) if leader else None
         # From here every write since `point` is being discarded: no node may take one.
