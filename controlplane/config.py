@@ -46,6 +46,16 @@ class ProbeSpec(Frozen):
         return self
 
 
+class DeferWhile(Frozen):
+    """When a policy's action must wait, whatever its incident says: a restore never starts
+    in the middle of a failover, nor while the cluster has no primary."""
+
+    # A run of any of these actions is pending or running, on any target.
+    actions_running: tuple[str, ...] = ()
+    # The latest result of any of these probes is not UP, or there is none yet.
+    probes_not_up: tuple[str, ...] = ()
+
+
 class PolicySpec(Frozen):
     """When an incident matches, run `action` on its service, within these limits."""
 
@@ -59,6 +69,7 @@ class PolicySpec(Frozen):
     max_attempts: int = Field(default=3, ge=1)
     verify_timeout_s: float = Field(default=30.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
+    defer_while: DeferWhile = Field(default_factory=DeferWhile)
 
 
 class BackupSettings(Frozen):
@@ -115,6 +126,12 @@ class Settings(Frozen):
         for i, probe in enumerate(self.probes):
             if probe.service not in names:
                 raise ValueError(f"probes[{i}].service: unknown service {probe.service!r}")
+        for i, policy in enumerate(self.policies):
+            for name in policy.defer_while.probes_not_up:
+                if name not in probe_names:
+                    raise ValueError(
+                        f"policies[{i}].defer_while.probes_not_up: unknown probe {name!r}"
+                    )
         if self.flap_low > self.flap_high:
             raise ValueError("flap_low must not exceed flap_high")
         return self

@@ -2,7 +2,8 @@
 
 Rules (Nagios and Alertmanager conventions):
 - a probe incident opens after `failures_to_open` consecutive non-UP results and resolves after
-  `successes_to_resolve` consecutive UPs, unless it is flapping;
+  `successes_to_resolve` consecutive UPs, unless it is flapping; an UNKNOWN result (the probe
+  could not look) is neither: it is skipped, breaking no streak and counting in none;
 - flapping: the share of state changes over the last `flap_window` results, with hysteresis
   (flapping above `flap_high`, stable again below `flap_low`); no actions while flapping;
 - an alert incident opens while its alert fires and resolves when Alertmanager says resolved;
@@ -10,12 +11,15 @@ Rules (Nagios and Alertmanager conventions):
 - a probe incident an action recovered that fails again before it resolves is resolved and
   opened anew (a new failure, not the same one);
 - an action is requested once per incident and policy, never while silenced or flapping,
-  and only within the policy's cooldown and runs-per-window limits.
+  and only within the policy's cooldown and runs-per-window limits;
+- a policy's `defer_while` holds its action while a named action is pending or running (on any
+  target, or requested in this same cycle) or while a named probe's latest result is not UP:
+  no restore is proposed in the middle of a failover or while the cluster has no primary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -66,6 +70,7 @@ class RunView:
     target: str
     created_at: datetime
     acted: bool = True  # False for a run that did nothing (precheck declined, dry run)
+    active: bool = False  # pending or running now
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,8 @@ class Snapshot:
     probes: Sequence[ProbeState] = ()
     alerts: Sequence[AlertState] = ()
     incidents: Sequence[IncidentView] = ()
-    runs: Sequence[RunView] = ()  # every run of the last max(window) and of open incidents
+    # Every run of the last max(window), of open incidents, and every one pending or running.
+    runs: Sequence[RunView] = ()
     silences: Sequence[SilenceView] = ()
     policies: Sequence[PolicySpec] = ()
     flap_high: float = 0.5
@@ -134,6 +140,11 @@ Decision = Open | Resolve | SetFlapping | RequestAction | Hold
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def known(results: Sequence[Health]) -> tuple[Health, ...]:
+    """The results that say something: an UNKNOWN one is neither a failure nor a success."""
+    return tuple(h for h in results if h is not Health.UNKNOWN)
+
+
 def trailing(results: Sequence[Health], failing: bool) -> int:
     count = 0
     for health in reversed(results):
@@ -178,7 +189,8 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     for probe in snapshot.probes:
         fp = f"probe:{probe.probe}"
         incident = open_by_fp.get(fp)
-        failing = trailing(probe.recent, failing=True)
+        recent = known(probe.recent)
+        failing = trailing(recent, failing=True)
         if (
             incident is not None
             and incident.recovered_at is not None
@@ -195,7 +207,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             incident = None
         if incident is None:
             if failing >= probe.failures_to_open:
-                worst = Health.DOWN if Health.DOWN in probe.recent[-failing:] else Health.DEGRADED
+                worst = Health.DOWN if Health.DOWN in recent[-failing:] else Health.DEGRADED
                 probe_labels = {**probe.labels, "probe": probe.probe, "service": probe.service}
                 decisions.append(
                     Open(
@@ -211,12 +223,12 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                 )
                 candidates[fp] = (probe.probe, probe.service, probe_labels)
             continue
-        share = change_share(probe.recent)
+        share = change_share(recent)
         now_flapping = is_flapping(incident.flapping, share, snapshot.flap_high, snapshot.flap_low)
         if now_flapping != incident.flapping:
             decisions.append(SetFlapping(incident.id, now_flapping, round(share, 3)))
         flapping[fp] = now_flapping
-        passed = trailing(probe.recent, failing=False)
+        passed = trailing(recent, failing=False)
         if passed >= probe.successes_to_resolve and not now_flapping:
             decisions.append(Resolve(incident.id, f"{probe.probe} passed {passed} times in a row"))
             resolving.add(fp)
@@ -244,13 +256,16 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             resolving.add(fp)
 
     planned: set[tuple[str, str]] = set()
-    for fp, (kind, target, labels) in candidates.items():
+    # Policies that defer to other actions plan last, so that they see this cycle's requests.
+    ordered = sorted(candidates.items(), key=lambda c: _defers(snapshot, *c[1]))
+    for fp, (kind, target, labels) in ordered:
         if fp in resolving:
             continue
         if fp.startswith("alert:") and fp not in firing_alerts:
             continue  # never act on an alert that is not firing now
         incident = open_by_fp.get(fp)
-        for d in _plan_action(snapshot, now, fp, kind, target, labels, flapping.get(fp), incident):
+        flaps = flapping.get(fp)
+        for d in _plan_action(snapshot, now, fp, kind, target, labels, flaps, incident, planned):
             if isinstance(d, RequestAction):
                 if (d.action, d.target) in planned:
                     # Two incidents about one fault (a probe and an alert): one action.
@@ -259,6 +274,43 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                 planned.add((d.action, d.target))
             decisions.append(d)
     return decisions
+
+
+def _policy_for(
+    snapshot: Snapshot, kind: str, target: str, labels: Mapping[str, str]
+) -> PolicySpec | None:
+    everything = incident_labels(kind, target, labels)
+    return next((p for p in snapshot.policies if matches(p.match, everything)), None)
+
+
+def _defers(snapshot: Snapshot, kind: str, target: str, labels: Mapping[str, str]) -> bool:
+    policy = _policy_for(snapshot, kind, target, labels)
+    return policy is not None and bool(policy.defer_while.actions_running)
+
+
+def deferral(
+    policy: PolicySpec, snapshot: Snapshot, planned: Set[tuple[str, str]] = frozenset()
+) -> str | None:
+    """Why the policy's action must wait now (its `defer_while`), or None."""
+    waits_for = policy.defer_while.actions_running
+    busy = sorted(
+        {(r.action, r.target) for r in snapshot.runs if r.active and r.action in waits_for}
+    )
+    if busy:
+        action, target = busy[0]
+        return f"deferred while {action} runs on {target}"
+    requested = sorted(p for p in planned if p[0] in waits_for)
+    if requested:
+        action, target = requested[0]
+        return f"deferred: {action} on {target} requested in this cycle"
+    latest = {p.probe: p for p in snapshot.probes}
+    for name in policy.defer_while.probes_not_up:
+        state = latest.get(name)
+        if state is None or not state.recent:
+            return f"deferred: {name} has no result yet"
+        if state.recent[-1] is not Health.UP:
+            return f"deferred while {name} is {state.recent[-1]}: {state.summary}"
+    return None
 
 
 def _plan_action(
@@ -270,9 +322,10 @@ def _plan_action(
     labels: Mapping[str, str],
     flapping: bool | None,
     incident: IncidentView | None,
+    planned: Set[tuple[str, str]] = frozenset(),
 ) -> list[Decision]:
     everything = incident_labels(kind, target, labels)
-    policy = next((p for p in snapshot.policies if matches(p.match, everything)), None)
+    policy = _policy_for(snapshot, kind, target, labels)
     if policy is None:
         return []
     if incident is not None and any(
@@ -291,6 +344,9 @@ def _plan_action(
     )
     if silence is not None:
         return [Hold(fp, f"silenced by silence {silence.id} until {silence.ends_at:%H:%M:%S}")]
+    deferred = deferral(policy, snapshot, planned)
+    if deferred is not None:
+        return [Hold(fp, f"{policy.action} on {target} {deferred}")]
     # Cooldown and runs-per-window count what acted: a declined or dry run changed nothing.
     same = [
         r for r in snapshot.runs if r.action == policy.action and r.target == target and r.acted

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 LEADER_LEASE = "leader"
 RECENT_ALERTS = timedelta(minutes=10)
 NO_EFFECT = frozenset({ActionState.SKIPPED, ActionState.DRY_RUN})
+ACTIVE = (ActionState.PENDING, ActionState.RUNNING)
 MODE_STATE = {
     "auto": ActionState.PENDING,
     "approval": ActionState.AWAITING_APPROVAL,
@@ -64,6 +65,8 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
         recent = tuple(Health(r.health) for r in reversed(runs))
         failing_since = None
         for r in runs:  # newest first: walk back through the failing streak
+            if r.health == Health.UNKNOWN:
+                continue  # could not look: neither ends the streak nor belongs to it
             if r.health == Health.UP:
                 break
             failing_since = r.at
@@ -98,6 +101,8 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
     action_runs.update(
         {r.id: r for r in store.runs_of_incidents(session, [i.id for i in incidents])}
     )
+    for state in ACTIVE:  # however old: what runs now is what a policy may defer to
+        action_runs.update({r.id: r for r in store.runs_in_state(session, state)})
     return Snapshot(
         probes=probes,
         alerts=alerts,
@@ -115,7 +120,14 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
             for i in incidents
         ],
         runs=[
-            RunView(r.incident_id, r.action, r.target, r.created_at, r.state not in NO_EFFECT)
+            RunView(
+                r.incident_id,
+                r.action,
+                r.target,
+                r.created_at,
+                acted=r.state not in NO_EFFECT,
+                active=r.state in ACTIVE,
+            )
             for r in action_runs.values()
         ],
         silences=[

@@ -171,9 +171,12 @@ class ControlPlane:
         self.metrics.probe_seconds.labels(spec.name, result.health).observe(
             result.latency_ms / 1000
         )
-        self.metrics.probe_up.labels(spec.name, spec.service).set(
-            1 if result.health is Health.UP else 0
-        )
+        if result.health is not Health.UNKNOWN:
+            # Could not look: the gauge keeps the last known answer, so that Prometheus does
+            # not alert (ShopDataInvariantsViolated) on a database that is failing over.
+            self.metrics.probe_up.labels(spec.name, spec.service).set(
+                1 if result.health is Health.UP else 0
+            )
         if self.last_health.get(spec.name) is not result.health:
             self.last_health[spec.name] = result.health
             self.loop_thread.wake()

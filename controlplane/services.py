@@ -163,7 +163,8 @@ def get_action(cp: ControlPlane, run_id: int) -> dict[str, Any]:
 
 def health_summary(cp: ControlPlane) -> dict[str, Any]:
     """Per service: the worst latest probe result and its open incidents; overall: the worst."""
-    order = [Health.UP, Health.DEGRADED, Health.DOWN]
+    # UNKNOWN (a probe that could not look) ranks below UP: it never hides a known state.
+    order = [Health.UNKNOWN, Health.UP, Health.DEGRADED, Health.DOWN]
     with store.transaction(cp.factory) as s:
         services: dict[str, dict[str, Any]] = {
             svc.name: {"status": "unknown", "probes": {}, "open_incidents": []}

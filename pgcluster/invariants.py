@@ -1,15 +1,26 @@
 """The shop's business invariants, read in SQL across its two databases: stock never
-negative, every settled order has its inventory movement and vice versa, with equal
-quantities. Judged by the invariant probe, by restore drills, and by the restore action
-before it acts (a database it cannot read is not damaged data: that is a failover's job)."""
+negative, every order has its inventory movement and vice versa, with equal quantities.
+
+A mismatch that a two-phase commit still in flight explains (its other half still prepared,
+or committed while we looked) is reported in the details but is no problem; any other, of
+any age, is damage. Judged by the invariant probe, by restore drills, and by the restore
+action before it acts (a database it cannot read is not damaged data: that is a failover's
+job)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 import psycopg.errors
+
+# The shop's participant gids: shop:<instance>:<order uuid hex>:<database> (shop/orders.py).
+GID_PREFIX = "shop:"
+ORDERS = "orders"
+INVENTORY = "inventory"
+MAX_LISTED = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,45 +35,137 @@ class Verdict:
         return self.readable and not self.problems
 
 
-def check(orders_dsn: str, inventory_dsn: str, *, settle_s: float, timeout_s: float) -> Verdict:
-    """Rows younger than `settle_s` are left out: they may belong to a 2PC still in flight."""
+def check(
+    orders_dsn: str, inventory_dsn: str, *, timeout_s: float, settle_s: float | None = None
+) -> Verdict:
+    """Orders are read before inventory: a 2PC commits inventory first, so a commit that lands
+    between the two reads shows as a movement without its order, which the re-check explains.
+    `settle_s` is deprecated and ignored: no row is left out for its age."""
     options = {
         "connect_timeout": max(1, round(timeout_s)),
         "autocommit": True,
         "options": f"-c statement_timeout={int(timeout_s * 1000)}",
     }
     try:
-        with psycopg.connect(inventory_dsn, **options) as inv:  # type: ignore[arg-type]
-            cutoff = inv.execute("SELECT now() - make_interval(secs => %s)", (settle_s,)).fetchone()
-            assert cutoff is not None
-            negative = inv.execute("SELECT count(*) FROM products WHERE stock < 0").fetchone()
-            moved: dict[Any, int] = dict(inv.execute(
-                "SELECT order_id, -delta FROM stock_movements WHERE created_at < %s",
-                (cutoff[0],),
-            ).fetchall())  # fmt: skip
-        with psycopg.connect(orders_dsn, **options) as ords:  # type: ignore[arg-type]
-            ordered: dict[Any, int] = dict(ords.execute(
-                "SELECT id, quantity FROM orders WHERE created_at < %s", (cutoff[0],)
-            ).fetchall())  # fmt: skip
+        with (
+            psycopg.connect(orders_dsn, **options) as ords,  # type: ignore[arg-type]
+            psycopg.connect(inventory_dsn, **options) as inv,  # type: ignore[arg-type]
+        ):
+            ordered = read_orders(ords)
+            negative, moved = read_inventory(inv)
+            suspects = mismatched(ordered, moved)
+            in_flight: dict[str, str] = {}
+            if suspects:
+                # Prepared halves first, rows after: a half that commits between the two
+                # reads is then seen by the re-read.
+                prepared = prepared_halves(ords, ORDERS) | prepared_halves(inv, INVENTORY)
+                _, moved_now = read_inventory(inv, suspects)
+                ordered_now = read_orders(ords, suspects)
+                in_flight = explain(suspects, ordered, moved, prepared, ordered_now, moved_now)
     except psycopg.errors.UndefinedTable as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Verdict(True, (f"a table is missing: {first}",), {"violated": "schema"})
     except psycopg.Error as exc:
         return Verdict(False, error=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-    return judge(int(negative[0]) if negative else 0, ordered, moved)
+    return judge(negative, ordered, moved, in_flight)
 
 
-def judge(negative: int, ordered: dict[Any, int], moved: dict[Any, int]) -> Verdict:
-    # An order inside the settle window on one side may fall outside it on the other.
-    without_movement = [str(o) for o in ordered if o not in moved]
-    without_order = [str(o) for o in moved if o not in ordered]
-    mismatched = [str(o) for o, q in ordered.items() if o in moved and moved[o] != q]
+def read_orders(
+    conn: psycopg.Connection[Any], ids: Collection[str] | None = None
+) -> dict[str, int]:
+    if ids is None:
+        rows = conn.execute("SELECT id::text, quantity FROM orders").fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT id::text, quantity FROM orders WHERE id = ANY(%s::uuid[])", (list(ids),)
+        ).fetchall()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def read_inventory(
+    conn: psycopg.Connection[Any], ids: Collection[str] | None = None
+) -> tuple[int, dict[str, int]]:
+    """Products with negative stock, and each order's moved quantity."""
+    if ids is None:
+        row = conn.execute("SELECT count(*) FROM products WHERE stock < 0").fetchone()
+        negative = int(row[0]) if row else 0
+        rows = conn.execute("SELECT order_id::text, -delta FROM stock_movements").fetchall()
+    else:
+        negative = 0
+        rows = conn.execute(
+            "SELECT order_id::text, -delta FROM stock_movements WHERE order_id = ANY(%s::uuid[])",
+            (list(ids),),
+        ).fetchall()
+    return negative, {str(r[0]): int(r[1]) for r in rows}
+
+
+def prepared_halves(conn: psycopg.Connection[Any], database: str) -> set[tuple[str, str]]:
+    """(order uuid hex, database) of each shop transaction still prepared in this database."""
+    rows = conn.execute(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s",
+        (GID_PREFIX + "%",),
+    ).fetchall()
+    halves = set()
+    for (gid,) in rows:
+        parts = str(gid).rsplit(":", 2)
+        if len(parts) == 3 and parts[2] == database:
+            halves.add((parts[1], database))
+    return halves
+
+
+def uuid_hex(order_id: str) -> str:
+    return order_id.replace("-", "").lower()
+
+
+def mismatched(ordered: Mapping[str, int], moved: Mapping[str, int]) -> set[str]:
+    """Order ids on one side only, or with different quantities on the two sides."""
+    return {o for o in ordered.keys() | moved.keys() if ordered.get(o) != moved.get(o)}
+
+
+def explain(
+    suspects: Collection[str],
+    ordered: Mapping[str, int],
+    moved: Mapping[str, int],
+    prepared: Collection[tuple[str, str]],
+    ordered_now: Mapping[str, int],
+    moved_now: Mapping[str, int],
+) -> dict[str, str]:
+    """Which mismatches a 2PC in flight explains, and how: the missing half is still prepared,
+    or the re-read (after the look at what is prepared) finds the two sides agreeing."""
+    why: dict[str, str] = {}
+    for order_id in suspects:
+        missing = [
+            db for db, side in ((ORDERS, ordered), (INVENTORY, moved)) if order_id not in side
+        ]
+        still = [db for db in missing if (uuid_hex(order_id), db) in prepared]
+        if still:
+            why[order_id] = f"{' and '.join(still)} half still prepared"
+        elif ordered_now.get(order_id) == moved_now.get(order_id):
+            why[order_id] = "committed while checked"
+    return why
+
+
+def judge(
+    negative: int,
+    ordered: Mapping[str, int],
+    moved: Mapping[str, int],
+    in_flight: Mapping[str, str] | None = None,
+) -> Verdict:
+    """`in_flight`: order id -> why a 2PC in flight explains its mismatch (see `explain`)."""
+    suspects = mismatched(ordered, moved)
+    flying = {o: why for o, why in (in_flight or {}).items() if o in suspects}
+    damaged = sorted(suspects - flying.keys())
+    without_movement = [o for o in damaged if o not in moved]
+    without_order = [o for o in damaged if o not in ordered]
+    quantity = [o for o in damaged if o in ordered and o in moved]
     details = {
         "orders": len(ordered),
         "negative_stock_products": negative,
-        "orders_without_movement": without_movement[:20],
-        "movements_without_order": without_order[:20],
-        "quantity_mismatches": mismatched[:20],
+        "orders_without_movement": without_movement[:MAX_LISTED],
+        "movements_without_order": without_order[:MAX_LISTED],
+        "quantity_mismatches": quantity[:MAX_LISTED],
+        "in_flight": dict(sorted(flying.items())[:MAX_LISTED]),
+        "in_flight_count": len(flying),
     }
     problems = []
     if negative:
@@ -71,6 +174,6 @@ def judge(negative: int, ordered: dict[Any, int], moved: dict[Any, int]) -> Verd
         problems.append(f"{len(without_movement)} orders without movement")
     if without_order:
         problems.append(f"{len(without_order)} movements without order")
-    if mismatched:
-        problems.append(f"{len(mismatched)} quantity mismatches")
+    if quantity:
+        problems.append(f"{len(quantity)} quantity mismatches")
     return Verdict(True, tuple(problems), details)

@@ -16,6 +16,9 @@ class Health(StrEnum):
     UP = "up"
     DEGRADED = "degraded"
     DOWN = "down"
+    # Could not look (e.g. the data cannot be read while the database fails over): neither a
+    # failure nor a success; it opens no incident and resolves none.
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,9 @@ class Probe(ABC):
 
     kind: ClassVar[str]
     Params: ClassVar[type[Params]]
+    # What a target that cannot be reached means: DOWN for most kinds; UNKNOWN for a kind that
+    # judges data through another service (the service's own probes report it down).
+    unreachable: ClassVar[Health] = Health.DOWN
 
     def __init__(self, name: str, params: Mapping[str, Any], timeout_s: float) -> None:
         self.name = name
@@ -53,7 +59,7 @@ class Probe(ABC):
 
     @abstractmethod
     def check(self) -> ProbeResult:
-        """Look once, within `timeout_s`; report DOWN for a dead target, do not raise."""
+        """Look once, within `timeout_s`; report `unreachable` for a dead target, do not raise."""
 
     def run(self) -> ProbeResult:
         started = time.perf_counter()

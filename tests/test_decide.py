@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from controlplane.config import PolicySpec
+from controlplane.config import DeferWhile, PolicySpec, Settings
 from controlplane.incidents import (
     AlertState,
     Hold,
@@ -195,3 +195,117 @@ def test_a_recovered_incident_still_showing_the_old_failure_is_not_reopened() ->
         runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=120))],
     )
     assert kinds(decide(snapshot, NOW)) == []
+
+
+# -- UNKNOWN: a probe that could not look -------------------------------------------------------
+X = Health.UNKNOWN
+
+UNKNOWN_TABLE = [
+    ("unknown results never open an incident",
+     Snapshot(probes=[probe(U, X, X, X, X)], policies=[RESTART]), []),
+    ("unknown results neither count toward opening nor break the failure streak",
+     Snapshot(probes=[probe(D, X, D, X, X, D)], policies=[RESTART]), ["Open", "RequestAction"]),
+    ("unknown results do not resolve an open incident",
+     Snapshot(probes=[probe(D, D, D, X, X, X)], incidents=[incident()]), []),
+    ("an open incident resolves on two successes with an unknown between them",
+     Snapshot(probes=[probe(D, D, D, U, X, U)], incidents=[incident()]), ["Resolve"]),
+    ("unknown results are no state changes: not flapping",
+     Snapshot(probes=[probe(D, X, D, X, D, X, D)], incidents=[incident()]), []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), [(s, e) for _, s, e in UNKNOWN_TABLE],
+                         ids=[d for d, _, _ in UNKNOWN_TABLE])  # fmt: skip
+def test_decide_with_unknown_results(snapshot: Snapshot, expected: list[str]) -> None:
+    assert kinds(decide(snapshot, NOW)) == expected
+
+
+# -- defer_while: no restore in the middle of a failover ----------------------------------------
+CLUSTER = "shop-db-cluster"
+RESTORE = PolicySpec(
+    name="restore-damaged-data", match={"probe": "shop-invariants"}, action="restore",
+    mode="approval",
+    defer_while=DeferWhile(actions_running=("failover", "rejoin", "switchover"),
+                           probes_not_up=("shop-db-primary",)),
+)  # fmt: skip
+FAILOVER = PolicySpec(name="failover-primary", match={"probe": "shop-db-primary"},
+                      action="failover")  # fmt: skip
+REJOIN = PolicySpec(name="rejoin-standby", match={"probe": "shop-db-standby"}, action="rejoin")
+
+
+def cluster_probe(name: str, *recent: Health, summary: str = "") -> ProbeState:
+    return ProbeState(name, CLUSTER, tuple(recent), 2, 2, summary)
+
+
+DAMAGED = cluster_probe("shop-invariants", U, D, D, D, summary="1 movements without order")
+PRIMARY_UP = cluster_probe("shop-db-primary", U, U)
+
+
+def running(action: str, *, active: bool = True, ago_s: float = 5) -> RunView:
+    return RunView(None, action, CLUSTER, NOW - timedelta(seconds=ago_s), active=active)
+
+
+DEFER_TABLE = [
+    ("damaged data with a primary and nothing running: the restore is proposed",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE]), ["Open", "RequestAction"]),
+    ("a failover running on the cluster defers the restore",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE], runs=[running("failover")]),
+     ["Open", "Hold"]),
+    ("a rejoin pending, even on another target and long ago, defers the restore",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE],
+              runs=[RunView(3, "rejoin", "pg1", NOW - timedelta(hours=5), active=True)]),
+     ["Open", "Hold"]),
+    ("a failover that has finished defers nothing",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE],
+              runs=[running("failover", active=False, ago_s=60)]), ["Open", "RequestAction"]),
+    ("an action the policy does not name defers nothing",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE], runs=[running("cache_flush")]),
+     ["Open", "RequestAction"]),
+    ("no primary: the failover is requested and the restore deferred",
+     Snapshot(probes=[cluster_probe("shop-db-primary", U, D, D), DAMAGED],
+              policies=[RESTORE, FAILOVER]), ["Open", "Open", "RequestAction", "Hold"]),
+    ("a primary probe that could not look defers the restore",
+     Snapshot(probes=[cluster_probe("shop-db-primary", U, X), DAMAGED], policies=[RESTORE]),
+     ["Open", "Hold"]),
+    ("a primary probe with no result yet defers the restore",
+     Snapshot(probes=[DAMAGED], policies=[RESTORE]), ["Open", "Hold"]),
+    ("a rejoin requested in this same cycle defers the restore, whichever incident comes first",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED, cluster_probe("shop-db-standby", U, D, D)],
+              policies=[RESTORE, REJOIN]), ["Open", "Open", "RequestAction", "Hold"]),
+    ("an open damage incident gets its restore once the failover is over",
+     Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE],
+              incidents=[IncidentView(9, "probe:shop-invariants", "shop-invariants", "probe",
+                                      CLUSTER, {"probe": "shop-invariants"}, False)]),
+     ["RequestAction"]),
+    ("an unreadable invariants check during a failover opens nothing and proposes nothing",
+     Snapshot(probes=[cluster_probe("shop-db-primary", U, U, D),
+                      cluster_probe("shop-invariants", U, U, X, X, X)],
+              policies=[RESTORE, FAILOVER], runs=[running("failover")]), []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), [(s, e) for _, s, e in DEFER_TABLE],
+                         ids=[d for d, _, _ in DEFER_TABLE])  # fmt: skip
+def test_decide_defers_a_policy_while(snapshot: Snapshot, expected: list[str]) -> None:
+    assert kinds(decide(snapshot, NOW)) == expected
+
+
+def test_a_deferred_restore_says_why_in_the_sentence() -> None:
+    failing_over = Snapshot(probes=[PRIMARY_UP, DAMAGED], policies=[RESTORE],
+                            runs=[running("failover")])  # fmt: skip
+    sentence = describe(decide(failing_over, NOW))
+    why = "restore on shop-db-cluster deferred while failover runs on shop-db-cluster"
+    assert f"hold probe:shop-invariants: {why}" in sentence
+    no_primary = Snapshot(probes=[cluster_probe("shop-db-primary", U, D, summary="no leader"),
+                                  DAMAGED], policies=[RESTORE])  # fmt: skip
+    assert "deferred while shop-db-primary is down: no leader" in describe(decide(no_primary, NOW))
+
+
+def test_a_policy_deferring_to_an_unknown_probe_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match=r"defer_while\.probes_not_up: unknown probe 'nope'"):
+        Settings(
+            services=[{"name": "svc"}],
+            probes=[{"name": "p", "kind": "tcp", "service": "svc"}],
+            policies=[{"name": "r", "match": {}, "action": "restore",
+                       "defer_while": {"probes_not_up": ["nope"]}}],
+        )  # fmt: skip
