@@ -157,7 +157,7 @@ def prepare_bench_database(stack: Stack) -> None:
     url = pg.shop_url("bench", [stack.layout.pg_port(0)]).replace(
         f"{pg.SHOP_ROLE}@", f"{pg.SUPERUSER}@"
     )
-    engine = make_engine(url, stack.shop_settings(), role="bench")
+    engine = make_engine(url, stack.shop_settings(), role="bench", with_deadline=False)
     try:
         create_schema(engine, engine)
         seed_products(engine, count=PRODUCTS, stock=STOCK)

@@ -33,8 +33,8 @@ def main() -> None:
 def init_db(products: int, stock: int) -> None:
     """Create the tables (idempotent) and seed the catalog up to --products."""
     settings = load_settings()
-    orders = make_engine(settings.orders_url, settings, role="orders")
-    inventory = make_engine(settings.inventory_url, settings, role="inventory")
+    orders = make_engine(settings.orders_url, settings, role="orders", with_deadline=False)
+    inventory = make_engine(settings.inventory_url, settings, role="inventory", with_deadline=False)
     create_schema(orders, inventory)
     added = seed_products(inventory, count=products, stock=stock)
     click.echo(f"schema ready; {added} products added")

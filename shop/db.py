@@ -9,23 +9,32 @@ from typing import Any
 import psycopg
 import psycopg.errors
 import sqlalchemy.exc
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.pool import PoolProxiedConnection
 
 from shop.config import ShopSettings
+from shop.deadline import PrimaryRace, Watchdog
+
+# One watchdog per process: a thread that wakes every 50 ms, whatever the number of engines.
+WATCHDOG = Watchdog()
 
 
-def make_engine(url: str, settings: ShopSettings, *, role: str) -> Engine:
+def make_engine(
+    url: str, settings: ShopSettings, *, role: str, with_deadline: bool = True
+) -> Engine:
     """An engine whose connections time out fast and carry the shop's lock/statement limits.
 
     `url` may name several hosts (`?host=a:1&host=b:2&target_session_attrs=read-write`) so
-    that new connections follow the primary after a failover.
+    that new connections follow the primary after a failover; they race to it (PrimaryRace).
+    With `with_deadline`, every checkout of a connection is bounded by `db_deadline_s` on
+    the client's clock (Watchdog): a hung server costs a request that long, not as long as
+    it hangs. (`shop init-db` goes without: a schema load may take longer.)
     """
     options = (
         f"-c lock_timeout={settings.db_lock_timeout_ms} "
         f"-c statement_timeout={settings.db_statement_timeout_ms}"
     )
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
@@ -35,8 +44,43 @@ def make_engine(url: str, settings: ShopSettings, *, role: str) -> Engine:
             "connect_timeout": settings.db_connect_timeout_s,
             "options": options,
             "application_name": f"{settings.instance_id}/{role}",
+            # A host that is gone (no FIN, no RST): the kernel gives up on it in seconds.
+            "keepalives": 1,
+            "keepalives_idle": 1,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": settings.db_tcp_user_timeout_ms,
         },
     )
+    race = PrimaryRace(race_after_s=settings.db_race_after_s)
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        return race.connect(cparams)
+
+    if with_deadline:
+        deadline_s = settings.db_deadline_s
+
+        @event.listens_for(engine, "checkout")
+        def arm(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+            WATCHDOG.arm(dbapi_conn, deadline_s)
+
+        for name in ("checkin", "invalidate", "soft_invalidate", "close", "detach"):
+            event.listen(engine, name, _disarm)
+    return engine
+
+
+def _disarm(dbapi_conn: Any, *args: Any) -> None:
+    if dbapi_conn is not None:
+        WATCHDOG.disarm(dbapi_conn)
+
+
+def forget_connections(*engines: Engine) -> None:
+    """After a connection failed: its pooled siblings most likely lead to the same dead or
+    demoted node, and each would cost a deadline to find out. Start every engine afresh
+    (connections still checked out are dropped when they come back)."""
+    for engine in engines:
+        engine.dispose(close=False)
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -49,6 +93,14 @@ def unwrap(exc: BaseException) -> BaseException:
 def is_busy(exc: BaseException) -> bool:
     """A lock or statement timeout: the row is held (e.g. by an in-doubt transaction)."""
     return isinstance(unwrap(exc), psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled)
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """The node is gone, hung, or no longer the primary: no pooled connection to it is good."""
+    err = unwrap(exc)
+    if is_busy(err) or isinstance(err, psycopg.errors.TransactionRollback):
+        return False
+    return isinstance(err, psycopg.OperationalError | psycopg.errors.ReadOnlySqlTransaction)
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -26,9 +26,15 @@ import psycopg
 import psycopg.errors
 from psycopg.rows import dict_row
 from sqlalchemy import Engine
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from shop.db import is_busy, is_transient, raw_connection
+from shop.db import forget_connections, is_busy, is_connection_lost, is_transient, raw_connection
 from shop.errors import Busy, IdempotencyKeyReused, OutOfStock, ProductNotFound, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -122,6 +128,7 @@ class OrderCoordinator:
             retry=retry_if_exception(is_transient),
             stop=stop_after_delay(self.retry_deadline_s),
             wait=wait_exponential(multiplier=0.05, max=0.25),  # a failover takes ~1 s: look often
+            before_sleep=self._forget_if_lost,
             reraise=True,
         )
         try:
@@ -135,6 +142,11 @@ class OrderCoordinator:
                 raise self._as_shop_error(exc) from exc
             raise
         raise AssertionError("unreachable: Retrying either returns or raises")
+
+    def _forget_if_lost(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is not None and is_connection_lost(exc):
+            forget_connections(self.orders, self.inventory)
 
     def _as_shop_error(self, exc: BaseException) -> Exception:
         if is_busy(exc):
@@ -305,6 +317,7 @@ class OrderCoordinator:
             retry=retry_if_exception(is_transient),
             stop=stop_after_delay(self.retry_deadline_s),
             wait=wait_exponential(multiplier=0.05, max=0.25),
+            before_sleep=self._forget_if_lost,
             reraise=True,
         )
         try:

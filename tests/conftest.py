@@ -66,8 +66,10 @@ def shops(stack: Stack) -> list[str]:
 def engines(stack: Stack) -> Iterator[dict[str, Engine]]:
     settings = stack.shop_settings(instance_id="tests")
     built = {
-        "orders": make_engine(settings.orders_url, settings, role="tests"),
-        "inventory": make_engine(settings.inventory_url, settings, role="tests"),
+        "orders": make_engine(settings.orders_url, settings, role="tests", with_deadline=False),
+        "inventory": make_engine(
+            settings.inventory_url, settings, role="tests", with_deadline=False
+        ),
     }
     yield built
     for engine in built.values():
