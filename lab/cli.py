@@ -159,7 +159,7 @@ main.add_command(restore)
 @main.command()
 @data_dir_option
 def down(data_dir: Path) -> None:
-    """Stop the stack described in DATA_DIR/stack.json."""
+    """Stop the stack described in DATA_DIR/stack.json; kill whatever of it is left."""
     try:
         stopped = stop_described(data_dir.absolute())
     except LabError as exc:

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.errors import LabError, NotReadyError
-from remediation.executors.processes import spawn, terminate_pid
+from remediation.executors.processes import (
+    describe_processes,
+    instance_processes,
+    kill_tree,
+    signal_all,
+    spawn,
+    stop_tree,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,19 +122,33 @@ class ServerProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self) -> None:
+        """The stop signal to the server, SIGCONT to all of it (a stopped process could not act
+        on it), SIGKILL to whatever of it is left after `stop_timeout_s`: its workers too."""
         if self.popen is None or self.popen.poll() is not None:
             return
-        terminate_pid(self.popen.pid, timeout_s=self.stop_timeout_s, sig=self.stop_signal)
+        survivors = stop_tree(self.popen.pid, sig=self.stop_signal, timeout_s=self.stop_timeout_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=1)
+        if survivors:
+            raise LabError(f"{self.name} survived SIGKILL: {describe_processes(survivors)}")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Fault injection: signal the server without waiting for a clean stop."""
-        if self.popen is not None and self.popen.poll() is None:
+    def kill(self, sig: int = signal.SIGKILL, *, whole_tree: bool = False) -> None:
+        """Fault injection: signal the server without waiting for a clean stop. The main
+        process alone (a crash of it), or with `whole_tree` every process of it (a hang:
+        SIGSTOP; SIGKILL then waits until none is left)."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        if whole_tree:
+            members = instance_processes(self.popen.pid)
+            if sig == signal.SIGKILL:
+                kill_tree(members)
+            else:
+                signal_all(members, sig)
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, sig)
-            if sig == signal.SIGKILL:
-                self.popen.wait(timeout=10)
+        if sig == signal.SIGKILL:
+            self.popen.wait(timeout=10)
 
 
 def tail(path: Path, lines: int = 20) -> str:

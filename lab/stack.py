@@ -26,7 +26,18 @@ from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redi
 from lab.process import ServerProcess
 from lab.targets import controlplane_targets, write_targets
 from remediation.executors.lab import LabExecutor, stop_signal
-from remediation.executors.processes import is_pid_alive, runs_program, terminate_pid
+from remediation.executors.processes import (
+    descendants,
+    describe_processes,
+    is_alive,
+    is_pid_alive,
+    kill_tree,
+    process_table,
+    runs_program,
+    stop_tree,
+    terminate_pid,
+    under_directory,
+)
 from shop.config import ShopSettings
 from shop.db import make_engine
 from shop.schema import create_schema, seed_products
@@ -214,8 +225,12 @@ class Stack:
         self._add(primary.name, "primary", primary.server()).start().wait_ready()
         pg.create_shop_databases(primary.port)
         settings = self.shop_settings()
-        orders = make_engine(pg.shop_url("orders", [primary.port]), settings, role="lab")
-        inventory = make_engine(pg.shop_url("inventory", [primary.port]), settings, role="lab")
+        orders = make_engine(
+            pg.shop_url("orders", [primary.port]), settings, role="lab", with_deadline=False
+        )
+        inventory = make_engine(
+            pg.shop_url("inventory", [primary.port]), settings, role="lab", with_deadline=False
+        )
         try:
             create_schema(orders, inventory)
             seed_products(inventory, count=self.products, stock=self.stock)
@@ -244,9 +259,13 @@ class Stack:
                 proc.stop()
             except Exception:
                 logger.exception("stopping %s failed", proc.name)
-        # Processes the control plane restarted are not our children: stack.json knows them.
+        # Processes the control plane restarted are not our children: stack.json knows them;
+        # and what nobody recorded (a server an action was starting) is found under DIR.
         if self.layout.stack_file.exists():
-            stop_described(self.layout.data_dir)
+            try:
+                stop_described(self.layout.data_dir)
+            except LabError:
+                logger.exception("stopping the stack in %s failed", self.layout.data_dir)
 
     def _in_stop_order(self) -> list[ServerProcess]:
         rank = {role: i for i, role in enumerate(STOP_ORDER)}
@@ -354,19 +373,44 @@ def running_components(description: Mapping[str, Any]) -> dict[str, int]:
 
 
 def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
-    """`controlplane down`: stop every live component recorded in DIR/stack.json, in order."""
+    """`controlplane down`: leave nothing of the stack described in DIR/stack.json running,
+    whatever its control plane is doing. The control plane first, waited for (its actions end
+    with it); then every recorded component, cleanly, in order; then whatever is left is
+    killed: what the recorded processes started, and every process working in DIR or naming a
+    path below it (a PostgreSQL an action was starting, a pg_basebackup). Returns the
+    components stopped; raises LabError naming any process that survived SIGKILL."""
     description = read_stack_file(data_dir)
     alive = running_components(description)
-    rank = {role: i for i, role in enumerate(STOP_ORDER)}
-    comps = description["components"]
+    # Taken before anything stops: an orphan is re-parented, no longer found from its parent.
+    remembered = descendants(alive.values(), process_table())
     stopped = []
+    for name in sorted(n for n in alive if description["components"][n]["role"] == "controlplane"):
+        terminate_pid(alive[name], timeout_s=timeout_s)
+        stopped.append(name)
+    # Read again: until it exited, the control plane's actions may have recorded new pids.
+    description = read_stack_file(data_dir)
+    comps = description["components"]
+    alive = {n: pid for n, pid in running_components(description).items() if n not in stopped}
+    remembered |= descendants(alive.values(), process_table())
+    rank = {role: i for i, role in enumerate(STOP_ORDER)}
     for name in sorted(alive, key=lambda n: rank.get(comps[n]["role"], -1)):
-        terminate_pid(alive[name], timeout_s=timeout_s, sig=stop_signal(comps[name]["role"]))
+        role = comps[name]["role"]
+        data = comps[name].get("data_dir")
+        stop_tree(alive[name], sig=stop_signal(role), timeout_s=timeout_s, data_dir=data)
         stopped.append(name)
     supervisor = description.get("supervisor_pid")
+    spare = [supervisor] if isinstance(supervisor, int) else []
+    find = under_directory(data_dir.absolute(), spare=spare)
+    leftovers = {proc for proc in remembered if is_alive(proc)} | find(process_table())
+    survivors = set()
+    if leftovers:
+        logger.warning("killing what is left of the stack: %s", describe_processes(leftovers))
+        survivors = kill_tree(leftovers, find=find)
     if isinstance(supervisor, int) and supervisor != os.getpid() and is_pid_alive(supervisor):
         with contextlib.suppress(ProcessLookupError):
             os.kill(supervisor, signal.SIGTERM)
+    if survivors:
+        raise LabError(f"these survived SIGKILL: {describe_processes(survivors)}")
     return stopped
 
 

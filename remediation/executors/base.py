@@ -20,12 +20,18 @@ class Executor(Protocol):
     def components(self) -> list[str]: ...
 
     def fence(self, component: str) -> bool:
-        """SIGKILL it and every process of its group, even a stopped (SIGSTOP) one; returns
-        whether anything was running. After this it cannot accept a write."""
+        """SIGKILL every process of it, stopped (SIGSTOP) ones too: the main process, its
+        descendants, and whatever works in its data directory (PostgreSQL's backends, each in
+        a session of its own, outlive their postmaster). Returns whether anything ran.
+        Guarantees, when it returns: none of them is left (else ExecutorError names the
+        survivors), so it accepts no write and holds no port, lock or shared memory; it can be
+        started again."""
         ...
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
-        """A clean (fast) stop; SIGKILL after `timeout_s`."""
+        """A clean (fast) stop, as systemd does it: the stop signal to the main process and
+        SIGCONT to all of them (a stopped one could not act on it); after `timeout_s`, a fence.
+        Nothing of it is left when it returns (else ExecutorError)."""
         ...
 
     def run_tool(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -17,12 +16,17 @@ from typing import Any
 
 from remediation.executors.base import ExecutorError
 from remediation.executors.processes import (
+    Finder,
+    Proc,
+    describe_processes,
+    in_directory,
+    instance_processes,
     is_pid_alive,
+    kill_tree,
     runs_program,
     spawn,
     started_as,
-    terminate_pid,
-    wait_for_exit,
+    stop_tree,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,6 +35,13 @@ logger = logging.getLogger(__name__)
 def stop_signal(role: str) -> int:
     """PostgreSQL stops "fast" on SIGINT (SIGTERM would be "smart": wait for every client)."""
     return signal.SIGINT if role in ("primary", "standby") else signal.SIGTERM
+
+
+def restart_stop_timeout_s(role: str) -> float:
+    """How long a restart waits for a clean stop before SIGKILL. What is restarted does not
+    serve (it may hang: a SIGSTOPped gunicorn), so not long; PostgreSQL longer, as its fast
+    shutdown writes a checkpoint and a SIGKILL costs a crash recovery."""
+    return 10.0 if role in ("primary", "standby") else 3.0
 
 
 class LabExecutor:
@@ -96,7 +107,7 @@ class LabExecutor:
         comp = self._component(component)
         if "start" not in comp:
             raise ExecutorError(f"no start recipe for {component!r} in {self.stack_file}")
-        self.stop(component, timeout_s=10)
+        self.stop(component, timeout_s=restart_stop_timeout_s(comp["role"]))
         start = comp["start"]
         try:
             proc = spawn(
@@ -114,19 +125,29 @@ class LabExecutor:
     def fence(self, component: str) -> bool:
         pid = self._adopt(component)
         comp = self._component(component)
-        if pid is None:
-            self._clear_stale_pid_file(comp)
-            return False
-        # Servers are spawned in their own session: the group is the server and its children
-        # (PostgreSQL's backends keep serving their sessions without the postmaster).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not wait_for_exit(pid, 10):
-            raise ExecutorError(f"{component} (pid {pid}) survived SIGKILL")
+        data_dir = comp.get("data_dir")
+        # Found before any is killed: once the postmaster is dead, its backends (each in a
+        # session of its own, so no process group holds them) are found by their directory.
+        found = instance_processes(pid, data_dir)
+        if found:
+            logger.info("fencing %s: %s", component, describe_processes(found))
+        # kill_tree returns only once a fresh look finds none of them, no descendant and
+        # nothing in the data directory: what it returns still runs.
+        self._verify_gone(component, kill_tree(found, find=self._finder(comp)))
         self._clear_stale_pid_file(comp)
-        return True
+        return bool(found)
+
+    @staticmethod
+    def _finder(comp: dict[str, Any]) -> Finder | None:
+        data_dir = comp.get("data_dir")
+        return in_directory(data_dir) if data_dir else None
+
+    @staticmethod
+    def _verify_gone(component: str, survivors: set[Proc]) -> None:
+        if survivors:
+            raise ExecutorError(
+                f"{component} survived SIGKILL: {describe_processes(survivors)} still run"
+            )
 
     @staticmethod
     def _clear_stale_pid_file(comp: dict[str, Any]) -> None:
@@ -146,9 +167,20 @@ class LabExecutor:
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
         pid = self._adopt(component)
+        comp = self._component(component)
         if pid is not None:
-            role = self._component(component)["role"]
-            terminate_pid(pid, timeout_s=timeout_s, sig=stop_signal(role))
+            survivors = stop_tree(
+                pid,
+                sig=stop_signal(comp["role"]),
+                timeout_s=timeout_s,
+                data_dir=comp.get("data_dir"),
+            )
+        else:  # nothing to stop cleanly; what a dead postmaster left in its directory goes
+            survivors = kill_tree(
+                instance_processes(None, comp.get("data_dir")), find=self._finder(comp)
+            )
+        self._verify_gone(component, survivors)
+        self._clear_stale_pid_file(comp)
 
     def run_tool(
         self,
