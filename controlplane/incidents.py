@@ -38,6 +38,7 @@ class ProbeState:
     summary: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     failing_since: datetime | None = None
+    failing_at: tuple[datetime, ...] = ()  # when each result of the failing streak came
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +196,12 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             incident is not None
             and incident.recovered_at is not None
             and failing >= probe.failures_to_open
-            and probe.failing_since is not None
-            and probe.failing_since > incident.recovered_at
+            and sum(at > incident.recovered_at for at in probe.failing_at) >= probe.failures_to_open
         ):
             # Recovered by an action, then failed again before it could resolve: a new
             # failure, which deserves its own incident (and its own action, within limits).
+            # Counted from the recovery, not from the streak's start: a second fault that
+            # comes before the probe has seen the first one healed is still a new failure.
             decisions.append(Resolve(incident.id, "recovered, then failed again: reopened"))
             del open_by_fp[fp]
             candidates.pop(fp, None)

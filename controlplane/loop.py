@@ -63,13 +63,14 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
         if not runs:
             continue
         recent = tuple(Health(r.health) for r in reversed(runs))
-        failing_since = None
+        failing_at: list[datetime] = []
         for r in runs:  # newest first: walk back through the failing streak
             if r.health == Health.UNKNOWN:
                 continue  # could not look: neither ends the streak nor belongs to it
             if r.health == Health.UP:
                 break
-            failing_since = r.at
+            failing_at.append(r.at)
+        failing_since = failing_at[-1] if failing_at else None
         service = settings.service(spec.service)
         probes.append(
             ProbeState(
@@ -81,6 +82,7 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
                 summary=runs[0].summary,
                 labels=dict(service.labels) if service else {},
                 failing_since=failing_since,
+                failing_at=tuple(reversed(failing_at)),
             )
         )
     alerts = [

@@ -167,8 +167,10 @@ def recovered_incident(recovered_at: datetime) -> IncidentView:
 
 
 def failing_probe(since: datetime) -> ProbeState:
+    """Three failures in a row, the first at `since`, one a second."""
+    at = tuple(since + timedelta(seconds=n) for n in range(3))
     return ProbeState("shop-0-ready", "shop-0", (U, U, D, D, D), 3, 2, "HTTP 503",
-                      failing_since=since)  # fmt: skip
+                      failing_since=since, failing_at=at)  # fmt: skip
 
 
 def test_a_recovered_incident_that_fails_again_is_resolved_and_opened_anew_with_its_action() -> (
@@ -185,6 +187,20 @@ def test_a_recovered_incident_that_fails_again_is_resolved_and_opened_anew_with_
     resolve = decisions[0]
     assert isinstance(resolve, Resolve) and resolve.incident_id == 7
     assert "failed again" in resolve.reason
+
+
+def test_a_second_fault_before_the_probe_saw_the_first_healed_is_a_new_failure() -> None:
+    # The streak began before the recovery, but three failures came after it.
+    at = tuple(NOW - timedelta(seconds=s) for s in (30, 9, 6, 3))
+    probe = ProbeState("shop-0-ready", "shop-0", (U, D, D, D, D), 3, 2, "HTTP 503",
+                       failing_since=at[0], failing_at=at)  # fmt: skip
+    snapshot = Snapshot(
+        probes=[probe],
+        incidents=[recovered_incident(NOW - timedelta(seconds=10))],
+        policies=[RESTART],
+        runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=120))],
+    )
+    assert kinds(decide(snapshot, NOW))[0] == "Resolve"
 
 
 def test_a_recovered_incident_still_showing_the_old_failure_is_not_reopened() -> None:
