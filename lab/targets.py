@@ -117,6 +117,18 @@ def controlplane_targets(
             "params": {"nodes": nodes},
         },
         {
+            # Redundancy over time: no synchronous standby for 2 minutes, whatever the quick
+            # rejoin tried, is an incident of its own (its action rebuilds the standby).
+            "name": "shop-db-redundancy",
+            "kind": "pg_standby",
+            "service": "shop-db-cluster",
+            "interval_s": 5,
+            "timeout_s": 2,
+            "failures_to_open": 1,
+            "successes_to_resolve": 1,
+            "params": {"nodes": nodes, "missing_for_s": 120},
+        },
+        {
             # On the cluster: a restore of damaged data and a failover never run together.
             "name": "shop-invariants",
             "kind": "invariant",
@@ -127,7 +139,6 @@ def controlplane_targets(
             "params": {
                 "orders_dsn": primary_dsn(layout, "orders"),
                 "inventory_dsn": primary_dsn(layout, "inventory"),
-                "settle_s": 10,
             },
         },
         {
@@ -208,6 +219,8 @@ def controlplane_targets(
         {"name": "failover-primary", "match": {"probe": "shop-db-primary"}, **failover},
         {"name": "failover-alert", "match": {"alertname": "ShopDatabaseNoPrimary"}, **failover},
         {
+            # Retried with back-off (1, 2, 4, 8 s between attempts) until redundancy is back,
+            # then escalated with the last attempt's reason.
             "name": "rejoin-standby",
             "match": {"probe": "shop-db-standby"},
             "action": "rejoin",
@@ -215,9 +228,21 @@ def controlplane_targets(
             "cooldown_s": 10,
             "max_runs": 5,
             "window_s": 600,
-            "max_attempts": 2,
+            "max_attempts": 5,
             "verify_timeout_s": 30,
             "params": {"nodes": nodes},
+        },
+        {
+            "name": "rebuild-standby",
+            "match": {"probe": "shop-db-redundancy"},
+            "action": "rejoin",
+            "mode": "auto",
+            "cooldown_s": 60,
+            "max_runs": 3,
+            "window_s": 3600,
+            "max_attempts": 3,
+            "verify_timeout_s": 60,
+            "params": {"nodes": nodes, "rebuild": True},
         },
         {
             # Never matches an incident: the params and limits of an operator's switchover.
@@ -242,6 +267,11 @@ def controlplane_targets(
             "window_s": 3600,
             "max_attempts": 1,
             "verify_timeout_s": 60,
+            # Never proposed in the middle of a failover, or while no node accepts writes.
+            "defer_while": {
+                "actions_running": ["failover", "rejoin", "switchover"],
+                "probes_not_up": ["shop-db-primary"],
+            },
             "params": {
                 "nodes": nodes,
                 "backups_dir": str(layout.backups),

@@ -1,9 +1,18 @@
 """PgStandbyProbe: is the cluster redundant, i.e. does a standby stream synchronously from
 the leader? A writable node beside the leader (an old primary come back on its own) is a
 split brain and reports DOWN. Without a leader (but a node answering) it reports UP: that
-is pg_primary's incident."""
+is pg_primary's incident.
+
+With `missing_for_s`, it watches redundancy over time instead: UP while the cluster has had
+no synchronous standby for less than that (the quick rejoin's business), DOWN past it, so
+"no redundancy for N minutes" is an incident of its own, with its own action."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import Field
 
@@ -13,13 +22,44 @@ from probes.base import Health, Params, Probe, ProbeResult
 
 class PgStandbyParams(Params):
     nodes: dict[str, str] = Field(min_length=2)  # node name -> libpq DSN
+    missing_for_s: float | None = Field(default=None, gt=0)
 
 
 class PgStandbyProbe(Probe):
     kind = "pg_standby"
     Params = PgStandbyParams
 
+    def __init__(self, name: str, params: Mapping[str, Any], timeout_s: float) -> None:
+        super().__init__(name, params, timeout_s)
+        self._lock = threading.Lock()
+        self._missing_since: float | None = None
+
     def check(self) -> ProbeResult:
+        result = self._look()
+        p: PgStandbyParams = self.params  # type: ignore[assignment]
+        if p.missing_for_s is None:
+            return result
+        with self._lock:
+            if result.health is Health.UP and result.details.get("sync"):
+                self._missing_since = None
+                return result
+            now = time.monotonic()
+            self._missing_since = self._missing_since or now
+            missing_s = now - self._missing_since
+        if missing_s < p.missing_for_s:
+            return ProbeResult(
+                Health.UP,
+                f"redundancy missing for {missing_s:.0f}s (allowed {p.missing_for_s:g}s): "
+                f"{result.summary}",
+                details=result.details,
+            )
+        return ProbeResult(
+            Health.DOWN,
+            f"no redundancy for {missing_s:.0f}s: {result.summary}",
+            details={**result.details, "missing_s": round(missing_s, 1)},
+        )
+
+    def _look(self) -> ProbeResult:
         p: PgStandbyParams = self.params  # type: ignore[assignment]
         views = observe_all(p.nodes, self.timeout_s)
         details = {

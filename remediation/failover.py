@@ -1,8 +1,9 @@
 """Failover: the primary is gone; fence it, promote the standby, keep writes flowing.
 
-Never two writable primaries: every node that is not a standby is fenced (SIGKILL of its
-whole process group, even a stopped one) before anything is promoted. Never a lost
-acknowledged order: promotion needs the `synchronous` fact (the standby confirmed every
+Never two writable primaries: every node that is not a standby is fenced before anything is
+promoted (in the lab: SIGKILL of every process of the instance, backends included, even
+stopped ones, verified gone), and a fenced node that still answers as writable stops it.
+Never a lost acknowledged order: promotion needs the `synchronous` fact (the standby confirmed every
 commit up to the failure), unless the policy says `require_synchronous = false`."""
 
 from __future__ import annotations
@@ -60,7 +61,18 @@ class Failover(Action):
         fenced = [v.name for v in views if v.state is not NodeState.STANDBY]
         for view in views:
             if view.state is not NodeState.STANDBY:
-                pg_ops.fence(ctx.executor, view)
+                pg_ops.fence(ctx.executor, view)  # the executor verifies it: no process left
+        # Whatever the executor: a fenced node still taking writes is no fence. Promote nothing.
+        still = [
+            v.name
+            for v in pg_ops.views({n: p.nodes[n] for n in fenced})
+            if v.state is NodeState.PRIMARY
+        ]
+        if still:
+            raise ActionError(
+                f"{', '.join(still)} still accepts writes after its fence: not promoting",
+                permanent=True,
+            )
         standbys = sorted(
             (v for v in views if v.state is NodeState.STANDBY),
             key=lambda v: v.receiving != "streaming",

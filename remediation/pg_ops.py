@@ -111,10 +111,28 @@ def rejoin(
     nodes: Mapping[str, str],
     *,
     timeout_s: float,
+    rebuild: bool = False,
 ) -> str:
     """Make `node` a standby streaming from `leader`: stop it, finish its crash recovery in
     single-user mode (never as a server: it would accept writes), pg_rewind it from the
-    leader (a fresh base backup if that fails), start it. Returns how it was done."""
+    leader (a fresh base backup if that fails, or at once with `rebuild`), start it. Returns
+    how it was done. A failure of a tool or a process is an ActionError worth another try
+    (the node may be busy dying, or unreachable for a while)."""
+    try:
+        return _rejoin(executor, node, leader, nodes, timeout_s=timeout_s, rebuild=rebuild)
+    except ExecutorError as exc:
+        raise ActionError(f"rejoin of {node} failed: {exc}") from exc
+
+
+def _rejoin(
+    executor: Executor,
+    node: str,
+    leader: NodeView,
+    nodes: Mapping[str, str],
+    *,
+    timeout_s: float,
+    rebuild: bool,
+) -> str:
     executor.fence(node)  # whatever it is now (a rogue primary, a stuck standby): gone
     data_dir = executor.data_dir(node)
     state = cluster_state(executor, node)
@@ -123,7 +141,7 @@ def rejoin(
     def streaming() -> bool:
         return follows(observe(node, nodes[node], 2), leader)
 
-    if state == CRASHED_STANDBY:
+    if state == CRASHED_STANDBY and not rebuild:
         # A standby that died: started again it replays and streams on, if it still can.
         executor.restart(node)
         try:
@@ -133,7 +151,7 @@ def rejoin(
             executor.stop(node)  # cleanly: "shut down in recovery", which pg_rewind reads
             state = cluster_state(executor, node)
             how.append("restarted, did not follow")
-    if state not in REWOUND_OR_CLEAN:
+    if state not in REWOUND_OR_CLEAN and not rebuild:
         # A crashed primary: pg_rewind cannot read it until crash recovery has run.
         executor.run_tool(
             node,
@@ -148,12 +166,14 @@ def rejoin(
         # checkpoint, and pg_rewind would then wrongly find "no rewind required".
         conn.execute("CHECKPOINT")
     try:
+        if rebuild:
+            raise ExecutorError("a rebuild was asked for")
         out = executor.run_tool(
             node, "pg_rewind", ["-D", data_dir, "--source-server", source, "-R"]
         )
         how.append("no rewind needed" if "no rewind required" in out else "pg_rewind")
     except ExecutorError as exc:
-        logger.warning("pg_rewind of %s failed, taking a base backup: %s", node, exc)
+        logger.warning("no pg_rewind of %s (%s): taking a base backup", node, exc)
         executor.reset_data_dir(node)
         executor.run_tool(
             node,

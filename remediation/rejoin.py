@@ -18,6 +18,8 @@ class RejoinParams(BaseModel):
     nodes: dict[str, str] = Field(min_length=2)
     settle_s: float = Field(default=5, ge=0)  # a standby that reconnects within this is left be
     rejoin_timeout_s: float = Field(default=120, gt=0)
+    # Skip pg_rewind: a fresh base backup (the action for redundancy missing for too long).
+    rebuild: bool = False
 
 
 def params_of(ctx: ActionContext) -> RejoinParams:
@@ -58,7 +60,12 @@ class Rejoin(Action):
             elif view.state is NodeState.STANDBY and self._settles(view, leader, p):
                 continue
             how = pg_ops.rejoin(
-                ctx.executor, view.name, leader, p.nodes, timeout_s=p.rejoin_timeout_s
+                ctx.executor,
+                view.name,
+                leader,
+                p.nodes,
+                timeout_s=p.rejoin_timeout_s,
+                rebuild=p.rebuild,
             )
             steps.append(f"{view.name} rejoined ({how})")
         pg_ops.restore_sync(ctx.executor, leader.name, leader_dsn, p.rejoin_timeout_s)

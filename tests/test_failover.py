@@ -20,7 +20,7 @@ import requests
 from lab.load import LoadResult, run_order_load
 from lab.process import wait_until
 from lab.stack import Stack
-from remediation.executors.processes import is_pid_alive
+from remediation.executors.processes import in_directory, is_pid_alive, process_table
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
 
@@ -93,6 +93,37 @@ def wait_redundant(stack: Stack, timeout_s: float = 90) -> str:
     name = leader(stack)
     assert name is not None
     return name
+
+
+def processes_of(stack: Stack, node: str) -> list[int]:
+    """Every process of a PostgreSQL node: the postmaster and each backend (each backend calls
+    setsid(), so the postmaster's process group is not the server; all chdir to its data)."""
+    data_dir = described(stack)["components"][node]["data_dir"]
+    return sorted(p.pid for p in in_directory(data_dir)(process_table()))
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+@contextlib.contextmanager
+def hung(stack: Stack, node: str, *, postmaster_only: bool = False) -> Iterator[list[int]]:
+    """The node hangs as a server does (I/O stall, SIGSTOP): every process of it stopped,
+    or the postmaster alone (existing sessions keep working, new ones wait). Woken on exit."""
+    pids = [postmaster_pid(stack, node)] if postmaster_only else processes_of(stack, node)
+    signal_all(pids, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        signal_all(pids, signal.SIGCONT)
+
+
+def open_session(stack: Stack, node: str) -> psycopg.Connection[Any]:
+    """A client session on the node, so that it has a backend of its own to hang."""
+    port = described(stack)["components"][node]["port"]
+    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", autocommit=True)
 
 
 def postmaster_pid(stack: Stack, node: str) -> int:
@@ -180,36 +211,109 @@ def test_a_primary_stalled_for_less_than_the_grace_is_not_failed_over(
 ) -> None:
     before = wait_redundant(ha)
     failovers = len(runs_of(ha_api, "failover"))
-    pid = postmaster_pid(ha, before)
-    os.killpg(pid, signal.SIGSTOP)  # the postmaster and its backends: a hung server
-    try:
+    with open_session(ha, before), hung(ha, before) as pids:
+        assert len(pids) > 2, "the postmaster and its backends, not the postmaster alone"
         ha_api.wait_cycles(4)  # ~2 s of the 5 s grace, with the primary probe timing out
-    finally:
-        os.killpg(pid, signal.SIGCONT)
     ha_api.wait_cycles(6)
     assert leader(ha) == before
     assert len(runs_of(ha_api, "failover")) == failovers
     assert order(ha).status_code == 201
 
 
-def test_a_primary_stalled_past_the_grace_is_fenced_and_replaced(ha: Stack, ha_api: Api) -> None:
+def load_in_background(stack: Stack, duration_s: float) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def load() -> None:
+        result["load"] = run_order_load(
+            described(stack)["shop"]["instances"],
+            clients=4,
+            duration_s=duration_s,
+            product_ids=list(range(1, 51)),
+            think_s=0.01,
+        )
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    wait_until(lambda: order(stack).status_code == 201, timeout_s=10, what="orders flowing")
+    return loader, result
+
+
+def assert_every_acknowledged_order_kept(stack: Stack, acknowledged: list[str]) -> None:
+    wait_until(lambda: prepared_count(stack) == 0, timeout_s=90, what="no transaction in doubt")
+    present = orders_present(stack, acknowledged)
+    assert set(present) == set(acknowledged)
+    assert set(present.values()) == {1}
+
+
+def test_a_primary_hung_whole_is_fenced_whole_and_orders_flow_again_while_it_still_hangs(
+    ha: Stack, ha_api: Api
+) -> None:
     before = wait_redundant(ha)
-    pid = postmaster_pid(ha, before)
-    os.killpg(pid, signal.SIGSTOP)
-    try:
+    restores = len(runs_of(ha_api, "restore"))
+    loader, result = load_in_background(ha, duration_s=25)
+    with open_session(ha, before), hung(ha, before) as pids:
+        assert len(pids) > 2
+        # The shop's pooled connections lead to the hung node: only its own deadlines free
+        # them. Orders must be acknowledged again while the old primary is still stopped.
         wait_until(
             lambda: node_state(ha, 1 - int(before[-1]))[0] == "primary",
             timeout_s=60,
             what="the standby promoted",
         )
-    finally:
-        # Waking it must not make a second primary: it was fenced (SIGKILL) before promotion.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGCONT)
-    assert not is_pid_alive(pid)
+        wait_until(
+            lambda: order(ha).status_code == 201, timeout_s=30, what="an order on the new primary"
+        )
+        # The fence took every process of the old primary, backends included (the rejoin
+        # may already have started new ones: those are not the hung ones).
+        assert [pid for pid in pids if is_pid_alive(pid)] == []
+    loader.join(timeout=90)
+    after = wait_redundant(ha)
+    assert after != before
+    assert_every_acknowledged_order_kept(ha, result["load"].acknowledged)
+    # A 2PC caught between its two commits by the failover is not damage: no restore offered.
+    assert len(runs_of(ha_api, "restore")) == restores
+
+
+def test_a_primary_whose_postmaster_alone_hangs_is_replaced_and_its_backends_are_fenced_too(
+    ha: Stack, ha_api: Api
+) -> None:
+    before = wait_redundant(ha)
+    backends_before = [p for p in processes_of(ha, before) if p != postmaster_pid(ha, before)]
+    assert backends_before, "a live node has backends and auxiliary processes"
+    with hung(ha, before, postmaster_only=True):
+        # Existing sessions keep working on the backends, but no new one is accepted: after
+        # the grace the node is replaced, and the fence must not leave its backends serving.
+        wait_until(
+            lambda: node_state(ha, 1 - int(before[-1]))[0] == "primary",
+            timeout_s=60,
+            what="the standby promoted",
+        )
+        assert [pid for pid in backends_before if is_pid_alive(pid)] == []
     after = wait_redundant(ha)
     assert after != before
     assert order(ha).status_code == 201
+
+
+def test_a_hung_standby_is_fenced_and_rejoined_while_orders_keep_flowing(
+    ha: Stack, ha_api: Api
+) -> None:
+    primary = wait_redundant(ha)
+    standby = "pg1" if primary == "pg0" else "pg0"
+    loader, result = load_in_background(ha, duration_s=20)
+    with hung(ha, standby) as pids:
+        assert len(pids) > 2
+        # Synchronous commits would wait for the hung standby for as long as it hangs: the
+        # control plane goes asynchronous, and the orders flow while it is still stopped.
+        ha_api.wait_cycles(2)
+        wait_until(lambda: order(ha).status_code == 201, timeout_s=30, what="an order accepted")
+        wait_until(
+            lambda: all(not is_pid_alive(pid) for pid in pids),
+            timeout_s=60,
+            what="the hung standby fenced",
+        )
+    loader.join(timeout=90)
+    assert wait_redundant(ha) == primary
+    assert_every_acknowledged_order_kept(ha, result["load"].acknowledged)
 
 
 def test_killing_the_standby_keeps_orders_flowing_and_synchronous_commits_return_with_it(
