@@ -144,20 +144,27 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
     samples: list[int] = []
     sampler = threading.Thread(target=split_brain_sampler, args=(stack, stop, samples))
     sampler.start()
-    hung_at = time.monotonic()
     pids = hang_every_process(comps[node]["data_dir"])
-    redundant_at: float | None = None
+    # From the moment every process is stopped: an order sent before may still have had its
+    # decision committed, and is rightly acknowledged once its deadline frees it.
+    hung_at = time.monotonic()
+    redundant_at: list[float] = []
+
+    def watch_redundancy() -> None:
+        time.sleep(1)  # the fault must first be seen: a node stopped a moment ago still looks fine
+        while time.monotonic() < hung_at + hang_s + 120 and not redundant_at:
+            if is_redundant(stack):
+                redundant_at.append(time.monotonic())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_redundancy, daemon=True)
+    watcher.start()
     try:
         while time.monotonic() < hung_at + hang_s:
             time.sleep(0.1)
     finally:
         wake(pids)
-    # Redundancy is measured from the hang: the first moment the cluster is whole again.
-    while time.monotonic() < hung_at + hang_s + 120:
-        if is_redundant(stack):
-            redundant_at = time.monotonic()
-            break
-        time.sleep(0.2)
+    watcher.join(timeout=130)
     time.sleep(2)  # a little load after the recovery: the shops serve the new shape
     stop.set()
     for t in clients:
@@ -175,7 +182,7 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
         hang_s=hang_s,
         outage_s=outage,
         longest_gap_s=gap,
-        redundant_s=(redundant_at - hung_at) if redundant_at else float("inf"),
+        redundant_s=(redundant_at[0] - hung_at) if redundant_at else float("inf"),
         acked=[a[2] for a in done],
         restore_runs=restores,
         split_brain=len(samples),

@@ -3,8 +3,13 @@ on the highest timeline, as after a promotion."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -34,7 +39,24 @@ class NodeView:
         return [n for n, state, sync in self.standbys if state == "streaming" and sync == "sync"]
 
 
+# Observations run here so that one can be given up on at `timeout_s`, below libpq's 2 s
+# connect minimum. Each still ends on its own within ~2 s (connect timeout, or its socket cut
+# by its deadline), so the pool cannot fill up with observations of a hung node.
+_OBSERVERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="pg-observe")
+LOOK_DEADLINE_S = 2.5
+
+
 def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
+    """The node's state within `timeout_s` on our own clock: a stopped server (whose own
+    statement_timeout cannot fire) is UNANSWERED then, whatever the connect minimum."""
+    future = _OBSERVERS.submit(_observe, name, dsn, timeout_s)
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        return NodeView(name, NodeState.UNANSWERED, f"no answer within {timeout_s:g}s")
+
+
+def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
     try:
         with psycopg.connect(
             dsn,
@@ -42,13 +64,30 @@ def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
             autocommit=True,
             options=f"-c statement_timeout={int(timeout_s * 1000)}",
         ) as conn:
-            return _look(name, conn)
+            # Connected, then the server stops: only a cut socket frees this thread.
+            timer = threading.Timer(max(timeout_s, LOOK_DEADLINE_S), _cut, args=(conn,))
+            timer.daemon = True
+            timer.start()
+            try:
+                return _look(name, conn)
+            finally:
+                timer.cancel()
     except psycopg.Error as exc:
         text = str(exc)
-        state = NodeState.UNANSWERED if "timeout" in text.lower() else NodeState.REFUSED
+        timed_out = "timeout" in text.lower() or "closed the connection" in text.lower()
+        state = NodeState.UNANSWERED if timed_out else NodeState.REFUSED
         return NodeView(
             name, state, text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         )
+
+
+def _cut(conn: psycopg.Connection[Any]) -> None:
+    """shutdown() of the socket (through a duplicate descriptor): the blocked read returns."""
+    with (
+        contextlib.suppress(OSError, psycopg.Error),
+        socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:

@@ -34,6 +34,7 @@ class PgPrimaryProbe(Probe):
 
     def check(self) -> ProbeResult:
         p: PgPrimaryParams = self.params  # type: ignore[assignment]
+        asked_at = time.monotonic()  # a silence began when the unanswered question was asked
         views = observe_all(p.nodes, self.timeout_s)
         details = {v.name: {"state": v.state, "timeline": v.timeline} for v in views}
         leader = leader_of(views)
@@ -56,9 +57,8 @@ class PgPrimaryProbe(Probe):
                 )
             last = next((v for v in views if v.name == self._last_leader), None)
             if last is not None and last.state is NodeState.UNANSWERED:
-                now = time.monotonic()
-                self._unanswered_since = self._unanswered_since or now
-                silent_s = now - self._unanswered_since
+                self._unanswered_since = self._unanswered_since or asked_at
+                silent_s = time.monotonic() - self._unanswered_since
                 if silent_s < p.grace_s:
                     return ProbeResult(
                         Health.UP,

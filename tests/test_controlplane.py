@@ -3,6 +3,7 @@ guarded and audited, and Alertmanager's webhooks are taken safely."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lab.errors import NotReadyError
 from lab.process import wait_until
 from lab.stack import Stack
+from remediation.executors.processes import instance_processes, is_pid_alive
 
 
 class Api:
@@ -153,6 +155,45 @@ def test_killing_a_shop_opens_an_incident_restarts_it_and_verifies_it(
         timeout_s=30,
         what="the incident resolved after the probe passed again",
     )
+
+
+def test_a_hung_shop_instance_is_restarted_whole_and_ready_again(stack: Stack, api: Api) -> None:
+    shop = stack.describe()["shop"]["instances"][1]
+    wait_until(
+        lambda: requests.get(f"{shop}/readyz", timeout=2).status_code == 200,
+        timeout_s=60,
+        what="shop-1 ready before the hang",
+    )
+    restarts = len(api.get("/actions?action=restart&limit=500")["actions"])
+    # The gunicorn master and its worker, stopped: alive to the kernel, deaf to everyone.
+    hung = sorted(p.pid for p in instance_processes(component_pid(stack, "shop-1")))
+    assert len(hung) >= 2
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: requests.get(f"{shop}/readyz", timeout=1).status_code == 200,
+            timeout_s=90,
+            interval_s=0.2,
+            what="shop-1 ready again after its hang",
+        )
+    finally:
+        for pid in hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    # Healed by a restart that took the whole stopped tree, not by the test's SIGCONT.
+    assert [pid for pid in hung if is_pid_alive(pid)] == []
+
+    def new_restarts() -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = api.get("/actions?action=restart&limit=500")["actions"]
+        return runs[: len(runs) - restarts]  # newest first
+
+    wait_until(
+        lambda: any(r["state"] == "succeeded" for r in new_restarts()),
+        timeout_s=60,
+        what="the restart verified",
+    )
+    assert {r["target"] for r in new_restarts()} == {"shop-1"}
 
 
 def test_the_webhook_refuses_a_missing_token_and_malformed_bodies(api: Api) -> None:
