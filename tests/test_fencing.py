@@ -1,4 +1,5 @@
-"""A fence fences, a stop stops: hung (SIGSTOPped) servers, orphaned backends, `down`."""
+"""A fence fences, a stop stops: hung (SIGSTOPped) servers, orphaned backends, `down`; and a
+shop does not wait on a hung database for as long as it hangs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from lab.binaries import find_binaries
 from lab.layout import HOST, StackLayout, find_free_base_port
@@ -206,3 +209,31 @@ def test_down_kills_a_postgres_running_under_the_data_dir_that_stack_json_does_n
             | its_child
         )
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_a_shop_answers_within_its_deadlines_while_its_primary_hangs_and_serves_once_it_wakes(
+    lab: Stack,
+) -> None:
+    # No control plane here: nothing fails over. Without client-side deadlines, an order would
+    # wait on the pooled connections to the stopped primary for as long as it hangs.
+    shop = lab.describe()["shop"]["instances"][0]
+
+    def place() -> requests.Response:
+        return requests.post(
+            f"{shop}/orders",
+            json={"product_id": 1, "quantity": 1, "customer": "hang", "address": "1 Road"},
+            headers={"Idempotency-Key": str(uuid.uuid4())},
+            timeout=60,
+        )
+
+    assert place().status_code == 201  # the pool holds connections to the primary now
+    procs = hang(recorded_pid(lab, "pg0"), lab.describe()["components"]["pg0"]["data_dir"])
+    try:
+        # The primary is woken only after the shop has answered: an answer at all (not the
+        # client's own 60 s timeout) shows that the shop gave up on the hung node by itself.
+        during = place()
+    finally:
+        signal_all(procs, signal.SIGCONT)
+    assert during.status_code == 503
+    assert "error" in during.json()
+    wait_until(lambda: place().status_code == 201, timeout_s=30, what="orders again once awake")
