@@ -213,7 +213,7 @@ def controlplane_targets(
         "window_s": 600,
         "max_attempts": 2,
         "verify_timeout_s": 30,
-        "params": {"nodes": nodes},
+        "params": {"nodes": nodes, "observe_timeout_s": 0.5},
     }
     policies += [
         {"name": "failover-primary", "match": {"probe": "shop-db-primary"}, **failover},
@@ -230,7 +230,7 @@ def controlplane_targets(
             "window_s": 600,
             "max_attempts": 5,
             "verify_timeout_s": 30,
-            "params": {"nodes": nodes},
+            "params": {"nodes": nodes, "observe_timeout_s": 0.5},
         },
         {
             "name": "rebuild-standby",

@@ -19,7 +19,10 @@ from remediation.base import Action, ActionContext, ActionError, Check, Outcome,
 class FailoverParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nodes: dict[str, str] = Field(min_length=2)  # executor component -> superuser DSN
+    nodes: dict[str, str] = Field(min_length=2)
+    # How long a node may take to say what it is: a hung one costs this, twice (precheck and
+    # execute), on the path of every failover.
+    observe_timeout_s: float = Field(default=1.0, gt=0)  # executor component -> superuser DSN
     require_synchronous: bool = True
     promote_timeout_s: float = Field(default=30, gt=0)
 
@@ -33,7 +36,7 @@ class Failover(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes)
+        views = pg_ops.views(p.nodes, p.observe_timeout_s)
         leader = leader_of(views)
         if leader is not None:
             return Check(False, f"{leader.name} accepts writes: nothing to fail over")
@@ -54,7 +57,7 @@ class Failover(Action):
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes)
+        views = pg_ops.views(p.nodes, p.observe_timeout_s)
         leader = leader_of(views)
         if leader is not None:  # a retry after the promotion went through
             return Outcome(f"{leader.name} leads already", {"leader": leader.name})
@@ -65,7 +68,7 @@ class Failover(Action):
         # Whatever the executor: a fenced node still taking writes is no fence. Promote nothing.
         still = [
             v.name
-            for v in pg_ops.views({n: p.nodes[n] for n in fenced})
+            for v in pg_ops.views({n: p.nodes[n] for n in fenced}, p.observe_timeout_s)
             if v.state is NodeState.PRIMARY
         ]
         if still:
@@ -93,7 +96,7 @@ class Failover(Action):
 
     def verify(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        leader = leader_of(pg_ops.views(p.nodes))
+        leader = leader_of(pg_ops.views(p.nodes, p.observe_timeout_s))
         if leader is None:
             return Check(False, "no leader yet")
         try:

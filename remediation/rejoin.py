@@ -16,6 +16,9 @@ class RejoinParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     nodes: dict[str, str] = Field(min_length=2)
+    # How long a node may take to say what it is: a hung one costs this, twice (precheck and
+    # execute), on the path of every failover.
+    observe_timeout_s: float = Field(default=1.0, gt=0)
     settle_s: float = Field(default=5, ge=0)  # a standby that reconnects within this is left be
     rejoin_timeout_s: float = Field(default=120, gt=0)
     # Skip pg_rewind: a fresh base backup (the action for redundancy missing for too long).
@@ -31,7 +34,7 @@ class Rejoin(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes)
+        views = pg_ops.views(p.nodes, p.observe_timeout_s)
         leader = leader_of(views)
         if leader is None:
             return Check(False, "no leader to rejoin to (a failover's job)")
@@ -42,7 +45,7 @@ class Rejoin(Action):
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes)
+        views = pg_ops.views(p.nodes, p.observe_timeout_s)
         leader = leader_of(views)
         if leader is None:
             raise ActionError("no leader to rejoin to")
@@ -76,7 +79,9 @@ class Rejoin(Action):
     def _settles(view: NodeView, leader: NodeView, p: RejoinParams) -> bool:
         try:
             pg_ops.wait_for(
-                lambda: follows(pg_ops.views({view.name: p.nodes[view.name]})[0], leader),
+                lambda: follows(
+                    pg_ops.views({view.name: p.nodes[view.name]}, p.observe_timeout_s)[0], leader
+                ),
                 p.settle_s,
                 f"{view.name} streaming",
             )
@@ -86,7 +91,7 @@ class Rejoin(Action):
 
     def verify(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        leader = leader_of(pg_ops.views(p.nodes))
+        leader = leader_of(pg_ops.views(p.nodes, p.observe_timeout_s))
         if leader is None:
             return Check(False, "no leader")
         if not leader.sync_standbys:
