@@ -68,6 +68,9 @@ class PolicySpec(Frozen):
     window_s: float = Field(default=3600.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     verify_timeout_s: float = Field(default=30.0, gt=0)
+    # The run's own deadline: no new attempt starts after it (each step has its own timeouts:
+    # a stop escalates to SIGKILL, every database call and tool is bounded).
+    run_timeout_s: float = Field(default=600.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
     defer_while: DeferWhile = Field(default_factory=DeferWhile)
 

@@ -15,7 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from controlplane import store
 from controlplane.config import PolicySpec, Settings
@@ -209,21 +215,23 @@ class ActionEngine:
             )
             return
         retrying = Retrying(
-            stop=stop_after_attempt(policy.max_attempts),
+            stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.run_timeout_s),
             wait=wait_exponential(multiplier=self.backoff_s, max=30),
             retry=retry_if_exception_type((NotYetHealthy, ActionError)),
             reraise=True,
         )
+        tried = 0
         try:
             for attempt in retrying:
                 with attempt:
-                    self._attempt(run, action, ctx, policy, attempt.retry_state.attempt_number)
+                    tried = attempt.retry_state.attempt_number
+                    self._attempt(run, action, ctx, policy, tried)
         except (NotYetHealthy, ActionError, _Permanent) as exc:
             self._finish(
                 run_id,
                 ActionState.FAILED,
-                {"error": str(exc)},
-                f"gave up after {policy.max_attempts} attempt(s): {exc}; escalated",
+                {"error": str(exc), "attempts": tried},
+                f"gave up after {tried} attempt(s): {exc}; escalated",
             )
             return
         self._finish(run_id, ActionState.SUCCEEDED, {}, "verified recovered")

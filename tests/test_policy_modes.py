@@ -125,6 +125,19 @@ def test_a_restart_that_keeps_failing_escalates_after_its_attempts(cp_factory: A
     assert verbs[-1] == "finish" and "escalated" in timeline
 
 
+def test_a_run_stops_trying_at_its_own_deadline_whatever_attempts_are_left(
+    cp_factory: Any,
+) -> None:
+    cp = cp_factory(mode="auto", max_attempts=1000, run_timeout_s=0.5)
+    fail_once_and_decide(cp)
+    wait_until(
+        lambda: only_run(cp).state == ActionState.FAILED, timeout_s=30, what="the run escalated"
+    )
+    run = only_run(cp)
+    assert 1 <= run.attempts < 1000
+    assert run.output["attempts"] == run.attempts
+
+
 def test_a_run_awaiting_approval_is_dropped_when_its_incident_resolves(cp_factory: Any) -> None:
     cp = cp_factory(mode="approval", max_attempts=1)
     fail_once_and_decide(cp)
