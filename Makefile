@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-controlplane bench-failover bench-restore down
+.PHONY: setup demo test check bench bench-orders bench-controlplane bench-failover bench-hang bench-restore down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -18,13 +18,16 @@ test: setup
 
 bench:
 	@SETUP_BENCH=1 scripts/setup
-	$(MAKE) bench-orders bench-controlplane bench-failover bench-restore
+	$(MAKE) bench-orders bench-controlplane bench-failover bench-hang bench-restore
 
 bench-controlplane:
 	.venv/bin/python bench/controlplane.py
 
 bench-failover:
 	.venv/bin/python bench/failover.py --trials 12
+
+bench-hang:
+	.venv/bin/python bench/hang.py
 
 bench-restore:
 	.venv/bin/python bench/restore.py --trials 5
