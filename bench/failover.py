@@ -102,17 +102,31 @@ def trial(stack: Stack) -> tuple[float, list[str]]:
     return first_after[0], acked
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=10)
-    args = parser.parse_args()
-    data_dir = lab_tmpdir("shop-bench-ha-")
-    stack = Stack(
-        StackLayout(data_dir, find_free_base_port(), shop_count=2),
+def ha_bench_stack(prefix: str) -> Stack:
+    """A stack for HA trials: two shops, deep stock, the flapping guard lifted."""
+    return Stack(
+        StackLayout(lab_tmpdir(prefix), find_free_base_port(), shop_count=2),
         products=50,
         stock=100000,
         policy_overrides=BENCH_LIMITS,
     )
+
+
+def lost_and_twice(stack: Stack, acknowledged: list[str]) -> tuple[int, int]:
+    """Once the cluster is whole and nothing is in doubt: acknowledged orders missing, and
+    present more than once."""
+    wait_redundant(stack, timeout_s=180)
+    wait_until(lambda: prepared_count(stack) == 0, timeout_s=120, what="nothing in doubt")
+    present = orders_present(stack, acknowledged)
+    return len(set(acknowledged) - set(present)), sum(1 for c in present.values() if c > 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=10)
+    args = parser.parse_args()
+    stack = ha_bench_stack("shop-bench-ha-")
+    data_dir = stack.layout.data_dir
     times: list[float] = []
     acknowledged: list[str] = []
     try:
@@ -122,11 +136,7 @@ def main() -> None:
             times.append(seconds)
             acknowledged += acked
             print(f"trial {n + 1}: first acknowledged order {seconds:.2f}s after the kill")
-        wait_redundant(stack, timeout_s=120)
-        wait_until(lambda: prepared_count(stack) == 0, timeout_s=120, what="nothing in doubt")
-        present = orders_present(stack, acknowledged)
-        lost = len(set(acknowledged) - set(present))
-        twice = sum(1 for c in present.values() if c > 1)
+        lost, twice = lost_and_twice(stack, acknowledged)
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

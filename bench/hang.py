@@ -28,18 +28,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.layout import StackLayout, find_free_base_port
+from bench.failover import ha_bench_stack, lost_and_twice
 from lab.process import wait_until
 from lab.stack import Stack
 from remediation.executors.processes import in_directory, process_table
-from tests.conftest import lab_tmpdir
 from tests.test_controlplane import Api
-from tests.test_failover import described, is_redundant, orders_present, prepared_count
+from tests.test_failover import described, is_redundant
 
-BENCH_LIMITS = {
-    name: {"cooldown_s": 1, "max_runs": 1000}
-    for name in ("failover-primary", "failover-alert", "rejoin-standby")
-}
 CLIENTS = 4
 
 
@@ -194,13 +189,8 @@ def main() -> None:
     parser.add_argument("--hangs", type=float, nargs="+", default=[5, 15, 60])
     parser.add_argument("--nodes", nargs="+", default=["primary", "standby"])
     args = parser.parse_args()
-    data_dir = lab_tmpdir("shop-bench-hang-")
-    stack = Stack(
-        StackLayout(data_dir, find_free_base_port(), shop_count=2),
-        products=50,
-        stock=100000,
-        policy_overrides=BENCH_LIMITS,
-    )
+    stack = ha_bench_stack("shop-bench-hang-")
+    data_dir = stack.layout.data_dir
     trials: list[Trial] = []
     try:
         stack.start()
@@ -216,12 +206,8 @@ def main() -> None:
                     f"split-brain samples {t.split_brain}",
                     flush=True,
                 )
-        wait_until(lambda: is_redundant(stack), timeout_s=180, what="a redundant cluster")
-        wait_until(lambda: prepared_count(stack) == 0, timeout_s=120, what="nothing in doubt")
         acknowledged = [i for t in trials for i in t.acked]
-        present = orders_present(stack, acknowledged)
-        lost = len(set(acknowledged) - set(present))
-        twice = sum(1 for c in present.values() if c > 1)
+        lost, twice = lost_and_twice(stack, acknowledged)
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
