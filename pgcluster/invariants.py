@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 import psycopg.errors
 
+from pgcluster.nodes import deadline
+
 # The shop's participant gids: shop:<instance>:<order uuid hex>:<database> (shop/orders.py).
 GID_PREFIX = "shop:"
 ORDERS = "orders"
@@ -50,6 +52,7 @@ def check(
         with (
             psycopg.connect(orders_dsn, **options) as ords,  # type: ignore[arg-type]
             psycopg.connect(inventory_dsn, **options) as inv,  # type: ignore[arg-type]
+            deadline(timeout_s * 3, ords, inv),
         ):
             ordered = read_orders(ords)
             negative, moved = read_inventory(inv)

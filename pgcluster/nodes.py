@@ -7,7 +7,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -58,20 +58,16 @@ def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
 
 def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
     try:
-        with psycopg.connect(
-            dsn,
-            connect_timeout=max(1, round(timeout_s)),
-            autocommit=True,
-            options=f"-c statement_timeout={int(timeout_s * 1000)}",
-        ) as conn:
-            # Connected, then the server stops: only a cut socket frees this thread.
-            timer = threading.Timer(max(timeout_s, LOOK_DEADLINE_S), _cut, args=(conn,))
-            timer.daemon = True
-            timer.start()
-            try:
-                return _look(name, conn)
-            finally:
-                timer.cancel()
+        with (
+            psycopg.connect(
+                dsn,
+                connect_timeout=max(1, round(timeout_s)),
+                autocommit=True,
+                options=f"-c statement_timeout={int(timeout_s * 1000)}",
+            ) as conn,
+            deadline(max(timeout_s, LOOK_DEADLINE_S), conn),
+        ):
+            return _look(name, conn)
     except psycopg.Error as exc:
         text = str(exc)
         timed_out = "timeout" in text.lower() or "closed the connection" in text.lower()
@@ -79,6 +75,24 @@ def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
         return NodeView(
             name, state, text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         )
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, *conns: psycopg.Connection[Any]) -> Iterator[None]:
+    """Connected, then the server stops: its statement_timeout cannot fire, and only a cut
+    socket frees the caller. Cut them all at `seconds` on our own clock."""
+
+    def cut_all() -> None:
+        for conn in conns:
+            _cut(conn)
+
+    timer = threading.Timer(seconds, cut_all)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _cut(conn: psycopg.Connection[Any]) -> None:
