@@ -139,7 +139,6 @@ class Backups:
         verdict = invariants.check(
             pitr.dsn_with(dsn, dbname=self.settings.orders_db),
             pitr.dsn_with(dsn, dbname=self.settings.inventory_db),
-            settle_s=0,  # a restored cluster has no transaction in flight: every row counts
             timeout_s=30,
         )
         if not verdict.readable:

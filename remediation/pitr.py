@@ -148,6 +148,12 @@ def list_backups(backups_dir: Path) -> list[BackupInfo]:
     return sorted(found, key=lambda b: b.finished_at)
 
 
+def end_lsn_of(backup: BackupInfo) -> str:
+    """Where the backup ends (its manifest's last WAL range): a restore cannot stop before."""
+    ranges = json.loads((Path(backup.path) / "backup_manifest").read_text())["WAL-Ranges"]
+    return str(ranges[-1]["End-LSN"])
+
+
 def backup_for(backups_dir: Path, target: datetime | None) -> BackupInfo:
     """The newest backup that finished before `target` (a restore cannot stop inside one)."""
     usable = [b for b in list_backups(backups_dir) if target is None or b.finished_at < target]
@@ -168,7 +174,10 @@ def check_backup(executor: Executor, node: str, backup: BackupInfo) -> None:
         raise ActionError(f"{backup.label} fails verification: {exc}", permanent=True) from exc
 
 
-def recovery_conf(archive_dir: Path, target: datetime | None, extra: dict[str, str]) -> str:
+Target = datetime | str  # a time, or an LSN ("0/3000160"): recovery stops just before it
+
+
+def recovery_conf(archive_dir: Path, target: Target | None, extra: dict[str, str]) -> str:
     """Settings appended to the copy's postgresql.auto.conf (later lines win)."""
     settings = {
         "restore_command": f"cp {archive_dir}/%f %p",
@@ -179,7 +188,10 @@ def recovery_conf(archive_dir: Path, target: datetime | None, extra: dict[str, s
         "primary_conninfo": "",
         **extra,
     }
-    if target is not None:
+    if isinstance(target, str):
+        settings["recovery_target_lsn"] = target
+        settings["recovery_target_inclusive"] = "off"
+    elif target is not None:
         settings["recovery_target_time"] = target.isoformat()
         settings["recovery_target_inclusive"] = "off"
     lines = [f"{k} = '{v}'" for k, v in settings.items()]
@@ -191,6 +203,7 @@ RECOVERY_SETTINGS = (
     "recovery_target_action",
     "recovery_target_timeline",
     "recovery_target_time",
+    "recovery_target_lsn",
     "recovery_target_inclusive",
     "primary_conninfo",
 )
@@ -202,7 +215,7 @@ def prepare_recovery(
     dest: Path,
     backup: BackupInfo,
     archive_dir: Path,
-    target: datetime | None,
+    target: Target | None,
     extra: dict[str, str] | None = None,
 ) -> None:
     """`dest` becomes a copy of the backup set to recover up to `target` and promote."""
@@ -271,7 +284,7 @@ def start_scratch(
     port: int,
     *,
     timeout_s: float,
-    target: datetime | None = None,
+    target: Target | None = None,
 ) -> Scratch:
     """Restore `backup` into `scratch_dir`, replay the archive (to its end, or to `target`),
     promote, and start it on `port` (never archiving: its WAL must not mix with the

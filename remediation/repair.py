@@ -4,9 +4,9 @@ damage took from the live database, keeping every good write made since.
 Only append-only tables are repaired (the shop never updates or deletes their rows, so a row
 that existed then and is missing now was lost): a dropped table is recreated from the scratch
 copy (pg_dump | psql), and missing rows are copied back by primary key. Anything else (an
-UPDATE that corrupted values, damage to a mutable table such as stock) is left for a full
-point-in-time restore, which the restore action falls back to when the invariants still
-fail after a repair."""
+UPDATE that corrupted values, damage to a mutable table such as stock) needs a full
+point-in-time restore, which the restore action only states the loss of: an operator must
+request it, accepting that loss."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def recreate_table(
     dump = work_dir / f"repair-{table}.sql"
     try:
         executor.run_tool(node, "pg_dump", ["-d", scratch_dsn, "-t", table, "-f", str(dump)])
+        # One transaction: the shop's writes must not land in a half-built table.
         executor.run_tool(
-            node, "psql", ["-d", live_dsn, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(dump)]
+            node, "psql", ["-1", "-d", live_dsn, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(dump)]
         )
     except ExecutorError as exc:
         raise ActionError(f"could not recreate {table}: {exc}") from exc

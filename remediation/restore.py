@@ -1,31 +1,35 @@
-"""Restore: point-in-time recovery of the whole PostgreSQL cluster after data damage (rows
-deleted, a table dropped), to the latest point known good, then the standby rebuilt, the
-caches flushed, and the loss measured: the orders written after the restore point.
+"""Restore after data damage (rows deleted, a table dropped, values changed in place), never
+making things worse: a restore point taken from the data, proven before anything is touched,
+a repair in place that keeps every later write, and a full restore only when an operator
+accepted its exact loss.
 
-Both shop databases live in the one cluster, so a restore keeps them consistent with each
-other (and with the 2PC decision log). The restore point is the operator's `to`, else the
-start of the last passing invariant check before the incident (`ActionContext.last_good_at`).
-Approval is the default mode for this action: it discards every write after that point."""
+1. The point: the operator's `to` (a time or an LSN), else just before the commit of the first
+   damaging transaction in the WAL archive (`restore_point`), searched from the newest backup
+   back. A scratch instance restored to it must pass the invariants: the point is proven.
+2. The repair: what the append-only tables lost is copied back from that copy (a dropped table
+   recreated); the live invariants must then pass. Nothing written since is touched.
+3. If they still fail, the run fails (escalates) stating what a full restore to the point
+   would discard (orders, ids, total), with those rows exported and a command to re-apply them.
+   The full restore is a separate request, `{"full": true, "to": <point>, "accept_loss": N}`,
+   refused unless the loss at the point is still N. It keeps the data directory it replaces
+   aside until the restored cluster passes its checks, and puts it back if it does not."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pgcluster import invariants
 from pgcluster.nodes import leader_of
-from remediation import pg_ops, pitr, repair
+from remediation import full_restore, pg_ops, pitr, repair, restore_export, restore_point
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 from remediation.cache_flush import CacheFlush
-from remediation.executors.base import ExecutorError
-from remediation.in_doubt import InDoubt
 
 logger = logging.getLogger(__name__)
 
@@ -36,235 +40,253 @@ class RestoreParams(BaseModel):
     nodes: dict[str, str] = Field(min_length=1)
     backups_dir: str
     archive_dir: str
-    to: datetime | None = None  # the operator's restore point (aware); else the last good
+    scratch_dir: str
+    to: datetime | str | None = None  # the operator's point: an aware time or an LSN
+    full: bool = False  # a full restore to `to`, discarding `accept_loss` orders
+    accept_loss: int | None = Field(default=None, ge=0)
+    export_dir: str | None = None  # default: beside the scratch directory
     orders_db: str = "orders"
     inventory_db: str = "inventory"
     cache: dict[str, Any] | None = None  # cache_flush params, to drop what the damage cached
     restore_timeout_s: float = Field(default=600, gt=0)
-    # Repair in place first (incident runs only; an operator's `to` is a full restore): a
-    # scratch instance restored to the point, the append-only tables' losses copied back.
-    scratch_dir: str | None = None
     repair_tables: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "orders": ["orders", "tx_decisions"],
             "inventory": ["stock_movements"],
         }
     )
-    settle_s: float = Field(default=10, ge=0)  # as the invariant probe: rows still in 2PC
     archive_timeout_s: float = Field(default=30, gt=0)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _point(cls, to: Any) -> Any:
+        return point_of(to)
+
+
+class RestoreOperatorParams(BaseModel):
+    """What an operator may give: a point, and for a full restore the loss accepted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    to: datetime | str | None = None
+    full: bool = False
+    accept_loss: int | None = Field(default=None, ge=0)
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _point(cls, to: Any) -> Any:
+        return point_of(to)
+
+
+def point_of(to: Any) -> Any:
+    """An LSN stays text; any other text is an ISO time, which must carry its zone."""
+    if not isinstance(to, str):
+        return to
+    if restore_point.LSN.match(to):
+        return to
+    try:
+        when = datetime.fromisoformat(to.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("`to` is neither a time nor an LSN (e.g. 0/3000160)") from None
+    if when.tzinfo is None:
+        raise ValueError("`to` needs a time zone (e.g. 2026-11-25T13:00:00Z)")
+    return when
 
 
 def params_of(ctx: ActionContext) -> RestoreParams:
     p = parse_params(RestoreParams, ctx, "restore")
-    if p.to is not None and p.to.tzinfo is None:
+    if p.full and (p.to is None or p.accept_loss is None):
         raise ActionError(
-            "restore: `to` needs a time zone (e.g. 2026-11-25T13:00:00Z)", permanent=True
+            "a full restore needs `to` and `accept_loss` (the loss an incident's restore "
+            "reported for that point)",
+            permanent=True,
         )
     return p
 
 
-def restore_point(ctx: ActionContext, p: RestoreParams) -> datetime:
-    point = p.to or ctx.last_good_at
-    if point is None:
-        raise ActionError("no restore point: no passing check is known; give `to`", permanent=True)
-    return point
+@dataclass(frozen=True, slots=True)
+class Point:
+    target: pitr.Target  # what recovery stops just before
+    backup: pitr.BackupInfo
+    why: str
+
+    @property
+    def label(self) -> str:
+        return self.target if isinstance(self.target, str) else self.target.isoformat()
 
 
-def written_after(dsn: str, point: datetime, p: RestoreParams) -> set[str] | None:
-    """Order ids written after `point`, from whichever of the orders and their stock
-    movements can still be read (a dropped table hides its side); None if neither."""
-    found: set[str] = set()
-    readable = False
-    for db, sql in (
-        (p.orders_db, "SELECT id::text FROM orders WHERE created_at >= %s"),
-        (p.inventory_db, "SELECT order_id::text FROM stock_movements WHERE created_at >= %s"),
-    ):
-        try:
-            with pg_ops.connect(pitr.dsn_with(dsn, dbname=db)) as conn:
-                found |= {str(r[0]) for r in conn.execute(sql, (point,)).fetchall()}
-                readable = True
-        except (ActionError, psycopg.Error) as exc:
-            logger.warning("cannot read %s for the loss report: %s", db, exc)
-    return found if readable else None
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """The point, proven in a scratch copy, and what a full restore to it would discard."""
+
+    point: Point
+    loss: restore_export.Loss
+    export: Path
+    reapply: str
 
 
-def still_present(dsn: str, ids: set[str], p: RestoreParams) -> set[str]:
-    if not ids:
-        return set()
-    with pg_ops.connect(pitr.dsn_with(dsn, dbname=p.orders_db)) as conn:
-        rows = conn.execute(
-            "SELECT id::text FROM orders WHERE id::text = ANY(%s)", (list(ids),)
-        ).fetchall()
-    return {str(r[0]) for r in rows}
+def dbs(p: RestoreParams, dsn: str) -> dict[str, str]:
+    return {
+        p.orders_db: pitr.dsn_with(dsn, dbname=p.orders_db),
+        p.inventory_db: pitr.dsn_with(dsn, dbname=p.inventory_db),
+    }
 
 
-def archive_current_wal(dsn: str, timeout_s: float) -> str | None:
-    """Close the leader's current WAL segment and wait until it is archived, so that recovery
-    can reach a point inside it. None when the leader cannot be asked (then the archive
-    holds what it holds)."""
-    try:
-        with pg_ops.connect(dsn) as conn:
-            # Recovery to a time stops at the first commit after it, and fails outright if
-            # the WAL ends first: this commit (an xid assigned is a commit record) marks "now".
-            conn.execute("SELECT txid_current()")
-            row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
-            assert row is not None
-            segment = str(row[0])
+def verdict_of(p: RestoreParams, dsn: str) -> invariants.Verdict:
+    conns = dbs(p, dsn)
+    return invariants.check(conns[p.orders_db], conns[p.inventory_db], timeout_s=10)
 
-            def archived() -> bool:
-                done = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()
-                return done is not None and done[0] is not None and str(done[0]) >= segment
 
-            pg_ops.wait_for(archived, timeout_s, f"WAL segment {segment} archived")
-            return segment
-    except (ActionError, psycopg.Error) as exc:
-        logger.warning("could not archive the current WAL segment: %s", exc)
-        return None
+def archive_current_wal(dsn: str, timeout_s: float) -> str:
+    """Close the leader's current WAL segment and wait until it is archived; returns where the
+    archive now ends (an LSN): the search for damage and the recovery both read up to it."""
+    with pg_ops.connect(dsn) as conn:
+        conn.execute("SELECT txid_current()")  # a commit record marks "now"
+        row = conn.execute(
+            "SELECT lsn::text, pg_walfile_name(lsn - 1) FROM pg_switch_wal() AS lsn"
+        ).fetchone()
+        assert row is not None
+        end, segment = str(row[0]), str(row[1])
+
+        def archived() -> bool:
+            done = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()
+            return done is not None and done[0] is not None and str(done[0])[8:] >= segment[8:]
+
+        pg_ops.wait_for(archived, timeout_s, f"WAL segment {segment} archived")
+        return end
+
+
+def choose_point(ctx: ActionContext, p: RestoreParams, node: str, end: str) -> Point:
+    backups = pitr.list_backups(Path(p.backups_dir))
+    if isinstance(p.to, datetime):
+        return Point(p.to, pitr.backup_for(Path(p.backups_dir), p.to), "the operator's time")
+    if isinstance(p.to, str):
+        to = restore_point.lsn_value(p.to)
+        usable = [b for b in backups if restore_point.lsn_value(pitr.end_lsn_of(b)) < to]
+        if not usable:
+            raise ActionError(f"no base backup ends before {p.to}", permanent=True)
+        return Point(p.to, usable[-1], "the operator's LSN")
+    conns = dbs(p, p.nodes[node])
+    for backup in reversed(backups):  # newest first: the least WAL to decode
+        start = restore_point.backup_start_lsn(Path(backup.path))
+        damage = restore_point.find_damage(
+            ctx.executor, node, conns, Path(p.archive_dir), start, end
+        )
+        if damage is None:
+            continue  # older than this backup, or in no WAL: an older backup may hold it
+        if restore_point.lsn_value(damage.commit_lsn) > restore_point.lsn_value(
+            pitr.end_lsn_of(backup)
+        ):
+            why = (
+                f"just before transaction {damage.xid} ({damage.what}, committed "
+                f"{damage.committed_at.isoformat()})"
+            )
+            return Point(damage.commit_lsn, backup, why)
+    raise ActionError(
+        "no damaging transaction found in the WAL archive since the oldest backup: give `to`",
+        permanent=True,
+    )
 
 
 class Restore(Action):
     kind = "restore"
+    Params = RestoreParams
+    OperatorParams = RestoreOperatorParams
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        point = restore_point(ctx, p)
-        if point >= datetime.now(UTC):
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None:
+            return Check(False, "no writable primary: a failover's job, not a restore's")
+        verdict = verdict_of(p, p.nodes[leader.name])
+        if not verdict.readable:
+            return Check(False, f"cannot read the data ({verdict.error}): not a restore")
+        if isinstance(p.to, datetime) and p.to >= datetime.now(UTC):
             raise ActionError(
-                f"restore point {point.isoformat()} is not in the past", permanent=True
+                f"restore point {p.to.isoformat()} is not in the past", permanent=True
             )
-        backup = pitr.backup_for(Path(p.backups_dir), point)
-        if p.to is None:  # an incident's restore: the data must be damaged, not out of reach
-            leader = leader_of(pg_ops.views(p.nodes))
-            if leader is None:
-                return Check(False, "no writable primary: a failover's job, not a restore's")
-            verdict = self._verdict(p, p.nodes[leader.name])
-            if not verdict.readable:
-                return Check(False, f"cannot read the data ({verdict.error}): not a restore")
-            if verdict.is_sound:
-                return Check(False, "the data is sound: nothing to restore")
-            damage = "; ".join(verdict.problems)
-            return Check(True, f"{damage}: restore {backup.label} to {point.isoformat()}")
-        return Check(True, f"restore {backup.label} to {point.isoformat()}")
+        if p.to is None and verdict.is_sound:
+            return Check(False, "the data is sound: nothing to restore")
+        if p.full:
+            proof = self._prove(ctx, p, leader.name)
+            if proof.loss.count != p.accept_loss:
+                return Check(
+                    False,
+                    f"a full restore to {proof.point.label} would now discard "
+                    f"{proof.loss.describe()}, not the {p.accept_loss} accepted: refused",
+                )
+            return Check(True, f"full restore to {proof.point.label}: {proof.loss.describe()}")
+        damage = "; ".join(verdict.problems) or "the operator's point"
+        return Check(True, f"{damage}: find the point, prove it, repair in place")
 
-    @staticmethod
-    def _verdict(p: RestoreParams, dsn: str) -> invariants.Verdict:
-        return invariants.check(
-            pitr.dsn_with(dsn, dbname=p.orders_db),
-            pitr.dsn_with(dsn, dbname=p.inventory_db),
-            settle_s=p.settle_s,
-            timeout_s=10,
-        )
+    def _prove(self, ctx: ActionContext, p: RestoreParams, node: str) -> Proof:
+        proof, scratch = self._prove_in_scratch(ctx, p, node)
+        pitr.stop_scratch(ctx.executor, scratch)
+        return proof
 
-    def execute(self, ctx: ActionContext) -> Outcome:
-        p = params_of(ctx)
-        point = restore_point(ctx, p)
-        backup = pitr.backup_for(Path(p.backups_dir), point)
-        views = pg_ops.views(p.nodes)
-        leader = leader_of(views)
-        target = leader.name if leader else next(iter(p.nodes))
-        timings: dict[str, float] = {}
-        started = time.monotonic()
-        # Verified before any use, a repair's scratch copy included (its rows go live).
-        pitr.check_backup(ctx.executor, target, backup)
-        timings["verify_backup_s"] = pitr.elapsed_since(started)
-        tried = ""
-        if p.to is None and p.scratch_dir and leader is not None:
-            try:
-                return self._repair(ctx, p, point, backup, leader.name)
-            except ActionError as exc:
-                tried = f"a repair in place did not do ({exc}); "
-                logger.warning("repair in place failed, restoring in full: %s", exc)
-        before = written_after(p.nodes[target], point, p) if leader else None
-        segment = archive_current_wal(p.nodes[target], p.archive_timeout_s) if leader else None
-        # From here every write since `point` is being discarded: no node may take one.
-        ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)
-        for view in views:
-            try:
-                ctx.executor.stop(view.name)
-            except ExecutorError:
-                ctx.executor.fence(view.name)
-        step = time.monotonic()
-        data_dir = Path(ctx.executor.data_dir(target))
-        pitr.prepare_recovery(ctx.executor, target, data_dir, backup, Path(p.archive_dir), point)
-        timings["copy_s"] = pitr.elapsed_since(step)
-        step = time.monotonic()
-        ctx.executor.restart(target)
-        ctx.executor.set_role(target, "primary")
-        pitr.wait_promoted(
-            p.nodes[target], p.restore_timeout_s, alive=lambda: ctx.executor.is_running(target)
-        )
-        pitr.reset_recovery_settings(p.nodes[target])
-        # Recovery stops before the first commit after the point, not before a PREPARE: a
-        # two-phase commit in flight then is restored prepared, its coordinator gone (every
-        # session died with the stop), its row locks held. Finish it now, by the decision log.
-        in_doubt = self._resolve_in_doubt(ctx, p, p.nodes[target])
-        timings["recover_s"] = pitr.elapsed_since(step)
-        timings["writable_after_s"] = pitr.elapsed_since(started)
-        lost = sorted(before - still_present(p.nodes[target], before, p)) if before else []
-        step = time.monotonic()
-        new_leader = leader_of(pg_ops.views({target: p.nodes[target]}))
-        if new_leader is None:
-            raise ActionError(f"{target} is not a writable leader after the restore")
-        rebuilt = [
-            f"{name}: "
-            + pg_ops.rejoin(ctx.executor, name, new_leader, p.nodes, timeout_s=p.restore_timeout_s)
-            for name in p.nodes
-            if name != target
-        ]
-        if rebuilt:
-            pg_ops.restore_sync(ctx.executor, target, p.nodes[target], p.restore_timeout_s)
-        timings["standby_s"] = pitr.elapsed_since(step)
-        flushed = self._flush_caches(ctx, p)
-        timings["total_s"] = pitr.elapsed_since(started)
-        loss = (
-            f"{len(lost)} orders written after the restore point are gone"
-            if before is not None
-            else "loss unknown (neither orders nor stock movements were readable)"
-        )
-        return Outcome(
-            f"{tried}restored {target} from {backup.label} to {point.isoformat()}: {loss}; "
-            f"writable after {timings['writable_after_s']:.1f}s; "
-            f"in doubt: {in_doubt}; standby: {'; '.join(rebuilt) or 'none'}; caches: {flushed}",
-            {
-                "restore_point": point.isoformat(),
-                "backup": backup.label,
-                "node": target,
-                "archived_segment": segment,
-                "lost_orders": len(lost) if before is not None else None,
-                "lost_order_ids": lost[:100],
-                "standby": rebuilt,
-                "timings": timings,
-                "mode": "full",
-            },
-        )
-
-    def _repair(
-        self,
-        ctx: ActionContext,
-        p: RestoreParams,
-        point: datetime,
-        backup: pitr.BackupInfo,
-        node: str,
-    ) -> Outcome:
-        """Scratch instance at `point`, losses of the append-only tables copied back, then the
-        invariants must pass as the control plane's probes see them; else ActionError."""
-        started = time.monotonic()
-        assert p.scratch_dir is not None
-        work_dir = Path(p.scratch_dir)
+    def _prove_in_scratch(
+        self, ctx: ActionContext, p: RestoreParams, node: str
+    ) -> tuple[Proof, pitr.Scratch]:
+        """Choose the point, restore it into a scratch instance, check the invariants there,
+        measure and export what a full restore would discard. The scratch instance is
+        returned running (the caller stops it)."""
         dsn = p.nodes[node]
-        if archive_current_wal(dsn, p.archive_timeout_s) is None:
-            raise ActionError("the WAL up to the point could not be archived")
+        end = archive_current_wal(dsn, p.archive_timeout_s)
+        point = choose_point(ctx, p, node, end)
+        pitr.check_backup(ctx.executor, node, point.backup)
         scratch = pitr.start_scratch(
             ctx.executor,
             node,
             dsn,
-            backup,
+            point.backup,
             Path(p.archive_dir),
-            work_dir / f"repair-{backup.label}",
+            Path(p.scratch_dir) / f"restore-{point.backup.label}",
             pitr.free_port(),
             timeout_s=p.restore_timeout_s,
-            target=point,
+            target=point.target,
         )
+        try:
+            there = verdict_of(p, scratch.dsn)
+            if not there.is_sound:
+                raise ActionError(
+                    f"restore point {point.label} ({point.why}) is not consistent either: "
+                    f"{'; '.join(there.problems) or there.error}; nothing was changed",
+                    permanent=True,
+                )
+            loss = restore_export.loss_between(dbs(p, dsn), dbs(p, scratch.dsn))
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            base = Path(p.export_dir) if p.export_dir else Path(p.scratch_dir).parent / "exports"
+            path = restore_export.export(loss, base / f"discarded-{stamp}.json", point.label)
+            conns = dbs(p, dsn)
+            command = restore_export.reapply_command(
+                path, conns[p.orders_db], conns[p.inventory_db]
+            )
+            proof = Proof(point, loss, path, command)
+        except BaseException:
+            pitr.stop_scratch(ctx.executor, scratch)
+            raise
+        return proof, scratch
+
+    def execute(self, ctx: ActionContext) -> Outcome:
+        p = params_of(ctx)
+        leader = leader_of(pg_ops.views(p.nodes))
+        if leader is None:
+            raise ActionError("no writable leader to restore")
+        if p.full:
+            proof = self._prove(ctx, p, leader.name)
+            if proof.loss.count != p.accept_loss:
+                raise ActionError(
+                    f"the loss changed: {proof.loss.describe()}, {p.accept_loss} accepted; "
+                    "nothing was changed",
+                    permanent=True,
+                )
+            return full_restore.run(ctx, p, proof, leader.name, self._flush_caches)
+        return self._repair(ctx, p, leader.name)
+
+    def _repair(self, ctx: ActionContext, p: RestoreParams, node: str) -> Outcome:
+        started = time.monotonic()
+        dsn = p.nodes[node]
+        proof, scratch = self._prove_in_scratch(ctx, p, node)
         report: dict[str, str] = {}
         try:
             for db, tables in p.repair_tables.items():
@@ -274,25 +296,36 @@ class Restore(Action):
                     pitr.dsn_with(scratch.dsn, dbname=db),
                     pitr.dsn_with(dsn, dbname=db),
                     tables,
-                    work_dir,
+                    Path(p.scratch_dir),
                 )
                 report.update({f"{db}.{table}": what for table, what in done.items()})
         finally:
             pitr.stop_scratch(ctx.executor, scratch)
-        verdict = self._verdict(p, dsn)
+        point = proof.point
+        verdict = verdict_of(p, dsn)
+        what = ", ".join(f"{t}: {w}" for t, w in report.items())
         if not verdict.is_sound:
-            problems = "; ".join(verdict.problems) or verdict.error
-            raise ActionError(f"after {report} the invariants still fail: {problems}")
+            raise ActionError(
+                f"repaired from the proven point {point.label} ({point.why}): {what}; the "
+                f"invariants still fail ({'; '.join(verdict.problems) or verdict.error}). A full "
+                f"restore to that point would discard {proof.loss.describe()}; they are "
+                f"exported to {proof.export} (re-apply: {proof.reapply}). Nothing was "
+                f'discarded. To accept that loss, request restore with {{"full": true, "to": '
+                f'"{point.label}", "accept_loss": {proof.loss.count}}}',
+                permanent=True,
+            )
+        restore_point.mark_repaired(dsn)
         flushed = self._flush_caches(ctx, p)
         seconds = pitr.elapsed_since(started)
-        what = ", ".join(f"{t}: {w}" for t, w in report.items())
+        Path(proof.export).unlink(missing_ok=True)  # nothing was discarded
         return Outcome(
-            f"repaired in place from {backup.label} restored to {point.isoformat()} in a "
-            f"scratch instance ({what}): 0 orders lost, every write since kept; "
-            f"{seconds:.1f}s; caches: {flushed}",
+            f"repaired in place from {point.backup.label} restored to {point.label} ({point.why}),"
+            f" proven consistent in a scratch instance ({what}): 0 orders lost, every write "
+            f"since kept; {seconds:.1f}s; caches: {flushed}",
             {
-                "restore_point": point.isoformat(),
-                "backup": backup.label,
+                "restore_point": point.label,
+                "restore_point_why": point.why,
+                "backup": point.backup.label,
                 "node": node,
                 "mode": "repair",
                 "repair": report,
@@ -301,15 +334,6 @@ class Restore(Action):
                 "timings": {"total_s": seconds, "writable_after_s": 0.0},
             },
         )
-
-    @staticmethod
-    def _resolve_in_doubt(ctx: ActionContext, p: RestoreParams, dsn: str) -> str:
-        params = {
-            "orders_dsn": pitr.dsn_with(dsn, dbname=p.orders_db),
-            "inventory_dsn": pitr.dsn_with(dsn, dbname=p.inventory_db),
-            "min_age_s": 0,
-        }
-        return InDoubt().execute(replace(ctx, component=None, params=params)).summary
 
     @staticmethod
     def _flush_caches(ctx: ActionContext, p: RestoreParams) -> str:

@@ -1,6 +1,7 @@
 """Backups on a stack of their own (a restore rewrites the cluster): the scheduled backup and
 its drill, the `backup`/`backups`/`restore` commands, retention, and point-in-time restore
-after rows are deleted (automatic, approved by an operator) or a table is dropped (CLI)."""
+after rows are deleted (automatic, approved by an operator) or a table is dropped (CLI), and
+a full restore only once an operator accepted the loss it states."""
 
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def last_restore_id(bk_api: Api) -> int:
 
 def approved_restore(bk_api: Api, after_id: int) -> dict[str, Any]:
     """Wait for a restore the damage calls for (a run newer than `after_id`), approve it, and
-    return the finished run with its report (the `output` audit entry) as `report`."""
+    return the finished run with its report (the `output` audit entry) as `report`; a failed
+    run (it escalated) as it is."""
 
     def awaiting() -> dict[str, Any] | None:
         return next(
@@ -213,6 +215,8 @@ def approved_restore(bk_api: Api, after_id: int) -> dict[str, Any]:
         what="the restore finished",
     )
     done: dict[str, Any] = bk_api.get(f"/actions/{run['id']}")
+    if done["state"] == "failed":
+        return done
     assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
     done["report"] = next(a for a in done["audit"] if a["verb"] == "output")
     return done
@@ -240,6 +244,7 @@ def test_deleted_order_rows_are_put_back_after_approval_keeping_every_later_orde
         what="the ShopDataInvariantsViolated alert's incident",
     )
     done = approved_restore(bk_api, before)
+    assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
     report = done["report"]
     assert report["data"]["mode"] == "repair"
     assert report["data"]["repair"]["orders.orders"] == "4 rows put back"
@@ -279,7 +284,29 @@ def test_a_dropped_table_is_recreated_from_a_scratch_restore_with_its_rows(
     wait_until(lambda: order(bk).status_code == 201, timeout_s=30, what="orders flowing")
 
 
-def test_damage_a_repair_cannot_undo_is_restored_in_full_with_the_loss_reported(
+def full_restore(bk_api: Api, params: dict[str, Any]) -> dict[str, Any]:
+    """An operator's full restore (its own request, stating the loss it accepts), finished."""
+    body = {
+        "action": "restore",
+        "target": "shop-db-cluster",
+        "reason": "accepted",
+        "params": params,
+    }
+    response = bk_api.post("/actions", {**body, "params": {**params, "full": True}})
+    assert response.status_code == 202, response.text
+    run_id = response.json()["id"]
+    wait_until(
+        lambda: bk_api.get(f"/actions/{run_id}")["state"] in ("succeeded", "failed", "skipped"),
+        timeout_s=400,
+        what="the full restore finished",
+    )
+    done: dict[str, Any] = bk_api.get(f"/actions/{run_id}")
+    assert done["state"] == "succeeded", json.dumps(done, indent=1)[-3000:]
+    done["report"] = next(a for a in done["audit"] if a["verb"] == "output")
+    return done
+
+
+def test_damage_a_repair_cannot_undo_is_restored_in_full_only_once_its_loss_is_accepted(
     bk: Stack, bk_api: Api
 ) -> None:
     wait_redundant(bk)
@@ -290,16 +317,24 @@ def test_damage_a_repair_cannot_undo_is_restored_in_full_with_the_loss_reported(
     before = last_restore_id(bk_api)
     primary_sql(bk, "orders", "UPDATE orders SET quantity = 7 WHERE id::text = %s", good[0])
     late = place_orders(bk, 3)
-    report = approved_restore(bk_api, before)["report"]
+    refused = approved_restore(bk_api, before)  # escalates, stating the loss
+    assert refused["state"] == "failed"
+    error = refused["output"]["error"]
+    assert "Nothing was discarded" in error
+    assert set(orders_present(bk, good + late)) == set(good + late)
+    assert all(o in error for o in late[:2]) and "exported to" in error
+    request = json.loads(error.split("request restore with ")[1])
+    assert request["accept_loss"] == len(late)
+    report = full_restore(bk_api, request)["report"]
     assert report["data"]["mode"] == "full"
-    assert "a repair in place did not do" in report["message"]
     quantity = primary_sql(bk, "orders", "SELECT quantity FROM orders WHERE id::text = %s", good[0])
     assert quantity == [(1,)]
     assert set(orders_present(bk, good)) == set(good)
-    assert orders_present(bk, late) == {}  # written after the point: gone, and reported
-    assert set(late) <= set(report["data"]["lost_order_ids"])
-    assert report["data"]["lost_orders"] == len(report["data"]["lost_order_ids"])
-    assert f"{report['data']['lost_orders']} orders written after" in report["message"]
+    assert orders_present(bk, late) == {}  # written after the point: gone, as accepted
+    assert set(report["data"]["lost_order_ids"]) == set(late)
+    exported = json.loads(Path(report["data"]["export"]).read_text())
+    assert {r["id"] for r in exported["rows"]["orders"]} == set(late)  # and exported
+    assert f"discarded {len(late)} acknowledged orders" in report["message"]
     wait_redundant(bk)
     assert order(bk).status_code == 201
 
@@ -318,7 +353,7 @@ def test_a_dropped_table_is_restored_by_the_restore_command_to_a_time_before_the
     done = cli(bk, "restore", "--to", before_drop.isoformat(), timeout_s=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "restore verified" in done.stdout
-    assert "output: restored" in done.stdout
+    assert "output: repaired in place" in done.stdout  # proven, and nothing written lost
     assert primary_sql(bk, "inventory", "SELECT to_regclass('stock_movements')")[0][0]
     assert set(orders_present(bk, kept)) == set(kept)
     wait_redundant(bk)
@@ -339,8 +374,7 @@ def test_a_restore_finishes_the_two_phase_commits_it_brings_back_prepared(
     crash_at(bk, "after_both_prepares", product=7, index=90)  # no decision: must roll back
     assert prepared_count(bk) == 2
     point = primary_sql(bk, "postgres", "SELECT now()")[0][0]
-    done = cli(bk, "restore", "--to", point.isoformat(), timeout_s=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "in doubt: committed 0, rolled back 2" in done.stdout
+    report = full_restore(bk_api, {"to": point.isoformat(), "accept_loss": 0})["report"]
+    assert "in doubt: committed 0, rolled back 2" in report["message"]
     assert prepared_count(bk) == 0
     assert order(bk, product_id=7).status_code == 201  # its row lock went with it
