@@ -4,6 +4,7 @@ targets file (services, probes, policies). The only reader of either; read once 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,9 +13,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from controlplane.errors import ConfigError
+from remediation.registry import UnknownAction, action_class
 
 ENV_PREFIX = "CP_"
 Mode = Literal["auto", "approval", "dry_run"]
+# Who may make a policy act: its probe's failures, an Alertmanager alert, or an operator's
+# request through the API (never an incident).
+Source = Literal["probe", "alert", "operator"]
+# The keys the control plane itself sets on what a policy matches. An alert's labels never
+# stand in for them (decide() drops them from an alert before matching), and a policy may
+# match only those its source can carry.
+CONTROL_KEYS = frozenset({"probe", "alertname", "kind", "target", "source", "request"})
+MATCHABLE_CONTROL_KEYS: dict[str, frozenset[str]] = {
+    "probe": frozenset({"probe", "kind", "target"}),
+    "alert": frozenset({"alertname", "kind", "target"}),
+    "operator": frozenset({"target"}),
+}
+LABEL = r"^[A-Za-z_][A-Za-z0-9_]{0,99}$"
 
 
 class Frozen(BaseModel):
@@ -57,11 +72,19 @@ class DeferWhile(Frozen):
 
 
 class PolicySpec(Frozen):
-    """When an incident matches, run `action` on its service, within these limits."""
+    """When an incident from `source` matches, run `action` on its service, within these
+    limits. A probe policy acts on its probe's service, an alert policy on its `target` (never
+    on a service an alert's labels name), an operator policy only when the API asks."""
 
-    name: str
-    match: dict[str, str]  # "kind" (probe name or alertname) and/or labels, all must equal
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    source: Source
+    # "kind" (probe name or alertname), "probe", "alertname", "target" and/or labels: all must
+    # equal. Operator policies match the request's "target" only (or nothing: any target).
+    match: dict[str, str]
     action: str
+    # The service an alert policy acts on (required there, and only there): an alert's labels
+    # never choose where an action goes.
+    target: str | None = None
     mode: Mode = "auto"
     cooldown_s: float = Field(default=60.0, ge=0)
     max_runs: int = Field(default=3, ge=1)
@@ -73,6 +96,31 @@ class PolicySpec(Frozen):
     run_timeout_s: float = Field(default=600.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
     defer_while: DeferWhile = Field(default_factory=DeferWhile)
+
+    @model_validator(mode="after")
+    def matches_what_its_source_carries(self) -> PolicySpec:
+        allowed = MATCHABLE_CONTROL_KEYS[self.source]
+        for key in self.match:
+            if not re.fullmatch(LABEL, key):
+                raise ValueError(f"match.{key}: not a label name")
+            if key in CONTROL_KEYS and key not in allowed:
+                raise ValueError(
+                    f"match.{key}: a {self.source} policy cannot match {key!r} "
+                    f"(it may match {', '.join(sorted(allowed))}"
+                    + (")" if self.source == "operator" else " and labels)")
+                )
+            if self.source == "operator" and key not in allowed:
+                raise ValueError(f"match.{key}: an operator policy matches the target only")
+        if self.source != "operator" and not self.match:
+            raise ValueError(f"match: a {self.source} policy must match something")
+        if self.source == "alert" and self.target is None:
+            raise ValueError("target: an alert policy names the service it acts on")
+        if self.source != "alert" and self.target is not None:
+            raise ValueError(
+                "target: only an alert policy names one (a probe's acts on its probe's "
+                "service, an operator's on the request's target)"
+            )
+        return self
 
 
 class BackupSettings(Frozen):
@@ -135,8 +183,19 @@ class Settings(Frozen):
                     raise ValueError(
                         f"policies[{i}].defer_while.probes_not_up: unknown probe {name!r}"
                     )
+            targets = (("target", policy.target), ("match.target", policy.match.get("target")))
+            for key, value in targets:
+                if value is not None and value not in names:
+                    raise ValueError(f"policies[{i}].{key}: unknown service {value!r}")
+        policy_names = [p.name for p in self.policies]
+        if len(policy_names) != len(set(policy_names)):
+            raise ValueError("policies: names must be unique")
         if self.flap_low > self.flap_high:
             raise ValueError("flap_low must not exceed flap_high")
+        for i, policy in enumerate(self.policies):
+            problem = policy_params_problem(policy)
+            if problem is not None:
+                raise ValueError(f"policies[{i}].{problem}")
         return self
 
     def service(self, name: str) -> ServiceSpec | None:
@@ -144,6 +203,21 @@ class Settings(Frozen):
 
     def probe(self, name: str) -> ProbeSpec | None:
         return next((p for p in self.probes if p.name == name), None)
+
+    def policy(self, name: str) -> PolicySpec | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+    def policy_for_request(self, action: str, target: str) -> PolicySpec | None:
+        """Whose params and limits an operator's request runs with: an operator policy for
+        the action and target, else any policy of that action that may act on the target."""
+
+        def fits(p: PolicySpec) -> bool:
+            where = p.target or p.match.get("target")
+            return p.action == action and where in (None, target)
+
+        ranked = [p for p in self.policies if fits(p) and p.source == "operator"]
+        ranked += [p for p in self.policies if fits(p) and p.source != "operator"]
+        return ranked[0] if ranked else None
 
     @classmethod
     def load(
@@ -171,6 +245,23 @@ class Settings(Frozen):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise ConfigError(f"invalid configuration: {describe_errors(exc)}") from None
+
+
+def policy_params_problem(policy: PolicySpec) -> str | None:
+    """What is wrong with a policy's action or params (checked at start, not mid-outage)."""
+    try:
+        action = action_class(policy.action)
+    except UnknownAction as exc:
+        return f"action: {exc}"
+    if action.Params is None:
+        return None  # the action declares no params model: it parses its own when it runs
+    try:
+        action.Params.model_validate(policy.params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        return f"params{'.' + loc if loc else ''}: {err['msg']}"
+    return None
 
 
 def read_targets(path: Path) -> dict[str, Any]:

@@ -4,7 +4,9 @@ ControlPlaneError          anything the control plane refuses or cannot do
 ├── ConfigError            bad settings or targets file (names the key); fails start-up
 ├── NotFound               an incident, action or silence that does not exist (404)
 ├── Conflict               a state change that lost its compare-and-set (409)
-└── InvalidRequest         a request the API cannot accept (400)
+├── InvalidRequest         a request the API cannot accept (400)
+├── TooLarge               a request body beyond the size limit (413)
+└── UnsupportedMediaType   a request body that is not application/json (415)
 """
 
 from __future__ import annotations
@@ -28,3 +30,11 @@ class Conflict(ControlPlaneError):
 
 class InvalidRequest(ControlPlaneError):
     status = 400
+
+
+class TooLarge(ControlPlaneError):
+    status = 413
+
+
+class UnsupportedMediaType(ControlPlaneError):
+    status = 415

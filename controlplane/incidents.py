@@ -12,6 +12,11 @@ Rules (Nagios and Alertmanager conventions):
   opened anew (a new failure, not the same one);
 - an action is requested once per incident and policy, never while silenced or flapping,
   and only within the policy's cooldown and runs-per-window limits;
+- who may make it act: a probe incident meets only `source = "probe"` policies, an alert
+  incident only `source = "alert"` ones, matched on the alert's labels without the keys the
+  control plane sets itself (`probe`, `kind`, `target`, `source`, `request`); an alert policy
+  acts on the service it names, never on one the alert's labels name; an operator policy is
+  never met by an incident (only the API's requests reach it);
 - a policy's `defer_while` holds its action while a named action is pending or running (on any
   target, or requested in this same cycle) or while a named probe's latest result is not UP:
   no restore is proposed in the middle of a failover or while the cluster has no primary.
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
 
-from controlplane.config import PolicySpec
+from controlplane.config import CONTROL_KEYS, PolicySpec
 from probes.base import Health
 
 
@@ -176,6 +181,16 @@ def incident_labels(kind: str, target: str, labels: Mapping[str, str]) -> dict[s
     return {**labels, "kind": kind, "target": target}
 
 
+def match_subject(source: str, kind: str, target: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """What a policy of `source` is matched against. A probe's labels are the control plane's
+    own (its service's configured labels, `probe`, `service`); an alert's come from outside,
+    so the keys the control plane sets are dropped from them and set from what it knows."""
+    if source == "alert":
+        outside = {k: v for k, v in labels.items() if k not in CONTROL_KEYS}
+        return {**outside, "alertname": kind, "kind": kind, "target": target}
+    return incident_labels(kind, target, labels)
+
+
 # -- the decision -------------------------------------------------------------------------------
 def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     decisions: list[Decision] = []
@@ -183,8 +198,8 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     firing_alerts = {f"alert:{a.fingerprint}" for a in snapshot.alerts if a.status == "firing"}
     resolving: set[str] = set()
     flapping: dict[str, bool] = {fp: i.flapping for fp, i in open_by_fp.items()}
-    candidates: dict[str, tuple[str, str, Mapping[str, str]]] = {
-        fp: (i.kind, i.target, i.labels) for fp, i in open_by_fp.items()
+    candidates: dict[str, Candidate] = {
+        fp: (source_of(fp), i.kind, i.target, i.labels) for fp, i in open_by_fp.items()
     }
 
     for probe in snapshot.probes:
@@ -223,7 +238,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                         detected_at=probe.failing_since or now,
                     )
                 )
-                candidates[fp] = (probe.probe, probe.service, probe_labels)
+                candidates[fp] = ("probe", probe.probe, probe.service, probe_labels)
             continue
         share = change_share(recent)
         now_flapping = is_flapping(incident.flapping, share, snapshot.flap_high, snapshot.flap_low)
@@ -252,22 +267,25 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                     detected_at=alert.starts_at,
                 )
             )
-            candidates[fp] = (alert.alertname, alert.service, alert_labels)
+            candidates[fp] = ("alert", alert.alertname, alert.service, alert_labels)
         elif alert.status == "resolved" and incident is not None:
             decisions.append(Resolve(incident.id, "Alertmanager resolved the alert"))
             resolving.add(fp)
 
     planned: set[tuple[str, str]] = set()
     # Policies that defer to other actions plan last, so that they see this cycle's requests.
-    ordered = sorted(candidates.items(), key=lambda c: _defers(snapshot, *c[1]))
-    for fp, (kind, target, labels) in ordered:
+    ordered = sorted(candidates.items(), key=lambda c: _defers(snapshot, c[1]))
+    for fp, (source, kind, target, labels) in ordered:
         if fp in resolving:
             continue
         if fp.startswith("alert:") and fp not in firing_alerts:
             continue  # never act on an alert that is not firing now
         incident = open_by_fp.get(fp)
         flaps = flapping.get(fp)
-        for d in _plan_action(snapshot, now, fp, kind, target, labels, flaps, incident, planned):
+        planning = _plan_action(
+            snapshot, now, fp, (source, kind, target, labels), flaps, incident, planned
+        )
+        for d in planning:
             if isinstance(d, RequestAction):
                 if (d.action, d.target) in planned:
                     # Two incidents about one fault (a probe and an alert): one action.
@@ -278,15 +296,28 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     return decisions
 
 
-def _policy_for(
-    snapshot: Snapshot, kind: str, target: str, labels: Mapping[str, str]
-) -> PolicySpec | None:
-    everything = incident_labels(kind, target, labels)
-    return next((p for p in snapshot.policies if matches(p.match, everything)), None)
+Candidate = tuple[str, str, str, Mapping[str, str]]  # source, kind, target, labels
 
 
-def _defers(snapshot: Snapshot, kind: str, target: str, labels: Mapping[str, str]) -> bool:
-    policy = _policy_for(snapshot, kind, target, labels)
+def source_of(fingerprint: str) -> str:
+    """An incident's source, from its fingerprint: `probe:<name>` or `alert:<fingerprint>`."""
+    return "probe" if fingerprint.startswith("probe:") else "alert"
+
+
+def policy_for(snapshot: Snapshot, candidate: Candidate) -> PolicySpec | None:
+    """The first policy of the incident's own source that matches it (never an operator's)."""
+    source, kind, target, labels = candidate
+    if source not in ("probe", "alert"):
+        return None
+    subject = match_subject(source, kind, target, labels)
+    return next(
+        (p for p in snapshot.policies if p.source == source and matches(p.match, subject)),
+        None,
+    )
+
+
+def _defers(snapshot: Snapshot, candidate: Candidate) -> bool:
+    policy = policy_for(snapshot, candidate)
     return policy is not None and bool(policy.defer_while.actions_running)
 
 
@@ -319,17 +350,17 @@ def _plan_action(
     snapshot: Snapshot,
     now: datetime,
     fp: str,
-    kind: str,
-    target: str,
-    labels: Mapping[str, str],
+    candidate: Candidate,
     flapping: bool | None,
     incident: IncidentView | None,
     planned: Set[tuple[str, str]] = frozenset(),
 ) -> list[Decision]:
-    everything = incident_labels(kind, target, labels)
-    policy = _policy_for(snapshot, kind, target, labels)
+    _, kind, incident_target, labels = candidate
+    everything = incident_labels(kind, incident_target, labels)
+    policy = policy_for(snapshot, candidate)
     if policy is None:
         return []
+    target = policy.target or incident_target  # an alert policy acts where it says
     if incident is not None and any(
         r.incident_id == incident.id and r.action == policy.action for r in snapshot.runs
     ):

@@ -4,20 +4,60 @@ approvals, silences) for the loop to act on. Nothing here runs a remediation."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 from prometheus_client import generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from controlplane import store
 from controlplane.backups import catalog_rows
 from controlplane.config import Settings
 from controlplane.errors import Conflict, InvalidRequest, NotFound
+from controlplane.logsafe import printable
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
 from controlplane.runtime import ControlPlane as ControlPlane  # re-exported for web
 from probes.base import Health
-from remediation.registry import ACTIONS
+from remediation.base import operator_params
+from remediation.registry import ACTIONS, UnknownAction, action_class
+
+# What comes from outside is bounded. Strings are text that can be stored and logged: valid
+# Unicode (no lone surrogates), no NUL.
+MAX_ID = 2**63 - 1  # the state store's integer ids
+
+
+def is_storable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
+
+
+Storable = AfterValidator(is_storable)
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100), Storable]
+Line = Annotated[str, StringConstraints(max_length=1000), Storable]
+Paragraph = Annotated[str, StringConstraints(max_length=10_000), Storable]
+LabelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")]
+
+
+def in_utc(at: datetime) -> datetime:
+    """An aware time, in UTC (the store keeps UTC); one that cannot be is refused."""
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range") from None
 
 
 # -- Alertmanager webhook (version 4) ------------------------------------------------------------
@@ -25,11 +65,16 @@ class AlertIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     status: str = Field(pattern="^(firing|resolved)$")
-    labels: dict[str, str]
-    annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: datetime
-    endsAt: datetime | None = None
-    fingerprint: str = Field(min_length=1, max_length=100)
+    labels: dict[LabelName, Line] = Field(max_length=64)
+    annotations: dict[LabelName, Paragraph] = Field(default_factory=dict, max_length=32)
+    startsAt: AwareDatetime  # a time without a zone is refused: whose time would it be?
+    endsAt: AwareDatetime | None = None
+    fingerprint: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+
+    @field_validator("startsAt", "endsAt")
+    @classmethod
+    def _utc(cls, at: datetime | None) -> datetime | None:
+        return None if at is None else in_utc(at)
 
 
 class WebhookIn(BaseModel):
@@ -37,7 +82,7 @@ class WebhookIn(BaseModel):
 
     version: str = Field(pattern="^4$")
     status: str = Field(pattern="^(firing|resolved)$")
-    receiver: str
+    receiver: Line
     alerts: list[AlertIn] = Field(min_length=1, max_length=1000)
 
 
@@ -108,12 +153,12 @@ def run_json(r: ActionRun) -> dict[str, Any]:
 
 
 def list_incidents(cp: ControlPlane, state: str | None, limit: int) -> list[dict[str, Any]]:
-    with store.transaction(cp.factory) as s:
+    with store.read(cp.factory) as s:
         return [incident_json(i) for i in store.list_incidents(s, state=state, limit=limit)]
 
 
 def get_incident(cp: ControlPlane, incident_id: int) -> dict[str, Any]:
-    with store.transaction(cp.factory) as s:
+    with store.read(cp.factory) as s:
         incident = s.get(Incident, incident_id)
         if incident is None:
             raise NotFound(f"incident {incident_id} does not exist")
@@ -130,7 +175,7 @@ def get_incident(cp: ControlPlane, incident_id: int) -> dict[str, Any]:
 
 def list_actions(cp: ControlPlane, action: str | None, limit: int) -> list[dict[str, Any]]:
     """The newest action runs first, optionally of one action kind."""
-    with store.transaction(cp.factory) as s:
+    with store.read(cp.factory) as s:
         return [
             run_json(r) for r in store.list_runs(s, incident_id=None, limit=limit, action=action)
         ]
@@ -142,7 +187,7 @@ def list_backups(cp: ControlPlane) -> list[dict[str, Any]]:
 
 
 def get_action(cp: ControlPlane, run_id: int) -> dict[str, Any]:
-    with store.transaction(cp.factory) as s:
+    with store.read(cp.factory) as s:
         run = s.get(ActionRun, run_id)
         if run is None:
             raise NotFound(f"action run {run_id} does not exist")
@@ -165,7 +210,7 @@ def health_summary(cp: ControlPlane) -> dict[str, Any]:
     """Per service: the worst latest probe result and its open incidents; overall: the worst."""
     # UNKNOWN (a probe that could not look) ranks below UP: it never hides a known state.
     order = [Health.UNKNOWN, Health.UP, Health.DEGRADED, Health.DOWN]
-    with store.transaction(cp.factory) as s:
+    with store.read(cp.factory) as s:
         services: dict[str, dict[str, Any]] = {
             svc.name: {"status": "unknown", "probes": {}, "open_incidents": []}
             for svc in cp.settings.services
@@ -196,7 +241,7 @@ def health_summary(cp: ControlPlane) -> dict[str, Any]:
 def readiness(cp: ControlPlane) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, Any] = {"scheduler": cp.scheduler.running, "leader": cp.loop.is_leader}
     try:
-        with store.transaction(cp.factory) as s:
+        with store.read(cp.factory) as s:
             store.lease_holder(s, "leader")
         checks["state_store"] = True
     except Exception as exc:  # readiness reports any store failure, it never raises
@@ -218,19 +263,33 @@ def metrics_text(cp: ControlPlane) -> bytes:
 class ActionRequestIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    action: str
-    target: str
-    reason: str = Field(min_length=1, max_length=1000)
-    incident_id: int | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
+    action: Name
+    target: Name
+    reason: Line = Field(min_length=1)
+    incident_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    # Only what the action declares an operator may supply (its OperatorParams): checked in
+    # request_action against the policy the run will use.
+    params: dict[Name, Any] = Field(default_factory=dict, max_length=20)
 
 
 def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
-    """An operator's request: a pending run for the loop to start (202 with its id)."""
+    """An operator's request: a pending run for the loop to start (202 with its id). Its
+    params are only those the action lets an operator supply; the rest is the policy's."""
     if body.action not in ACTIONS:
         raise InvalidRequest(f"unknown action {body.action!r} (known: {sorted(ACTIONS)})")
     if cp.settings.service(body.target) is None:
         raise InvalidRequest(f"unknown target {body.target!r}")
+    policy = cp.settings.policy_for_request(body.action, body.target)
+    try:
+        supplied = operator_params(
+            action_class(body.action), body.params, policy.params if policy else {}
+        )
+    except UnknownAction as exc:
+        raise InvalidRequest(str(exc)) from None
+    except ValidationError as exc:
+        raise InvalidRequest(
+            f"params refused for {body.action}: " + validation_errors(exc.errors(), "params")
+        ) from None
     now = cp.clock()
     with store.transaction(cp.factory) as s:
         if body.incident_id is not None and s.get(Incident, body.incident_id) is None:
@@ -244,7 +303,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
             state=ActionState.PENDING,
             requested_by=who,
             reason=body.reason,
-            params={"params": body.params},
+            params={"policy": policy.name if policy else None, "params": supplied},
             created_at=now,
         )
         if run is None:
@@ -257,7 +316,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
             action_run_id=run.id,
             incident_id=body.incident_id,
             message=f"{body.action} on {body.target}: {body.reason}",
-            data={"params": body.params, "target": body.target},
+            data={"params": supplied, "target": body.target},
         )
         run_id = run.id
     cp.wake()
@@ -284,9 +343,9 @@ def approve_action(cp: ControlPlane, run_id: int, who: str) -> None:
 class SilenceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    matchers: dict[str, str] = Field(min_length=1)
+    matchers: dict[LabelName, Line] = Field(min_length=1, max_length=32)
     duration_s: float = Field(gt=0, le=7 * 24 * 3600)
-    comment: str = ""
+    comment: Line = ""
 
 
 def create_silence(cp: ControlPlane, body: SilenceIn, who: str) -> dict[str, Any]:
@@ -323,8 +382,15 @@ def expire_silence(cp: ControlPlane, silence_id: int, who: str) -> None:
         store.audit(s, actor=who, verb="unsilence", at=now, message=f"silence {silence_id}")
 
 
-def validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+def validation_errors(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> str:
+    """Each error with the field it is about (`params.nodes: Extra inputs are not permitted`);
+    never the refused value itself, which may be huge or hostile."""
+
+    def where(e: Mapping[str, Any]) -> str:
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        return printable(loc, limit=200) or "body"
+
+    return "; ".join(f"{where(e)}: {e['msg']}" for e in errors[:10])
 
 
 def start_control_plane(settings: Settings) -> ControlPlane:

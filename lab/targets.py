@@ -170,6 +170,7 @@ def controlplane_targets(
     policies = [
         {
             "name": "restart-dead-shop",
+            "source": "probe",
             "match": {"job": "shop"},
             "action": "restart",
             "mode": "auto",
@@ -182,7 +183,9 @@ def controlplane_targets(
         },
         {
             "name": "flush-shop-cache",
+            "source": "alert",
             "match": {"alertname": "ShopCatalogStale"},
+            "target": "redis",
             "action": "cache_flush",
             "mode": "auto",
             "cooldown_s": 30,
@@ -216,12 +219,24 @@ def controlplane_targets(
         "params": {"nodes": nodes, "observe_timeout_s": 0.5},
     }
     policies += [
-        {"name": "failover-primary", "match": {"probe": "shop-db-primary"}, **failover},
-        {"name": "failover-alert", "match": {"alertname": "ShopDatabaseNoPrimary"}, **failover},
+        {
+            "name": "failover-primary",
+            "source": "probe",
+            "match": {"probe": "shop-db-primary"},
+            **failover,
+        },
+        {
+            "name": "failover-alert",
+            "source": "alert",
+            "match": {"alertname": "ShopDatabaseNoPrimary"},
+            "target": "shop-db-cluster",
+            **failover,
+        },
         {
             # Retried with back-off (1, 2, 4, 8 s between attempts) until redundancy is back,
             # then escalated with the last attempt's reason.
             "name": "rejoin-standby",
+            "source": "probe",
             "match": {"probe": "shop-db-standby"},
             "action": "rejoin",
             "mode": "auto",
@@ -234,6 +249,7 @@ def controlplane_targets(
         },
         {
             "name": "rebuild-standby",
+            "source": "probe",
             "match": {"probe": "shop-db-redundancy"},
             "action": "rejoin",
             "mode": "auto",
@@ -245,9 +261,11 @@ def controlplane_targets(
             "params": {"nodes": nodes, "rebuild": True},
         },
         {
-            # Never matches an incident: the params and limits of an operator's switchover.
+            # Only an operator's request (POST /api/v1/actions) reaches it, never an incident:
+            # the params and limits of a switchover.
             "name": "switchover",
-            "match": {"request": "switchover"},
+            "source": "operator",
+            "match": {"target": "shop-db-cluster"},
             "action": "switchover",
             "mode": "auto",
             "cooldown_s": 0,
@@ -259,6 +277,7 @@ def controlplane_targets(
         {
             # Discards every write after the restore point: an operator approves it.
             "name": "restore-damaged-data",
+            "source": "probe",
             "match": {"probe": "shop-invariants"},
             "action": "restore",
             "mode": "approval",
@@ -286,10 +305,17 @@ def controlplane_targets(
         }
     )
     policies += [
-        {"name": "resolve-in-doubt", "match": {"probe": "shop-in-doubt"}, **in_doubt},
+        {
+            "name": "resolve-in-doubt",
+            "source": "probe",
+            "match": {"probe": "shop-in-doubt"},
+            **in_doubt,
+        },
         {
             "name": "resolve-in-doubt-alert",
+            "source": "alert",
             "match": {"alertname": "ShopInDoubtTransactions"},
+            "target": "shop-db",
             **in_doubt,
         },
     ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from remediation.executors.base import Executor
 
@@ -48,6 +48,19 @@ class ActionContext:
     last_good_at: datetime | None = None
 
 
+def operator_params(
+    action: type[Action], supplied: Mapping[str, Any], policy_params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An operator's params, checked against what the action declares (default: none) and
+    returned as plain JSON values, only those given. Raises pydantic's ValidationError."""
+    model = action.OperatorParams
+    if model.model_config.get("extra") != "forbid":
+        raise TypeError(f"{action.__name__}.OperatorParams must forbid extra fields")
+    parsed = model.model_validate(dict(supplied), context={"policy": dict(policy_params)})
+    dumped: dict[str, Any] = parsed.model_dump(mode="json", exclude_unset=True)
+    return dumped
+
+
 def parse_params(model: type[ParamsT], ctx: ActionContext, kind: str) -> ParamsT:
     """The action's params, typed; bad ones are a permanent error (no retry fixes them)."""
     try:
@@ -56,8 +69,21 @@ def parse_params(model: type[ParamsT], ctx: ActionContext, kind: str) -> ParamsT
         raise ActionError(f"bad {kind} params: {exc}", permanent=True) from None
 
 
+class NoOperatorParams(BaseModel):
+    """The default: an operator may supply no param at all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class Action(ABC):
     kind: ClassVar[str]
+    # The policy's params, checked when the control plane starts (None: not declared, the
+    # action parses its own when it runs).
+    Params: ClassVar[type[BaseModel] | None] = None
+    # What an operator may add through the API, with types and bounds; everything else comes
+    # from the policy alone. Validated with context={"policy": <the policy's params>}, so a
+    # value can be checked against them (a switchover's candidate is one of its nodes).
+    OperatorParams: ClassVar[type[BaseModel]] = NoOperatorParams
 
     @abstractmethod
     def precheck(self, ctx: ActionContext) -> Check:

@@ -21,6 +21,7 @@ class FlushParams(BaseModel):
 
 class CacheFlush(Action):
     kind = "cache_flush"
+    Params = FlushParams
 
     @staticmethod
     def _params(ctx: ActionContext) -> FlushParams:

@@ -33,6 +33,7 @@ def params_of(ctx: ActionContext) -> FailoverParams:
 
 class Failover(Action):
     kind = "failover"
+    Params = FailoverParams
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

@@ -34,6 +34,7 @@ class InDoubtParams(BaseModel):
 
 class InDoubt(Action):
     kind = "in_doubt"
+    Params = InDoubtParams
 
     @staticmethod
     def _params(ctx: ActionContext) -> InDoubtParams:

@@ -21,12 +21,17 @@ class UnknownAction(ValueError):
     pass
 
 
-def build_action(kind: str) -> Action:
+def action_class(kind: str) -> type[Action]:
+    """The class of an action kind: its `Params` and `OperatorParams`, without building it."""
     try:
         module_name, _, class_name = ACTIONS[kind].partition(":")
     except KeyError:
         raise UnknownAction(
             f"unknown action {kind!r} (known: {', '.join(sorted(ACTIONS))})"
         ) from None
-    action: Action = getattr(importlib.import_module(module_name), class_name)()
-    return action
+    cls: type[Action] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def build_action(kind: str) -> Action:
+    return action_class(kind)()

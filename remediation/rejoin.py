@@ -31,6 +31,7 @@ def params_of(ctx: ActionContext) -> RejoinParams:
 
 class Rejoin(Action):
     kind = "rejoin"
+    Params = RejoinParams
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

@@ -8,21 +8,29 @@ only add an outage of its own."""
 from __future__ import annotations
 
 import requests
+from pydantic import BaseModel, ConfigDict, Field
 
-from remediation.base import Action, ActionContext, ActionError, Check, Outcome
+from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 from remediation.executors.base import ExecutorError
 
 
+class RestartParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    liveness_url: str | None = Field(default=None, pattern=r"^https?://")
+    liveness_timeout_s: float = Field(default=2, gt=0, le=30)
+
+
 def is_alive(ctx: ActionContext) -> str | None:
-    template = ctx.params.get("liveness_url")
-    if not template or ctx.component is None or not ctx.executor.is_running(ctx.component):
+    p = parse_params(RestartParams, ctx, "restart")
+    if not p.liveness_url or ctx.component is None or not ctx.executor.is_running(ctx.component):
         return None
     try:
-        url = str(template).format(**ctx.labels)
-    except KeyError as exc:
+        url = p.liveness_url.format(**ctx.labels)
+    except (KeyError, IndexError, ValueError) as exc:
         raise ActionError(f"liveness_url needs the label {exc}", permanent=True) from None
     try:
-        response = requests.get(url, timeout=float(ctx.params.get("liveness_timeout_s", 2)))
+        response = requests.get(url, timeout=p.liveness_timeout_s)
     except requests.RequestException:
         return None
     return url if response.status_code == 200 else None
@@ -30,6 +38,7 @@ def is_alive(ctx: ActionContext) -> str | None:
 
 class Restart(Action):
     kind = "restart"
+    Params = RestartParams
 
     def precheck(self, ctx: ActionContext) -> Check:
         if ctx.component is None:

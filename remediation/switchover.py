@@ -6,7 +6,7 @@ that checkpoint, and the old leader rejoins as the new standby at once."""
 from __future__ import annotations
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pgcluster.nodes import NodeState, leader_of
 from remediation import pg_ops
@@ -22,12 +22,30 @@ class SwitchoverParams(BaseModel):
     rejoin_timeout_s: float = Field(default=120, gt=0)
 
 
+class SwitchoverOperatorParams(BaseModel):
+    """An operator may choose the node to switch to: one of the policy's nodes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    candidate: str | None = Field(default=None, max_length=100)
+
+    @field_validator("candidate")
+    @classmethod
+    def _one_of_the_nodes(cls, candidate: str | None, info: ValidationInfo) -> str | None:
+        nodes = ((info.context or {}).get("policy") or {}).get("nodes") or {}
+        if candidate is not None and candidate not in nodes:
+            raise ValueError(f"must be one of the nodes: {', '.join(sorted(nodes))}")
+        return candidate
+
+
 def params_of(ctx: ActionContext) -> SwitchoverParams:
     return parse_params(SwitchoverParams, ctx, "switchover")
 
 
 class Switchover(Action):
     kind = "switchover"
+    Params = SwitchoverParams
+    OperatorParams = SwitchoverOperatorParams
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

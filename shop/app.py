@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
+import psycopg
 import redis
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import Table, text, update
-from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.exceptions import HTTPException
+from sqlalchemy.exc import DataError, SQLAlchemyError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.routing import IntegerConverter
 
 from shop.cache import ProductCache
 from shop.config import ShopSettings
@@ -25,8 +29,10 @@ from shop.errors import (
     OrderNotFound,
     ProductNotFound,
     ShopError,
+    TooLarge,
     Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
 )
 from shop.metrics import DB_ERRORS, ORDERS, REQUEST_SECONDS, InDoubtCollector, register_in_doubt
 from shop.models import Order, Product
@@ -35,6 +41,13 @@ from shop.orders import OrderCoordinator, OrderRequest, order_json
 logger = logging.getLogger(__name__)
 
 MAX_PAGE = 500
+MAX_BODY_BYTES = 64 * 1024  # an order is a few hundred bytes
+MAX_DEPTH = 16
+MAX_INT4 = 2**31 - 1  # product ids are PostgreSQL integers: beyond them, nothing exists
+# Exactly `Bearer <token>`: one space, the token visible ASCII, nothing else.
+BEARER = re.compile(r"Bearer ([!-~]+)")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+C0 = re.compile(r"[\x00-\x1f\x7f]")
 products = cast(Table, Product.__table__)
 orders = cast(Table, Order.__table__)
 
@@ -68,16 +81,78 @@ def validation_message(exc: ValidationError) -> str:
     )
 
 
+def printable(value: object, limit: int = 500) -> str:
+    """A value that came from outside, on one log line: control characters escaped."""
+    text = str(value)[:limit]
+    return CONTROL.sub(
+        lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text
+    )
+
+
+class ProductId(IntegerConverter):
+    """`<product_id:…>`: a positive PostgreSQL integer; anything else is a 404 before any
+    query (an id the database cannot hold is not a database outage)."""
+
+    def __init__(self, map: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(map, min=1, max=MAX_INT4)
+
+
 def json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
+    """The body: `application/json`, bounded in size and depth, a JSON object whose strings
+    are valid Unicode without NUL (PostgreSQL text cannot hold either)."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("the body must be application/json")
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise TooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes") from None
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest(f"the body is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError among them
+        raise BadRequest(f"malformed JSON body: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    check_values(body)
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_values(body: Any) -> None:
+    """Without recursion: depth, and every string (keys too) storable as PostgreSQL text."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"the body is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, value in item.items():
+                check_text(key)
+                stack.append((value, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            check_text(item)
+
+
+def check_text(value: str) -> None:
+    if "\x00" in value:
+        raise BadRequest("text must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("text must be valid Unicode (a lone surrogate)") from None
 
 
 def create_app(settings: ShopSettings | None = None) -> Flask:
     settings = settings or ShopSettings.from_env()
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.url_map.converters["product_id"] = ProductId
     orders_db = make_engine(settings.orders_url, settings, role="orders")
     inventory_db = make_engine(settings.inventory_url, settings, role="inventory")
     redis_client = redis.Redis.from_url(
@@ -140,8 +215,12 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
 
     @app.errorhandler(SQLAlchemyError)
     def db_error(exc: SQLAlchemyError) -> tuple[Response, int]:
+        if isinstance(exc, DataError):
+            # The database refused a value (out of range, NUL): bad input, not an outage.
+            logger.warning("database refused a value: %s", printable(exc.orig))
+            return jsonify(error="a value in the request is out of range or not text"), 400
         DB_ERRORS.labels(type(exc).__name__).inc()
-        logger.warning("database error: %s", exc)
+        logger.warning("database error: %s", printable(exc))
         return jsonify(error="database unavailable, retry shortly"), 503
 
     @app.errorhandler(Exception)
@@ -159,6 +238,8 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
             raise BadRequest("limit and after must be integers") from None
         if limit < 1:
             raise BadRequest("limit must be at least 1")
+        if not 0 <= after <= MAX_INT4:
+            raise BadRequest(f"after must be between 0 and {MAX_INT4}")
         with inventory_db.connect() as conn:
             rows = conn.execute(
                 products.select().where(products.c.id > after).order_by(products.c.id).limit(limit)
@@ -166,7 +247,7 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
             page = [product_json(p) for p in rows]
         return jsonify(products=page, next_after=page[-1]["id"] if page else None)
 
-    @app.get("/products/<int:product_id>")
+    @app.get("/products/<product_id:product_id>")
     def get_product(product_id: int) -> Response:
         product = cache.get(product_id, lambda: load_product(product_id))
         if product is None:
@@ -177,15 +258,17 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
     @app.post("/orders")
     def create_order() -> tuple[Response, int, dict[str, str]]:
         key = request.headers.get("Idempotency-Key", "").strip()
-        if not key or len(key) > 255:
+        if not key or len(key) > 255 or C0.search(key):
             ORDERS.labels("bad_request").inc()
-            raise BadRequest("an Idempotency-Key header (1 to 255 characters) is required")
+            raise BadRequest(
+                "an Idempotency-Key header (1 to 255 characters, no control characters) is required"
+            )
         try:
             body = OrderBody.model_validate(json_body())
         except ValidationError as exc:
             ORDERS.labels("bad_request").inc()
             raise BadRequest(validation_message(exc)) from None
-        except BadRequest:
+        except ShopError:  # BadRequest, TooLarge, UnsupportedMediaType
             ORDERS.labels("bad_request").inc()
             raise
         try:
@@ -193,6 +276,10 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
                 OrderRequest(body.product_id, body.quantity, body.customer, body.address), key
             )
         except ShopError as exc:
+            if isinstance(exc, Unavailable) and isinstance(exc.__cause__, psycopg.DataError):
+                # The database refused a value of the request: bad input, not an outage.
+                ORDERS.labels("bad_request").inc()
+                raise BadRequest("a value in the order is out of range or not text") from exc
             ORDERS.labels(type(exc).__name__).inc()
             if isinstance(exc, Unavailable):
                 DB_ERRORS.labels("order").inc()
@@ -245,9 +332,13 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
 
     # -- admin -----------------------------------------------------------------------------
     def require_admin() -> None:
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not settings.admin_token or not hmac.compare_digest(supplied, settings.admin_token):
-            raise Unauthorized("a valid admin bearer token is required")
+        found = BEARER.fullmatch(request.headers.get("Authorization", ""))
+        if (
+            not settings.admin_token
+            or found is None
+            or not hmac.compare_digest(found.group(1).encode(), settings.admin_token.encode())
+        ):
+            raise Unauthorized("a valid admin bearer token is required (Authorization: Bearer …)")
 
     @app.post("/admin/cache/flush")
     def flush_cache() -> Response:
@@ -257,7 +348,7 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
             flushed=True, local=True, redis_keys_removed=removed, instance=settings.instance_id
         )
 
-    @app.patch("/admin/products/<int:product_id>")
+    @app.patch("/admin/products/<product_id:product_id>")
     def patch_product(product_id: int) -> Response:
         require_admin()
         try:

@@ -3,6 +3,8 @@
 ShopError (500)
 ├── BadRequest (400)
 ├── Unauthorized (401)
+├── TooLarge (413)               a body beyond the size limit
+├── UnsupportedMediaType (415)   a body that is not application/json
 ├── OrderNotFound (404)
 ├── ProductNotFound (404)
 ├── OutOfStock (409)
@@ -28,6 +30,14 @@ class BadRequest(ShopError):
 
 class Unauthorized(ShopError):
     status = 401
+
+
+class TooLarge(ShopError):
+    status = 413
+
+
+class UnsupportedMediaType(ShopError):
+    status = 415
 
 
 class OrderNotFound(ShopError):

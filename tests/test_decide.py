@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from controlplane.config import DeferWhile, PolicySpec, Settings
+from controlplane.errors import ConfigError
 from controlplane.incidents import (
     AlertState,
     Hold,
@@ -27,9 +28,10 @@ from probes.base import Health
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 U, D, G = Health.UP, Health.DOWN, Health.DEGRADED
-RESTART = PolicySpec(name="restart-shop", match={"kind": "shop-0-ready"}, action="restart",
-                     cooldown_s=60, max_runs=2, window_s=600)  # fmt: skip
-FLUSH = PolicySpec(name="flush", match={"alertname": "CacheStale"}, action="cache_flush")
+RESTART = PolicySpec(name="restart-shop", source="probe", match={"kind": "shop-0-ready"},
+                     action="restart", cooldown_s=60, max_runs=2, window_s=600)  # fmt: skip
+FLUSH = PolicySpec(name="flush", source="alert", match={"alertname": "CacheStale"},
+                   action="cache_flush", target="cache")  # fmt: skip
 
 
 def probe(*recent: Health, opens: int = 3, resolves: int = 2) -> ProbeState:
@@ -109,7 +111,10 @@ TABLE = [
     ("a probe and an alert about one target in one cycle request one action between them",
      Snapshot(probes=[probe(D, D, D)], alerts=[AlertState("a2", "ShopDown", "firing",
               {"kind": "shop-0-ready"}, "down", NOW, "shop-0")],
-              policies=[PolicySpec(name="r", match={"target": "shop-0"}, action="restart")]),
+              policies=[PolicySpec(name="r", source="probe", match={"target": "shop-0"},
+                                   action="restart"),
+                        PolicySpec(name="ra", source="alert", match={"alertname": "ShopDown"},
+                                   action="restart", target="shop-0")]),
      ["Open", "Open", "RequestAction", "Hold"]),
     ("no policy matches: an incident but no action",
      Snapshot(probes=[probe(D, D, D)], policies=[FLUSH]), ["Open"]),
@@ -239,14 +244,16 @@ def test_decide_with_unknown_results(snapshot: Snapshot, expected: list[str]) ->
 # -- defer_while: no restore in the middle of a failover ----------------------------------------
 CLUSTER = "shop-db-cluster"
 RESTORE = PolicySpec(
-    name="restore-damaged-data", match={"probe": "shop-invariants"}, action="restore",
+    name="restore-damaged-data", source="probe", match={"probe": "shop-invariants"},
+    action="restore",
     mode="approval",
     defer_while=DeferWhile(actions_running=("failover", "rejoin", "switchover"),
                            probes_not_up=("shop-db-primary",)),
 )  # fmt: skip
-FAILOVER = PolicySpec(name="failover-primary", match={"probe": "shop-db-primary"},
+FAILOVER = PolicySpec(name="failover-primary", source="probe", match={"probe": "shop-db-primary"},
                       action="failover")  # fmt: skip
-REJOIN = PolicySpec(name="rejoin-standby", match={"probe": "shop-db-standby"}, action="rejoin")
+REJOIN = PolicySpec(name="rejoin-standby", source="probe", match={"probe": "shop-db-standby"},
+                    action="rejoin")  # fmt: skip
 
 
 def cluster_probe(name: str, *recent: Health, summary: str = "") -> ProbeState:
@@ -322,6 +329,84 @@ def test_a_policy_deferring_to_an_unknown_probe_is_refused_at_start() -> None:
         Settings(
             services=[{"name": "svc"}],
             probes=[{"name": "p", "kind": "tcp", "service": "svc"}],
-            policies=[{"name": "r", "match": {}, "action": "restore",
+            policies=[{"name": "r", "source": "probe", "match": {"probe": "p"}, "action": "restore",
                        "defer_while": {"probes_not_up": ["nope"]}}],
         )  # fmt: skip
+
+
+# -- who may make it act -------------------------------------------------------------------------
+SWITCHOVER = PolicySpec(name="switchover", source="operator", match={"target": CLUSTER},
+                        action="switchover")  # fmt: skip
+ALERT_FAILOVER = PolicySpec(name="failover-alert", source="alert",
+                            match={"alertname": "ShopDatabaseNoPrimary"}, action="failover",
+                            target=CLUSTER)  # fmt: skip
+
+
+def forged(alertname: str, service: str = CLUSTER, **labels: str) -> AlertState:
+    return AlertState("f1", alertname, "firing", {"alertname": alertname, **labels}, "forged",
+                      NOW, service)  # fmt: skip
+
+
+TRUST_TABLE = [
+    ("an alert asking for a switchover reaches no operator policy",
+     Snapshot(alerts=[forged("X", request="switchover")], policies=[SWITCHOVER]), ["Open"]),
+    ("an alert naming the primary's probe reaches no probe policy",
+     Snapshot(alerts=[forged("X", probe="shop-db-primary")], policies=[FAILOVER, REJOIN]),
+     ["Open"]),
+    ("an alert cannot stand in for the control plane's kind or target either",
+     Snapshot(alerts=[forged("X", kind="shop-0-ready", target="shop-0")], policies=[RESTART]),
+     ["Open"]),
+    ("a probe incident reaches no alert policy, even one matching the same label",
+     Snapshot(probes=[cluster_probe("shop-db-primary", U, D, D)],
+              policies=[PolicySpec(name="a", source="alert", match={"kind": "shop-db-primary"},
+                                   action="failover", target=CLUSTER)]), ["Open"]),
+    ("the alert it was meant for still acts",
+     Snapshot(alerts=[forged("ShopDatabaseNoPrimary")], policies=[ALERT_FAILOVER]),
+     ["Open", "RequestAction"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("snapshot", "expected"), [(s, e) for _, s, e in TRUST_TABLE],
+                         ids=[d for d, _, _ in TRUST_TABLE])  # fmt: skip
+def test_decide_lets_only_a_policys_own_source_reach_it(
+    snapshot: Snapshot, expected: list[str]
+) -> None:
+    assert kinds(decide(snapshot, NOW)) == expected
+
+
+def test_an_alert_policy_acts_on_the_service_it_names_not_the_one_the_alert_names() -> None:
+    decisions = decide(Snapshot(alerts=[forged("ShopDatabaseNoPrimary", service="pg0")],
+                                policies=[ALERT_FAILOVER]), NOW)  # fmt: skip
+    [request] = [d for d in decisions if isinstance(d, RequestAction)]
+    assert request.target == CLUSTER
+
+
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        ({"source": "webhook", "match": {"probe": "p"}}, r"policies\[0\]\.source"),
+        ({"source": "alert", "match": {"probe": "p"}, "target": "svc"}, r"match\.probe"),
+        ({"source": "alert", "match": {"request": "switchover"}, "target": "svc"},
+         r"match\.request"),
+        ({"source": "probe", "match": {"alertname": "X"}}, r"match\.alertname"),
+        ({"source": "operator", "match": {"request": "switchover"}}, r"match\.request"),
+        ({"source": "operator", "match": {"job": "shop"}}, r"match\.job"),
+        ({"source": "alert", "match": {"alertname": "X"}}, r"target"),
+        ({"source": "alert", "match": {"alertname": "X"}, "target": "nope"}, r"target.*nope"),
+        ({"source": "probe", "match": {}}, r"match"),
+        ({"source": "probe", "match": {"probe": "p"}, "params": {"instances": ["x"]}},
+         r"policies\[0\]\.params\.instances"),
+        ({"source": "probe", "match": {"probe": "p"}, "action": "reboot"},
+         r"policies\[0\]\.action"),
+    ],
+)  # fmt: skip
+def test_a_policy_its_source_cannot_reach_or_with_bad_params_fails_at_start(
+    policy: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ConfigError, match=error):
+        Settings.load(
+            environ={},
+            services=[{"name": "svc"}],
+            probes=[{"name": "p", "kind": "tcp", "service": "svc"}],
+            policies=[{"name": "r", "action": "restart", **policy}],
+        )

@@ -38,6 +38,7 @@ def build(tmp_path: Path, **policy: Any) -> ControlPlane:
         policies=[
             {
                 "name": "fix-svc",
+                "source": "probe",
                 "match": {"service": "svc"},
                 "action": "restart",
                 "verify_timeout_s": 0.5,

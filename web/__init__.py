@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 from controlplane import services
 from controlplane.config import Settings
 from controlplane.errors import ControlPlaneError
+from web.body import MAX_BODY_BYTES, IdConverter
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ def create_app(
     from web.health import health
 
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # 413 beyond it, before it is read
+    app.url_map.converters["id"] = IdConverter
     if control_plane is None:
         control_plane = services.start_control_plane(settings or Settings.load())
     app.extensions["control_plane"] = control_plane

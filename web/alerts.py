@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 from pydantic import ValidationError
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
 from web.auth import control_plane, require_token
+from web.body import json_object
 
 alerts = Blueprint("alerts", __name__)
 
@@ -16,9 +17,7 @@ alerts = Blueprint("alerts", __name__)
 def receive() -> tuple[Response, int]:
     cp = control_plane()
     require_token(cp.settings.webhook_token, "webhook")
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object (Alertmanager webhook v4)")
+    body = json_object("a JSON object (Alertmanager webhook v4)")
     try:
         payload = services.WebhookIn.model_validate(body)
     except ValidationError as exc:

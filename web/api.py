@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from controlplane import services
 from controlplane.errors import InvalidRequest
 from web.auth import control_plane, require_token
+from web.body import json_object
 
 api = Blueprint("api", __name__)
 M = TypeVar("M", bound=BaseModel)
@@ -23,9 +24,7 @@ def authenticate() -> None:
 
 
 def parse(model: type[M]) -> M:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
+    body = json_object()
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -56,7 +55,7 @@ def incidents() -> Response:
     return jsonify(incidents=found)
 
 
-@api.get("/incidents/<int:incident_id>")
+@api.get("/incidents/<id:incident_id>")
 def incident(incident_id: int) -> Response:
     return jsonify(services.get_incident(control_plane(), incident_id))
 
@@ -64,6 +63,8 @@ def incident(incident_id: int) -> Response:
 @api.get("/actions")
 def actions() -> Response:
     kind = request.args.get("action")
+    if kind is not None and len(kind) > 100:
+        raise InvalidRequest("action must be at most 100 characters")
     return jsonify(actions=services.list_actions(control_plane(), kind, int_arg("limit", 50, 500)))
 
 
@@ -78,12 +79,12 @@ def request_action() -> tuple[Response, int]:
     return jsonify(id=run_id, state="pending"), 202
 
 
-@api.get("/actions/<int:run_id>")
+@api.get("/actions/<id:run_id>")
 def action(run_id: int) -> Response:
     return jsonify(services.get_action(control_plane(), run_id))
 
 
-@api.post("/actions/<int:run_id>/approve")
+@api.post("/actions/<id:run_id>/approve")
 def approve(run_id: int) -> tuple[Response, int]:
     services.approve_action(control_plane(), run_id, WHO)
     return jsonify(id=run_id, state="pending"), 202
@@ -97,7 +98,7 @@ def silence() -> tuple[Response, int]:
     return jsonify(created), 201
 
 
-@api.delete("/silences/<int:silence_id>")
+@api.delete("/silences/<id:silence_id>")
 def unsilence(silence_id: int) -> tuple[Response, int]:
     services.expire_silence(control_plane(), silence_id, WHO)
     return jsonify(id=silence_id, expired=True), 200
