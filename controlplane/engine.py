@@ -11,9 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
     Retrying,
@@ -28,7 +29,7 @@ from controlplane.config import PolicySpec, Settings
 from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.notify import Notifier
-from remediation.base import Action, ActionContext, ActionError, Check
+from remediation.base import Action, ActionContext, ActionError, Check, operator_params
 from remediation.executors.base import Executor, ExecutorError
 from remediation.registry import UnknownAction, build_action
 
@@ -108,15 +109,40 @@ class ActionEngine:
             started.append(run_id)
         return started
 
-    def abandon_orphans(self) -> list[int]:
-        """On becoming leader: runs left `running` by a dead control plane are marked
-        abandoned (failed-safe) and escalated, never run again."""
+    def abandon_orphans(
+        self, *, owner: str | None = None, older_than_s: float | None = None
+    ) -> list[int]:
+        """Runs `running` without a live worker are marked abandoned (failed-safe) and
+        escalated, never run again, which frees their target. On becoming leader: every such
+        run (left by a dead control plane). Each cycle: `owner`'s (ours) whose worker thread
+        is gone, `older_than_s` after they started (a claim is not yet in flight at once)."""
         now = self.clock()
+        with store.read(self.factory) as s:
+            candidates = [
+                r.id
+                for r in store.runs_in_state(s, ActionState.RUNNING)
+                if (owner is None or r.owner == owner)
+                and (
+                    older_than_s is None
+                    or r.started_at is None
+                    or _aware(r.started_at) < now - timedelta(seconds=older_than_s)
+                )
+            ]
+        with self.lock:
+            candidates = [run_id for run_id in candidates if run_id not in self.in_flight]
+        if not candidates:
+            return []
+        return store.with_retries(
+            lambda: self._abandon(candidates, now), what=f"abandon runs {candidates}"
+        )
+
+    def _abandon(self, candidates: list[int], now: datetime) -> list[int]:
         abandoned = []
         touched: set[str] = set()
         with store.transaction(self.factory) as s:
-            for run in store.runs_in_state(s, ActionState.RUNNING):
-                if run.id in self.in_flight:
+            for run_id in candidates:
+                run = s.get(ActionRun, run_id)
+                if run is None or run.id in self.in_flight:
                     continue
                 if store.change_run_state(
                     s, run.id, ActionState.RUNNING, ActionState.ABANDONED, finished_at=now
@@ -164,7 +190,10 @@ class ActionEngine:
             self._run(run_id)
         except Exception as exc:  # the job's catch-all: record, escalate, go on
             logger.exception("action run %d crashed", run_id)
-            self._finish(run_id, ActionState.FAILED, {"error": repr(exc)}, "crashed: escalated")
+            try:
+                self._finish(run_id, ActionState.FAILED, {"error": repr(exc)}, "crashed: escalated")
+            except Exception:  # left `running`: the loop's reaper abandons it, not in flight
+                logger.exception("action run %d: its finish could not be recorded", run_id)
         finally:
             with self.lock:
                 self.in_flight.discard(run_id)
@@ -172,12 +201,12 @@ class ActionEngine:
             self.on_finished()
 
     def _policy(self, run: ActionRun) -> PolicySpec:
-        """The run's policy; for an operator's request, the policy configured for that action
-        (its params and limits are the defaults), else bare defaults."""
+        """The run's policy (named when it was requested); else the one an operator's request
+        for that action and target runs with, else bare defaults."""
         name = run.params.get("policy")
-        found = next((p for p in self.settings.policies if p.name == name), None)
-        found = found or next((p for p in self.settings.policies if p.action == run.action), None)
-        return found or PolicySpec(name="manual", match={}, action=run.action)
+        found = self.settings.policy(name) if isinstance(name, str) else None
+        found = found or self.settings.policy_for_request(run.action, run.target)
+        return found or PolicySpec(name="manual", source="operator", match={}, action=run.action)
 
     def _run(self, run_id: int) -> None:
         with store.transaction(self.factory) as s:
@@ -191,7 +220,15 @@ class ActionEngine:
         except UnknownAction as exc:
             self._finish(run_id, ActionState.FAILED, {"error": str(exc)}, str(exc))
             return
-        params: dict[str, Any] = {**policy.params, **run.params.get("params", {})}
+        # Only what the action lets an operator supply, checked again here: everything else
+        # (where to connect, what to send, which files) comes from the policy alone.
+        try:
+            supplied = operator_params(type(action), run.params.get("params") or {}, policy.params)
+        except (ValidationError, TypeError) as exc:
+            why = f"operator params refused: {exc}"
+            self._finish(run_id, ActionState.FAILED, {"error": why}, why)
+            return
+        params: dict[str, Any] = {**policy.params, **supplied}
         ctx = ActionContext(
             target=run.target,
             component=service.component if service else None,
@@ -293,6 +330,20 @@ class ActionEngine:
         duration_ms: float | None = None,
     ) -> None:
         now = self.clock()
+        store.with_retries(
+            lambda: self._write_record(run, verb, message, data, duration_ms, now),
+            what=f"audit {verb} of run {run.id}",
+        )
+
+    def _write_record(
+        self,
+        run: ActionRun,
+        verb: str,
+        message: str,
+        data: dict[str, Any],
+        duration_ms: float | None,
+        now: datetime,
+    ) -> None:
         with store.transaction(self.factory) as s:
             store.audit(
                 s,
@@ -310,12 +361,33 @@ class ActionEngine:
                 store.add_timeline(s, run.incident_id, "action", f"{run.action}: {message}", now)
 
     def _finish(self, run_id: int, state: ActionState, output: dict[str, Any], why: str) -> None:
+        """running -> `state`, audited; retried on "database is locked" (a run left `running`
+        would hold its target's lock: the reaper's last resort, not the plan)."""
         now = self.clock()
+        run = store.with_retries(
+            lambda: self._write_finish(run_id, state, output, why, now),
+            what=f"finish run {run_id}",
+        )
+        if run is None:
+            return
+        self.metrics.actions.labels(run.action, state).inc()
+        if state in (ActionState.FAILED,):
+            self.notifier.notify(
+                "escalation", f"{run.action} on {run.target} failed", {"run": run_id, "why": why}
+            )
+        elif state is ActionState.SUCCEEDED:
+            self.notifier.notify(
+                "action", f"{run.action} on {run.target} recovered it", {"run": run_id}
+            )
+
+    def _write_finish(
+        self, run_id: int, state: ActionState, output: dict[str, Any], why: str, now: datetime
+    ) -> ActionRun | None:
         with store.transaction(self.factory) as s:
             if not store.change_run_state(
                 s, run_id, ActionState.RUNNING, state, finished_at=now, output=output
             ):
-                return
+                return None
             run = s.get(ActionRun, run_id)
             assert run is not None
             store.audit(
@@ -335,15 +407,7 @@ class ActionEngine:
                 store.add_timeline(s, run.incident_id, kind, f"{run.action}: {why}", now)
                 if state is ActionState.SUCCEEDED:
                     store.mark_incident(s, run.incident_id, recovered_at=now)
-        self.metrics.actions.labels(run.action, state).inc()
-        if state in (ActionState.FAILED,):
-            self.notifier.notify(
-                "escalation", f"{run.action} on {run.target} failed", {"run": run_id, "why": why}
-            )
-        elif state is ActionState.SUCCEEDED:
-            self.notifier.notify(
-                "action", f"{run.action} on {run.target} recovered it", {"run": run_id}
-            )
+        return run
 
     def wait_idle(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -355,6 +419,11 @@ class ActionEngine:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _aware(at: datetime) -> datetime:
+    """SQLite hands datetimes back naive; they were stored in UTC."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 class _Permanent(Exception):

@@ -1,5 +1,9 @@
 """The loop (Patroni's ha.py): `run_cycle(now) -> str`. Hold the lease, take a snapshot, call
-the pure `decide`, persist the decisions, start actions beside the loop, say why in one line."""
+the pure `decide`, persist the decisions, start actions beside the loop, say why in one line.
+
+The snapshot is read in a read transaction and the decisions are written in batches of
+`APPLY_BATCH`, one short write transaction each: a flood of alerts never holds the state
+store's write lock for long, so probes, webhooks and action runs keep writing."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from controlplane.incidents import (
     decide,
     describe,
 )
+from controlplane.logsafe import printable
 from controlplane.metrics import Metrics
 from controlplane.models import ActionState, Alert, IncidentState
 from controlplane.notify import Notifier
@@ -39,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 LEADER_LEASE = "leader"
 RECENT_ALERTS = timedelta(minutes=10)
+APPLY_BATCH = 100  # decisions per write transaction
+APPLY_BUDGET_S = 0.3  # a cycle starts no new batch after this; the rest is the next cycle's
+STRANDED_AFTER_S = 5.0  # a run of ours `running` this long without a worker is abandoned
 NO_EFFECT = frozenset({ActionState.SKIPPED, ActionState.DRY_RUN})
 ACTIVE = (ActionState.PENDING, ActionState.RUNNING)
 MODE_STATE = {
@@ -142,6 +150,12 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
     )
 
 
+def _urgency(d: Decision) -> int:
+    if isinstance(d, RequestAction) or (isinstance(d, Open) and d.source != "alert"):
+        return 0
+    return 2 if isinstance(d, Open) else 1
+
+
 class Loop:
     def __init__(
         self,
@@ -162,6 +176,7 @@ class Loop:
         self.is_leader = False
         self.last_sentence = ""
         self.last_cycle_at: datetime | None = None
+        self.backlog = 0  # decisions left for the next cycle: it comes at once
 
     def run_cycle(self, now: datetime | None = None) -> str:
         now = now or self.clock()
@@ -180,12 +195,31 @@ class Loop:
             abandoned = self.engine.abandon_orphans()
             if abandoned:
                 logger.warning("took over leadership; abandoned runs %s", abandoned)
-        with store.transaction(self.factory) as s:
+        stranded = self.engine.abandon_orphans(
+            owner=self.settings.instance_id, older_than_s=STRANDED_AFTER_S
+        )
+        if stranded:
+            logger.warning("abandoned action runs whose worker is gone: %s", stranded)
+        with store.read(self.factory) as s:
             decisions = decide(build_snapshot(s, self.settings, now), now)
-            self._apply(s, decisions, now)
+            by_fp = {i.fingerprint: i for i in store.open_incidents(s)}
+        # What acts on a target goes first; a flood's alert incidents share what time is left
+        # and the rest waits for the next cycle (decide finds it again), so that a cycle stays
+        # short however many alerts came in.
+        decisions.sort(key=_urgency)
+        self.backlog = 0
+        for start in range(0, len(decisions), APPLY_BATCH):
+            if start and time.monotonic() - started > APPLY_BUDGET_S:
+                self.backlog = len(decisions) - start
+                break
+            with store.transaction(self.factory) as s:
+                self._apply(s, decisions[start : start + APPLY_BATCH], by_fp, now)
+        with store.read(self.factory) as s:
             self.metrics.incidents_open.set(len(store.open_incidents(s)))
         started_runs = self.engine.dispatch_pending()
-        sentence = describe(decisions)
+        sentence = describe(decisions[: len(decisions) - self.backlog])
+        if self.backlog:
+            sentence += f"; {self.backlog} decision(s) left for the next cycle"
         if started_runs:
             sentence += f"; started action run(s) {', '.join(map(str, started_runs))}"
         if self.engine.busy:
@@ -195,13 +229,16 @@ class Loop:
 
     def _said(self, now: datetime, sentence: str) -> str:
         if sentence != self.last_sentence or "nothing to do" not in sentence:
-            logger.info("cycle: %s", sentence)
+            logger.info("cycle: %s", printable(sentence, limit=4000))  # alert names from outside
         self.last_sentence = sentence
         self.last_cycle_at = now
         return sentence
 
-    def _apply(self, s: Session, decisions: Sequence[Decision], now: datetime) -> None:
-        by_fp = {i.fingerprint: i for i in store.open_incidents(s)}
+    def _apply(
+        self, s: Session, decisions: Sequence[Decision], by_fp: dict[str, Any], now: datetime
+    ) -> None:
+        """One batch of decisions, in one write transaction. `by_fp`: the open incidents by
+        fingerprint, kept across batches (an incident opened in one, acted on in a later one)."""
         for d in decisions:
             match d:
                 case Open():

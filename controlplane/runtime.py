@@ -1,16 +1,30 @@
 """ControlPlane: everything built from one Settings (state store, probes, executor, engine,
-loop, scheduler, notifier, metrics), started and stopped together."""
+loop, scheduler, notifier, metrics), started and stopped together.
+
+Served, it is split in processes: the leader process runs the ControlPlane (probes, loop,
+actions) and a `CoreChannel`; the web runs in worker processes, each with a `WebControlPlane`
+(the state store, and the channel to wake the loop and read its status and metrics), so web
+traffic never competes with probing for one interpreter."""
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import store
 from controlplane.backups import Backups
@@ -253,3 +267,196 @@ class ControlPlane:
                 return True
             time.sleep(0.05)
         return False
+
+
+# -- the leader process and the web worker processes ---------------------------------------------
+LOOPBACK = "127.0.0.1"
+STATUS_TTL_S = 0.25  # a web worker asks the leader process for its loop's status at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class CoreAddress:
+    """Where a web worker reaches the leader process: UDP to wake, HTTP for status/metrics."""
+
+    wake_port: int
+    status_url: str
+
+
+def core_status(cp: ControlPlane) -> dict[str, Any]:
+    last = cp.loop.last_cycle_at
+    return {
+        "scheduler_running": bool(cp.scheduler.running),
+        "is_leader": cp.loop.is_leader,
+        "last_cycle_at": last.isoformat() if last else None,
+    }
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    server: _StatusServer
+
+    def do_GET(self) -> None:
+        cp = self.server.control_plane
+        if cp is None or self.path not in ("/status", "/metrics"):
+            self.send_error(404 if cp else 503)
+            return
+        if self.path == "/status":
+            body, kind = json.dumps(core_status(cp)).encode(), "application/json"
+        else:
+            body, kind = generate_latest(cp.metrics.registry), CONTENT_TYPE_LATEST
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line per status request is noise
+
+
+class _StatusServer(ThreadingHTTPServer):
+    daemon_threads = True
+    control_plane: ControlPlane | None = None
+
+
+class CoreChannel:
+    """The leader process's side. Its sockets are bound before the web workers are forked
+    (so they know where) and served after: a UDP socket whose datagrams wake the loop (and
+    carry the alerts a worker counted), and a loopback HTTP server with /status and /metrics."""
+
+    def __init__(self) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((LOOPBACK, 0))
+        self.http = _StatusServer((LOOPBACK, 0), _StatusHandler)
+        self.address = CoreAddress(
+            wake_port=self.udp.getsockname()[1],
+            status_url=f"http://{LOOPBACK}:{self.http.server_port}",
+        )
+        self.threads: list[threading.Thread] = []
+
+    def serve(self, cp: ControlPlane) -> None:
+        self.http.control_plane = cp
+        self.threads = [
+            threading.Thread(target=self._receive, args=(cp,), name="wake", daemon=True),
+            threading.Thread(target=self.http.serve_forever, name="core-status", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _receive(self, cp: ControlPlane) -> None:
+        while True:
+            try:
+                data = self.udp.recv(4096)
+            except OSError:
+                return  # closed: stopping
+            try:
+                counted = json.loads(data).get("alerts", {})
+                for status, count in counted.items():
+                    if status in ("firing", "resolved") and isinstance(count, int) and count > 0:
+                        cp.metrics.alerts_received.labels(status).inc(count)
+            except (ValueError, AttributeError):
+                pass  # any datagram still wakes the loop: waking is harmless
+            cp.wake()
+
+    def close(self) -> None:
+        """Without serving (in a forked child), or after."""
+        if self.threads:
+            self.http.shutdown()
+        self.http.server_close()
+        self.udp.close()
+
+
+class _CoreRegistry(CollectorRegistry):
+    """The leader process's metrics, read over its status channel: what a worker's /metrics
+    serves."""
+
+    def __init__(self, status_url: str) -> None:
+        super().__init__()
+        self.status_url = status_url
+
+    def collect(self) -> Iterator[Metric]:
+        with urllib.request.urlopen(f"{self.status_url}/metrics", timeout=2) as response:
+            text = response.read().decode()
+        yield from text_string_to_metric_families(text)
+
+
+class _SchedulerView:
+    def __init__(self, web: WebControlPlane) -> None:
+        self.web = web
+
+    @property
+    def running(self) -> bool:
+        return bool(self.web.core_status().get("scheduler_running"))
+
+
+class _LoopView:
+    def __init__(self, web: WebControlPlane) -> None:
+        self.web = web
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self.web.core_status().get("is_leader"))
+
+    @property
+    def last_cycle_at(self) -> datetime | None:
+        at = self.web.core_status().get("last_cycle_at")
+        return datetime.fromisoformat(at) if at else None
+
+
+class WebControlPlane:
+    """What a web worker process holds, in the shape `services` reads: settings, clock, the
+    shared state store, and views of the leader process's scheduler, loop and metrics. It has
+    no probes, loop or actions: `wake()` sends the leader a datagram."""
+
+    def __init__(
+        self, settings: Settings, core: CoreAddress, *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.settings = settings
+        self.core = core
+        self.clock = clock
+        self.db = store.make_engine(settings.database_url)
+        self.factory = store.session_factory(self.db)
+        self.metrics = Metrics()  # counted here, sent to the leader with each wake
+        self.published = _CoreRegistry(core.status_url)
+        self.metrics.registry = self.published
+        self.scheduler = _SchedulerView(self)
+        self.loop = _LoopView(self)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.lock = threading.Lock()
+        self.sent: dict[str, float] = {}
+        self.status: tuple[float, dict[str, Any]] = (0.0, {})
+
+    def core_status(self) -> dict[str, Any]:
+        """The leader's loop status, cached for STATUS_TTL_S; {} when it does not answer."""
+        at, status = self.status
+        if time.monotonic() - at < STATUS_TTL_S:
+            return status
+        try:
+            url = f"{self.core.status_url}/status"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                status = json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            logger.warning("the leader process does not answer: %s", exc)
+            status = {}
+        self.status = (time.monotonic(), status)
+        return status
+
+    def wake(self) -> None:
+        with self.lock:
+            counted: dict[str, int] = {}
+            for metric in self.metrics.alerts_received.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        status = sample.labels["status"]
+                        delta = sample.value - self.sent.get(status, 0.0)
+                        if delta > 0:
+                            counted[status] = int(delta)
+                            self.sent[status] = sample.value
+            message = json.dumps({"alerts": counted}).encode()
+        try:
+            self.udp.sendto(message, (LOOPBACK, self.core.wake_port))
+        except OSError as exc:  # the loop still ticks every loop_interval_s
+            logger.warning("cannot wake the loop: %s", exc)
+
+    def stop(self) -> None:
+        self.udp.close()
+        self.db.dispose()

@@ -15,6 +15,8 @@ from controlplane.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+MIN_GAP_S = 0.05  # between two cycles, however often the loop is woken
+
 
 class LoopThread:
     """Runs `run_cycle` every `interval_s`, or sooner when woken."""
@@ -34,7 +36,11 @@ class LoopThread:
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
-            self.wake_event.wait(self.interval_s)
+            if not self.loop.backlog:  # else the last cycle left decisions: go on at once
+                self.wake_event.wait(self.interval_s)
+            # A burst of wakes (a webhook flood) is one cycle, not one each: wait a moment,
+            # then take them all.
+            self.stop_event.wait(MIN_GAP_S)
             self.wake_event.clear()
             if self.stop_event.is_set():
                 break

@@ -1,5 +1,11 @@
 """All SQL of the control plane, as small named functions over a Session.
 
+Reads run in `read(factory)`: a plain (deferred) transaction, which on SQLite in WAL mode never
+waits for the write lock nor holds it. Writes run in `transaction(factory)`: `BEGIN IMMEDIATE`
+on SQLite, so a writer waits for the lock (busy timeout) instead of failing when it upgrades.
+On PostgreSQL both are ordinary transactions. `with_retries` retries a whole write transaction
+on "database is locked" and other operational errors.
+
 State changes are compare-and-set (`UPDATE ... WHERE id = ? AND state = ?`, go on only if one
 row changed) or guarded by a unique constraint, so two workers, two control planes or two
 deliveries of one webhook can never do one thing twice.
@@ -7,18 +13,26 @@ deliveries of one webhook can never do one thing twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from controlplane.models import (
     ActionRun,
@@ -33,6 +47,10 @@ from controlplane.models import (
     Silence,
     TimelineEvent,
 )
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+READ_ONLY = "shopguard_read_only"  # an execution option: this connection only reads
 
 
 # -- engine and schema --------------------------------------------------------------------------
@@ -53,9 +71,13 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def on_begin(conn: Any) -> None:
-            # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout)
-            # instead of failing when it upgrades a read lock.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY):
+                # A reader: WAL gives it a snapshot, with no lock that a writer waits for.
+                conn.exec_driver_sql("BEGIN")
+            else:
+                # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout)
+                # instead of failing when it upgrades a read lock.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
@@ -76,8 +98,33 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A write transaction: keep it short, it holds SQLite's one write lock."""
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def read(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A read transaction: never takes nor waits for the write lock (do not write in it)."""
+    bind = factory.kw["bind"]
+    with factory(bind=bind.execution_options(**{READ_ONLY: True})) as session, session.begin():
+        yield session
+
+
+def with_retries(call: Callable[[], T], *, what: str, deadline_s: float = 120.0) -> T:
+    """Run `call` (a whole write transaction) again on "database is locked", a lost
+    connection or any other operational error, with jittered backoff, up to `deadline_s`."""
+    retrying = Retrying(
+        stop=stop_after_delay(deadline_s),
+        wait=wait_random_exponential(multiplier=0.05, max=2),
+        retry=retry_if_exception_type(OperationalError),
+        before_sleep=before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
+    for attempt in retrying:
+        with attempt:
+            return call()
+    raise AssertionError(f"unreachable: {what}")  # Retrying either returns or re-raises
 
 
 def _upsert(session: Session) -> Any:

@@ -1,42 +1,117 @@
-"""`controlplane serve`: the control plane alone (web, API, probes, loop), under gunicorn.
+"""`controlplane serve`: the control plane alone, in two parts. The leader process runs the
+probes, the loop and the actions; the web (API, webhook intake, health) runs in gunicorn worker
+processes of their own, at a lower CPU priority, so a flood of web requests cannot starve
+probing. The workers share the state store and wake the loop through a `CoreChannel`.
 
 It lives in web/ because it serves the web app: controlplane/ never imports web/."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, cast
 
 import click
 from gunicorn.app.base import BaseApplication
 
+from controlplane import store
 from controlplane.config import Settings
 from controlplane.errors import ConfigError
+from controlplane.runtime import ControlPlane, CoreAddress, CoreChannel, WebControlPlane
 
 logger = logging.getLogger(__name__)
 
+WEB_WORKERS = 2
+WEB_THREADS = 8
+WEB_NICENESS = 5  # the leader process (probes, loop, actions) goes first for the CPU
+PR_SET_PDEATHSIG = 1
+
 
 class Server(BaseApplication):  # type: ignore[misc]
-    """One worker, many threads: the control plane owns a scheduler and a loop, which must
-    not be forked into copies. The app (and the control plane) is built in that worker."""
+    """The web workers. Each builds its app with a `WebControlPlane` after the fork: no
+    scheduler, loop or action runs in them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, core: CoreAddress) -> None:
         self.settings = settings
+        self.core = core
         super().__init__()
 
     def load_config(self) -> None:
         self.cfg.set("bind", f"{self.settings.listen_host}:{self.settings.listen_port}")
-        self.cfg.set("workers", 1)
+        self.cfg.set("workers", WEB_WORKERS)
         self.cfg.set("worker_class", "gthread")
-        self.cfg.set("threads", 16)
+        self.cfg.set("threads", WEB_THREADS)
         self.cfg.set("graceful_timeout", 10)
         self.cfg.set("timeout", 60)
 
     def load(self) -> Any:
         from web import create_app
 
-        return create_app(self.settings)
+        # A WebControlPlane has what `services` reads of a ControlPlane (duck-typed).
+        web = cast(ControlPlane, WebControlPlane(self.settings, self.core))
+        return create_app(self.settings, control_plane=web)
+
+
+def _die_with_parent(parent: int) -> None:
+    """The web goes when the leader process goes, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)  # gunicorn: quick shutdown
+    except (OSError, AttributeError):
+        logger.warning("cannot tie the web workers' life to the leader process")
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def run_split(settings: Settings) -> int:
+    """Fork the web (before any thread exists), then run the control plane here until a
+    signal or the web's exit. Returns the exit status."""
+    db = store.make_engine(settings.database_url)
+    store.migrate(db)  # once, before the workers open the store
+    db.dispose()
+    channel = CoreChannel()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        status = 0
+        try:
+            channel.close()
+            _die_with_parent(parent)
+            os.nice(WEB_NICENESS)
+            Server(settings, channel.address).run()
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            logger.exception("the web server failed")
+            status = 1
+        finally:
+            os._exit(status)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cp = ControlPlane(settings).start()
+    channel.serve(cp)
+    logger.info("control plane %s runs; web worker processes under pid %d", parent, child)
+    try:
+        _, status = os.waitpid(child, 0)
+    finally:
+        channel.close()
+        cp.stop()
+    if not stopping:
+        logger.error("the web server exited (status %d): stopping", status)
+        return 1
+    return 0
 
 
 @click.command()
@@ -55,4 +130,4 @@ def serve(targets: Path | None, port: int | None) -> None:
         raise click.ClickException(str(exc)) from None
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise
     logger.info("serving on %s:%d", settings.listen_host, settings.listen_port)
-    Server(settings).run()
+    sys.exit(run_split(settings))
