@@ -11,11 +11,8 @@ runs proposed (goal 0) and split-brain samples (two writable nodes at once, goal
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -23,15 +20,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.failover import ha_bench_stack, lost_and_twice
+from lab.chaos import FaultRecord
+from lab.chaos.hang_primary import HangPrimary
+from lab.chaos.hang_standby import HangStandby
+from lab.gameday import SplitBrainSampler
+from lab.observe import StackView
 from lab.process import wait_until
 from lab.stack import Stack
-from remediation.executors.processes import in_directory, process_table
 from tests.test_controlplane import Api
 from tests.test_failover import described, is_redundant
 
@@ -50,50 +50,13 @@ class Trial:
     split_brain: int
 
 
-def hang_every_process(data_dir: str) -> list[int]:
-    """SIGSTOP every process of the instance: the postmaster and each backend (setsid'd)."""
-    pids = [p.pid for p in in_directory(data_dir)(process_table())]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-    return pids
-
-
-def wake(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-
-
-def writable(port: int) -> bool:
+def _stopped(comp: dict[str, object]) -> bool:
+    """The node's postmaster is stopped (state T in /proc): the hang has begun."""
     try:
-        with psycopg.connect(
-            host="127.0.0.1", port=port, user="postgres", connect_timeout=2, autocommit=True
-        ) as conn:
-            conn.execute("SET statement_timeout = 1000")
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            return bool(row) and not row[0]
-    except psycopg.Error:
+        stat = Path(f"/proc/{comp['pid']}/stat").read_text()
+    except OSError:
         return False
-
-
-def split_brain_sampler(stack: Stack, stop: threading.Event, samples: list[int]) -> None:
-    """Polls both nodes from outside the control plane, each in its own thread (a hung node
-    must not slow the other's samples): a sample where both accept writes is a split brain."""
-    state = {0: False, 1: False}
-
-    def poll(index: int) -> None:
-        while not stop.is_set():
-            state[index] = writable(stack.layout.pg_port(index))
-            if state[0] and state[1]:
-                samples.append(1)
-            time.sleep(0.1)
-
-    threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    return stat.rsplit(")", 1)[-1].split()[0] == "T"
 
 
 def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
@@ -136,12 +99,17 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
     for t in clients:
         t.start()
     wait_until(lambda: len(acks) >= 20, timeout_s=30, what="orders flowing")
-    samples: list[int] = []
-    sampler = threading.Thread(target=split_brain_sampler, args=(stack, stop, samples))
-    sampler.start()
-    pids = hang_every_process(comps[node]["data_dir"])
+    view = StackView.of(stack.layout.data_dir)
+    sampler = SplitBrainSampler(view).start()
+    # The chaos API's hang: every process of the node SIGSTOPped (the postmaster and each
+    # setsid'd backend), woken after `hang_s`, run beside the load and the watcher.
+    hang = HangPrimary() if role == "primary" else HangStandby()
+    record: list[FaultRecord] = []
+    hanger = threading.Thread(target=lambda: record.append(hang.run(view, duration_s=hang_s)))
+    hanger.start()
     # From the moment every process is stopped: an order sent before may still have had its
     # decision committed, and is rightly acknowledged once its deadline frees it.
+    wait_until(lambda: bool(record) or _stopped(comps[node]), timeout_s=10, what="the hang")
     hung_at = time.monotonic()
     redundant_at: list[float] = []
 
@@ -154,17 +122,14 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
 
     watcher = threading.Thread(target=watch_redundancy, daemon=True)
     watcher.start()
-    try:
-        while time.monotonic() < hung_at + hang_s:
-            time.sleep(0.1)
-    finally:
-        wake(pids)
+    hanger.join()
+    hung_at = record[0].started.mono
     watcher.join(timeout=130)
     time.sleep(2)  # a little load after the recovery: the shops serve the new shape
     stop.set()
     for t in clients:
         t.join(timeout=20)
-    sampler.join(timeout=30)
+    sampler.stop()
     with lock:
         done = sorted(acks, key=lambda a: a[1])
     after = [a for a in done if a[0] > hung_at]
@@ -180,7 +145,7 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
         redundant_s=(redundant_at[0] - hung_at) if redundant_at else float("inf"),
         acked=[a[2] for a in done],
         restore_runs=restores,
-        split_brain=len(samples),
+        split_brain=sampler.count_between(hung_at, time.monotonic()),
     )
 
 

@@ -1,4 +1,5 @@
-"""The `controlplane` command: `up`, `demo`, `down` and `status` for a lab stack."""
+"""The `controlplane` command: `up`, `demo`, `down` and `status` for a lab stack (and, from
+chaos_cli, `chaos`, `load` and `gameday`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import click
 
 from lab.backup_cli import backup, list_backups, restore
+from lab.chaos_cli import chaos, gameday_command, load
 from lab.errors import LabError
 from lab.layout import StackLayout
 from lab.load import run_order_load
@@ -154,6 +156,9 @@ main.add_command(serve)
 main.add_command(backup)
 main.add_command(list_backups)
 main.add_command(restore)
+main.add_command(chaos)
+main.add_command(load)
+main.add_command(gameday_command)
 
 
 @main.command()

@@ -302,6 +302,7 @@ class Stack:
             components[name] = entry
         return {
             "version": STACK_FILE_VERSION,
+            "lab": True,  # made by the lab: `controlplane chaos` refuses any other stack
             "data_dir": str(self.layout.data_dir),
             "base_port": self.layout.base_port,
             "started_at": self.started_at,

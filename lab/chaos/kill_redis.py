@@ -1,0 +1,20 @@
+"""kill-redis: SIGKILL the catalog cache. The shop serves from the database meanwhile; no
+policy restarts Redis, so a game day's clean-up starts it again (and says so)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from lab.chaos.base import BaseFault, FaultRecord, is_running, kill_component, record
+from lab.observe import StackView
+
+
+class KillRedis(BaseFault):
+    kind: ClassVar[str] = "kill-redis"
+
+    def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
+        stamp, pids = kill_component(view, "redis")
+        return record(self.kind, "redis", stamp, stamp, pids=pids)
+
+    def is_recovered(self, view: StackView) -> bool:
+        return is_running(view, "redis")

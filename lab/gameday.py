@@ -1,0 +1,332 @@
+"""Game days: each fault N times (or random faults for a while: a soak) under a careful order
+load, measured from outside the control plane, judged against objectives, written as JSON."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from controlplane.models import ActionState
+from lab.chaos import FaultRecord, fault
+from lab.chaos.base import Fault, is_running, start_component
+from lab.chaos.registry import FAULTS
+from lab.load import CarefulLoad, Ledger, verify_orders
+from lab.observe import StackView
+from lab.process import wait_until
+from lab.verdict import Objectives, judge, load_objectives, objectives_for
+
+logger = logging.getLogger(__name__)
+
+SETTLE_TIMEOUT_S = 180.0
+RECOVERY_TIMEOUT_S = 120.0
+AFTER_RECOVERY_S = 2.0  # a little load on the healed stack: the shops serve its new shape
+# The faults a game day runs unless told: the destructive ones need an operator's approval.
+DEFAULT_FAULTS = tuple(k for k in FAULTS if k not in ("delete-orders", "drop-table"))
+Progress = Callable[[str], None]
+
+
+class SplitBrainSampler:
+    """Polls every PostgreSQL node for writability from outside the control plane, each in a
+    thread of its own (a hung node must not slow the others' samples); a sample where two
+    nodes accept writes at once is a split brain."""
+
+    def __init__(self, view: StackView, interval_s: float = 0.1) -> None:
+        self.view = view
+        self.interval_s = interval_s
+        self.writable: dict[str, bool] = {}
+        self.splits: list[float] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._poll, args=(node,), daemon=True)
+            for node in view.pg_nodes()
+        ]
+
+    def start(self) -> SplitBrainSampler:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _poll(self, node: str) -> None:
+        while not self._stop.is_set():
+            writable = self.view.is_writable(node)
+            with self._lock:
+                self.writable[node] = writable
+                self.samples += 1
+                if sum(self.writable.values()) > 1:
+                    self.splits.append(time.monotonic())
+            self._stop.wait(self.interval_s)
+
+    def count_between(self, start: float, end: float) -> int:
+        with self._lock:
+            return sum(1 for t in self.splits if start <= t <= end)
+
+
+def is_settled(view: StackView, chosen: Fault | None = None) -> bool:
+    return (
+        view.is_whole()
+        and view.prepared_count() == 0
+        and (chosen is None or chosen.is_recovered(view))
+    )
+
+
+def clean_up(view: StackView) -> list[str]:
+    """Start again what no policy heals and a fault left dead (Redis, the monitoring, the
+    control plane): the next trial starts whole. Returns what was started."""
+    started = []
+    for name, comp in view.components().items():
+        if "data_dir" not in comp and not is_running(view, name):
+            start_component(view, name)
+            started.append(name)
+    return started
+
+
+def _at(iso: str | None) -> datetime | None:
+    return datetime.fromisoformat(iso) if iso else None
+
+
+def control_plane_view(
+    view: StackView, record: FaultRecord, chosen: Fault, until: datetime, *, approve: bool
+) -> dict[str, Any]:
+    """What the control plane did about the fault: from its API, within the trial's window."""
+    since = record.started.at
+    incidents = [
+        i
+        for i in view.api_get("/incidents?limit=500")["incidents"]
+        if (d := _at(i["detected_at"])) is not None and since <= d <= until
+    ]
+    runs = [
+        r
+        for r in view.api_get("/actions?limit=500")["actions"]
+        if since <= datetime.fromisoformat(r["created_at"]) <= until
+    ]
+    detected = [d for i in incidents if (d := _at(i["detected_at"]))]
+    acted = [a for r in runs if (a := _at(r["started_at"]) or _at(r["created_at"]))]
+    succeeded = Counter(
+        (r["action"], r["target"]) for r in runs if r["state"] == ActionState.SUCCEEDED
+    )
+    awaiting = [r for r in runs if r["state"] == ActionState.AWAITING_APPROVAL]
+    approved = []
+    if approve:
+        for run in awaiting:
+            response = requests.post(
+                f"{view.api_url}/actions/{run['id']}/approve", headers=view.api_headers, timeout=10
+            )
+            approved.append({"id": run["id"], "status": response.status_code})
+    return {
+        "detect_s": (min(detected) - since).total_seconds() if detected else None,
+        "act_s": (min(acted) - since).total_seconds() if acted else None,
+        "incidents": [f"{i['kind']} ({i['state']})" for i in incidents],
+        "actions": [f"{r['action']} {r['target']} {r['state']}" for r in runs],
+        # A run its precheck refused (a shop alive but not ready) did nothing: not an action.
+        "false_actions": sum(
+            1
+            for r in runs
+            if r["action"] not in chosen.expected_actions
+            and r["state"] not in (ActionState.SKIPPED, ActionState.DRY_RUN)
+        ),
+        "duplicate_actions": sum(n - 1 for n in succeeded.values()),
+        "restore_awaiting_approval": [r["id"] for r in awaiting],
+        "approved": approved,
+    }
+
+
+def run_trial(
+    view: StackView,
+    kind: str,
+    load: CarefulLoad,
+    sampler: SplitBrainSampler,
+    *,
+    duration_s: float | None = None,
+    approve: bool = False,
+    recovery_timeout_s: float = RECOVERY_TIMEOUT_S,
+) -> dict[str, Any]:
+    """One fault under the running load: settle, inject, wait for full redundancy, measure."""
+    chosen = fault(kind)
+    wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
+    trial_start = time.monotonic()
+    record = chosen.run(
+        view, duration_s=chosen.default_duration_s if duration_s is None else duration_s
+    )
+    t0 = record.started.mono
+    whole_at: float | None = None
+    proposed: dict[str, Any] | None = None
+    deadline = record.ended.mono + recovery_timeout_s
+    while time.monotonic() < deadline:
+        if chosen.destructive and proposed is None:
+            seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=approve)
+            if seen["restore_awaiting_approval"]:
+                proposed = seen
+                if not approve:
+                    break  # detected and proposed: an operator's move from here
+        try:
+            if time.monotonic() > t0 + 1 and is_settled(view, chosen):
+                whole_at = time.monotonic()
+                break
+        except Exception:  # a poll during the outage: "not yet"
+            logger.debug("settle poll failed", exc_info=True)
+        time.sleep(0.2)
+    time.sleep(AFTER_RECOVERY_S)
+    cleaned = clean_up(view)
+    if cleaned:
+        wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
+    acks = load.acknowledged()
+    after = [a for a in acks if a.first_sent > t0]
+    end = time.monotonic()
+    window = [t0, *(a.acked for a in acks if t0 < a.acked <= end), end]
+    mine = [a for a in acks if a.acked >= trial_start]
+    deleted = record.details.get("deleted_ids", [])
+    present = view.orders_present([a.order_id for a in mine])
+    seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=False)
+    if proposed is not None:
+        seen["restore_awaiting_approval"] = proposed["restore_awaiting_approval"]
+        seen["approved"] = proposed["approved"]
+    return {
+        "fault": record.to_json(),
+        "outage_s": round(after[0].acked - t0, 3) if after else None,
+        "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(window)), 3),
+        "redundancy_s": round(whole_at - t0, 3) if whole_at else None,
+        "healed_by": "clean-up" if cleaned else "control plane" if whole_at else "nobody",
+        "cleaned_up": cleaned,
+        "acknowledged": len(mine),
+        "lost": len({a.order_id for a in mine} - set(present) - set(deleted)),
+        "duplicates": sum(c - 1 for c in present.values()),
+        "split_brain": sampler.count_between(t0, end),
+        **seen,
+    }
+
+
+def gameday(
+    data_dir: Path,
+    *,
+    faults: Sequence[str] = DEFAULT_FAULTS,
+    trials: int = 1,
+    objectives: Mapping[str, Objectives] | None = None,
+    soak_s: float | None = None,
+    clients: int = 4,
+    approve: bool = False,
+    seed: int | None = None,
+    progress: Progress = lambda line: logger.info("%s", line),
+) -> dict[str, Any]:
+    """Every fault `trials` times under load (or, with `soak_s`, random faults at random
+    times for that long); then the whole load verified. Written to DATA_DIR/gamedays/."""
+    view = StackView.of(data_dir)
+    goals = objectives if objectives is not None else load_objectives()
+    unknown = [k for k in faults if k not in FAULTS]
+    if unknown:
+        raise ValueError(f"unknown faults: {unknown}")
+    wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
+    with view.leader_db("inventory") as conn:
+        products = [int(r[0]) for r in conn.execute("SELECT id FROM products").fetchall()]
+    before = Ledger.read(view)
+    started_at = datetime.now(UTC)
+    load = CarefulLoad(view.shop_urls(), products, clients=clients, seed=seed).start()
+    sampler = SplitBrainSampler(view).start()
+    rng = random.Random(seed)
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in faults}
+    plan = _soak_plan(faults, soak_s, rng) if soak_s else (k for _ in range(trials) for k in faults)
+    try:
+        wait_until(lambda: len(load.acknowledged()) >= 10, timeout_s=60, what="orders flowing")
+        for kind in plan:
+            try:
+                # Past its objective the trial has failed: no use waiting much longer.
+                patience_s = objectives_for(kind, goals).redundancy_s + 15
+                trial = run_trial(
+                    view, kind, load, sampler, approve=approve, recovery_timeout_s=patience_s
+                )
+            except Exception as exc:  # one failed trial is a FAIL, not the end of the day
+                logger.exception("trial of %s failed", kind)
+                trial = _failed_trial(kind, exc)
+            results[kind].append(trial)
+            progress(_trial_line(kind, trial))
+            if soak_s:
+                time.sleep(rng.uniform(0, 10))  # random times: not always right after healing
+    finally:
+        load.stop()
+        sampler.stop()
+    wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
+    deleted = [
+        i
+        for ts in results.values()
+        for t in ts
+        for i in t["fault"]["details"].get("deleted_ids", [])
+    ]
+    verification = verify_orders(view, load.acknowledged(), before, deleted=deleted)
+    verdicts = [judge(kind, ts, objectives_for(kind, goals)) for kind, ts in results.items() if ts]
+    report = {
+        "started_at": started_at.isoformat(),
+        "ended_at": datetime.now(UTC).isoformat(),
+        "data_dir": str(view.data_dir),
+        "soak_s": soak_s,
+        "load": load.report(),
+        "split_brain_samples": sampler.samples,
+        "verification": verification,
+        "verdicts": verdicts,
+        "trials": results,
+        "verdict": "PASS"
+        if verification["ok"] and all(v["verdict"] == "PASS" for v in verdicts)
+        else "FAIL",
+    }
+    out = view.data_dir / "gamedays" / f"{started_at:%Y%m%dT%H%M%SZ}.json"
+    write_report(report, out)
+    report["written_to"] = str(out)
+    return report
+
+
+def _soak_plan(faults: Sequence[str], soak_s: float, rng: random.Random) -> Any:
+    deadline = time.monotonic() + soak_s
+    while time.monotonic() < deadline:
+        yield rng.choice(list(faults))
+
+
+def _failed_trial(kind: str, exc: Exception) -> dict[str, Any]:
+    return {
+        "fault": {"kind": kind, "details": {}},
+        "error": f"{type(exc).__name__}: {exc}",
+        "outage_s": None,
+        "redundancy_s": None,
+        "lost": 0,
+        "duplicates": 0,
+        "split_brain": 0,
+        "false_actions": 0,
+        "duplicate_actions": 0,
+        "detect_s": None,
+        "act_s": None,
+    }
+
+
+def _trial_line(kind: str, t: dict[str, Any]) -> str:
+    if t.get("error"):
+        return f"{kind}: ERROR {t['error']}"
+
+    def s(v: float | None) -> str:
+        return "never" if v is None else f"{v:.2f}s"
+
+    return (
+        f"{kind}: detect {s(t['detect_s'])}, act {s(t['act_s'])}, outage {s(t['outage_s'])}, "
+        f"redundant {s(t['redundancy_s'])} ({t['healed_by']}), {t['acknowledged']} acked, "
+        f"lost {t['lost']}, dup {t['duplicates']}, split {t['split_brain']}, "
+        f"actions {t['actions']}"
+    )
+
+
+def write_report(report: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
