@@ -31,16 +31,18 @@ class PgPrimaryProbe(Probe):
         self._lock = threading.Lock()
         self._last_leader: str | None = None
         self._unanswered_since: float | None = None
+        self._answered_at: float | None = None  # when the leader last answered
 
     def check(self) -> ProbeResult:
         p: PgPrimaryParams = self.params  # type: ignore[assignment]
-        asked_at = time.monotonic()  # a silence began when the unanswered question was asked
+        asked_at = time.monotonic()
         views = observe_all(p.nodes, self.timeout_s)
         details = {v.name: {"state": v.state, "timeline": v.timeline} for v in views}
         leader = leader_of(views)
         with self._lock:
             if leader is not None:
                 self._last_leader, self._unanswered_since = leader.name, None
+                self._answered_at = time.monotonic()
                 others = [v.name for v in views if v.state is NodeState.PRIMARY and v != leader]
                 extra = f"; {', '.join(others)} writable on an older timeline" if others else ""
                 return ProbeResult(
@@ -57,7 +59,9 @@ class PgPrimaryProbe(Probe):
                 )
             last = next((v for v in views if v.name == self._last_leader), None)
             if last is not None and last.state is NodeState.UNANSWERED:
-                self._unanswered_since = self._unanswered_since or asked_at
+                # The silence began after the leader's last answer (Patroni's TTL counts from
+                # the last heartbeat), not when this probe first noticed it.
+                self._unanswered_since = self._unanswered_since or self._answered_at or asked_at
                 silent_s = time.monotonic() - self._unanswered_since
                 if silent_s < p.grace_s:
                     return ProbeResult(

@@ -8,10 +8,12 @@ commit up to the failure), unless the policy says `require_synchronous = false`.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgcluster.nodes import NodeState, leader_of
+from pgcluster.nodes import NodeState, NodeView, leader_of
 from remediation import pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
@@ -19,10 +21,10 @@ from remediation.base import Action, ActionContext, ActionError, Check, Outcome,
 class FailoverParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nodes: dict[str, str] = Field(min_length=2)
+    nodes: dict[str, str] = Field(min_length=2)  # executor component -> superuser DSN
     # How long a node may take to say what it is: a hung one costs this, twice (precheck and
     # execute), on the path of every failover.
-    observe_timeout_s: float = Field(default=1.0, gt=0)  # executor component -> superuser DSN
+    observe_timeout_s: float = Field(default=1.0, gt=0)
     require_synchronous: bool = True
     promote_timeout_s: float = Field(default=30, gt=0)
 
@@ -31,13 +33,28 @@ def params_of(ctx: ActionContext) -> FailoverParams:
     return parse_params(FailoverParams, ctx, "failover")
 
 
+# The precheck's look is good enough for the execute that follows it at once: a hung node
+# costs a look's whole timeout, and a node that woke in between is fenced all the same.
+FRESH_S = 1.0
+
+
 class Failover(Action):
     kind = "failover"
     Params = FailoverParams
 
+    def __init__(self) -> None:
+        self._seen: tuple[float, list[NodeView]] | None = None
+
+    def _views(self, p: FailoverParams, *, reuse: bool = False) -> list[NodeView]:
+        if reuse and self._seen and time.monotonic() - self._seen[0] < FRESH_S:
+            return self._seen[1]
+        views = pg_ops.views(p.nodes, p.observe_timeout_s)
+        self._seen = (time.monotonic(), views)
+        return views
+
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes, p.observe_timeout_s)
+        views = self._views(p)
         leader = leader_of(views)
         if leader is not None:
             return Check(False, f"{leader.name} accepts writes: nothing to fail over")
@@ -58,7 +75,7 @@ class Failover(Action):
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes, p.observe_timeout_s)
+        views = self._views(p, reuse=True)
         leader = leader_of(views)
         if leader is not None:  # a retry after the promotion went through
             return Outcome(f"{leader.name} leads already", {"leader": leader.name})
