@@ -38,6 +38,11 @@ DAMAGE = {
         " (SELECT id FROM stock_movements ORDER BY id LIMIT 100)",
     ),
     "dropped table stock_movements": ("inventory", "DROP TABLE stock_movements"),
+    "stock values changed behind the ledger (10)": (
+        "inventory",
+        "UPDATE products SET stock = stock + 500 WHERE id IN"
+        " (SELECT id FROM products ORDER BY id LIMIT 10)",
+    ),
     "orders changed in place (repair cannot undo)": (
         "orders",
         "UPDATE orders SET quantity = quantity + 1 WHERE id IN"

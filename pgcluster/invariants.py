@@ -1,5 +1,6 @@
 """The shop's business invariants, read in SQL across its two databases: stock never
-negative, every order has its inventory movement and vice versa, with equal quantities.
+negative, every order has its inventory movement and vice versa, with equal quantities, and
+every product's stock is the sum of its ledger (adjustments and the orders' movements).
 
 A mismatch that a two-phase commit still in flight explains (its other half still prepared,
 or committed while we looked) is reported in the details but is no problem; any other, of
@@ -56,6 +57,7 @@ def check(
         ):
             ordered = read_orders(ords)
             negative, moved = read_inventory(inv)
+            unbalanced = read_unbalanced(inv)
             suspects = mismatched(ordered, moved)
             in_flight: dict[str, str] = {}
             if suspects:
@@ -70,7 +72,7 @@ def check(
         return Verdict(True, (f"a table is missing: {first}",), {"violated": "schema"})
     except psycopg.Error as exc:
         return Verdict(False, error=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-    return judge(negative, ordered, moved, in_flight)
+    return judge(negative, ordered, moved, in_flight, unbalanced)
 
 
 def read_orders(
@@ -100,6 +102,25 @@ def read_inventory(
             (list(ids),),
         ).fetchall()
     return negative, {str(r[0]): int(r[1]) for r in rows}
+
+
+# One statement, one snapshot: an order's stock change and its movement commit together (in
+# the inventory half of its 2PC), so a product whose stock is not the sum of its ledger (the
+# adjustments: initial stock, restocks; and the orders' movements) was changed behind it.
+UNBALANCED = (
+    "SELECT p.id, p.stock, COALESCE(a.total, 0) + COALESCE(m.total, 0)"
+    " FROM products p"
+    " LEFT JOIN (SELECT product_id, sum(delta) AS total FROM stock_adjustments"
+    "  GROUP BY product_id) a ON a.product_id = p.id"
+    " LEFT JOIN (SELECT product_id, sum(delta) AS total FROM stock_movements"
+    "  GROUP BY product_id) m ON m.product_id = p.id"
+    " WHERE p.stock <> COALESCE(a.total, 0) + COALESCE(m.total, 0) ORDER BY p.id"
+)
+
+
+def read_unbalanced(conn: psycopg.Connection[Any]) -> dict[int, tuple[int, int]]:
+    """Products whose stock is not what their ledger says: id -> (stock, ledger)."""
+    return {int(r[0]): (int(r[1]), int(r[2])) for r in conn.execute(UNBALANCED).fetchall()}
 
 
 def prepared_halves(conn: psycopg.Connection[Any], database: str) -> set[tuple[str, str]]:
@@ -153,8 +174,11 @@ def judge(
     ordered: Mapping[str, int],
     moved: Mapping[str, int],
     in_flight: Mapping[str, str] | None = None,
+    unbalanced: Mapping[int, tuple[int, int]] | None = None,
 ) -> Verdict:
-    """`in_flight`: order id -> why a 2PC in flight explains its mismatch (see `explain`)."""
+    """`in_flight`: order id -> why a 2PC in flight explains its mismatch (see `explain`);
+    `unbalanced`: product id -> (stock, what its ledger says), where they differ."""
+    unbalanced = unbalanced or {}
     suspects = mismatched(ordered, moved)
     flying = {o: why for o, why in (in_flight or {}).items() if o in suspects}
     damaged = sorted(suspects - flying.keys())
@@ -169,6 +193,7 @@ def judge(
         "quantity_mismatches": quantity[:MAX_LISTED],
         "in_flight": dict(sorted(flying.items())[:MAX_LISTED]),
         "in_flight_count": len(flying),
+        "stock_off_ledger": {str(k): v for k, v in sorted(unbalanced.items())[:MAX_LISTED]},
     }
     problems = []
     if negative:
@@ -179,4 +204,6 @@ def judge(
         problems.append(f"{len(without_order)} movements without order")
     if quantity:
         problems.append(f"{len(quantity)} quantity mismatches")
+    if unbalanced:
+        problems.append(f"{len(unbalanced)} products whose stock disagrees with its ledger")
     return Verdict(True, tuple(problems), details)

@@ -1,12 +1,14 @@
 """Repair in place: put back, from a scratch instance restored to the last good point, what
 damage took from the live database, keeping every good write made since.
 
-Only append-only tables are repaired (the shop never updates or deletes their rows, so a row
-that existed then and is missing now was lost): a dropped table is recreated from the scratch
-copy (pg_dump | psql), and missing rows are copied back by primary key. Anything else (an
-UPDATE that corrupted values, damage to a mutable table such as stock) needs a full
-point-in-time restore, which the restore action only states the loss of: an operator must
-request it, accepting that loss."""
+Append-only tables are repaired (the shop never updates or deletes their rows, so a row that
+existed then and is missing now was lost): a dropped table is recreated from the scratch copy
+(pg_dump | psql), and missing rows are copied back by primary key. Then stock: a product's
+stock is the sum of its ledger (adjustments and the orders' movements, both append-only, so
+just repaired), and a stock value changed behind the ledger is set back to that sum. Anything
+else (an UPDATE that corrupted an order's values) needs a full point-in-time restore, which
+the restore action only states the loss of: an operator must request it, accepting that
+loss."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgcluster import invariants
 from remediation import pg_ops
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
@@ -94,3 +97,33 @@ def repair_tables(
         put_back = copy_missing_rows(scratch_dsn, live_dsn, table)
         report[table] = f"{put_back} rows put back" if put_back else "intact"
     return report
+
+
+def rebalance_stock(live_dsn: str, *, lock_timeout_ms: int = 5000) -> dict[int, tuple[int, int]]:
+    """Every product whose stock is not the sum of its ledger gets that sum back: product id
+    -> (stock found, stock set). One product at a time, under its row lock, which every order
+    takes first: no order can move its stock or its ledger in between."""
+    fixed: dict[int, tuple[int, int]] = {}
+    with pg_ops.connect(live_dsn, timeout_s=5) as conn:
+        conn.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
+        suspects = [int(r[0]) for r in conn.execute(invariants.UNBALANCED).fetchall()]
+        for product in suspects:
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT stock FROM products WHERE id = %s FOR UPDATE", (product,)
+                ).fetchone()
+                ledger = conn.execute(
+                    "SELECT (SELECT COALESCE(sum(delta), 0) FROM stock_adjustments"
+                    "  WHERE product_id = %s)"
+                    " + (SELECT COALESCE(sum(delta), 0) FROM stock_movements"
+                    "  WHERE product_id = %s)",
+                    (product, product),
+                ).fetchone()
+                if row is None or ledger is None or int(row[0]) == int(ledger[0]):
+                    continue
+                conn.execute(
+                    "UPDATE products SET stock = %s, updated_at = now() WHERE id = %s",
+                    (int(ledger[0]), product),
+                )
+                fixed[product] = (int(row[0]), int(ledger[0]))
+    return fixed

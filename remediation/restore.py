@@ -52,7 +52,7 @@ class RestoreParams(BaseModel):
     repair_tables: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "orders": ["orders", "tx_decisions"],
-            "inventory": ["stock_movements"],
+            "inventory": ["stock_movements", "stock_adjustments"],
         }
     )
     archive_timeout_s: float = Field(default=30, gt=0)
@@ -301,6 +301,12 @@ class Restore(Action):
                 report.update({f"{db}.{table}": what for table, what in done.items()})
         finally:
             pitr.stop_scratch(ctx.executor, scratch)
+        # The ledgers are whole again: stock changed behind them is set back to their sums.
+        rebalanced = repair.rebalance_stock(pitr.dsn_with(dsn, dbname=p.inventory_db))
+        if rebalanced:
+            report[f"{p.inventory_db}.products"] = (
+                f"stock of {len(rebalanced)} products set back to their ledger"
+            )
         point = proof.point
         verdict = verdict_of(p, dsn)
         what = ", ".join(f"{t}: {w}" for t, w in report.items())

@@ -20,7 +20,10 @@ from remediation import pg_ops
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
 
-APPEND_ONLY = {"orders": ("orders", "tx_decisions"), "inventory": ("stock_movements",)}
+APPEND_ONLY = {
+    "orders": ("orders", "tx_decisions"),
+    "inventory": ("stock_movements", "stock_adjustments"),
+}
 STOCK = ("inventory", "products")
 MOVEMENTS = ("inventory", "stock_movements")
 MARKER = "controlplane-repaired"

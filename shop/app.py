@@ -16,7 +16,7 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import Table, text, update
+from sqlalchemy import Table, insert, select, text, update
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import IntegerConverter
@@ -35,7 +35,7 @@ from shop.errors import (
     UnsupportedMediaType,
 )
 from shop.metrics import DB_ERRORS, ORDERS, REQUEST_SECONDS, InDoubtCollector, register_in_doubt
-from shop.models import Order, Product
+from shop.models import Order, Product, StockAdjustment
 from shop.orders import OrderCoordinator, OrderRequest, order_json
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ BEARER = re.compile(r"Bearer ([!-~]+)")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 C0 = re.compile(r"[\x00-\x1f\x7f]")
 products = cast(Table, Product.__table__)
+adjustments = cast(Table, StockAdjustment.__table__)
 orders = cast(Table, Order.__table__)
 
 
@@ -359,14 +360,23 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
         if not values:
             raise BadRequest("nothing to change: give price_cents and/or stock")
         with inventory_db.begin() as conn:
-            row = conn.execute(
+            before = conn.execute(
+                select(products.c.stock).where(products.c.id == product_id).with_for_update()
+            ).first()
+            if before is None:
+                raise ProductNotFound(f"product {product_id} does not exist")
+            conn.execute(
                 update(products)
                 .where(products.c.id == product_id)
                 .values(**values, updated_at=text("now()"))
-                .returning(products.c.id)
-            ).first()
-        if row is None:
-            raise ProductNotFound(f"product {product_id} does not exist")
+            )
+            if "stock" in values and values["stock"] != before.stock:
+                # In the ledger, in the same transaction: a restock is not damage.
+                conn.execute(
+                    insert(adjustments).values(
+                        product_id=product_id, delta=values["stock"] - before.stock, reason="admin"
+                    )
+                )
         cache.invalidate(product_id)
         product = load_product(product_id)
         return jsonify(product)

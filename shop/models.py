@@ -44,6 +44,20 @@ class StockMovement(InventoryBase):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class StockAdjustment(InventoryBase):
+    """Every change of stock that is not an order (the initial stock, an admin's restock or
+    correction): with the orders' movements, the ledger whose sum a product's stock must
+    equal. Append-only, as the movements."""
+
+    __tablename__ = "stock_adjustments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"), index=True)
+    delta: Mapped[int]
+    reason: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Order(OrdersBase):
     __tablename__ = "orders"
     __table_args__ = (CheckConstraint("quantity > 0", name="quantity_positive"),)

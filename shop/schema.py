@@ -6,7 +6,7 @@ import random
 
 from sqlalchemy import Engine, func, insert, select
 
-from shop.models import InventoryBase, OrdersBase, Product
+from shop.models import InventoryBase, OrdersBase, Product, StockAdjustment
 
 
 def create_schema(orders: Engine, inventory: Engine) -> None:
@@ -32,5 +32,10 @@ def seed_products(
             for n in range(existing + 1, count + 1)
         ]
         if rows:
-            conn.execute(insert(Product), rows)
+            ids = conn.execute(insert(Product).returning(Product.id), rows).scalars().all()
+            # The initial stock is the ledger's first entry for each product.
+            conn.execute(
+                insert(StockAdjustment),
+                [{"product_id": i, "delta": stock, "reason": "initial"} for i in ids],
+            )
     return len(rows)

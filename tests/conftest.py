@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, insert, select, text
 from lab.layout import StackLayout, find_free_base_port
 from lab.stack import Stack
 from shop.db import make_engine
-from shop.models import Order, Product, StockMovement
+from shop.models import Order, Product, StockAdjustment, StockMovement
 
 
 @contextlib.contextmanager
@@ -88,6 +88,9 @@ def new_product(engines: dict[str, Engine]) -> Callable[..., int]:
                 .values(sku=sku, name=f"test {sku}", price_cents=price_cents, stock=stock)
                 .returning(Product.id)
             ).scalar_one()
+            conn.execute(  # its stock in the ledger, as the shop's seeding does
+                insert(StockAdjustment).values(product_id=product_id, delta=stock, reason="initial")
+            )
         return product_id
 
     return make

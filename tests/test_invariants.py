@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import requests
 from psycopg import sql
 from sqlalchemy import Engine, delete, insert, select
 
@@ -156,7 +157,7 @@ def test_a_movement_whose_order_is_still_prepared_is_in_flight_until_rolled_back
                     "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)
                 ).fetchone():
                     conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
-        with autocommit(stack, "inventory") as conn:
+        with autocommit(stack, "inventory") as conn, conn.transaction():
             moved = conn.execute(
                 "DELETE FROM stock_movements WHERE order_id = %s RETURNING -delta", (order_id,)
             ).fetchone()
@@ -209,3 +210,28 @@ def test_a_database_that_cannot_be_read_gives_no_verdict_and_the_probe_says_unkn
     result = build_probe("invariant", "inv", {"orders_dsn": dsn, "inventory_dsn": dsn}, 1).run()
     assert result.health is Health.UNKNOWN
     assert result.summary.startswith("cannot read the data: OperationalError")
+
+
+def test_a_stock_value_changed_behind_its_ledger_is_damage_and_a_restock_is_not(
+    stack: Stack, shops: list[str], new_product: Callable[..., int]
+) -> None:
+    product = new_product(stock=5)
+    assert order(shops[0], f"tests-invariants-{uuid.uuid4()}", product).status_code == 201
+    restock = requests.patch(
+        f"{shops[0]}/admin/products/{product}",
+        json={"stock": 40},
+        headers={"Authorization": f"Bearer {stack.admin_token}"},
+        timeout=10,
+    )
+    assert restock.status_code == 200, restock.text
+    assert str(product) not in check(stack).details["stock_off_ledger"]
+    with autocommit(stack, "inventory") as conn:
+        conn.execute("UPDATE products SET stock = 1000 WHERE id = %s", (product,))
+    try:
+        verdict = check(stack)
+    finally:
+        with autocommit(stack, "inventory") as conn:
+            conn.execute("UPDATE products SET stock = 40 WHERE id = %s", (product,))
+    assert verdict.details["stock_off_ledger"][str(product)] == (1000, 40)
+    assert any(p.endswith("disagrees with its ledger") for p in verdict.problems)
+    assert str(product) not in check(stack).details["stock_off_ledger"]

@@ -272,6 +272,24 @@ def test_deleted_stock_movements_are_put_back_under_load(rs: Stack, rs_api: Api)
     assert report["data"]["repair"]["inventory.stock_movements"] == "30 rows put back"
 
 
+def test_stock_values_changed_behind_the_ledger_are_set_back_under_load(
+    rs: Stack, rs_api: Api
+) -> None:
+    # A mistaken UPDATE of stock, not an order: the ledger (the initial stock and every order's
+    # movement) says what each stock must be, and the repair sets it back, losing nothing.
+    report = repaired_under_load(
+        rs,
+        rs_api,
+        "UPDATE products SET stock = stock + 500 WHERE id IN"
+        " (SELECT id FROM products ORDER BY id LIMIT 10) RETURNING id",
+        "inventory",
+    )
+    assert report["data"]["repair"]["inventory.products"] == (
+        "stock of 10 products set back to their ledger"
+    )
+    assert "UPDATE of products" in report["data"]["restore_point_why"]
+
+
 def test_a_dropped_table_is_recreated_under_load_with_every_acknowledged_order(
     rs: Stack, rs_api: Api
 ) -> None:
