@@ -58,7 +58,8 @@ def run_pgbench(
         "-T", str(duration_s), "-f", str(script_path), "--log",
         f"--log-prefix={workdir / ('log_' + name)}", "bench",
     ]  # fmt: skip
-    done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, check=False)
+    env = {**os.environ, "PGPASSFILE": str(stack.pg_auth.passfile)}
+    done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"pgbench {name} failed:\n{done.stdout}\n{done.stderr}")
     latencies_ms = [
@@ -144,18 +145,19 @@ def run_wrk(urls: list[str], clients: int, duration_s: int) -> dict[str, Any]:
 
 
 def count_orders(stack: Stack) -> int:
-    with pg.connect(stack.layout.pg_port(0), dbname="orders") as conn:
+    with stack.connect("pg0", "orders") as conn:
         row = conn.execute("SELECT count(*) FROM orders").fetchone()
     return int(row[0]) if row else 0
 
 
 def prepare_bench_database(stack: Stack) -> None:
     """A `bench` database with both table sets, so one pgbench session runs the whole order."""
-    with pg.connect(stack.layout.pg_port(0)) as conn:
+    with stack.connect("pg0") as conn:
         conn.execute("DROP DATABASE IF EXISTS bench")
         conn.execute("CREATE DATABASE bench")
-    url = pg.shop_url("bench", [stack.layout.pg_port(0)]).replace(
-        f"{pg.SHOP_ROLE}@", f"{pg.SUPERUSER}@"
+    url = (
+        f"postgresql+psycopg://{pg.SUPERUSER}@/bench?host=127.0.0.1:{stack.layout.pg_port(0)}"
+        f"&passfile={stack.pg_auth.passfile}"
     )
     engine = make_engine(url, stack.shop_settings(), role="bench", with_deadline=False)
     try:

@@ -20,7 +20,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,10 +41,8 @@ from tests.test_failover import described, is_redundant, leader, order
 ORDERS_BEFORE, ORDERS_AFTER = 200, 20
 
 
-def sql(port: int, query: str, db: str = "postgres") -> Any:
-    with psycopg.connect(
-        host="127.0.0.1", port=port, user="postgres", dbname=db, autocommit=True
-    ) as conn:
+def sql(stack: Stack, port: int, query: str, db: str = "postgres") -> Any:
+    with pg.connect(port, db, passfile=stack.pg_auth.passfile) as conn:
         row = conn.execute(query).fetchone()
         return row[0] if row else None
 
@@ -75,7 +72,7 @@ def place(stack: Stack, n: int) -> None:
 def make_history(stack: Stack) -> datetime:
     """Orders, a restore point, then the orders a restore to it discards."""
     place(stack, ORDERS_BEFORE)
-    point: datetime = sql(leader_port(stack), "SELECT now()")
+    point: datetime = sql(stack, leader_port(stack), "SELECT now()")
     time.sleep(0.2)
     place(stack, ORDERS_AFTER)
     return point
@@ -93,7 +90,9 @@ def new_stack(with_controlplane: bool) -> Stack:
 
 
 def take_backup(stack: Stack) -> pitr.BackupInfo:
-    targets = controlplane_targets(stack.layout, shop_admin_token=stack.admin_token)
+    targets = controlplane_targets(
+        stack.layout, shop_admin_token=stack.admin_token, redis_password=stack.redis_password
+    )
     settings = Settings.model_validate({**targets.pop("controlplane"), **targets})
     assert settings.backups is not None
     (stack.layout.data_dir / "controlplane").mkdir(exist_ok=True)
@@ -154,12 +153,12 @@ def as_postgres(*argv: str) -> None:
     subprocess.run([*prefix, *argv], check=True, capture_output=True, timeout=600)
 
 
-def resolve_in_doubt(port: int) -> None:
+def resolve_in_doubt(stack: Stack, port: int) -> None:
     """The 2PC a restore leaves prepared, finished by the shop's decision log, in plain SQL."""
-    conn = {"host": "127.0.0.1", "port": port, "user": "postgres", "autocommit": True}
-    with psycopg.connect(dbname="orders", **conn) as log:  # type: ignore[arg-type]
+    passfile = stack.pg_auth.passfile
+    with pg.connect(port, "orders", passfile=passfile) as log:
         for db in ("inventory", "orders"):
-            with psycopg.connect(dbname=db, **conn) as c:  # type: ignore[arg-type]
+            with pg.connect(port, db, passfile=passfile) as c:
                 gids = c.execute(
                     "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
                 ).fetchall()
@@ -188,7 +187,7 @@ def by_hand(stack: Stack, point: datetime, backup: pitr.BackupInfo) -> float:
     archive = stack.layout.wal_archive
     started = time.monotonic()
     as_postgres(str(bin_dir / "pg_verifybackup"), "--ignore", pitr.META_FILE, backup.path)
-    segment = sql(port, "SELECT pg_walfile_name(pg_switch_wal())")
+    segment = sql(stack, port, "SELECT pg_walfile_name(pg_switch_wal())")
     wait_until(
         lambda: (archive / segment).exists(), timeout_s=60, interval_s=0.05, what="WAL archived"
     )
@@ -203,20 +202,20 @@ def by_hand(stack: Stack, point: datetime, backup: pitr.BackupInfo) -> float:
     as_postgres("touch", str(data / "recovery.signal"))
     stack.processes[lead].start().wait_ready()
     wait_until(
-        lambda: sql(port, "SELECT NOT pg_is_in_recovery()"),
+        lambda: sql(stack, port, "SELECT NOT pg_is_in_recovery()"),
         timeout_s=300,
         interval_s=0.05,
         what="promoted",
     )
-    resolve_in_doubt(port)
-    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", autocommit=True) as c:
+    resolve_in_doubt(stack, port)
+    with pg.connect(port, passfile=stack.pg_auth.passfile) as c:
         for name in pitr.RECOVERY_SETTINGS:
             c.execute(f"ALTER SYSTEM RESET {name}")
         c.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
         c.execute("SELECT pg_reload_conf()")
         c.execute("CHECKPOINT")
     other_data = described(stack)["components"][other]["data_dir"]
-    source = f"host=127.0.0.1 port={port} user=postgres application_name={other}"
+    source = stack.pg_auth.dsn(port, application_name=other)
     as_postgres(str(bin_dir / "pg_rewind"), "-D", other_data, "--source-server", source, "-R")
     stack.processes[other].start().wait_ready()
     wait_until(lambda: is_redundant(stack), timeout_s=120, interval_s=0.1, what="redundant")
@@ -247,7 +246,7 @@ def main() -> None:
                 else:
                     seconds = by_hand(stack, point, backup)
                     results["raw tools"].append(seconds)
-                kept = sql(leader_port(stack), "SELECT count(*) FROM orders", db="orders")
+                kept = sql(stack, leader_port(stack), "SELECT count(*) FROM orders", db="orders")
                 print(
                     f"{'control plane' if with_cp else 'raw tools'} trial {n + 1}: "
                     f"{seconds:.2f}s to a redundant restored cluster; {kept} orders kept"

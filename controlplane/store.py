@@ -14,8 +14,9 @@ deliveries of one webhook can never do one thing twice.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
@@ -56,6 +58,7 @@ READ_ONLY = "shopguard_read_only"  # an execution option: this connection only r
 # -- engine and schema --------------------------------------------------------------------------
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        _make_private(make_url(url).database)
         engine = create_engine(
             url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=10
         )
@@ -81,6 +84,22 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def _make_private(path: str | None) -> None:
+    """The state store is readable by its owner only: created 0600 before SQLite opens it
+    (SQLite gives its -wal and -shm files the database file's mode)."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return  # SQLite will say what is wrong with it
+    try:
+        with suppress(PermissionError):  # not ours to change
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def migrate(engine: Engine) -> None:

@@ -107,7 +107,7 @@ def _stack(data_dir: Path | None) -> Iterator[Path]:
         yield data_dir.absolute()
         return
     own = Path(tempfile.mkdtemp(prefix="shop-gameday-", dir="/tmp"))
-    own.chmod(0o755)
+    own.chmod(0o711)  # the postgres OS user passes through it
     stack = Stack(
         StackLayout(own, find_free_base_port(), shop_count=2),
         products=50,

@@ -82,6 +82,11 @@ class StackLayout:
         return self.pg_root / "scratch"
 
     @property
+    def pgpass(self) -> Path:
+        """The passwords of the stack's PostgreSQL roles (libpq's pgpass format, 0600)."""
+        return self.pg_root / "pgpass"
+
+    @property
     def logs(self) -> Path:
         return self.data_dir / "logs"
 

@@ -1,4 +1,10 @@
-"""Redis, Prometheus and Alertmanager for the lab: their configs and server processes."""
+"""Redis, Prometheus and Alertmanager for the lab: their configs and server processes.
+
+Each is locked as an operator would lock it: Redis asks for a password (in its config file,
+never on its command line), Alertmanager's API for basic auth (a bcrypt hash in its web
+config; Prometheus sends its alerts with the password), and Prometheus has no lifecycle API
+(`/-/reload`, `/-/quit`). Configs holding a secret, and every data directory, are the owner's
+only."""
 
 from __future__ import annotations
 
@@ -7,31 +13,48 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import requests
 import yaml
 
 from lab.binaries import Binaries
 from lab.errors import LabError
 from lab.layout import HOST, StackLayout
+from lab.postgres import write_private
 from lab.process import ServerProcess, is_port_open
 
 RULES_FILE = "shop.rules.yml"
+ALERTMANAGER_USER = "prometheus"  # whoever posts alerts: Prometheus, or an operator's amtool
+# Alertmanager checks the hash on each request (and caches a success): Go's default cost.
+BCRYPT_ROUNDS = 10
 
 
-def http_ok(url: str, timeout_s: float = 0.5) -> bool:
+def http_ok(url: str, timeout_s: float = 0.5, auth: tuple[str, str] | None = None) -> bool:
     try:
-        return requests.get(url, timeout=timeout_s).status_code == 200
+        return requests.get(url, timeout=timeout_s, auth=auth).status_code == 200
     except requests.RequestException:
         return False
 
 
-def redis_server(layout: StackLayout, binaries: Binaries) -> ServerProcess:
-    workdir = layout.data_dir / "redis"
-    workdir.mkdir(parents=True, exist_ok=True)
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def redis_url(layout: StackLayout, password: str) -> str:
+    return f"redis://:{password}@{HOST}:{layout.redis_port}/0"
+
+
+def redis_server(layout: StackLayout, binaries: Binaries, *, password: str) -> ServerProcess:
+    workdir = private_dir(layout.data_dir / "redis")
+    config = workdir / "redis.conf"
+    write_private(config, f"requirepass {password}\n")
     return ServerProcess(
         name="redis",
         argv=[
             binaries.redis_server,
+            str(config),
             "--port",
             str(layout.redis_port),
             "--bind",
@@ -67,7 +90,9 @@ def check_rules(binaries: Binaries, path: Path) -> None:
         raise LabError(f"promtool rejected {path}: {done.stdout}{done.stderr}")
 
 
-def prometheus_config(layout: StackLayout, *, with_controlplane: bool) -> dict[str, Any]:
+def prometheus_config(
+    layout: StackLayout, *, with_controlplane: bool, alertmanager_password: str
+) -> dict[str, Any]:
     scrape: list[dict[str, Any]] = [
         {
             "job_name": "shop",
@@ -94,7 +119,13 @@ def prometheus_config(layout: StackLayout, *, with_controlplane: bool) -> dict[s
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
         "alerting": {
             "alertmanagers": [
-                {"static_configs": [{"targets": [f"{HOST}:{layout.alertmanager_port}"]}]}
+                {
+                    "basic_auth": {
+                        "username": ALERTMANAGER_USER,
+                        "password": alertmanager_password,
+                    },
+                    "static_configs": [{"targets": [f"{HOST}:{layout.alertmanager_port}"]}],
+                }
             ]
         },
         "rule_files": [str(layout.data_dir / "prometheus" / RULES_FILE)],
@@ -103,17 +134,22 @@ def prometheus_config(layout: StackLayout, *, with_controlplane: bool) -> dict[s
 
 
 def prometheus_server(
-    layout: StackLayout, binaries: Binaries, *, with_controlplane: bool = False
+    layout: StackLayout,
+    binaries: Binaries,
+    *,
+    alertmanager_password: str,
+    with_controlplane: bool = False,
 ) -> ServerProcess:
-    workdir = layout.data_dir / "prometheus"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = private_dir(layout.data_dir / "prometheus")
+    private_dir(workdir / "data")
     rules = workdir / RULES_FILE
     rules.write_text(rules_path().read_text())
     check_rules(binaries, rules)
     config = workdir / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(prometheus_config(layout, with_controlplane=with_controlplane))
+    prometheus = prometheus_config(
+        layout, with_controlplane=with_controlplane, alertmanager_password=alertmanager_password
     )
+    write_private(config, yaml.safe_dump(prometheus))
     url = f"http://{HOST}:{layout.prometheus_port}"
     return ServerProcess(
         name="prometheus",
@@ -123,7 +159,7 @@ def prometheus_server(
             f"--storage.tsdb.path={workdir / 'data'}",
             "--storage.tsdb.retention.time=2d",
             f"--web.listen-address={HOST}:{layout.prometheus_port}",
-            "--web.enable-lifecycle",
+            # No --web.enable-lifecycle: nobody reloads or stops it over HTTP.
             # Alerts reach Alertmanager within a second, not after the 1 min default resend.
             "--rules.alert.resend-delay=1s",
         ],
@@ -148,25 +184,37 @@ def alertmanager_config(webhook_url: str, token: str | None) -> dict[str, Any]:
     }
 
 
+def alertmanager_web_config(password: str) -> dict[str, Any]:
+    """Basic auth on every endpoint of Alertmanager (its API, UI and /-/ready)."""
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
+    return {"basic_auth_users": {ALERTMANAGER_USER: hashed}}
+
+
 def alertmanager_server(
-    layout: StackLayout, binaries: Binaries, *, webhook_token: str | None = None
+    layout: StackLayout,
+    binaries: Binaries,
+    *,
+    password: str,
+    webhook_token: str | None = None,
 ) -> ServerProcess:
-    workdir = layout.data_dir / "alertmanager"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = private_dir(layout.data_dir / "alertmanager")
+    private_dir(workdir / "data")
     config = workdir / "alertmanager.yml"
     webhook_url = f"http://{HOST}:{layout.controlplane_port}/api/v1/alerts"
-    config.write_text(yaml.safe_dump(alertmanager_config(webhook_url, webhook_token)))
-    config.chmod(0o600)
+    write_private(config, yaml.safe_dump(alertmanager_config(webhook_url, webhook_token)))
+    web_config = workdir / "web.yml"
+    write_private(web_config, yaml.safe_dump(alertmanager_web_config(password)))
     url = f"http://{HOST}:{layout.alertmanager_port}"
     return ServerProcess(
         name="alertmanager",
         argv=[
             binaries.alertmanager,
             f"--config.file={config}",
+            f"--web.config.file={web_config}",
             f"--storage.path={workdir / 'data'}",
             f"--web.listen-address={HOST}:{layout.alertmanager_port}",
             "--cluster.listen-address=",  # one Alertmanager: no gossip cluster
         ],
         log_path=layout.logs / "alertmanager.log",
-        ready=lambda: http_ok(f"{url}/-/ready"),
+        ready=lambda: http_ok(f"{url}/-/ready", auth=(ALERTMANAGER_USER, password)),
     )

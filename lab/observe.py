@@ -11,9 +11,9 @@ from typing import Any
 
 import psycopg
 import requests
+from psycopg.conninfo import make_conninfo
 
 from lab.errors import LabError
-from lab.layout import HOST
 
 CONNECT_TIMEOUT_S = 2
 
@@ -81,15 +81,20 @@ class StackView:
         return response.json()
 
     # -- PostgreSQL ------------------------------------------------------------------------
+    def dsn(self, node: str, dbname: str = "postgres") -> str:
+        """The node's DSN from stack.json (the superuser; the password in the stack's
+        pgpass file), for `dbname`."""
+        return make_conninfo(self.components()[node]["dsn"], dbname=dbname)
+
     def connect(self, node: str, dbname: str = "postgres") -> psycopg.Connection[Any]:
         return psycopg.connect(
-            host=HOST,
-            port=self.port(node),
-            user="postgres",
-            dbname=dbname,
-            connect_timeout=CONNECT_TIMEOUT_S,
-            autocommit=True,
+            self.dsn(node, dbname), connect_timeout=CONNECT_TIMEOUT_S, autocommit=True
         )
+
+    @property
+    def redis_url(self) -> str:
+        url: str = self.description()["shop"]["redis_url"]  # with its password
+        return url
 
     def node_state(self, node: str) -> tuple[str, int | None]:
         """('primary', timeline) | ('standby', received timeline) | ('down', None)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from lab.binaries import Binaries
 from lab.errors import LabError
@@ -19,12 +22,14 @@ from lab.process import ServerProcess, wait_until
 
 SUPERUSER = "postgres"
 SHOP_ROLE = "shop"
+REPLICATION_ROLE = "replicator"
 DATABASES = ("orders", "inventory")
 
 LAB_CONF = """\
 # Written by the lab. Node-specific settings (port, cluster_name) come on the command line.
 listen_addresses = '{host}'
 unix_socket_directories = ''
+password_encryption = 'scram-sha-256'
 max_connections = 200
 shared_buffers = '128MB'
 wal_level = replica
@@ -49,10 +54,76 @@ log_checkpoints = off
 """
 
 HBA = """\
-# Written by the lab: loopback only, trust (a lab on one machine; never expose it).
-host all all 127.0.0.1/32 trust
-host replication all 127.0.0.1/32 trust
+# Written by the lab: loopback only, and nobody is trusted: a password (SCRAM) for every
+# connection, replication included. The passwords are in the stack's pgpass file.
+local all all scram-sha-256
+local replication all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host replication all 127.0.0.1/32 scram-sha-256
 """
+
+
+def new_password() -> str:
+    return secrets.token_hex(24)  # hex: nothing to escape in a URL, a conninfo or pgpass
+
+
+@dataclass(frozen=True, slots=True)
+class PgAuth:
+    """A stack's PostgreSQL passwords, and the pgpass file every client of it reads them from
+    (`passfile=` in each DSN, or PGPASSFILE): the superuser, the shop's role, replication."""
+
+    passfile: Path
+    superuser_password: str
+    shop_password: str
+    replication_password: str
+
+    @classmethod
+    def generate(cls, passfile: Path) -> PgAuth:
+        return cls(passfile, new_password(), new_password(), new_password())
+
+    def pgpass(self) -> str:
+        # Any port: a scratch instance restored from a backup keeps the same roles.
+        return "".join(
+            f"{HOST}:*:*:{user}:{password}\n"
+            for user, password in (
+                (SUPERUSER, self.superuser_password),
+                (SHOP_ROLE, self.shop_password),
+                (REPLICATION_ROLE, self.replication_password),
+            )
+        )
+
+    def write_passfile(self, owner: str | None) -> None:
+        """0600 (libpq ignores a pgpass that others may read), owned by the OS user that runs
+        PostgreSQL's tools: its pg_basebackup, pg_rewind and walreceiver read it; root reads
+        it anyway."""
+        write_private(self.passfile, self.pgpass(), owner)
+
+    def dsn(self, port: int, dbname: str = "postgres", **extra: Any) -> str:
+        return dsn(port, dbname, passfile=self.passfile, **extra)
+
+
+def write_private(path: Path, text: str, owner: str | None = None) -> None:
+    """A file only its owner may read, never readable by anyone else, even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    chown_to(tmp, owner)
+    os.replace(tmp, path)
+
+
+def dsn(
+    port: int | str,
+    dbname: str = "postgres",
+    *,
+    passfile: Path,
+    user: str = SUPERUSER,
+    **extra: Any,
+) -> str:
+    params = {"host": HOST, "port": port, "user": user, "dbname": dbname}
+    return make_conninfo(**{**params, **extra, "passfile": str(passfile)})
 
 
 def pg_os_user() -> str | None:
@@ -76,29 +147,25 @@ def chown_to(path: Path, user: str | None) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def connect(port: int, dbname: str = "postgres", **kwargs: Any) -> psycopg.Connection[Any]:
+def connect(
+    port: int, dbname: str = "postgres", *, passfile: Path, **kwargs: Any
+) -> psycopg.Connection[Any]:
     return psycopg.connect(
-        host=HOST,
-        port=port,
-        user=SUPERUSER,
-        dbname=dbname,
-        connect_timeout=2,
-        autocommit=True,
-        **kwargs,
+        dsn(port, dbname, passfile=passfile), connect_timeout=2, autocommit=True, **kwargs
     )
 
 
-def is_accepting(port: int) -> bool:
+def is_accepting(port: int, passfile: Path) -> bool:
     try:
-        with connect(port) as conn:
+        with connect(port, passfile=passfile) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError:
         return False
     return True
 
 
-def is_in_recovery(port: int) -> bool:
-    with connect(port) as conn:
+def is_in_recovery(port: int, passfile: Path) -> bool:
+    with connect(port, passfile=passfile) as conn:
         row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
     return bool(row and row[0])
 
@@ -113,12 +180,14 @@ class PgNode:
     log_path: Path
     binaries: Binaries
     os_user: str | None
+    passfile: Path
 
     def run_tool(self, tool: str, *args: str, timeout_s: float = 120) -> str:
         argv = [self.binaries.pg(tool), *args]
         done = subprocess.run(
             argv,
             user=self.os_user,
+            env={**os.environ, "PGPASSFILE": str(self.passfile)},
             cwd=self.data_dir.parent,
             capture_output=True,
             text=True,
@@ -142,25 +211,33 @@ class PgNode:
                 f"cluster_name={self.name}",
             ],
             log_path=self.log_path,
-            ready=lambda: is_accepting(self.port),
+            ready=lambda: is_accepting(self.port, self.passfile),
             user=self.os_user,
             cwd=self.data_dir.parent,
             stop_signal=signal.SIGINT,  # "fast" shutdown: roll back sessions, checkpoint, exit
             ready_timeout_s=60,
         )
 
-    def init_primary(self, archive_dir: Path) -> None:
-        self.run_tool(
-            "initdb",
-            "-D",
-            str(self.data_dir),
-            "-U",
-            SUPERUSER,
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-locale",
-            "--data-checksums",
-        )
+    def init_primary(self, archive_dir: Path, superuser_password: str) -> None:
+        # The password goes in a file (never on a command line, which `ps` shows to anyone),
+        # next to the data directory, and is gone once initdb has read it.
+        pwfile = self.data_dir.parent / f".{self.name}.pwfile"
+        write_private(pwfile, superuser_password + "\n", self.os_user)
+        try:
+            self.run_tool(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--data-checksums",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as fh:
             fh.write("\ninclude 'lab.conf'\n")
@@ -170,59 +247,70 @@ class PgNode:
             chown_to(self.data_dir / name, self.os_user)
 
     def base_backup_from(self, source_port: int) -> None:
-        """Clone the running primary into this node's data dir as a streaming standby."""
+        """Clone the running primary into this node's data dir as a streaming standby, as the
+        replication role (`-R` writes its conninfo, passfile included, for the walreceiver)."""
+        source = dsn(
+            source_port,
+            passfile=self.passfile,
+            user=REPLICATION_ROLE,
+            application_name=self.name,
+        )
         self.run_tool(
             "pg_basebackup",
-            "-h",
-            HOST,
-            "-p",
-            str(source_port),
-            "-U",
-            SUPERUSER,
+            "-d",
+            source,
             "-D",
             str(self.data_dir),
             "-X",
             "stream",
             "-R",
             "--checkpoint=fast",
-            "-d",
-            f"application_name={self.name}",
             timeout_s=600,
         )
 
 
-def create_shop_databases(port: int) -> None:
-    with connect(port) as conn:
-        if (
-            conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SHOP_ROLE,)).fetchone()
-            is None
+def create_shop_databases(port: int, auth: PgAuth) -> None:
+    """The shop's role and databases, and the replication role, each with its password (the
+    server keeps only its SCRAM verifier: `password_encryption`)."""
+    with connect(port, passfile=auth.passfile) as conn:
+        for role, password, options in (
+            (SHOP_ROLE, auth.shop_password, "LOGIN"),
+            (REPLICATION_ROLE, auth.replication_password, "LOGIN REPLICATION"),
         ):
-            conn.execute(f"CREATE ROLE {SHOP_ROLE} LOGIN")
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL("{} ROLE {} {} PASSWORD {}").format(
+                    sql.SQL(verb), sql.Identifier(role), sql.SQL(options), sql.Literal(password)
+                )
+            )
         for db in DATABASES:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
                 continue
             conn.execute(f"CREATE DATABASE {db} OWNER {SHOP_ROLE}")
 
 
-def replication_state(primary_port: int) -> list[dict[str, Any]]:
-    with connect(primary_port) as conn:
+def replication_state(primary_port: int, passfile: Path) -> list[dict[str, Any]]:
+    with connect(primary_port, passfile=passfile) as conn:
         cur = conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication")
         return [
             {"application_name": r[0], "state": r[1], "sync_state": r[2]} for r in cur.fetchall()
         ]
 
 
-def enable_synchronous_replication(primary_port: int, standby_name: str, timeout_s: float) -> None:
+def enable_synchronous_replication(
+    primary_port: int, standby_name: str, timeout_s: float, *, passfile: Path
+) -> None:
     """Wait until `standby_name` streams, then make every commit wait for it."""
 
     def streaming() -> bool:
         return any(
             r["application_name"] == standby_name and r["state"] == "streaming"
-            for r in replication_state(primary_port)
+            for r in replication_state(primary_port, passfile)
         )
 
     wait_until(streaming, timeout_s=timeout_s, what=f"{standby_name} streaming")
-    with connect(primary_port) as conn:
+    with connect(primary_port, passfile=passfile) as conn:
         # '*' (FIRST 1 of any standby): whichever node is the standby after a failover counts.
         conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
         conn.execute("SELECT pg_reload_conf()")
@@ -230,13 +318,17 @@ def enable_synchronous_replication(primary_port: int, standby_name: str, timeout
     def synchronous() -> bool:
         return any(
             r["application_name"] == standby_name and r["sync_state"] == "sync"
-            for r in replication_state(primary_port)
+            for r in replication_state(primary_port, passfile)
         )
 
     wait_until(synchronous, timeout_s=timeout_s, what=f"{standby_name} synchronous")
 
 
-def shop_url(database: str, ports: list[int]) -> str:
-    """A multi-host URL: new connections go to whichever node accepts writes."""
+def shop_url(database: str, ports: list[int], password: str) -> str:
+    """A multi-host URL: new connections go to whichever node accepts writes. The shop is a
+    service of its own: its password is in its URL, not in the lab's pgpass file."""
     hosts = "&".join(f"host={HOST}:{port}" for port in ports)
-    return f"postgresql+psycopg://{SHOP_ROLE}@/{database}?{hosts}&target_session_attrs=read-write"
+    return (
+        f"postgresql+psycopg://{SHOP_ROLE}:{password}@/{database}?{hosts}"
+        "&target_session_attrs=read-write"
+    )

@@ -18,11 +18,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from lab import postgres as pg
 from lab.binaries import Binaries, find_binaries
 from lab.errors import LabError
 from lab.layout import HOST, StackLayout
-from lab.monitoring import alertmanager_server, http_ok, prometheus_server, redis_server
+from lab.monitoring import (
+    ALERTMANAGER_USER,
+    alertmanager_server,
+    http_ok,
+    private_dir,
+    prometheus_server,
+    redis_server,
+    redis_url,
+)
 from lab.process import ServerProcess
 from lab.targets import controlplane_targets, write_targets
 from remediation.executors.lab import LabExecutor, stop_signal
@@ -62,12 +72,18 @@ class Stack:
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     webhook_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    redis_password: str = field(default_factory=pg.new_password)
+    alertmanager_password: str = field(default_factory=pg.new_password)
+    pg_auth: pg.PgAuth = field(init=False)
     processes: dict[str, ServerProcess] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, pg.PgNode] = field(default_factory=dict)
     started_at: str = ""
     # Per policy name, settings that replace the lab's defaults (benchmarks lift rate limits).
     policy_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pg_auth = pg.PgAuth.generate(self.layout.pgpass)
 
     # -- building blocks ---------------------------------------------------------------------
     def _node(self, index: int) -> pg.PgNode:
@@ -79,20 +95,39 @@ class Stack:
             log_path=self.layout.logs / f"{name}.log",
             binaries=self.binaries,
             os_user=pg.pg_os_user(),
+            passfile=self.layout.pgpass,
         )
 
     @property
     def pg_ports(self) -> list[int]:
         return [self.layout.pg_port(0), self.layout.pg_port(1)]
 
+    def dsn(self, node: str, dbname: str = "postgres") -> str:
+        """The superuser's DSN for one node (`pg0`, `pg1`): its password from the pgpass file."""
+        return self.pg_auth.dsn(self.layout.pg_port(int(node.removeprefix("pg"))), dbname)
+
+    def connect(self, node: str, dbname: str = "postgres") -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn(node, dbname), connect_timeout=2, autocommit=True)
+
+    def shop_url(self, database: str, ports: list[int] | None = None) -> str:
+        return pg.shop_url(database, ports or self.pg_ports, self.pg_auth.shop_password)
+
+    @property
+    def redis_url(self) -> str:
+        return redis_url(self.layout, self.redis_password)
+
+    @property
+    def alertmanager_auth(self) -> tuple[str, str]:
+        return (ALERTMANAGER_USER, self.alertmanager_password)
+
     def shop_env(self, index: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The SHOP_* variables of instance `index` (on top of the lab's own environment)."""
         env: dict[str, str] = {}
         env.update(
             {
-                "SHOP_ORDERS_URL": pg.shop_url("orders", self.pg_ports),
-                "SHOP_INVENTORY_URL": pg.shop_url("inventory", self.pg_ports),
-                "SHOP_REDIS_URL": f"redis://{HOST}:{self.layout.redis_port}/0",
+                "SHOP_ORDERS_URL": self.shop_url("orders"),
+                "SHOP_INVENTORY_URL": self.shop_url("inventory"),
+                "SHOP_REDIS_URL": self.redis_url,
                 "SHOP_INSTANCE_ID": f"shop-{index}",
                 "SHOP_ADMIN_TOKEN": self.admin_token,
             }
@@ -147,16 +182,28 @@ class Stack:
     def start(self) -> dict[str, Any]:
         self.layout.check_ports_free()
         self.started_at = datetime.now(UTC).isoformat()
+        # Others may pass through to what the postgres OS user must reach, never list it.
+        self.layout.data_dir.chmod(0o711)
+        private_dir(self.layout.logs)
         try:
             self._start_postgres()
-            self._add("redis", "cache", redis_server(self.layout, self.binaries)).start()
+            redis = redis_server(self.layout, self.binaries, password=self.redis_password)
+            self._add("redis", "cache", redis).start()
             # Alertmanager first: Prometheus drops alerts sent before it found Alertmanager.
-            am = alertmanager_server(self.layout, self.binaries, webhook_token=self.webhook_token)
+            am = alertmanager_server(
+                self.layout,
+                self.binaries,
+                password=self.alertmanager_password,
+                webhook_token=self.webhook_token,
+            )
             self._add("alertmanager", "alertmanager", am).start()
             self.processes["redis"].wait_ready()
             am.wait_ready()
             prometheus = prometheus_server(
-                self.layout, self.binaries, with_controlplane=self.with_controlplane
+                self.layout,
+                self.binaries,
+                alertmanager_password=self.alertmanager_password,
+                with_controlplane=self.with_controlplane,
             )
             self._add("prometheus", "prometheus", prometheus)
             self.processes["prometheus"].start()
@@ -188,6 +235,7 @@ class Stack:
             controlplane_targets(
                 self.layout,
                 shop_admin_token=self.admin_token,
+                redis_password=self.redis_password,
                 policy_overrides=self.policy_overrides,
             ),
         )
@@ -215,21 +263,23 @@ class Stack:
             self.layout.backups,
             self.layout.scratch,
         ):
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path)
             pg.chown_to(path, user)
-        self.layout.logs.mkdir(parents=True, exist_ok=True)
         _check_reachable_by(self.layout.pg_root, user)
+        self.pg_auth.write_passfile(user)
         primary, standby = self._node(0), self._node(1)
         self.nodes = {primary.name: primary, standby.name: standby}
-        primary.init_primary(self.layout.wal_archive)
+        for node in (primary, standby):
+            _own_log(node.log_path, user)
+        primary.init_primary(self.layout.wal_archive, self.pg_auth.superuser_password)
         self._add(primary.name, "primary", primary.server()).start().wait_ready()
-        pg.create_shop_databases(primary.port)
+        pg.create_shop_databases(primary.port, self.pg_auth)
         settings = self.shop_settings()
         orders = make_engine(
-            pg.shop_url("orders", [primary.port]), settings, role="lab", with_deadline=False
+            self.shop_url("orders", [primary.port]), settings, role="lab", with_deadline=False
         )
         inventory = make_engine(
-            pg.shop_url("inventory", [primary.port]), settings, role="lab", with_deadline=False
+            self.shop_url("inventory", [primary.port]), settings, role="lab", with_deadline=False
         )
         try:
             create_schema(orders, inventory)
@@ -241,7 +291,9 @@ class Stack:
         # every commit would wait forever.
         standby.base_backup_from(primary.port)
         self._add(standby.name, "standby", standby.server()).start().wait_ready()
-        pg.enable_synchronous_replication(primary.port, standby.name, timeout_s=60)
+        pg.enable_synchronous_replication(
+            primary.port, standby.name, timeout_s=60, passfile=self.pg_auth.passfile
+        )
 
     def restart(self, name: str) -> ServerProcess:
         """Start a stopped or killed component again and record its new pid in stack.json."""
@@ -294,9 +346,9 @@ class Stack:
             }
             if name in self.nodes:
                 entry["data_dir"] = str(self.nodes[name].data_dir)
-                entry["dsn"] = f"host={HOST} port={port} user={pg.SUPERUSER} dbname=postgres"
+                entry["dsn"] = self.pg_auth.dsn(port)
             elif name == "redis":
-                entry["url"] = f"redis://{HOST}:{port}/0"
+                entry["url"] = f"redis://{HOST}:{port}/0"  # its password: in `secrets`
             else:
                 entry["url"] = f"http://{HOST}:{port}"
             components[name] = entry
@@ -311,15 +363,16 @@ class Stack:
             "postgres": {
                 "bin_dir": str(self.binaries.pg_bin),
                 "os_user": pg.pg_os_user(),
+                "passfile": str(self.pg_auth.passfile),
                 "wal_archive": str(self.layout.wal_archive),
                 "databases": list(pg.DATABASES),
             },
             # Kept by the control plane's actions from here on (Patroni's /sync key).
             "facts": {"synchronous": True},
             "shop": {
-                "orders_url": pg.shop_url("orders", self.pg_ports),
-                "inventory_url": pg.shop_url("inventory", self.pg_ports),
-                "redis_url": f"redis://{HOST}:{self.layout.redis_port}/0",
+                "orders_url": self.shop_url("orders"),
+                "inventory_url": self.shop_url("inventory"),
+                "redis_url": self.redis_url,
                 "instances": [
                     f"http://{HOST}:{self.layout.shop_port(i)}"
                     for i in range(self.layout.shop_count)
@@ -330,8 +383,24 @@ class Stack:
                 "controlplane_api_token": self.api_token,
                 "alertmanager_webhook_token": self.webhook_token,
                 "controlplane_admin_password": self.admin_password,
+                # PostgreSQL's roles (and the pgpass file every DSN above names), Redis's
+                # requirepass, and Alertmanager's basic auth.
+                "postgres_superuser_password": self.pg_auth.superuser_password,
+                "postgres_shop_password": self.pg_auth.shop_password,
+                "postgres_replication_password": self.pg_auth.replication_password,
+                "pgpass": str(self.pg_auth.passfile),
+                "redis_password": self.redis_password,
+                "alertmanager_user": ALERTMANAGER_USER,
+                "alertmanager_password": self.alertmanager_password,
             },
         }
+
+
+def _own_log(path: Path, user: str | None) -> None:
+    """A PostgreSQL node's log: its own (0600), though the lab opens it for the server."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.close(fd)
+    pg.chown_to(path, user)
 
 
 def _check_reachable_by(path: Path, user: str | None) -> None:
@@ -434,7 +503,7 @@ def prepare_data_dir(data_dir: Path) -> None:
             raise LabError(f"{data_dir} is not empty and holds no lab stack: choose another")
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o755)
+    data_dir.chmod(0o711)  # the postgres OS user passes through to DIR/pg; nobody lists DIR
 
 
 def wait_forever(stack: Stack, *, poll_s: float = 1.0) -> None:

@@ -11,19 +11,25 @@ import tomli_w
 
 from lab import postgres as pg
 from lab.layout import HOST, StackLayout
+from lab.monitoring import redis_url
 
 BACKUP_INTERVAL_S = 3600  # the lab's WAL archive and data are small: hourly base backups
 
 
-def dsn(port: int, db: str = "postgres") -> str:
-    return f"host={HOST} port={port} user={pg.SUPERUSER} dbname={db}"
+def dsn(layout: StackLayout, port: int, db: str = "postgres") -> str:
+    """The superuser on one node; its password from the stack's pgpass file, which the
+    postgres OS user reads too (pg_rewind and pg_basebackup are given these DSNs)."""
+    return pg.dsn(port, db, passfile=layout.pgpass)
 
 
 def primary_dsn(layout: StackLayout, db: str) -> str:
     """Whichever node accepts writes, so that the in-doubt resolver follows a failover."""
-    return (
-        f"host={HOST},{HOST} port={layout.pg_port(0)},{layout.pg_port(1)} "
-        f"user={pg.SUPERUSER} dbname={db} target_session_attrs=read-write"
+    return pg.dsn(
+        f"{layout.pg_port(0)},{layout.pg_port(1)}",
+        db,
+        passfile=layout.pgpass,
+        host=f"{HOST},{HOST}",
+        target_session_attrs="read-write",
     )
 
 
@@ -31,11 +37,13 @@ def controlplane_targets(
     layout: StackLayout,
     *,
     shop_admin_token: str,
+    redis_password: str,
     policy_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     shops = [f"shop-{i}" for i in range(layout.shop_count)]
     state_db = f"sqlite:///{layout.data_dir / 'controlplane' / 'state.db'}"
-    nodes = {f"pg{i}": dsn(layout.pg_port(i)) for i in range(2)}
+    nodes = {f"pg{i}": dsn(layout, layout.pg_port(i)) for i in range(2)}
+    cache_url = redis_url(layout, redis_password)
     instances = [f"http://{HOST}:{layout.shop_port(i)}" for i in range(layout.shop_count)]
     services: list[dict[str, Any]] = [
         {
@@ -76,7 +84,7 @@ def controlplane_targets(
             "service": "pg0",
             "interval_s": 2,
             "timeout_s": 1.5,
-            "params": {"dsn": dsn(layout.pg_port(0))},
+            "params": {"dsn": dsn(layout, layout.pg_port(0))},
         },
         {
             "name": "pg1-postgres",
@@ -84,7 +92,7 @@ def controlplane_targets(
             "service": "pg1",
             "interval_s": 2,
             "timeout_s": 1.5,
-            "params": {"dsn": dsn(layout.pg_port(1))},
+            "params": {"dsn": dsn(layout, layout.pg_port(1))},
         },
         {
             "name": "redis-ping",
@@ -92,7 +100,7 @@ def controlplane_targets(
             "service": "redis",
             "interval_s": 2,
             "timeout_s": 1,
-            "params": {"url": f"redis://{HOST}:{layout.redis_port}/0"},
+            "params": {"url": cache_url},
         },
         {
             # A refused connection is definite: one result opens the incident. A primary that
@@ -190,7 +198,7 @@ def controlplane_targets(
             "mode": "auto",
             "cooldown_s": 30,
             "params": {
-                "redis_url": f"redis://{HOST}:{layout.redis_port}/0",
+                "redis_url": cache_url,
                 "instances": instances,
                 "admin_token": shop_admin_token,
             },
@@ -297,7 +305,7 @@ def controlplane_targets(
                 "archive_dir": str(layout.wal_archive),
                 "scratch_dir": str(layout.scratch),
                 "cache": {
-                    "redis_url": f"redis://{HOST}:{layout.redis_port}/0",
+                    "redis_url": cache_url,
                     "instances": instances,
                     "admin_token": shop_admin_token,
                 },
@@ -350,8 +358,9 @@ def controlplane_targets(
 
 
 def write_targets(path: Path, targets: dict[str, Any]) -> None:
-    """Readable by its owner only: it holds the shop's admin token."""
+    """Readable by its owner only: it holds the shop's admin token and Redis's password."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)  # the control plane's directory: its state store, its targets
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         tomli_w.dump(targets, fh)

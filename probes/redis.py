@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import redis
 from pydantic import Field
 
@@ -26,7 +28,7 @@ class RedisProbe(Probe):
             client.ping()
             info = client.info(section="all")
         except redis.RedisError as exc:
-            return down(describe(exc), url=p.url)
+            return down(describe(exc), url=without_password(p.url))
         finally:
             client.close()
         hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
@@ -39,3 +41,13 @@ class RedisProbe(Probe):
         if p.max_memory_bytes and used_memory > p.max_memory_bytes:
             return ProbeResult(Health.DEGRADED, "memory above the limit", details=details)
         return ProbeResult(Health.UP, "PONG", details=details)
+
+
+def without_password(url: str) -> str:
+    """The URL as it may be shown and stored: `redis://:***@host:port/0`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

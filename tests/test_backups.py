@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from controlplane import store
@@ -70,13 +69,7 @@ def catalog(stack: Stack) -> list[dict[str, Any]]:
 def primary_sql(stack: Stack, db: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     name = leader(stack)
     assert name is not None
-    with psycopg.connect(
-        host="127.0.0.1",
-        port=stack.layout.pg_port(int(name[-1])),
-        user="postgres",
-        dbname=db,
-        autocommit=True,
-    ) as conn:
+    with stack.connect(name, db) as conn:
         cur = conn.execute(sql, args or None)
         return cur.fetchall() if cur.description else []
 

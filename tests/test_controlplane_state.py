@@ -22,7 +22,6 @@ from controlplane.errors import ConfigError
 from controlplane.models import ActionRun, ActionState, AuditEntry, Incident
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
-from lab.postgres import connect
 from lab.process import wait_until
 from lab.stack import Stack
 
@@ -31,10 +30,13 @@ from lab.stack import Stack
 def state_url(stack: Stack) -> Iterator[str]:
     """A fresh PostgreSQL database on the lab's primary for each test."""
     name = f"cp_{uuid.uuid4().hex[:10]}"
-    with connect(stack.layout.pg_port(0)) as conn:
+    with stack.connect("pg0") as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{stack.layout.pg_port(0)}/{name}"
-    with connect(stack.layout.pg_port(0)) as conn:
+    yield (
+        f"postgresql+psycopg://postgres@127.0.0.1:{stack.layout.pg_port(0)}/{name}"
+        f"?passfile={stack.pg_auth.passfile}"
+    )
+    with stack.connect("pg0") as conn:
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 

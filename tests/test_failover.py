@@ -20,6 +20,7 @@ import requests
 from lab.load import LoadResult, run_order_load
 from lab.process import wait_until
 from lab.stack import Stack
+from lab.targets import primary_dsn
 from remediation.executors.processes import in_directory, is_pid_alive, process_table
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
@@ -44,14 +45,7 @@ def described(stack: Stack) -> dict[str, Any]:
 def node_state(stack: Stack, index: int) -> tuple[str, int | None]:
     """('primary', timeline) | ('standby', received timeline) | ('down', None)."""
     try:
-        with psycopg.connect(
-            host="127.0.0.1",
-            port=stack.layout.pg_port(index),
-            user="postgres",
-            dbname="postgres",
-            connect_timeout=2,
-            autocommit=True,
-        ) as conn:
+        with stack.connect(f"pg{index}") as conn:
             row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
             if row and row[0]:
                 tli = conn.execute("SELECT received_tli FROM pg_stat_wal_receiver").fetchone()
@@ -79,9 +73,7 @@ def is_redundant(stack: Stack) -> bool:
     other_role, other_timeline = node_state(stack, 1 - index)
     if other_role != "standby" or other_timeline != timeline:
         return False
-    with psycopg.connect(
-        host="127.0.0.1", port=stack.layout.pg_port(index), user="postgres", autocommit=True
-    ) as conn:
+    with stack.connect(f"pg{index}") as conn:
         sync = conn.execute(
             "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
         ).fetchone()
@@ -122,8 +114,7 @@ def hung(stack: Stack, node: str, *, postmaster_only: bool = False) -> Iterator[
 
 def open_session(stack: Stack, node: str) -> psycopg.Connection[Any]:
     """A client session on the node, so that it has a backend of its own to hang."""
-    port = described(stack)["components"][node]["port"]
-    return psycopg.connect(host="127.0.0.1", port=port, user="postgres", autocommit=True)
+    return stack.connect(node)
 
 
 def postmaster_pid(stack: Stack, node: str) -> int:
@@ -141,12 +132,7 @@ def order(stack: Stack, product_id: int = 1) -> requests.Response:
 
 
 def orders_present(stack: Stack, ids: list[str]) -> dict[str, int]:
-    ports = ",".join(str(stack.layout.pg_port(i)) for i in range(2))
-    with psycopg.connect(
-        f"host=127.0.0.1,127.0.0.1 port={ports} user=postgres dbname=orders "
-        "target_session_attrs=read-write",
-        autocommit=True,
-    ) as conn:
+    with psycopg.connect(primary_dsn(stack.layout, "orders"), autocommit=True) as conn:
         rows = conn.execute(
             "SELECT id::text, count(*) FROM orders WHERE id::text = ANY(%s) GROUP BY id", (ids,)
         ).fetchall()
@@ -156,9 +142,7 @@ def orders_present(stack: Stack, ids: list[str]) -> dict[str, int]:
 def prepared_count(stack: Stack) -> int:
     name = leader(stack)
     assert name is not None
-    with psycopg.connect(
-        host="127.0.0.1", port=stack.layout.pg_port(int(name[-1])), user="postgres"
-    ) as conn:
+    with psycopg.connect(stack.dsn(name)) as conn:
         row = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
     return int(row[0]) if row else 0
 

@@ -18,7 +18,7 @@ import requests
 from lab.binaries import find_binaries
 from lab.layout import HOST, StackLayout, find_free_base_port
 from lab.monitoring import http_ok
-from lab.postgres import PgNode, chown_to, connect, is_accepting, pg_os_user
+from lab.postgres import PgAuth, PgNode, chown_to, is_accepting, pg_os_user
 from lab.process import is_port_free, wait_until
 from lab.stack import Stack, stop_described
 from remediation.executors.lab import LabExecutor
@@ -76,7 +76,11 @@ def start_again(executor: LabExecutor, lab: Stack, name: str, port: int) -> str:
     log = Path(json.loads(lab.layout.stack_file.read_text())["components"][name]["log"])
     offset = log.stat().st_size
     executor.restart(name)
-    wait_until(lambda: is_accepting(port), timeout_s=60, what=f"{name} accepting again")
+    wait_until(
+        lambda: is_accepting(port, lab.pg_auth.passfile),
+        timeout_s=60,
+        what=f"{name} accepting again",
+    )
     with log.open("rb") as fh:
         fh.seek(offset)
         return fh.read().decode(errors="replace")
@@ -87,7 +91,7 @@ def test_a_postgres_whose_every_process_is_stopped_is_fenced_and_starts_again(
 ) -> None:
     data_dir = executor.data_dir("pg0")
     port = lab.layout.pg_port(0)
-    session = connect(port)  # one more backend, serving a client
+    session = lab.connect("pg0")  # one more backend, serving a client
     try:
         session.execute("SELECT 1")
         stopped = hang(recorded_pid(lab, "pg0"), data_dir)
@@ -108,7 +112,7 @@ def test_a_fence_finds_the_backends_a_sigkilled_postmaster_left_behind(
 ) -> None:
     data_dir = executor.data_dir("pg0")
     port = lab.layout.pg_port(0)
-    session = connect(port)
+    session = lab.connect("pg0")
     try:
         session.execute("SELECT 1")
         postmaster = recorded_pid(lab, "pg0")
@@ -158,8 +162,16 @@ def test_down_kills_a_postgres_running_under_the_data_dir_that_stack_json_does_n
     for path in (layout.pg_root, layout.wal_archive):
         path.mkdir(parents=True, exist_ok=True)
         chown_to(path, user)
+    auth = PgAuth.generate(layout.pgpass)
+    auth.write_passfile(user)
     node = PgNode(
-        "pg0", layout.pg_port(0), layout.pg_data(0), layout.logs / "pg0.log", find_binaries(), user
+        "pg0",
+        layout.pg_port(0),
+        layout.pg_data(0),
+        layout.logs / "pg0.log",
+        find_binaries(),
+        user,
+        layout.pgpass,
     )
     # A recorded component whose child, in a session of its own, ignores SIGTERM (as a
     # PostgreSQL backend would outlive its postmaster).
@@ -175,7 +187,7 @@ def test_down_kills_a_postgres_running_under_the_data_dir_that_stack_json_does_n
     server = node.server()
     its_child: set[Proc] = set()
     try:
-        node.init_primary(layout.wal_archive)
+        node.init_primary(layout.wal_archive, auth.superuser_password)
         server.start().wait_ready()  # as an action starting it would: never recorded
         assert server.pid is not None
         unrecorded = instance_processes(server.pid, node.data_dir)

@@ -20,7 +20,7 @@ from lab.binaries import find_binaries, find_postgres_bin
 from lab.errors import MissingBinaryError, PortInUseError
 from lab.layout import HOST, StackLayout, find_free_base_port
 from lab.monitoring import check_rules, rules_path
-from lab.postgres import connect, replication_state
+from lab.postgres import replication_state
 from lab.process import is_port_free, wait_until
 from lab.stack import Stack
 from remediation.executors.lab import LabExecutor
@@ -29,7 +29,7 @@ from tests.conftest import lab_tmpdir, order
 
 
 def test_the_standby_streams_synchronously(stack: Stack) -> None:
-    state = replication_state(stack.layout.pg_port(0))
+    state = replication_state(stack.layout.pg_port(0), stack.pg_auth.passfile)
     assert state == [{"application_name": "pg1", "state": "streaming", "sync_state": "sync"}]
 
 
@@ -41,7 +41,7 @@ def test_an_acknowledged_order_reaches_the_standby(
     order_id = response.json()["id"]
 
     def on_standby() -> bool:
-        with connect(stack.layout.pg_port(1), dbname="orders") as conn:
+        with stack.connect("pg1", "orders") as conn:
             return (
                 conn.execute("SELECT 1 FROM orders WHERE id = %s", (order_id,)).fetchone()
                 is not None

@@ -86,7 +86,7 @@ def test_http_is_up_on_a_ready_shop_and_down_on_a_wrong_status(shops: list[str])
 
 
 def test_postgres_sees_the_primary_with_its_synchronous_standby(stack: Stack) -> None:
-    dsn = f"host=127.0.0.1 port={stack.layout.pg_port(0)} user=postgres dbname=postgres"
+    dsn = stack.dsn("pg0")
     params = {"dsn": dsn, "expect_role": "primary", "expect_sync_standby": True}
     result = build_probe("postgres", "primary", params, 2).run()
     assert result.health is Health.UP, result.summary
@@ -95,7 +95,7 @@ def test_postgres_sees_the_primary_with_its_synchronous_standby(stack: Stack) ->
 
 
 def test_postgres_reports_a_standby_where_a_primary_was_expected(stack: Stack) -> None:
-    dsn = f"host=127.0.0.1 port={stack.layout.pg_port(1)} user=postgres dbname=postgres"
+    dsn = stack.dsn("pg1")
     as_standby = build_probe("postgres", "s", {"dsn": dsn, "expect_role": "standby"}, 2).run()
     as_primary = build_probe("postgres", "p", {"dsn": dsn, "expect_role": "primary"}, 2).run()
     assert as_standby.health is Health.UP
@@ -135,7 +135,7 @@ def test_invariant_finds_an_order_without_its_inventory_movement(
     stack: Stack, engines: dict[str, Engine], new_product: Callable[..., int]
 ) -> None:
     def dsn(db: str) -> str:
-        return f"host=127.0.0.1 port={stack.layout.pg_port(0)} user=postgres dbname={db}"
+        return stack.dsn("pg0", db)
 
     params = {"orders_dsn": dsn("orders"), "inventory_dsn": dsn("inventory"), "settle_s": 0}
     assert build_probe("invariant", "inv", params, 5).run().health is Health.UP

@@ -207,9 +207,9 @@ def output_of(run: dict[str, Any]) -> dict[str, Any]:
 def invariants_hold(stack: Stack) -> bool:
     name = leader(stack)
     assert name is not None
-    port = stack.layout.pg_port(int(name[-1]))
-    dsn = f"host=127.0.0.1 port={port} user=postgres dbname="
-    return invariants.check(dsn + "orders", dsn + "inventory", timeout_s=10).is_sound
+    return invariants.check(
+        stack.dsn(name, "orders"), stack.dsn(name, "inventory"), timeout_s=10
+    ).is_sound
 
 
 def settle(stack: Stack, load: LoadResult) -> None:

@@ -87,7 +87,7 @@ def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-# -- 1. an unauthenticated alert through Alertmanager switches nothing over ---------------------
+# -- 1. Alertmanager refuses an unauthenticated alert; an authenticated forged one acts on nothing
 @pytest.fixture
 def forged_alerts(stack: Stack) -> Iterator[list[dict[str, Any]]]:
     sent: list[dict[str, Any]] = []
@@ -95,7 +95,12 @@ def forged_alerts(stack: Stack) -> Iterator[list[dict[str, Any]]]:
     for alert in sent:  # resolved, so that Alertmanager stops sending them
         alert["endsAt"] = datetime.now(UTC).isoformat()
     if sent:
-        requests.post(f"{alertmanager(stack)}/api/v2/alerts", json=sent, timeout=10)
+        requests.post(
+            f"{alertmanager(stack)}/api/v2/alerts",
+            json=sent,
+            auth=stack.alertmanager_auth,
+            timeout=10,
+        )
 
 
 def test_1_an_alert_asking_for_a_switchover_or_naming_a_probe_through_alertmanager_acts_on_nothing(
@@ -117,8 +122,17 @@ def test_1_an_alert_asking_for_a_switchover_or_naming_a_probe_through_alertmanag
                 "startsAt": datetime.now(UTC).isoformat(),
             }
         )
-    # Nobody authenticates to the lab's Alertmanager here: it forwards with the webhook token.
-    sent = requests.post(f"{alertmanager(stack)}/api/v2/alerts", json=forged_alerts, timeout=10)
+    # Whoever does not know Alertmanager's password cannot post an alert at all.
+    refused = requests.post(f"{alertmanager(stack)}/api/v2/alerts", json=forged_alerts, timeout=10)
+    assert refused.status_code == 401, refused.text
+    # And one who does (or Prometheus, its only client) reaches no probe's policy: Alertmanager
+    # forwards with the webhook token, and an alert's labels still name nothing.
+    sent = requests.post(
+        f"{alertmanager(stack)}/api/v2/alerts",
+        json=forged_alerts,
+        auth=stack.alertmanager_auth,
+        timeout=10,
+    )
     assert sent.status_code == 200, sent.text
 
     def opened() -> list[dict[str, Any]]:

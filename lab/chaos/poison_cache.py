@@ -27,7 +27,7 @@ class PoisonCache(BaseFault):
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
         shop = view.shop_urls()[0]
-        client = redis.Redis.from_url(view.description()["shop"]["redis_url"], socket_timeout=2)
+        client = redis.Redis.from_url(view.redis_url, socket_timeout=2)
         ttl_s = ShopSettings.model_fields["redis_cache_ttl_s"].default
         started = Stamp.now()
         for product_id in range(1, self.products + 1):

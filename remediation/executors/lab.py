@@ -197,6 +197,10 @@ class LabExecutor:
         if not bin_dir or "/" in tool:
             raise ExecutorError(f"no tool {tool!r} for {component}")
         start = comp.get("start", {})
+        env = dict(os.environ)
+        passfile = description.get("postgres", {}).get("passfile")
+        if passfile:  # for a tool given no DSN that names it (every lab DSN does)
+            env["PGPASSFILE"] = str(passfile)
         try:
             done = subprocess.run(
                 [str(Path(bin_dir) / tool), *args],
@@ -204,6 +208,7 @@ class LabExecutor:
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
+                env=env,
                 user=start.get("user"),
                 cwd=start.get("cwd"),
                 check=False,

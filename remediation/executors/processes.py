@@ -106,8 +106,11 @@ def spawn(
     for pid, child in list(_children.items()):
         if child.poll() is not None:
             del _children[pid]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The owner's only: a server's log may name its clients, queries and configuration.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             list(argv),
             stdout=log,
