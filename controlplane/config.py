@@ -148,6 +148,9 @@ class Settings(Frozen):
     api_token: str = ""
     webhook_token: str = ""
     admin_password: str = ""  # the operators' dashboard login
+    # Signs the dashboard's session cookies: the same in every web worker (empty: derived from
+    # the tokens above, which the lab generates).
+    secret_key: str = ""
     stack_file: Path | None = None  # the lab executor's process table
     notify_webhook_url: str = ""
     smtp_host: str = ""
@@ -161,6 +164,10 @@ class Settings(Frozen):
     flap_high: float = Field(default=0.5, gt=0, le=1)
     flap_low: float = Field(default=0.25, ge=0, le=1)
     action_workers: int = Field(default=4, ge=1)
+    # Alertmanager's intake, per source (the caller's address): a flood is answered 429 with
+    # Retry-After (Alertmanager retries), so it never buries the loop. Per web worker.
+    intake_alerts_per_minute: int = Field(default=1200, ge=1)
+    intake_alerts_burst: int = Field(default=3000, ge=1)
     services: tuple[ServiceSpec, ...] = ()
     probes: tuple[ProbeSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()

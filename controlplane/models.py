@@ -55,11 +55,12 @@ class ActionState(StrEnum):
     SKIPPED = "skipped"  # precheck said no (nothing to do, or unsafe)
     DRY_RUN = "dry_run"
     ABANDONED = "abandoned"  # the control plane died mid-action: marked failed-safe, not re-run
+    REJECTED = "rejected"  # an operator said no to a run awaiting approval
 
 
 TERMINAL_ACTION_STATES = frozenset(
     {ActionState.SUCCEEDED, ActionState.FAILED, ActionState.SKIPPED, ActionState.DRY_RUN,
-     ActionState.ABANDONED}
+     ActionState.ABANDONED, ActionState.REJECTED}
 )  # fmt: skip
 
 
@@ -221,3 +222,38 @@ class Backup(Base):
     checksum: Mapped[str | None] = mapped_column(String(128))
     verified_at: Mapped[datetime | None] = mapped_column(index=True)
     drill: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Role(StrEnum):
+    """What a dashboard user or API token may do; each includes the ones before it."""
+
+    VIEWER = "viewer"  # read
+    OPERATOR = "operator"  # request, approve, reject, silence, back up
+    ADMIN = "admin"  # users and API tokens
+
+
+class User(Base):
+    """A dashboard login: a password hash (werkzeug scrypt), never the password."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    password_hash: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime]
+    disabled: Mapped[bool] = mapped_column(default=False)
+
+
+class ApiToken(Base):
+    """A named API token: its SHA-256 only (shown once, when created), revoked by an admin."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]

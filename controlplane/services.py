@@ -19,12 +19,17 @@ from pydantic import (
     field_validator,
 )
 
+from controlplane import accounts as accounts  # re-exported for web: users and API tokens
 from controlplane import store
+from controlplane import timeseries as timeseries  # re-exported for web: the charts' data
+from controlplane import views as views  # re-exported for web: what the dashboard reads
+from controlplane.accounts import Principal as Principal
 from controlplane.backups import catalog_rows
 from controlplane.config import Settings
 from controlplane.errors import Conflict, InvalidRequest, NotFound
 from controlplane.logsafe import printable
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
+from controlplane.models import Role as Role  # re-exported for web
 from controlplane.runtime import ControlPlane as ControlPlane  # re-exported for web
 from probes.base import Health
 from remediation.base import operator_params
@@ -337,6 +342,43 @@ def approve_action(cp: ControlPlane, run_id: int, who: str) -> None:
         ):
             raise Conflict(f"action run {run_id} is not awaiting approval")
         store.audit(s, actor=who, verb="approve", at=now, action_run_id=run_id, message="approved")
+    cp.wake()
+
+
+class RejectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    comment: Line = ""
+
+
+def reject_action(cp: ControlPlane, run_id: int, who: str, comment: str = "") -> None:
+    """An operator's no to a run awaiting approval: it ends rejected, and never runs."""
+    now = cp.clock()
+    with store.transaction(cp.factory) as s:
+        run = s.get(ActionRun, run_id)
+        if run is None:
+            raise NotFound(f"action run {run_id} does not exist")
+        if not store.change_run_state(
+            s,
+            run_id,
+            ActionState.AWAITING_APPROVAL,
+            ActionState.REJECTED,
+            finished_at=now,
+            output={"rejected": comment or "rejected", "by": who},
+        ):
+            raise Conflict(f"action run {run_id} is not awaiting approval")
+        store.audit(
+            s, actor=who, verb="reject", at=now, action_run_id=run_id, message=comment or "rejected"
+        )
+        if run.incident_id is not None:
+            store.add_timeline(
+                s,
+                run.incident_id,
+                "action",
+                f"{run.action} rejected by {who}",
+                now,
+                {"run": run_id},
+            )
     cp.wake()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from lab.stack import (
     stop_described,
     wait_forever,
 )
+from lab.user_cli import user
 from web.server import serve
 
 logger = logging.getLogger("lab")
@@ -129,6 +129,7 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
         """-d '{"product_id": 1, "quantity": 1, "customer": "you", "address": "here"}'\n"""
         f"  {prometheus}/graph?g0.expr=sum(rate(shop_orders_total[1m]))%20by%20(result)\n"
         f"  {prometheus}/alerts   (kill -9 a shop's pid and watch ShopInstanceDown fire)\n"
+        f"  the dashboard: {cp}/dashboard/   log in as admin / {stack.admin_password}\n"
         f"  curl -H 'Authorization: Bearer {stack.api_token}' {cp}/api/v1/health\n"
         f"  curl -H 'Authorization: Bearer {stack.api_token}' {cp}/api/v1/incidents\n"
         f"  kill -9 -{description['components']['shop-1']['pid']}   (shop-1 dies; the control "
@@ -159,6 +160,7 @@ main.add_command(restore)
 main.add_command(chaos)
 main.add_command(load)
 main.add_command(gameday_command)
+main.add_command(user)
 
 
 @main.command()
@@ -180,6 +182,10 @@ def status(data_dir: Path) -> None:
         description = read_stack_file(data_dir.absolute())
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
-    description.pop("secrets", None)
-    json.dump(description, sys.stdout, indent=2)
-    click.echo()
+    secrets = description.pop("secrets", {})
+    text = json.dumps(description, indent=2)
+    # The secrets also sit in URLs and start recipes (the shop's, the control plane's).
+    for key, value in secrets.items():
+        if key.endswith(("_password", "_token")) and isinstance(value, str) and value:
+            text = text.replace(value, "***")
+    click.echo(text)

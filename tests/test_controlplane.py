@@ -341,7 +341,7 @@ def test_an_operator_request_is_an_intent_answered_202_and_run_by_the_loop(api: 
         timeout_s=30,
         what="the requested flush done",
     )
-    assert api.get(f"/actions/{run_id}")["requested_by"] == "api"
+    assert api.get(f"/actions/{run_id}")["requested_by"] == "token:generated"
     bad = api.post("/actions", {"action": "reboot-the-world", "target": "redis", "reason": "x"})
     assert bad.status_code == 400 and "unknown action" in bad.json()["error"]
     unauthorized = requests.get(f"{api.url}/api/v1/health", timeout=5)

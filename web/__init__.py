@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from controlplane import services
@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 def create_app(
     settings: Settings | None = None, control_plane: services.ControlPlane | None = None
 ) -> Flask:
+    from flask_limiter.errors import RateLimitExceeded
+
+    from web import login
     from web.alerts import alerts
     from web.api import api
+    from web.dashboard import dashboard
     from web.health import health
 
     app = Flask(__name__)
@@ -31,14 +35,26 @@ def create_app(
     app.register_blueprint(health)
     app.register_blueprint(api, url_prefix="/api/v1")
     app.register_blueprint(alerts, url_prefix="/api/v1")
+    login.setup(app, control_plane)
+    app.register_blueprint(login.login)
+    app.register_blueprint(dashboard)
+    app.register_error_handler(RateLimitExceeded, login.rate_limited)
+
+    def is_page() -> bool:  # the dashboard's pages answer in HTML, the API in JSON
+        return not request.path.startswith(("/api/", "/healthz", "/readyz", "/metrics"))
 
     @app.errorhandler(ControlPlaneError)
-    def control_plane_error(exc: ControlPlaneError) -> tuple[Response, int]:
+    def control_plane_error(exc: ControlPlaneError) -> tuple[Response | str, int]:
+        if is_page():
+            return render_template("error.html", code=exc.status, message=str(exc)), exc.status
         return jsonify(error=str(exc)), exc.status
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify(error=exc.description or exc.name), exc.code or 500
+    def http_error(exc: HTTPException) -> tuple[Response | str, int]:
+        message, code = exc.description or exc.name, exc.code or 500
+        if is_page():
+            return render_template("error.html", code=code, message=message), code
+        return jsonify(error=message), code
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

@@ -9,18 +9,30 @@ from pydantic import BaseModel, ValidationError
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
-from web.auth import control_plane, require_token
+from web.auth import bearer_token, control_plane
 from web.body import json_object
+from web.login import csrf, require
+from web.openapi import document
 
 api = Blueprint("api", __name__)
 M = TypeVar("M", bound=BaseModel)
-WHO = "api"
+PUBLIC = frozenset({"alerts.receive", "api.openapi", "api.database_primary"})
 
 
 @api.before_request
 def authenticate() -> None:
-    if request.endpoint != "alerts.receive":
-        require_token(control_plane().settings.api_token, "API")
+    """A bearer token (the generated one, or a named one), or a dashboard session: then a
+    mutating call must carry the page's CSRF token (X-CSRFToken), as a form does."""
+    if request.endpoint in PUBLIC:
+        return
+    require(services.Role.VIEWER)
+    if request.method not in ("GET", "HEAD") and bearer_token() is None:
+        csrf.protect()
+
+
+def actor() -> str:
+    """Who the audit log names: the user, or `token:<name>`; never a generic "api"."""
+    return require(services.Role.OPERATOR).actor
 
 
 def parse(model: type[M]) -> M:
@@ -75,7 +87,7 @@ def backups() -> Response:
 
 @api.post("/actions")
 def request_action() -> tuple[Response, int]:
-    run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), WHO)
+    run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), actor())
     return jsonify(id=run_id, state="pending"), 202
 
 
@@ -86,19 +98,38 @@ def action(run_id: int) -> Response:
 
 @api.post("/actions/<id:run_id>/approve")
 def approve(run_id: int) -> tuple[Response, int]:
-    services.approve_action(control_plane(), run_id, WHO)
+    services.approve_action(control_plane(), run_id, actor())
     return jsonify(id=run_id, state="pending"), 202
+
+
+@api.post("/actions/<id:run_id>/reject")
+def reject(run_id: int) -> tuple[Response, int]:
+    body = parse(services.RejectIn) if request.content_length else services.RejectIn()
+    services.reject_action(control_plane(), run_id, actor(), body.comment)
+    return jsonify(id=run_id, state="rejected"), 200
 
 
 @api.post("/silences")
 def silence() -> tuple[Response, int]:
     created: dict[str, Any] = services.create_silence(
-        control_plane(), parse(services.SilenceIn), WHO
+        control_plane(), parse(services.SilenceIn), actor()
     )
     return jsonify(created), 201
 
 
 @api.delete("/silences/<id:silence_id>")
 def unsilence(silence_id: int) -> tuple[Response, int]:
-    services.expire_silence(control_plane(), silence_id, WHO)
+    services.expire_silence(control_plane(), silence_id, actor())
     return jsonify(id=silence_id, expired=True), 200
+
+
+@api.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(document())
+
+
+@api.get("/health/database/primary")
+def database_primary() -> tuple[Response, int]:
+    """For load balancers: 200 only where a writable primary is."""
+    ok, body = services.views.primary_health(control_plane())
+    return jsonify(body), 200 if ok else 503

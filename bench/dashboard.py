@@ -1,0 +1,131 @@
+"""The dashboard under its users: 50 concurrent clients, each logged in with its own session,
+on the overview page, its live JSON, an incident page and the health API, while the control
+plane probes as usual. p50/p99 per endpoint (goal p99 < 100 ms), and probe runs/s against the
+same window without the clients.
+
+    .venv/bin/python bench/dashboard.py [--clients 50] [--duration-s 30] [--every-s 1]
+
+`--every-s 0` sends each client's next request as soon as the last is answered (a stress test:
+the latency is then the queue); the default is one request a second per client, as an
+operator's open page polls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.flood import Cp, rate
+from lab.layout import StackLayout, find_free_base_port
+from lab.process import wait_until
+from lab.stack import Stack
+from tests.conftest import lab_tmpdir
+
+
+def logged_in(url: str, password: str) -> requests.Session:
+    session = requests.Session()
+    page = session.get(f"{url}/login", timeout=10).text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token, "no CSRF token on the login page"
+    done = session.post(
+        f"{url}/login",
+        data={"username": "admin", "password": password, "csrf_token": token.group(1)},
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert done.status_code in (302, 303), done.text[:300]
+    return session
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--duration-s", type=float, default=30)
+    parser.add_argument("--every-s", type=float, default=1.0)
+    args = parser.parse_args()
+    data_dir = lab_tmpdir("shop-bench-dashboard-")
+    stack = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50)
+    try:
+        stack.start()
+        cp = Cp(stack)
+        url = cp.url
+        # An incident to look at: a shop killed and healed before the clients come.
+        killed_at = cp.kill("shop-1")
+        cp.recovered_after("shop-1", killed_at)
+        api = {"Authorization": f"Bearer {stack.api_token}"}
+        incidents = requests.get(f"{url}/api/v1/incidents", headers=api, timeout=10).json()
+        incident = incidents["incidents"][0]["id"]
+        paths = {
+            "overview": "/dashboard/",
+            "overview.json": "/dashboard/api/overview.json",
+            "incident": f"/dashboard/incidents/{incident}",
+            "health API": "/api/v1/health",
+        }
+        sessions = [logged_in(url, stack.admin_password) for _ in range(args.clients)]
+        wait_until(lambda: cp.metrics()["probes"] > 0, timeout_s=30, what="probes counted")
+        quiet_before = cp.metrics()
+        time.sleep(args.duration_s)  # bounded: the quiet window
+        quiet = rate(quiet_before, cp.metrics())
+        took: dict[str, list[float]] = {name: [] for name in paths}
+        errors: dict[str, int] = dict.fromkeys(paths, 0)
+        lock = threading.Lock()
+        deadline = time.monotonic() + args.duration_s
+
+        def client(n: int) -> None:
+            names = list(paths)
+            i = n
+            while time.monotonic() < deadline:
+                name = names[i % len(names)]
+                i += 1
+                started = time.monotonic()
+                headers = api if name == "health API" else {}
+                try:
+                    ok = (
+                        sessions[n].get(f"{url}{paths[name]}", headers=headers, timeout=10)
+                    ).status_code == 200
+                except requests.RequestException:
+                    ok = False
+                seconds = time.monotonic() - started
+                with lock:
+                    took[name].append(seconds)
+                    errors[name] += not ok
+                if args.every_s:
+                    time.sleep(max(0.0, args.every_s - seconds))
+
+        loaded_before = cp.metrics()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=args.duration_s + 30)
+        loaded = rate(loaded_before, cp.metrics())
+    finally:
+        stack.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    pace = f"one request every {args.every_s:g}s each" if args.every_s else "closed loop"
+    print(f"{args.clients} logged-in clients ({pace}), {args.duration_s:g}s:")
+    print("| endpoint | requests | errors | p50 | p99 |")
+    print("|---|---|---|---|---|")
+    for name, values in took.items():
+        p50_ms, p99_ms = statistics.median(values) * 1000, percentile(values, 0.99) * 1000
+        print(f"| {name} | {len(values)} | {errors[name]} | {p50_ms:.1f} ms | {p99_ms:.1f} ms |")
+    print(f"probe runs/s: {loaded:.2f} with the clients, {quiet:.2f} without")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Dashboard users (password hashes) and named API tokens (hashes, shown once): who is asking,
+and with which role."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from controlplane import store
+from controlplane.errors import Conflict, InvalidRequest, NotFound
+from controlplane.models import ApiToken, Role, User
+
+ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
+# Checked even for an unknown name, so that a wrong name and a wrong password take as long.
+_DUMMY_HASH = generate_password_hash("not-a-password", method="scrypt")
+GENERATED_TOKEN_NAME = "generated"  # CP_API_TOKEN, the lab's token: an admin's
+MIN_PASSWORD = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: a user or an API token, by name, with a role. `actor` is what the audit
+    log records."""
+
+    name: str
+    role: Role
+    kind: str  # "user" | "token"
+
+    @property
+    def actor(self) -> str:
+        return self.name if self.kind == "user" else f"token:{self.name}"
+
+    def may(self, role: Role) -> bool:
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+def parse_role(role: str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise InvalidRequest(f"role must be one of {', '.join(r.value for r in Role)}") from None
+
+
+def add_user(
+    factory: sessionmaker[Session], name: str, role: str, password: str, now: datetime
+) -> None:
+    if not 1 <= len(name) <= 100 or not name.isprintable():
+        raise InvalidRequest("a user name is 1 to 100 printable characters")
+    if len(password) < MIN_PASSWORD:
+        raise InvalidRequest(f"a password has at least {MIN_PASSWORD} characters")
+    hashed = generate_password_hash(password, method="scrypt")
+    try:
+        with store.transaction(factory) as s:
+            s.add(
+                User(
+                    name=name,
+                    role=parse_role(role),
+                    password_hash=hashed,
+                    created_at=now,
+                    disabled=False,
+                )
+            )
+    except IntegrityError:
+        raise Conflict(f"user {name!r} exists") from None
+
+
+def ensure_user(
+    factory: sessionmaker[Session], name: str, role: str, password: str, now: datetime
+) -> None:
+    """The user with this password and role, created or updated (the lab's admin)."""
+    with store.transaction(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is not None:
+            if not check_password_hash(user.password_hash, password):
+                user.password_hash = generate_password_hash(password, method="scrypt")
+            user.role = parse_role(role)
+            return
+    with contextlib.suppress(Conflict):  # another worker created it meanwhile
+        add_user(factory, name, role, password, now)
+
+
+def authenticate_user(factory: sessionmaker[Session], name: str, password: str) -> Principal | None:
+    with store.read(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+    if user is None or user.disabled:
+        check_password_hash(_DUMMY_HASH, password)
+        return None
+    if not check_password_hash(user.password_hash, password):
+        return None
+    return Principal(user.name, Role(user.role), "user")
+
+
+def load_user(factory: sessionmaker[Session], name: str) -> Principal | None:
+    with store.read(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+    if user is None or user.disabled:
+        return None
+    return Principal(user.name, Role(user.role), "user")
+
+
+def list_users(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    with store.read(factory) as s:
+        return [
+            {"name": u.name, "role": u.role, "disabled": u.disabled, "created_at": u.created_at}
+            for u in s.scalars(select(User).order_by(User.name))
+        ]
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(
+    factory: sessionmaker[Session], name: str, role: str, who: str, now: datetime
+) -> str:
+    """A new token, returned once: only its hash is kept."""
+    if not 1 <= len(name) <= 100 or not name.isprintable() or name == GENERATED_TOKEN_NAME:
+        raise InvalidRequest("a token name is 1 to 100 printable characters (not 'generated')")
+    token = "sg_" + secrets.token_urlsafe(32)
+    try:
+        with store.transaction(factory) as s:
+            s.add(
+                ApiToken(
+                    name=name,
+                    role=parse_role(role),
+                    token_sha256=_digest(token),
+                    created_by=who,
+                    created_at=now,
+                )
+            )
+            store.audit(s, actor=who, verb="token-create", at=now, message=f"API token {name}")
+    except IntegrityError:
+        raise Conflict(f"a token named {name!r} exists") from None
+    return token
+
+
+def revoke_token(factory: sessionmaker[Session], name: str, who: str, now: datetime) -> None:
+    with store.transaction(factory) as s:
+        token = s.scalars(
+            select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+        ).first()
+        if token is None:
+            raise NotFound(f"no active API token {name!r}")
+        token.revoked_at = now
+        store.audit(s, actor=who, verb="token-revoke", at=now, message=f"API token {name}")
+
+
+def list_tokens(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    with store.read(factory) as s:
+        return [
+            {
+                "name": t.name,
+                "role": t.role,
+                "created_by": t.created_by,
+                "created_at": t.created_at,
+                "revoked_at": t.revoked_at,
+            }
+            for t in s.scalars(select(ApiToken).order_by(ApiToken.id))
+        ]
+
+
+def authenticate_token(
+    factory: sessionmaker[Session], supplied: str, generated: str
+) -> Principal | None:
+    """The generated token (CP_API_TOKEN) or a named, unrevoked one."""
+    if generated and hmac.compare_digest(supplied.encode(), generated.encode()):
+        return Principal(GENERATED_TOKEN_NAME, Role.ADMIN, "token")
+    with store.read(factory) as s:
+        token = s.scalars(
+            select(ApiToken).where(
+                ApiToken.token_sha256 == _digest(supplied), ApiToken.revoked_at.is_(None)
+            )
+        ).first()
+    return Principal(token.name, Role(token.role), "token") if token else None

@@ -1,0 +1,169 @@
+"""Time series for the dashboard's charts: Prometheus range queries (prometheus-api-client),
+and the incidents and action runs of the same window, to draw over them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests import RequestException
+from sqlalchemy import or_, select
+
+from controlplane import store
+from controlplane.models import ActionRun, Incident
+
+if TYPE_CHECKING:
+    from controlplane.runtime import ControlPlane
+
+logger = logging.getLogger(__name__)
+
+RANGES_S = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600}
+STEP_S = {"15m": 5, "1h": 15, "6h": 60, "24h": 300}
+RATE = {"15m": "30s", "1h": "1m", "6h": "2m", "24h": "10m"}
+
+
+@dataclass(frozen=True, slots=True)
+class Panel:
+    """One chart: its PromQL (with `{rate}` for the rate window) and the label naming a line."""
+
+    title: str
+    query: str
+    legend: str
+    unit: str = ""
+
+
+def quantile(q: str) -> str:
+    """The request latency quantile per shop instance (`{{rate}}` kept for `format`)."""
+    return (
+        f"histogram_quantile({q}, sum by (instance, le) "
+        "(rate(shop_request_duration_seconds_bucket[{rate}])))"
+    )
+
+
+PANELS: dict[str, Panel] = {
+    "orders": Panel(
+        "Orders/s by result", "sum by (result) (rate(shop_orders_total[{rate}]))", "result"
+    ),
+    "latency": Panel(
+        "Request latency p50 / p99 per instance",
+        f'label_replace({quantile("0.5")}, "q", "p50", "", "")'
+        f' or label_replace({quantile("0.99")}, "q", "p99", "", "")',
+        "instance,q",
+        "s",
+    ),
+    "errors": Panel(
+        "Error rate (5xx share) per instance",
+        '(sum by (instance) (rate(shop_request_duration_seconds_count{{status=~"5.."}}[{rate}]))'
+        " or 0 * sum by (instance) (rate(shop_request_duration_seconds_count[{rate}])))"
+        " / sum by (instance) (rate(shop_request_duration_seconds_count[{rate}]))",
+        "instance",
+        "ratio",
+    ),
+    "cache": Panel(
+        "Cache hit ratio by level",
+        '(sum by (level) (rate(shop_cache_requests_total{{result="hit"}}[{rate}]))'
+        " or 0 * sum by (level) (rate(shop_cache_requests_total[{rate}])))"
+        " / sum by (level) (rate(shop_cache_requests_total[{rate}]))",
+        "level",
+        "ratio",
+    ),
+    "replication": Panel(
+        "Replication: primary and synchronous standby (1 = ok)",
+        'cp_probe_up{{probe=~"shop-db-primary|shop-db-standby|shop-db-redundancy"}}',
+        "probe",
+    ),
+    "probe_latency": Panel(
+        "Probe latency p90 per probe",
+        "histogram_quantile(0.9, sum by (probe, le) "
+        "(rate(cp_probe_duration_seconds_bucket[{rate}])))",
+        "probe",
+        "s",
+    ),
+    "probe_up": Panel("Probe health (1 = up)", "cp_probe_up", "probe"),
+}
+
+
+def prometheus_url(cp: ControlPlane) -> str | None:
+    """The Prometheus the control plane already queries (its `prometheus` probes)."""
+    for spec in cp.settings.probes:
+        if spec.kind == "prometheus" and isinstance(spec.params.get("url"), str):
+            return str(spec.params["url"])
+    return None
+
+
+def series(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
+    """Each panel's lines: {panel: {"title", "unit", "lines": [{"name", "x", "y"}], "error"}}."""
+    if range_name not in RANGES_S:
+        raise ValueError(f"range must be one of {', '.join(RANGES_S)}")
+    url = prometheus_url(cp)
+    start = now - timedelta(seconds=RANGES_S[range_name])
+    out: dict[str, Any] = {}
+    client = PrometheusConnect(url=url, disable_ssl=True) if url else None
+    for name, panel in PANELS.items():
+        entry: dict[str, Any] = {"title": panel.title, "unit": panel.unit, "lines": []}
+        out[name] = entry
+        if client is None:
+            entry["error"] = "no Prometheus is configured"
+            continue
+        query = panel.query.format(rate=RATE[range_name])
+        try:
+            result = client.custom_query_range(
+                query,
+                start_time=start,
+                end_time=now,
+                step=str(STEP_S[range_name]),
+                params={"timeout": "5s"},
+            )
+        except (PrometheusApiClientException, RequestException, ValueError) as exc:
+            entry["error"] = f"Prometheus: {type(exc).__name__}"
+            logger.warning("chart %s: %s", name, exc)
+            continue
+        for item in result:
+            labels = item.get("metric", {})
+            label = " ".join(str(labels.get(k, "")) for k in panel.legend.split(",")).strip()
+            values = item.get("values", [])
+            entry["lines"].append(
+                {
+                    "name": label or name,
+                    "x": [
+                        datetime.fromtimestamp(float(t), tz=now.tzinfo).isoformat()
+                        for t, _ in values
+                    ],
+                    "y": [_number(v) for _, v in values],
+                }
+            )
+    return out
+
+
+def _number(value: str) -> float | None:
+    number = float(value)
+    return None if number != number or number in (float("inf"), float("-inf")) else number
+
+
+def chart_notes(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
+    """The incidents open in the window (spans) and the action runs started in it (markers)."""
+    start = now - timedelta(seconds=RANGES_S[range_name])
+    with store.read(cp.factory) as s:
+        incidents = s.scalars(
+            select(Incident).where(
+                or_(Incident.resolved_at.is_(None), Incident.resolved_at >= start),
+                Incident.detected_at <= now,
+            )
+        )
+        spans = [
+            {"start": max(i.detected_at, start).isoformat(),
+             "end": (i.resolved_at or now).isoformat(),
+             "label": f"#{i.id} {i.kind} on {i.target}"}
+            for i in incidents
+        ]  # fmt: skip
+        runs = s.scalars(select(ActionRun).where(ActionRun.created_at >= start))
+        markers = [
+            {"at": (r.started_at or r.created_at).isoformat(), "action": r.action,
+             "target": r.target, "state": r.state, "who": r.requested_by, "id": r.id}
+            for r in runs
+        ]  # fmt: skip
+    return {"spans": spans, "markers": markers}

@@ -1,0 +1,356 @@
+"""The dashboard and the API's roles, in process (a SQLite state store, NoExecutor): every page
+and endpoint as each role and unauthenticated, CSRF, the login limit, approve and reject."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from controlplane import accounts, services, store
+from controlplane.config import Settings
+from controlplane.engine import utcnow
+from controlplane.models import ActionRun, ActionState
+from controlplane.runtime import ControlPlane, NoExecutor
+from lab.layout import find_free_base_port
+from web import create_app
+from web.charts import all_charts, line_chart
+
+PASSWORD = "correct horse battery"
+PAGES = ["/dashboard/", "/dashboard/incidents", "/dashboard/actions", "/dashboard/charts",
+         "/dashboard/backups", "/dashboard/silences", "/dashboard/api/overview.json",
+         "/dashboard/api/badge.json"]  # fmt: skip
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlane]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        instance_id="cp-test",
+        api_token="generated-token",
+        admin_password="admin-password",
+        services=[{"name": "svc", "component": "svc"}],
+        probes=[
+            {"name": "svc-tcp", "kind": "tcp", "service": "svc", "interval_s": 1,
+             "timeout_s": 0.5, "failures_to_open": 1, "params": {"port": find_free_base_port()}}
+        ],
+        policies=[
+            {"name": "fix-svc", "source": "probe", "match": {"service": "svc"},
+             "action": "restart", "mode": "approval", "max_attempts": 1}
+        ],
+    )  # fmt: skip
+    plane = ControlPlane(settings, executor=NoExecutor(), action_backoff_s=0.01)
+    for name, role in (("vera", "viewer"), ("otto", "operator")):
+        accounts.add_user(plane.factory, name, role, PASSWORD, utcnow())
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def app(cp: ControlPlane) -> Flask:
+    return create_app(cp.settings, control_plane=cp)
+
+
+def csrf_of(client: FlaskClient, path: str = "/login") -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text)
+    assert found, path
+    return found.group(1)
+
+
+def logged_in(app: Flask, name: str, password: str = PASSWORD) -> FlaskClient:
+    client = app.test_client()
+    response = client.post(
+        "/login", data={"username": name, "password": password, "csrf_token": csrf_of(client)}
+    )
+    assert response.status_code == 302, response.text
+    return client
+
+
+def awaiting_run(cp: ControlPlane) -> int:
+    cp.run_probe(cp.settings.probes[0])
+    cp.loop.run_cycle()
+    with store.read(cp.factory) as s:
+        runs = store.runs_in_state(s, ActionState.AWAITING_APPROVAL)
+    assert runs
+    return runs[0].id
+
+
+def run_of(cp: ControlPlane, run_id: int) -> ActionRun:
+    with store.read(cp.factory) as s:
+        run = s.get(ActionRun, run_id)
+        assert run is not None
+        return run
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_a_stranger_is_sent_to_the_login_page(app: Flask, path: str) -> None:
+    response = app.test_client().get(path)
+    assert response.status_code == 302 and "/login" in response.location
+
+
+@pytest.mark.parametrize("who", ["vera", "otto"])
+@pytest.mark.parametrize("path", PAGES)
+def test_every_page_answers_each_role(app: Flask, who: str, path: str) -> None:
+    assert logged_in(app, who).get(path).status_code == 200
+
+
+def test_the_lab_admin_logs_in_and_sees_the_admin_page(app: Flask) -> None:
+    admin = logged_in(app, "admin", "admin-password")
+    assert admin.get("/dashboard/admin").status_code == 200
+    assert logged_in(app, "otto").get("/dashboard/admin").status_code == 403
+
+
+def test_a_wrong_password_and_a_locked_out_login_read_the_same(app: Flask) -> None:
+    client = app.test_client()
+    token = csrf_of(client)
+    bodies = []
+    for _ in range(7):
+        response = client.post(
+            "/login", data={"username": "otto", "password": "wrong", "csrf_token": token}
+        )
+        assert response.status_code == 401
+        bodies.append(re.search(r'role="alert">([^<]+)<', response.text).group(1))  # type: ignore[union-attr]
+    assert len(set(bodies)) == 1
+    locked = client.post(
+        "/login", data={"username": "otto", "password": PASSWORD, "csrf_token": token}
+    )
+    assert locked.status_code == 401  # rate-limited: the right password waits too
+
+
+def test_the_session_cookie_is_httponly_and_samesite(app: Flask) -> None:
+    client = app.test_client()
+    response = client.post(
+        "/login", data={"username": "otto", "password": PASSWORD, "csrf_token": csrf_of(client)}
+    )
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+def test_a_form_without_its_csrf_token_is_refused(app: Flask, cp: ControlPlane) -> None:
+    run_id = awaiting_run(cp)
+    otto = logged_in(app, "otto")
+    response = otto.post(f"/dashboard/actions/{run_id}/approve")
+    assert response.status_code == 400 and "CSRF" in response.text
+    assert run_of(cp, run_id).state == ActionState.AWAITING_APPROVAL
+    api = otto.post(f"/api/v1/actions/{run_id}/approve")  # a session on the API: CSRF too
+    assert api.status_code == 400 and "CSRF" in api.json["error"]  # type: ignore[index]
+    login = app.test_client().post("/login", data={"username": "otto", "password": PASSWORD})
+    assert login.status_code == 400
+
+
+def test_an_operator_approves_a_waiting_run_named_in_the_audit(
+    app: Flask, cp: ControlPlane
+) -> None:
+    run_id = awaiting_run(cp)
+    otto = logged_in(app, "otto")
+    page = otto.get(f"/dashboard/actions/{run_id}")
+    assert 'id="approve"' in page.text and 'id="reject"' in page.text
+    response = otto.post(
+        f"/dashboard/actions/{run_id}/approve", data={"csrf_token": csrf_of(otto, "/dashboard/")}
+    )
+    assert response.status_code == 302
+    assert run_of(cp, run_id).state == ActionState.PENDING
+    audit = services.get_action(cp, run_id)["audit"]
+    assert ("otto", "approve") in [(a["actor"], a["verb"]) for a in audit]
+
+
+def test_an_operator_rejects_a_waiting_run_and_it_never_runs(app: Flask, cp: ControlPlane) -> None:
+    run_id = awaiting_run(cp)
+    otto = logged_in(app, "otto")
+    otto.post(
+        f"/dashboard/actions/{run_id}/reject",
+        data={"csrf_token": csrf_of(otto, "/dashboard/"), "comment": "not now"},
+    )
+    run = run_of(cp, run_id)
+    assert run.state == ActionState.REJECTED and run.finished_at is not None
+    cp.loop.run_cycle()
+    assert run_of(cp, run_id).state == ActionState.REJECTED
+    audit = services.get_action(cp, run_id)["audit"]
+    assert ("otto", "reject", "not now") in [(a["actor"], a["verb"], a["message"]) for a in audit]
+    again = otto.post(
+        f"/dashboard/actions/{run_id}/approve", data={"csrf_token": csrf_of(otto, "/dashboard/")}
+    )
+    assert again.status_code == 409 and "<html" in again.text  # an HTML error page
+
+
+def test_a_viewer_sees_no_buttons_and_is_refused_anyway(app: Flask, cp: ControlPlane) -> None:
+    run_id = awaiting_run(cp)
+    vera = logged_in(app, "vera")
+    page = vera.get(f"/dashboard/actions/{run_id}")
+    assert 'id="approve"' not in page.text and 'id="reject"' not in page.text
+    assert "Request an action" not in vera.get("/dashboard/actions").text
+    token = csrf_of(vera, "/dashboard/")
+    for path, data in [
+        (f"/dashboard/actions/{run_id}/approve", {}),
+        (f"/dashboard/actions/{run_id}/reject", {}),
+        ("/dashboard/actions/preview", {"action": "restart", "target": "svc", "reason": "x"}),
+        ("/dashboard/actions/request", {"action": "restart", "target": "svc", "reason": "x"}),
+        ("/dashboard/silences", {"matchers": "a=b", "duration_min": "5", "comment": "x"}),
+        ("/dashboard/silences/1/expire", {}),
+        ("/dashboard/admin/users", {"name": "x", "role": "admin", "password": "x" * 9}),
+        ("/dashboard/admin/tokens", {"name": "x", "role": "admin"}),
+    ]:
+        response = vera.post(path, data={"csrf_token": token, **data})
+        assert response.status_code == 403, path
+    assert vera.get("/dashboard/admin").status_code == 403
+    assert run_of(cp, run_id).state == ActionState.AWAITING_APPROVAL
+
+
+def test_a_request_shows_its_precheck_then_runs_only_once_confirmed(
+    app: Flask, cp: ControlPlane
+) -> None:
+    otto = logged_in(app, "otto")
+    token = csrf_of(otto, "/dashboard/")
+    form = {"csrf_token": token, "action": "restart", "target": "svc", "reason": "stuck"}
+    preview = otto.post("/dashboard/actions/preview", data=form)
+    assert preview.status_code == 200 and "check-ok" in preview.text
+    assert "Type &#34;svc&#34; to confirm" in preview.text or 'Type "svc"' in preview.text
+    with store.read(cp.factory) as s:
+        assert store.list_runs(s, incident_id=None, limit=5) == []
+    unconfirmed = otto.post("/dashboard/actions/request", data=form)
+    assert unconfirmed.status_code == 400
+    done = otto.post("/dashboard/actions/request", data={**form, "confirm": "svc"})
+    assert done.status_code == 302
+    with store.read(cp.factory) as s:
+        [run] = store.list_runs(s, incident_id=None, limit=5)
+    assert (run.requested_by, run.state) == ("otto", ActionState.PENDING)
+
+
+def test_a_restore_preview_names_no_backup_when_none_is_configured(app: Flask) -> None:
+    otto = logged_in(app, "otto")
+    form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "restore", "target": "svc",
+            "reason": "damage", "to": "2024-05-01T12:00:00+00:00", "full": "yes",
+            "accept_loss": "3"}  # fmt: skip
+    page = otto.post("/dashboard/actions/preview", data=form)
+    assert page.status_code == 200 and "no backups are configured" in page.text
+
+
+def test_silences_are_created_and_expired_from_the_page(app: Flask, cp: ControlPlane) -> None:
+    otto = logged_in(app, "otto")
+    token = csrf_of(otto, "/dashboard/")
+    form = {"csrf_token": token, "matchers": "alertname=X", "duration_min": "10", "comment": "m"}
+    assert otto.post("/dashboard/silences", data=form).status_code == 302
+    [silence] = services.views.silences(cp)
+    assert silence["created_by"] == "otto"
+    otto.post(f"/dashboard/silences/{silence['id']}/expire", data={"csrf_token": token})
+    assert services.views.silences(cp) == []
+
+
+def test_named_api_tokens_are_shown_once_audited_by_name_and_revocable(
+    app: Flask, cp: ControlPlane
+) -> None:
+    admin = logged_in(app, "admin", "admin-password")
+    page = admin.post(
+        "/dashboard/admin/tokens",
+        data={"csrf_token": csrf_of(admin, "/dashboard/"), "name": "ci", "role": "operator"},
+    )
+    token = re.search(r'id="new-token">([^<]+)<', page.text).group(1)  # type: ignore[union-attr]
+    assert token not in admin.get("/dashboard/admin").text
+    api = app.test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    response = api.post(
+        "/api/v1/actions", json={"action": "restart", "target": "svc", "reason": "ci"},
+        headers=auth,
+    )  # fmt: skip
+    assert response.status_code == 202
+    assert services.get_action(cp, response.json["id"])["requested_by"] == "token:ci"  # type: ignore[index]
+    admin.post(
+        "/dashboard/admin/tokens/revoke",
+        data={"csrf_token": csrf_of(admin, "/dashboard/"), "name": "ci"},
+    )
+    assert api.get("/api/v1/health", headers=auth).status_code == 401
+
+
+def test_a_viewer_token_reads_but_may_not_act(app: Flask, cp: ControlPlane) -> None:
+    token = accounts.create_token(cp.factory, "grafana", "viewer", "admin", utcnow())
+    auth = {"Authorization": f"Bearer {token}"}
+    client = app.test_client()
+    assert client.get("/api/v1/incidents", headers=auth).status_code == 200
+    refused = client.post(
+        "/api/v1/actions", json={"action": "restart", "target": "svc", "reason": "x"},
+        headers=auth,
+    )  # fmt: skip
+    assert refused.status_code == 403 and refused.json["error"]  # type: ignore[index]
+
+
+def test_the_generated_token_keeps_working_and_rejects_over_the_api(
+    app: Flask, cp: ControlPlane
+) -> None:
+    run_id = awaiting_run(cp)
+    client = app.test_client()
+    auth = {"Authorization": "Bearer generated-token"}
+    response = client.post(f"/api/v1/actions/{run_id}/reject", headers=auth)
+    assert response.status_code == 200 and response.json["state"] == "rejected"  # type: ignore[index]
+    assert services.get_action(cp, run_id)["audit"][-1]["actor"] == "token:generated"
+    assert client.get("/api/v1/health").status_code == 401
+    assert client.get("/api/v1/health").json["error"]  # type: ignore[index]
+
+
+def test_the_openapi_document_describes_every_route_with_its_models(app: Flask) -> None:
+    doc = app.test_client().get("/api/v1/openapi.json").json
+    assert doc["openapi"].startswith("3.")  # type: ignore[index]
+    post = doc["paths"]["/api/v1/actions"]["post"]  # type: ignore[index]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ActionRequestIn"
+    )
+    assert "202" in post["responses"] and "403" in post["responses"]
+    assert "ActionRequestIn" in doc["components"]["schemas"]  # type: ignore[index]
+    assert "/api/v1/actions/{run_id}/reject" in doc["paths"]  # type: ignore[index]
+
+
+def test_the_primary_health_check_is_503_without_a_primary_probe(app: Flask) -> None:
+    response = app.test_client().get("/api/v1/health/database/primary")
+    assert response.status_code == 503 and response.json["primary"] is None  # type: ignore[index]
+
+
+def test_the_overview_json_lists_services_incidents_and_waiting_runs(
+    app: Flask, cp: ControlPlane
+) -> None:
+    run_id = awaiting_run(cp)
+    data = logged_in(app, "vera").get("/dashboard/api/overview.json").json
+    svc = next(s for s in data["services"] if s["name"] == "svc")  # type: ignore[index]
+    assert svc["health"] == "down" and svc["since"]
+    assert [r["id"] for r in data["awaiting"]] == [run_id]  # type: ignore[index]
+    assert data["incidents"] and data["incidents"][0]["target"] == "svc"  # type: ignore[index]
+
+
+def test_an_incident_page_shows_its_timeline_and_times(app: Flask, cp: ControlPlane) -> None:
+    awaiting_run(cp)
+    [incident] = services.list_incidents(cp, "open", 5)
+    page = logged_in(app, "vera").get(f"/dashboard/incidents/{incident['id']}")
+    assert (
+        page.status_code == 200 and "time to detect" in page.text and "await-approval" in page.text
+    )
+    assert logged_in(app, "vera").get("/dashboard/incidents/999").status_code == 404
+
+
+def test_plotly_is_served_by_the_app(app: Flask) -> None:
+    response = app.test_client().get("/dashboard/static/plotly.min.js")
+    assert response.status_code == 200 and b"plotly" in response.data[:2000].lower()
+
+
+def test_a_chart_draws_lines_incident_spans_and_run_markers() -> None:
+    fig = line_chart(
+        "orders",
+        [{"name": "ok", "x": ["2024-01-01T00:00:00Z", "2024-01-01T00:01:00Z"], "y": [1.0, 2.0]}],
+        spans=[{"start": "2024-01-01T00:00:10Z", "end": "2024-01-01T00:00:40Z", "label": "#1"}],
+        markers=[{"at": "2024-01-01T00:00:20Z", "action": "restart", "target": "shop-1",
+                  "state": "succeeded", "who": "otto", "id": 7}],
+    )  # fmt: skip
+    assert [t.name for t in fig.data] == ["ok", "actions"]
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].type == "rect"
+    assert fig.data[1].marker.symbol == "triangle-up"
+
+
+def test_every_panel_becomes_a_figure_even_without_data() -> None:
+    series: dict[str, Any] = {
+        "a": {"title": "A", "unit": "s", "lines": []},
+        "b": {"title": "B", "unit": "", "lines": [], "error": "Prometheus: down"},
+    }
+    figs = all_charts(series, {"spans": [], "markers": []})
+    assert set(figs) == {"a", "b"} and "Prometheus: down" in figs["b"].layout.title.text

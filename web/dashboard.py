@@ -1,0 +1,321 @@
+"""The operators' dashboard: server-rendered pages, kept live by polling small JSON views.
+Every button writes an intent through `services` (the loop acts); every form carries CSRF."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, TypeVar
+
+from flask import Blueprint, Response, redirect, render_template, request, url_for
+from pydantic import BaseModel, ValidationError
+from werkzeug.wrappers import Response as BaseResponse
+
+from controlplane import services
+from controlplane.errors import InvalidRequest
+from web.auth import control_plane
+from web.charts import all_charts
+from web.login import principal, require
+
+dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+Role = services.Role
+M = TypeVar("M", bound=BaseModel)
+
+
+@dashboard.before_request
+def logged_in() -> BaseResponse | None:
+    if request.endpoint == "dashboard.plotly_js":
+        return None
+    if principal() is None:
+        return redirect(url_for("login.form", next=request.full_path.rstrip("?")))
+    return None
+
+
+def form_model(model: type[M], values: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+
+
+def field(name: str, limit: int = 1000) -> str:
+    value = request.form.get(name, "")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} must be at most {limit} characters")
+    return value.strip()
+
+
+def as_json(data: Any) -> Response:
+    response = Response(json.dumps(data, default=str), mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# -- overview -------------------------------------------------------------------------------------
+@dashboard.get("/")
+def overview() -> str:
+    return render_template("overview.html", page="overview")
+
+
+@dashboard.get("/api/overview.json")
+def overview_json() -> Response:
+    return as_json(services.views.overview(control_plane()))
+
+
+@dashboard.get("/api/badge.json")
+def badge_json() -> Response:
+    return as_json({"awaiting": services.views.awaiting_count(control_plane())})
+
+
+@dashboard.get("/static/plotly.min.js")
+def plotly_js() -> Response:
+    """Plotly's JavaScript from the installed `plotly` package: no internet needed."""
+    text = resources.files("plotly").joinpath("package_data/plotly.min.js").read_bytes()
+    response = Response(text, mimetype="application/javascript")
+    response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+# -- charts ---------------------------------------------------------------------------------------
+@dashboard.get("/charts")
+def charts() -> str:
+    chosen = request.args.get("range", "1h")
+    if chosen not in services.timeseries.RANGES_S:
+        chosen = "1h"
+    return render_template(
+        "charts.html",
+        page="charts",
+        chosen=chosen,
+        ranges=list(services.timeseries.RANGES_S),
+        panels=services.timeseries.PANELS,
+    )
+
+
+@dashboard.get("/api/charts.json")
+def charts_json() -> Response:
+    """Every panel's Plotly figure for the range, incidents and runs drawn over them."""
+    cp = control_plane()
+    chosen = request.args.get("range", "1h")
+    if chosen not in services.timeseries.RANGES_S:
+        raise InvalidRequest(f"range must be one of {', '.join(services.timeseries.RANGES_S)}")
+    now = cp.clock()
+    data = services.timeseries.series(cp, chosen, now)
+    notes = services.timeseries.chart_notes(cp, chosen, now)
+    start = now - timedelta(seconds=services.timeseries.RANGES_S[chosen])
+    figures = all_charts(data, notes, (start.isoformat(), now.isoformat()))
+    body = "{" + ",".join(f"{json.dumps(k)}:{f.to_json()}" for k, f in figures.items()) + "}"
+    response = Response(body, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# -- incidents ------------------------------------------------------------------------------------
+@dashboard.get("/incidents")
+def incidents() -> str:
+    state = request.args.get("state") or None
+    if state not in (None, "open", "resolved"):
+        raise InvalidRequest("state must be open or resolved")
+    target = request.args.get("target", "")[:100]
+    found = services.list_incidents(control_plane(), state, 500)
+    if target:
+        found = [i for i in found if target in (i["target"], i["kind"])]
+    return render_template(
+        "incidents.html", page="incidents", incidents=found, state=state or "", target=target
+    )
+
+
+@dashboard.get("/incidents/<id:incident_id>")
+def incident(incident_id: int) -> str:
+    cp = control_plane()
+    story = services.views.incident_story(cp, incident_id, services.get_incident(cp, incident_id))
+    return render_template("incident.html", page="incidents", incident=story)
+
+
+# -- actions --------------------------------------------------------------------------------------
+@dashboard.get("/actions")
+def actions() -> str:
+    cp = control_plane()
+    kind = request.args.get("action") or None
+    if kind is not None and len(kind) > 100:
+        raise InvalidRequest("action must be at most 100 characters")
+    return render_template(
+        "actions.html",
+        page="actions",
+        runs=services.list_actions(cp, kind, 200),
+        audit=services.views.audit_log(cp, 100),
+        kind=kind or "",
+        choices=services.views.requestable(cp),
+    )
+
+
+@dashboard.get("/actions/<id:run_id>")
+def action(run_id: int) -> str:
+    run = services.get_action(control_plane(), run_id)
+    return render_template("action.html", page="actions", run=run)
+
+
+@dashboard.post("/actions/<id:run_id>/approve")
+def approve(run_id: int) -> BaseResponse:
+    who = require(Role.OPERATOR)
+    services.approve_action(control_plane(), run_id, who.actor)
+    return redirect(url_for("dashboard.action", run_id=run_id))
+
+
+@dashboard.post("/actions/<id:run_id>/reject")
+def reject(run_id: int) -> BaseResponse:
+    who = require(Role.OPERATOR)
+    services.reject_action(control_plane(), run_id, who.actor, field("comment"))
+    return redirect(url_for("dashboard.action", run_id=run_id))
+
+
+def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
+    params: dict[str, Any] = {}
+    to = field("to", 100)
+    if to:
+        params["to"] = to
+    if field("full") == "yes":
+        params["full"] = True
+    loss = field("accept_loss", 20)
+    if loss:
+        try:
+            params["accept_loss"] = int(loss)
+        except ValueError:
+            raise InvalidRequest("accept_loss must be a whole number") from None
+    for name in ("candidate", "decision"):
+        if field(name, 100):
+            params[name] = field(name, 100)
+    incident = field("incident_id", 20)
+    body = form_model(
+        services.ActionRequestIn,
+        {
+            "action": field("action", 100),
+            "target": field("target", 100),
+            "reason": field("reason"),
+            "incident_id": int(incident) if incident.isdigit() else None,
+            "params": params,
+        },
+    )
+    return body, params
+
+
+@dashboard.post("/actions/preview")
+def preview() -> str:
+    """The confirmation: the precheck's verdict and what the run would do, before it runs."""
+    require(Role.OPERATOR)
+    cp = control_plane()
+    body, params = request_form()
+    verdict = services.views.preview_request(cp, body.action, body.target, params)
+    restore = None
+    if body.action == "restore" and params.get("to"):
+        try:
+            to = datetime.fromisoformat(str(params["to"]))
+        except ValueError:
+            raise InvalidRequest("to must be a time such as 2024-05-01T12:00:00+00:00") from None
+        restore = services.views.restore_preview(cp, to if to.tzinfo else to.replace(tzinfo=UTC))
+    return render_template(
+        "preview.html", page="actions", body=body, params=params, verdict=verdict, restore=restore
+    )
+
+
+@dashboard.post("/actions/request")
+def request_action() -> BaseResponse:
+    who = require(Role.OPERATOR)
+    body, _ = request_form()
+    if field("confirm") != body.target:
+        raise InvalidRequest(f"type the target's name ({body.target}) to confirm")
+    run_id = services.request_action(control_plane(), body, who.actor)
+    return redirect(url_for("dashboard.action", run_id=run_id))
+
+
+# -- backups and silences -------------------------------------------------------------------------
+@dashboard.get("/backups")
+def backups() -> str:
+    return render_template(
+        "backups.html", page="backups", backups=services.list_backups(control_plane())
+    )
+
+
+@dashboard.get("/silences")
+def silences() -> str:
+    return render_template(
+        "silences.html", page="silences", silences=services.views.silences(control_plane())
+    )
+
+
+@dashboard.post("/silences")
+def silence() -> BaseResponse:
+    who = require(Role.OPERATOR)
+    matchers: dict[str, str] = {}
+    for line in field("matchers", 2000).splitlines():
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise InvalidRequest("matchers are lines of label=value")
+        matchers[name.strip()] = value.strip()
+    try:
+        minutes = float(field("duration_min", 20))
+    except ValueError:
+        raise InvalidRequest("the duration is a number of minutes") from None
+    body = form_model(
+        services.SilenceIn,
+        {"matchers": matchers, "duration_s": minutes * 60, "comment": field("comment")},
+    )
+    if not body.comment:
+        raise InvalidRequest("a silence needs a reason")
+    services.create_silence(control_plane(), body, who.actor)
+    return redirect(url_for("dashboard.silences"))
+
+
+@dashboard.post("/silences/<id:silence_id>/expire")
+def expire(silence_id: int) -> BaseResponse:
+    who = require(Role.OPERATOR)
+    services.expire_silence(control_plane(), silence_id, who.actor)
+    return redirect(url_for("dashboard.silences"))
+
+
+# -- administration -------------------------------------------------------------------------------
+@dashboard.get("/admin")
+def admin() -> str:
+    require(Role.ADMIN)
+    cp = control_plane()
+    return render_template(
+        "admin.html",
+        page="admin",
+        users=services.accounts.list_users(cp.factory),
+        tokens=services.accounts.list_tokens(cp.factory),
+        new_token=None,
+    )
+
+
+@dashboard.post("/admin/users")
+def add_user() -> BaseResponse:
+    require(Role.ADMIN)
+    cp = control_plane()
+    services.accounts.add_user(
+        cp.factory, field("name", 100), field("role", 20), field("password"), cp.clock()
+    )
+    return redirect(url_for("dashboard.admin"))
+
+
+@dashboard.post("/admin/tokens")
+def add_token() -> str:
+    who = require(Role.ADMIN)
+    cp = control_plane()
+    token = services.accounts.create_token(
+        cp.factory, field("name", 100), field("role", 20), who.actor, cp.clock()
+    )
+    return render_template(
+        "admin.html",
+        page="admin",
+        users=services.accounts.list_users(cp.factory),
+        tokens=services.accounts.list_tokens(cp.factory),
+        new_token={"name": field("name", 100), "token": token},
+    )
+
+
+@dashboard.post("/admin/tokens/revoke")
+def revoke_token() -> BaseResponse:
+    who = require(Role.ADMIN)
+    cp = control_plane()
+    services.accounts.revoke_token(cp.factory, field("name", 100), who.actor, cp.clock())
+    return redirect(url_for("dashboard.admin"))

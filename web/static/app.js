@@ -1,0 +1,49 @@
+// Shared by every page: times in the browser's zone with relative ages, the approval badge.
+"use strict";
+const SG = {};
+SG.csrf = document.querySelector('meta[name="csrf-token"]').content;
+SG.esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+SG.ago = (iso) => {
+  if (!iso) return "—";
+  const s = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
+  if (s < 0) return "in " + SG.span(-s);
+  if (s < 5) return "just now";
+  return SG.span(s) + " ago";
+};
+SG.span = (s) => s < 60 ? s + " s" : s < 3600 ? Math.floor(s / 60) + " min" : s < 86400 ? Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min" : Math.floor(s / 86400) + " d";
+SG.local = (iso) => iso ? new Date(iso).toLocaleString() : "";
+SG.time = (iso) => `<time datetime="${SG.esc(iso || "")}" title="${SG.esc(SG.local(iso))}">${SG.esc(SG.ago(iso))}</time>`;
+SG.tick = () => {
+  document.querySelectorAll("time[datetime]").forEach((t) => {
+    const iso = t.getAttribute("datetime");
+    if (!iso) return;
+    t.textContent = t.dataset.abs ? SG.local(iso) : SG.ago(iso);
+    t.title = t.dataset.abs ? SG.ago(iso) : SG.local(iso);
+  });
+};
+SG.badge = (n) => {
+  const b = document.getElementById("badge");
+  if (!b) return;
+  b.textContent = n; b.hidden = !n;
+  document.title = document.title.replace(/^\(\d+\) /, "");
+  if (n) document.title = `(${n}) ` + document.title;
+};
+SG.poll = async (url, onData, everyMs) => {
+  const run = async () => {
+    if (document.visibilityState === "visible") {
+      try {
+        const r = await fetch(url, {headers: {Accept: "application/json"}, credentials: "same-origin"});
+        if (r.status === 401 || r.redirected) { location.reload(); return; }
+        if (r.ok) onData(await r.json());
+      } catch (e) { /* the next poll tries again */ }
+    }
+    setTimeout(run, everyMs);
+  };
+  run();
+};
+document.getElementById("tz") && (document.getElementById("tz").textContent = Intl.DateTimeFormat().resolvedOptions().timeZone);
+setInterval(SG.tick, 1000);
+SG.tick();
+if (document.getElementById("badge") && document.body.dataset.page !== "overview") {
+  SG.poll("/dashboard/api/badge.json", (d) => SG.badge(d.awaiting), 5000);
+}
