@@ -172,7 +172,10 @@ def cp_backlog_clear(cp: Cp, prefix: str) -> bool:
     return not any(i["fingerprint"].startswith(f"alert:{prefix}") for i in r.json()["incidents"])
 
 
-def web_load(cp: Cp, clients: int, duration_s: float) -> dict[str, Any]:
+def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dict[str, Any]:
+    """`every_s` = 0: each client sends its next request as soon as the last is answered (a
+    stress test: the latency is the queue); else one request every `every_s` seconds each,
+    as dashboards and health checkers poll."""
     paths = itertools.cycle(["/healthz", "/readyz", "/api/v1/health"])
     lock = threading.Lock()
     latencies: list[float] = []
@@ -194,6 +197,8 @@ def web_load(cp: Cp, clients: int, duration_s: float) -> dict[str, Any]:
             with lock:
                 latencies.append(took)
                 errors += not ok
+            if every_s:
+                time.sleep(max(0.0, every_s - took))
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
@@ -212,9 +217,9 @@ def measured(call: Callable[[], Any], cp: Cp) -> tuple[Any, float]:
     return result, rate(before, cp.metrics())
 
 
-def web_phase(cp: Cp, clients: int, duration_s: float) -> dict[str, Any]:
+def web_phase(cp: Cp, clients: int, duration_s: float, every_s: float) -> dict[str, Any]:
     _, quiet_rate = measured(lambda: time.sleep(duration_s), cp)  # bounded: the quiet window
-    load, loaded_rate = measured(lambda: web_load(cp, clients, duration_s), cp)
+    load, loaded_rate = measured(lambda: web_load(cp, clients, duration_s, every_s), cp)
     return {"quiet_probe_runs_per_s": quiet_rate, "loaded_probe_runs_per_s": loaded_rate, **load}
 
 
@@ -223,6 +228,7 @@ def main() -> None:
     parser.add_argument("--alerts", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--duration-s", type=float, default=30)
+    parser.add_argument("--every-s", type=float, default=0, help="each web client's pace")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-flood-", dir="/tmp"))
@@ -232,7 +238,7 @@ def main() -> None:
         stack.start()
         cp = Cp(stack)
         time.sleep(5)  # bounded: every probe reports before the first fault
-        web = web_phase(cp, args.clients, args.duration_s)
+        web = web_phase(cp, args.clients, args.duration_s, args.every_s)
         print(f"web: {json.dumps(web)}", file=sys.stderr)
         flood = flood_phase(cp, args.alerts)
     finally:
@@ -247,8 +253,9 @@ def main() -> None:
         f"   kill -> verified recovered {f['recovered_s']:.2f}s (quiet {q['recovered_s']:.2f}s,"
         f" x{f['recovered_s'] / q['recovered_s']:.2f}; goal <= x1.5)"
     )
+    pace = f"one request every {args.every_s:g}s each" if args.every_s else "closed loop"
     print(
-        f"b. {args.clients} clients for {args.duration_s:.0f}s on /healthz, /readyz, "
+        f"b. {args.clients} clients ({pace}) for {args.duration_s:.0f}s on /healthz, /readyz, "
         f"/api/v1/health: {web['requests']} requests, {web['errors']} errors, p50 "
         f"{web['p50_s'] * 1000:.0f} ms, p99 {web['p99_s'] * 1000:.0f} ms (goal < 100 ms)\n"
         f"   probe runs/s {web['loaded_probe_runs_per_s']:.2f} under load vs "

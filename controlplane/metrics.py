@@ -37,7 +37,7 @@ class Metrics:
         )
         self.alerts_received = Counter(
             "cp_alerts_received_total",
-            "Alerts received from Alertmanager",
+            "Alerts received from Alertmanager, by status (refused: over the intake limit)",
             ["status"],
             registry=r,
         )

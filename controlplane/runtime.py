@@ -44,6 +44,9 @@ from remediation.registry import ACTIONS
 
 logger = logging.getLogger(__name__)
 
+# What the web workers count of the alerts they take in (or refuse: 429), for /metrics.
+ALERT_COUNTS = ("firing", "resolved", "refused")
+
 
 class NoExecutor:
     """Used when no process table is configured: every process action fails, clearly."""
@@ -351,7 +354,7 @@ class CoreChannel:
             try:
                 counted = json.loads(data).get("alerts", {})
                 for status, count in counted.items():
-                    if status in ("firing", "resolved") and isinstance(count, int) and count > 0:
+                    if status in ALERT_COUNTS and isinstance(count, int) and count > 0:
                         cp.metrics.alerts_received.labels(status).inc(count)
             except (ValueError, AttributeError):
                 pass  # any datagram still wakes the loop: waking is harmless

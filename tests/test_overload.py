@@ -3,6 +3,7 @@ never left `running`, and reads never wait for the state store's write lock."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import uuid
@@ -23,6 +24,7 @@ from lab.process import wait_until
 from lab.stack import Stack
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api, kill_shop, webhook
+from web.alerts import IntakeLimit
 
 FLOOD = 3000
 BATCH = 1000  # the webhook takes at most 1000 alerts a post
@@ -234,3 +236,12 @@ def test_a_flood_of_alerts_neither_stops_the_loop_nor_a_restart(flooded: Stack) 
     )
     assert api.cycles() > before + 3
     assert requests.get(f"{api.url}/readyz", timeout=5).status_code == 200
+
+
+def test_the_intake_takes_a_burst_then_refuses_with_the_wait_until_its_bucket_refills() -> None:
+    limit = IntakeLimit(per_minute=60, burst=100)  # one alert a second once the burst is spent
+    assert limit.take("am", 100, now=0.0) == 0
+    assert limit.take("am", 10, now=0.0) == pytest.approx(10.0)
+    assert limit.take("elsewhere", 50, now=0.0) == 0  # each source its own bucket
+    assert limit.take("am", 10, now=10.0) == 0
+    assert limit.take("am", 101, now=1000.0) == math.inf  # never fits: a 400, not a 429

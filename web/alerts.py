@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import math
+import threading
+import time
+
+from cachetools import TTLCache
+from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
 from controlplane import services
@@ -13,8 +18,45 @@ from web.body import json_object
 alerts = Blueprint("alerts", __name__)
 
 
+class IntakeLimit:
+    """A token bucket of alerts per source: `per_minute` sustained, `burst` at once. Sources
+    are bounded in number (an LRU of buckets), so many sources cannot exhaust memory."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate_per_s = per_minute / 60
+        self.burst = burst
+        self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(maxsize=4096, ttl=3600)
+        self._lock = threading.Lock()
+
+    def take(self, source: str, alerts: int, now: float | None = None) -> float:
+        """0 when `alerts` may come in now (and they are counted), else seconds to wait."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(source, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+            if alerts <= tokens:
+                self._buckets[source] = (tokens - alerts, now)
+                return 0.0
+            self._buckets[source] = (tokens, now)
+            if alerts > self.burst:
+                return math.inf
+            return (alerts - tokens) / self.rate_per_s
+
+
+_limits: dict[int, IntakeLimit] = {}
+
+
+def intake_limit(cp: services.ControlPlane) -> IntakeLimit:
+    found = _limits.get(id(cp))
+    if found is None:
+        found = _limits[id(cp)] = IntakeLimit(
+            cp.settings.intake_alerts_per_minute, cp.settings.intake_alerts_burst
+        )
+    return found
+
+
 @alerts.post("/alerts")
-def receive() -> tuple[Response, int]:
+def receive() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     cp = control_plane()
     require_token(cp.settings.webhook_token, "webhook")
     body = json_object("a JSON object (Alertmanager webhook v4)")
@@ -22,4 +64,17 @@ def receive() -> tuple[Response, int]:
         payload = services.WebhookIn.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(services.validation_errors(exc.errors())) from None
+    # Firing alerts are what costs (incidents, decisions, actions); a resolution only closes.
+    firing = sum(a.status == "firing" for a in payload.alerts)
+    wait_s = intake_limit(cp).take(request.remote_addr or "?", firing) if firing else 0.0
+    if wait_s:
+        cp.metrics.alerts_received.labels("refused").inc(len(payload.alerts))
+        if math.isinf(wait_s):
+            raise InvalidRequest(
+                f"{firing} firing alerts in one post: more than the intake's burst "
+                f"({cp.settings.intake_alerts_burst})"
+            )
+        retry = str(max(1, math.ceil(wait_s)))
+        message = f"too many alerts from this source: retry in {retry}s"
+        return jsonify(error=message), 429, {"Retry-After": retry}
     return jsonify(services.receive_alerts(cp, payload)), 200
