@@ -92,27 +92,31 @@ class WebhookIn(BaseModel):
 
 
 def receive_alerts(cp: ControlPlane, payload: WebhookIn) -> dict[str, int]:
-    """Record each alert's latest status by fingerprint (a repeat only counts), wake the loop."""
+    """Record each alert's latest status by fingerprint (a repeat only counts), wake the loop.
+    One statement for the whole delivery: a flood holds the write lock briefly per post."""
     now = cp.clock()
-    with store.transaction(cp.factory) as s:
-        for alert in payload.alerts:
-            ends_at = alert.endsAt if alert.endsAt and alert.endsAt.year > 1 else None
-            store.upsert_alert(
-                s,
-                {
-                    "fingerprint": alert.fingerprint,
-                    "alertname": alert.labels.get("alertname", "unnamed"),
-                    "status": alert.status,
-                    "labels": alert.labels,
-                    "annotations": alert.annotations,
-                    "starts_at": alert.startsAt,
-                    "ends_at": ends_at,
-                },
-                now,
-            )
-            cp.metrics.alerts_received.labels(alert.status).inc()
+    rows = [
+        {
+            "fingerprint": alert.fingerprint,
+            "alertname": alert.labels.get("alertname", "unnamed"),
+            "status": alert.status,
+            "labels": alert.labels,
+            "annotations": alert.annotations,
+            "starts_at": alert.startsAt,
+            "ends_at": alert.endsAt if alert.endsAt and alert.endsAt.year > 1 else None,
+        }
+        for alert in payload.alerts
+    ]
+    store.with_retries(lambda: _upsert_alerts(cp, rows, now), what=f"record {len(rows)} alerts")
+    for alert in payload.alerts:
+        cp.metrics.alerts_received.labels(alert.status).inc()
     cp.wake()
     return {"accepted": len(payload.alerts)}
+
+
+def _upsert_alerts(cp: ControlPlane, rows: list[dict[str, Any]], now: datetime) -> None:
+    with store.transaction(cp.factory) as s:
+        store.upsert_alerts(s, rows, now)
 
 
 # -- reading ------------------------------------------------------------------------------------

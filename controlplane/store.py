@@ -234,9 +234,18 @@ def prune_probe_runs(session: Session, keep_per_probe: int) -> int:
 # -- alerts -------------------------------------------------------------------------------------
 def upsert_alert(session: Session, alert: Mapping[str, Any], received_at: datetime) -> None:
     """The latest status of an alert by fingerprint; a repeated delivery only counts."""
+    upsert_alerts(session, [alert], received_at)
+
+
+def upsert_alerts(
+    session: Session, alerts: Sequence[Mapping[str, Any]], received_at: datetime
+) -> None:
+    """Many alerts in one statement (a webhook delivery holds the write lock once, briefly).
+    A fingerprint twice in one delivery: its last status wins."""
+    latest = {a["fingerprint"]: a for a in alerts}
     insert = _upsert(session)
-    values = {**alert, "received_at": received_at, "deliveries": 1}
-    stmt = insert(Alert).values(**values)
+    values = [{**a, "received_at": received_at, "deliveries": 1} for a in latest.values()]
+    stmt = insert(Alert).values(values)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Alert.fingerprint],
         set_={
