@@ -10,7 +10,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from controlplane import store
 from controlplane.config import BackupSettings
 from controlplane.engine import utcnow
-from pgcluster import invariants
 from pgcluster.nodes import leader_of, observe_all
 from remediation import pitr
 from remediation.base import ActionError
@@ -106,46 +105,47 @@ class Backups:
             raise BackupError(f"no backup labelled {label!r}")
         node = self._leader()
         started = time.monotonic()
-        scratch_dir = self.settings.scratch_dir / f"drill-{info.label}-{os.getpid()}"
-        passed, summary = False, ""
-        details: dict[str, Any] = {}
-        progress(f"drill of {info.label}: verify, restore into {scratch_dir}, replay the archive")
-        try:
-            pitr.check_backup(self.executor, node, info)
-            scratch = pitr.start_scratch(
-                self.executor,
-                node,
-                self.settings.nodes[node],
-                info,
-                self.settings.archive_dir,
-                scratch_dir,
-                pitr.free_port(),
-                timeout_s=self.settings.drill_timeout_s,
-            )
-        except (ActionError, ExecutorError) as exc:
-            summary = f"restore failed: {exc}"
-        else:
-            try:
-                progress(f"restored on port {scratch.port}; checking the shop's invariants")
-                passed, summary, details = self._invariants(scratch.dsn)
-            finally:
-                pitr.stop_scratch(self.executor, scratch)
-        result = DrillResult(info.label, passed, summary, round(time.monotonic() - started, 3))
-        self._record_drill(result, details)
-        progress(f"drill {'passed' if passed else 'FAILED'} in {result.duration_s:.1f}s: {summary}")
+        found = pitr.drill_backup(
+            self.executor,
+            node,
+            self.settings.nodes[node],
+            info,
+            self.settings.archive_dir,
+            self.settings.scratch_dir / f"drill-{info.label}-{os.getpid()}",
+            orders_db=self.settings.orders_db,
+            inventory_db=self.settings.inventory_db,
+            timeout_s=self.settings.drill_timeout_s,
+            progress=progress,
+        )
+        result = DrillResult(
+            info.label, found.passed, found.summary, round(time.monotonic() - started, 3)
+        )
+        self._record_drill(result, found.details)
+        verdict = "passed" if found.passed else "FAILED"
+        progress(f"drill {verdict} in {result.duration_s:.1f}s: {found.summary}")
         return result
 
-    def _invariants(self, dsn: str) -> tuple[bool, str, dict[str, Any]]:
-        verdict = invariants.check(
-            pitr.dsn_with(dsn, dbname=self.settings.orders_db),
-            pitr.dsn_with(dsn, dbname=self.settings.inventory_db),
-            timeout_s=30,
+    def catalogue(self, taken: Mapping[str, Any]) -> None:
+        """A backup taken and drilled outside the schedule (the `backup` action, from the
+        dashboard or the API): into the catalog, verified when its drill passed."""
+        info = pitr.BackupInfo.from_json({k: v for k, v in taken.items() if k != "drill"})
+        drill = taken.get("drill") or {}
+        with store.transaction(self.factory) as s:
+            if store.backup_by_label(s, info.label) is None:
+                store.add_backup(
+                    s,
+                    label=info.label,
+                    path=info.path,
+                    started_at=info.started_at,
+                    finished_at=info.finished_at,
+                    size_bytes=info.size_bytes,
+                    checksum=info.checksum,
+                    drill={"source": info.source, "start_wal": info.start_wal},
+                )
+        self._record_drill(
+            DrillResult(info.label, bool(drill.get("passed")), str(drill.get("summary", "")), 0.0),
+            {},
         )
-        if not verdict.readable:
-            return False, f"invariants not readable: {verdict.error}", {}
-        if verdict.problems:
-            return False, "; ".join(verdict.problems), verdict.details
-        return True, f"{verdict.details['orders']} orders consistent", verdict.details
 
     def _record_drill(self, result: DrillResult, details: dict[str, Any]) -> None:
         now = self.clock()

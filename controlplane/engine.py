@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,6 +69,9 @@ class ActionEngine:
         self.in_flight: set[int] = set()
         self.lock = threading.Lock()
         self.on_finished: Callable[[], None] = lambda: None
+        # A run that succeeded, with its last outcome's data: what the control plane keeps of
+        # it beyond the audit (e.g. a backup taken by hand goes into the catalog).
+        self.on_succeeded: Callable[[str, Mapping[str, Any]], None] = lambda action, data: None
 
     @property
     def busy(self) -> int:
@@ -258,11 +261,12 @@ class ActionEngine:
             reraise=True,
         )
         tried = 0
+        outcome: Mapping[str, Any] = {}
         try:
             for attempt in retrying:
                 with attempt:
                     tried = attempt.retry_state.attempt_number
-                    self._attempt(run, action, ctx, policy, tried)
+                    outcome = self._attempt(run, action, ctx, policy, tried)
         except (NotYetHealthy, ActionError, _Permanent) as exc:
             self._finish(
                 run_id,
@@ -272,10 +276,14 @@ class ActionEngine:
             )
             return
         self._finish(run_id, ActionState.SUCCEEDED, {}, "verified recovered")
+        try:
+            self.on_succeeded(run.action, outcome)
+        except Exception:  # the run stands; what follows it is logged, not re-run
+            logger.exception("after run %d succeeded", run_id)
 
     def _attempt(
         self, run: ActionRun, action: Action, ctx: ActionContext, policy: PolicySpec, number: int
-    ) -> None:
+    ) -> Mapping[str, Any]:
         with store.transaction(self.factory) as s:
             s.get(ActionRun, run.id).attempts = number  # type: ignore[union-attr]
         try:
@@ -302,6 +310,7 @@ class ActionEngine:
         )
         if not check.ok:
             raise NotYetHealthy(check.reason)
+        return dict(outcome.data)
 
     def _step(self, run: ActionRun, verb: str, call: Callable[[], Any]) -> Any:
         started = time.monotonic()

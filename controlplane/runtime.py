@@ -161,9 +161,14 @@ class ControlPlane:
         )
         self.loop_thread = LoopThread(self.loop, settings.loop_interval_s)
         self.engine.on_finished = self.loop_thread.wake
+        self.engine.on_succeeded = self._after_run
         self.scheduler = make_scheduler(self.metrics)
         self.last_health: dict[str, Health] = {}
         self.started = False
+
+    def _after_run(self, action: str, data: Mapping[str, Any]) -> None:
+        if action == "backup" and self.backups is not None and "label" in data:
+            self.backups.catalogue(data)
 
     # -- probing ------------------------------------------------------------------------------
     def run_probe(self, spec: ProbeSpec) -> ProbeResult:

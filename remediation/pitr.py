@@ -21,6 +21,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
+from pgcluster import invariants
 from remediation import pg_ops
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
@@ -327,6 +328,65 @@ def stop_scratch(executor: Executor, scratch: Scratch) -> None:
             scratch.node, "pg_ctl", ["stop", "-D", str(scratch.data_dir), "-m", "immediate"]
         )
     shutil.rmtree(scratch.data_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Drill:
+    """What a drill found: `passed` only if the restored copy passed the shop's invariants."""
+
+    label: str
+    passed: bool
+    summary: str
+    details: dict[str, Any]
+
+
+def drill_backup(
+    executor: Executor,
+    node: str,
+    node_dsn: str,
+    backup: BackupInfo,
+    archive_dir: Path,
+    scratch_dir: Path,
+    *,
+    orders_db: str,
+    inventory_db: str,
+    timeout_s: float,
+    progress: Progress = no_progress,
+) -> Drill:
+    """Check `backup` against its manifest, restore it into a scratch instance on a free port,
+    replay the archive to its end, and run the shop's invariants there. Never raises for a
+    failed drill: that is its finding."""
+    progress(f"drill of {backup.label}: verify, restore into {scratch_dir}, replay the archive")
+    try:
+        check_backup(executor, node, backup)
+        scratch = start_scratch(
+            executor,
+            node,
+            node_dsn,
+            backup,
+            archive_dir,
+            scratch_dir,
+            free_port(),
+            timeout_s=timeout_s,
+        )
+    except (ActionError, ExecutorError) as exc:
+        return Drill(backup.label, False, f"restore failed: {exc}", {})
+    try:
+        progress(f"restored on port {scratch.port}; checking the shop's invariants")
+        verdict = invariants.check(
+            dsn_with(scratch.dsn, dbname=orders_db),
+            dsn_with(scratch.dsn, dbname=inventory_db),
+            timeout_s=30,
+        )
+    finally:
+        stop_scratch(executor, scratch)
+    if not verdict.readable:
+        return Drill(backup.label, False, f"invariants not readable: {verdict.error}", {})
+    if verdict.problems:
+        return Drill(backup.label, False, "; ".join(verdict.problems), verdict.details)
+    return Drill(
+        backup.label, True, f"{verdict.details['orders']} orders consistent", verdict.details
+    )
 
 
 def prune_archive(executor: Executor, node: str, archive_dir: Path, oldest: BackupInfo) -> str:

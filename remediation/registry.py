@@ -14,6 +14,7 @@ ACTIONS: dict[str, str] = {
     "rejoin": "remediation.rejoin:Rejoin",
     "switchover": "remediation.switchover:Switchover",
     "restore": "remediation.restore:Restore",
+    "backup": "remediation.backup:Backup",
 }
 
 

@@ -146,7 +146,18 @@ def actions() -> str:
         audit=services.views.audit_log(cp, 100),
         kind=kind or "",
         choices=services.views.requestable(cp),
+        candidates=switchover_candidates(cp),
     )
+
+
+def operator_policies(cp: services.ControlPlane, action: str) -> list[Any]:
+    return [p for p in cp.settings.policies if p.source == "operator" and p.action == action]
+
+
+def switchover_candidates(cp: services.ControlPlane) -> list[str]:
+    """The nodes a switchover may go to: those of the operator's switchover policies."""
+    nodes = {n for p in operator_policies(cp, "switchover") for n in p.params.get("nodes") or {}}
+    return sorted(nodes)
 
 
 @dashboard.get("/actions/<id:run_id>")
@@ -182,9 +193,11 @@ def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
             params["accept_loss"] = int(loss)
         except ValueError:
             raise InvalidRequest("accept_loss must be a whole number") from None
-    for name in ("candidate", "decision"):
-        if field(name, 100):
-            params[name] = field(name, 100)
+    # The form offers a switchover's candidate beside every action: it counts for that one only.
+    if field("candidate", 100) and field("action", 100) == "switchover":
+        params["candidate"] = field("candidate", 100)
+    if field("decision", 100):
+        params["decision"] = field("decision", 100)
     incident = field("incident_id", 20)
     body = form_model(
         services.ActionRequestIn,
@@ -231,9 +244,38 @@ def request_action() -> BaseResponse:
 # -- backups and silences -------------------------------------------------------------------------
 @dashboard.get("/backups")
 def backups() -> str:
+    cp = control_plane()
     return render_template(
-        "backups.html", page="backups", backups=services.list_backups(control_plane())
+        "backups.html",
+        page="backups",
+        backups=services.list_backups(cp),
+        can_start=bool(backup_targets(cp)),
     )
+
+
+def backup_targets(cp: services.ControlPlane) -> list[str]:
+    """Where "Start a backup" goes: the target of the operator's `backup` policy."""
+    return [t for p in operator_policies(cp, "backup") if (t := p.match.get("target"))]
+
+
+@dashboard.post("/backups/start")
+def start_backup() -> BaseResponse:
+    """An intent, as any request: a `backup` run (base backup, verify, drill) for the loop."""
+    who = require(Role.OPERATOR)
+    cp = control_plane()
+    targets = backup_targets(cp)
+    if not targets:
+        raise InvalidRequest("no operator policy runs a backup: see the targets file")
+    body = form_model(
+        services.ActionRequestIn,
+        {
+            "action": "backup",
+            "target": targets[0],
+            "reason": field("reason") or "operator: backup from the dashboard",
+        },
+    )
+    run_id = services.request_action(cp, body, who.actor)
+    return redirect(url_for("dashboard.action", run_id=run_id))
 
 
 @dashboard.get("/silences")
