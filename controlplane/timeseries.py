@@ -14,7 +14,7 @@ from requests import RequestException
 from sqlalchemy import or_, select
 
 from controlplane import store
-from controlplane.models import ActionRun, Incident
+from controlplane.models import ActionRun, Incident, ProbeRun
 
 if TYPE_CHECKING:
     from controlplane.runtime import ControlPlane
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 RANGES_S = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600}
 STEP_S = {"15m": 5, "1h": 15, "6h": 60, "24h": 300}
+MAX_LAG_SAMPLES = 2000  # of the probe history drawn in one chart
 RATE = {"15m": "30s", "1h": "1m", "6h": "2m", "24h": "10m"}
 
 
@@ -136,7 +137,34 @@ def series(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
                     "y": [_number(v) for _, v in values],
                 }
             )
+    out["replication_lag"] = replication_lag(cp, start, now)
     return out
+
+
+def replication_lag(cp: ControlPlane, start: datetime, now: datetime) -> dict[str, Any]:
+    """Bytes of WAL each standby has yet to replay, from the `pg_standby` probe's history in the
+    state store (its details carry `lag_bytes` as the leader sees it): no Prometheus needed."""
+    entry: dict[str, Any] = {
+        "title": "Replication lag per standby (WAL not yet replayed)",
+        "unit": "bytes",
+        "samples": [],
+    }
+    probe = next((p.name for p in cp.settings.probes if p.kind == "pg_standby"), None)
+    if probe is None:
+        entry["error"] = "no pg_standby probe is configured"
+        return entry
+    with store.read(cp.factory) as s:
+        rows = s.execute(
+            select(ProbeRun.at, ProbeRun.details)
+            .where(ProbeRun.probe == probe, ProbeRun.at >= start, ProbeRun.at <= now)
+            .order_by(ProbeRun.at)
+        ).all()
+    stride = max(1, -(-len(rows) // MAX_LAG_SAMPLES))
+    entry["samples"] = [
+        {"at": at.isoformat(), "lag_bytes": details.get("lag_bytes") or {}}
+        for at, details in rows[::stride]
+    ]
+    return entry
 
 
 def _number(value: str) -> float | None:

@@ -33,6 +33,8 @@ class NodeView:
     receiving: str | None = None  # a standby's WAL receiver status ("streaming")
     standbys: tuple[tuple[str, str, str], ...] = ()  # a primary's (name, state, sync_state)
     sync_names: str = ""
+    # A primary's (standby name, bytes of WAL it has yet to replay; None: unknown yet)
+    lag_bytes: tuple[tuple[str, int | None], ...] = ()
 
     @property
     def sync_standbys(self) -> list[str]:
@@ -114,10 +116,12 @@ def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:
         return NodeView(name, NodeState.STANDBY, timeline=int(wal[1] or 0), receiving=str(wal[0]))
     row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
     timeline = int(str(row[0])[:8], 16) if row else None
-    standbys = tuple(
-        (str(r[0]), str(r[1]), str(r[2]))
-        for r in conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication")
-    )
+    rows = conn.execute(
+        "SELECT application_name, state, sync_state,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) FROM pg_stat_replication"
+    ).fetchall()
+    standbys = tuple((str(r[0]), str(r[1]), str(r[2])) for r in rows)
+    lag_bytes = tuple((str(r[0]), None if r[3] is None else int(r[3])) for r in rows)
     names = conn.execute("SHOW synchronous_standby_names").fetchone()
     return NodeView(
         name,
@@ -125,6 +129,7 @@ def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:
         timeline=timeline,
         standbys=standbys,
         sync_names=str(names[0]) if names else "",
+        lag_bytes=lag_bytes,
     )
 
 

@@ -81,7 +81,13 @@ class PgStandbyProbe(Probe):
         others = [v for v in views if v != leader]
         following = {v.name for v in others if follows(v, leader)}
         sync = [n for n in leader.sync_standbys if n in following]
-        info = {"leader": leader.name, "sync": sync, "sync_names": leader.sync_names}
+        info = {
+            "leader": leader.name,
+            "sync": sync,
+            "sync_names": leader.sync_names,
+            # Bytes of WAL each standby has yet to replay, as the leader sees it.
+            "lag_bytes": dict(leader.lag_bytes),
+        }
         if sync:
             return ProbeResult(
                 Health.UP,

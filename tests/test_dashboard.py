@@ -19,7 +19,7 @@ from controlplane.models import ActionRun, ActionState
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
 from web import create_app
-from web.charts import all_charts, line_chart
+from web.charts import all_charts, lag_lines, line_chart
 
 PASSWORD = "correct horse battery"
 PAGES = ["/dashboard/", "/dashboard/incidents", "/dashboard/actions", "/dashboard/charts",
@@ -354,3 +354,95 @@ def test_every_panel_becomes_a_figure_even_without_data() -> None:
     }
     figs = all_charts(series, {"spans": [], "markers": []})
     assert set(figs) == {"a", "b"} and "Prometheus: down" in figs["b"].layout.title.text
+
+
+NODES = {"pg-a": "host=127.0.0.1 port=1", "pg-b": "host=127.0.0.1 port=2"}
+
+
+@pytest.fixture
+def cluster_cp(tmp_path: Path) -> Iterator[ControlPlane]:
+    """A cluster with the operator policies of the lab: switchover and backup."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        instance_id="cp-test",
+        api_token="generated-token",
+        admin_password="admin-password",
+        services=[{"name": "shop-db-cluster", "component": "pg"}],
+        policies=[
+            {"name": "switchover", "source": "operator", "match": {"target": "shop-db-cluster"},
+             "action": "switchover", "params": {"nodes": NODES}},
+            {"name": "backup", "source": "operator", "match": {"target": "shop-db-cluster"},
+             "action": "backup", "max_attempts": 1,
+             "params": {"nodes": NODES, "backups_dir": str(tmp_path / "b"),
+                        "archive_dir": str(tmp_path / "a"), "scratch_dir": str(tmp_path / "s")}},
+        ],
+    )  # fmt: skip
+    plane = ControlPlane(settings, executor=NoExecutor(), action_backoff_s=0.01)
+    for name, role in (("vera", "viewer"), ("otto", "operator")):
+        accounts.add_user(plane.factory, name, role, PASSWORD, utcnow())
+    yield plane
+    plane.stop()
+
+
+def test_start_a_backup_requests_a_backup_run_through_the_engine(cluster_cp: ControlPlane) -> None:
+    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    otto = logged_in(app, "otto")
+    page = otto.get("/dashboard/backups")
+    assert "Start a backup" in page.text
+    token = csrf_of(otto, "/dashboard/backups")
+    assert otto.post("/dashboard/backups/start", data={}).status_code == 400  # no CSRF token
+    done = otto.post("/dashboard/backups/start", data={"csrf_token": token, "reason": "patching"})
+    assert done.status_code == 302
+    with store.read(cluster_cp.factory) as s:
+        [run] = store.list_runs(s, incident_id=None, limit=5)
+    assert (run.action, run.target, run.requested_by) == ("backup", "shop-db-cluster", "otto")
+    assert run.state == ActionState.PENDING and not run.params.get("params")
+
+
+def test_a_viewer_gets_no_backup_button_and_is_refused(cluster_cp: ControlPlane) -> None:
+    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    vera = logged_in(app, "vera")
+    assert "Start a backup" not in vera.get("/dashboard/backups").text
+    token = csrf_of(vera, "/dashboard/")
+    assert vera.post("/dashboard/backups/start", data={"csrf_token": token}).status_code == 403
+
+
+def test_no_backup_button_without_an_operator_backup_policy(app: Flask) -> None:
+    otto = logged_in(app, "otto")
+    assert "Start a backup" not in otto.get("/dashboard/backups").text
+
+
+def test_the_request_form_offers_the_switchover_candidates(cluster_cp: ControlPlane) -> None:
+    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    otto = logged_in(app, "otto")
+    page = otto.get("/dashboard/actions").text
+    assert 'name="candidate"' in page
+    assert "<option>pg-a</option>" in page and "<option>pg-b</option>" in page
+    token = csrf_of(otto, "/dashboard/")
+    form = {"csrf_token": token, "target": "shop-db-cluster", "reason": "patching",
+            "candidate": "pg-b"}  # fmt: skip
+    switch = otto.post("/dashboard/actions/preview", data={**form, "action": "switchover"})
+    assert (
+        switch.status_code == 200
+        and "operator params accepted: {&#39;candidate&#39;: &#39;pg-b&#39;}" in switch.text
+    )
+    # Another action ignores the candidate: it is not one of its params.
+    backup = otto.post("/dashboard/actions/preview", data={**form, "action": "backup"})
+    assert "operator params accepted: none" in backup.text
+
+
+def test_the_lag_chart_draws_a_line_per_standby_with_gaps_when_absent() -> None:
+    samples = [
+        {"at": "2024-01-01T00:00:00Z", "lag_bytes": {"pg-b": 0}},
+        {"at": "2024-01-01T00:00:05Z", "lag_bytes": {"pg-b": 16384, "pg-c": 8}},
+        {"at": "2024-01-01T00:00:10Z", "lag_bytes": {}},
+    ]
+    assert lag_lines(samples) == [
+        {"name": "pg-b", "x": [s["at"] for s in samples], "y": [0, 16384, None]},
+        {"name": "pg-c", "x": [s["at"] for s in samples], "y": [None, 8, None]},
+    ]
+    series = {"replication_lag": {"title": "Lag", "unit": "bytes", "samples": samples}}
+    fig = all_charts(series, {"spans": [], "markers": []})["replication_lag"]
+    assert [t.name for t in fig.data] == ["pg-b", "pg-c"]
+    assert fig.layout.yaxis.tickformat == ".3s"
+    assert lag_lines([]) == []

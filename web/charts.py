@@ -11,7 +11,7 @@ from plotly.subplots import make_subplots
 SPAN_COLOUR = "#dc3545"  # incidents: the colour of "down" everywhere
 MARKER_COLOUR = {"succeeded": "#2fae63", "failed": "#dc3545", "rejected": "#dc3545"}
 DEFAULT_MARKER = "#f8a306"
-TICK_FORMAT = {"s": ".3s", "ratio": ".0%"}
+TICK_FORMAT = {"s": ".3s", "ratio": ".0%", "bytes": ".3s"}
 
 
 def line_chart(
@@ -88,6 +88,20 @@ def line_chart(
     return fig
 
 
+def lag_lines(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-standby lines from samples `{"at", "lag_bytes": {standby: bytes or None}}`: a
+    standby absent from a sample (not connected) is a gap in its line, not a zero."""
+    names = sorted({str(n) for sample in samples for n in sample.get("lag_bytes") or {}})
+    return [
+        {
+            "name": name,
+            "x": [sample["at"] for sample in samples],
+            "y": [(sample.get("lag_bytes") or {}).get(name) for sample in samples],
+        }
+        for name in names
+    ]
+
+
 def all_charts(
     series: Mapping[str, Mapping[str, Any]],
     notes: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -97,7 +111,7 @@ def all_charts(
     return {
         name: line_chart(
             str(panel["title"]) + (f" — {panel['error']}" if panel.get("error") else ""),
-            panel["lines"],
+            panel["lines"] if "lines" in panel else lag_lines(panel.get("samples", ())),
             unit=str(panel.get("unit", "")),
             spans=notes.get("spans", ()),
             markers=notes.get("markers", ()),
