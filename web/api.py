@@ -9,6 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
+from web import shared_reads
 from web.auth import bearer_token, control_plane
 from web.body import json_object
 from web.login import csrf, require
@@ -55,7 +56,7 @@ def int_arg(name: str, default: int, high: int) -> int:
 
 @api.get("/health")
 def health() -> Response:
-    return jsonify(services.health_summary(control_plane()))
+    return jsonify(shared_reads.health(control_plane()))
 
 
 @api.get("/incidents")

@@ -14,6 +14,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
+from web import shared_reads
 from web.auth import control_plane
 from web.charts import all_charts
 from web.login import principal, require
@@ -60,7 +61,7 @@ def overview() -> str:
 
 @dashboard.get("/api/overview.json")
 def overview_json() -> Response:
-    return as_json(services.views.overview(control_plane()))
+    return as_json(shared_reads.overview(control_plane()))
 
 
 @dashboard.get("/api/badge.json")
