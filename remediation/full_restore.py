@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
+
 from pgcluster import invariants
 from pgcluster.nodes import leader_of
 from remediation import pg_ops, pitr
@@ -104,9 +106,18 @@ def run(
         why_not = restored_is_sound(p, p.nodes[target])
         if why_not:
             raise ActionError(f"the restored cluster fails its checks: {why_not}")
-    except (ActionError, ExecutorError, OSError) as exc:
+    # psycopg.Error too: a server that dies between promotion and its checks fails a query,
+    # not only a connection, and the old data directory must come back all the same.
+    except (ActionError, ExecutorError, OSError, psycopg.Error) as exc:
         logger.warning("full restore failed, putting the data directory back: %s", exc)
-        back = put_back(ctx, p, target, data_dir, aside)
+        try:
+            back = put_back(ctx, p, target, data_dir, aside)
+        except (ActionError, ExecutorError, OSError, psycopg.Error) as put_exc:
+            raise ActionError(
+                f"full restore failed ({exc}), and putting the old data directory back failed "
+                f"too ({put_exc}): it is at {aside if aside.exists() else data_dir}",
+                permanent=True,
+            ) from exc
         raise ActionError(f"full restore failed ({exc}); {back}", permanent=True) from exc
     timings["writable_after_s"] = pitr.elapsed_since(started)
     shutil.rmtree(aside, ignore_errors=True)  # the restored cluster passed: the old one goes
