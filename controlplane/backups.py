@@ -78,17 +78,7 @@ class Backups:
             )
         except ActionError as exc:
             raise BackupError(str(exc)) from exc
-        with store.transaction(self.factory) as s:
-            store.add_backup(
-                s,
-                label=info.label,
-                path=info.path,
-                started_at=info.started_at,
-                finished_at=info.finished_at,
-                size_bytes=info.size_bytes,
-                checksum=info.checksum,
-                drill={"source": info.source, "start_wal": info.start_wal},
-            )
+        self._add(info)
         logger.info("backup %s of %s taken (%d bytes)", info.label, node, info.size_bytes)
         return info
 
@@ -130,6 +120,13 @@ class Backups:
         dashboard or the API): into the catalog, verified when its drill passed."""
         info = pitr.BackupInfo.from_json({k: v for k, v in taken.items() if k != "drill"})
         drill = taken.get("drill") or {}
+        self._add(info)
+        self._record_drill(
+            DrillResult(info.label, bool(drill.get("passed")), str(drill.get("summary", "")), 0.0),
+            {},
+        )
+
+    def _add(self, info: pitr.BackupInfo) -> None:
         with store.transaction(self.factory) as s:
             if store.backup_by_label(s, info.label) is None:
                 store.add_backup(
@@ -142,10 +139,6 @@ class Backups:
                     checksum=info.checksum,
                     drill={"source": info.source, "start_wal": info.start_wal},
                 )
-        self._record_drill(
-            DrillResult(info.label, bool(drill.get("passed")), str(drill.get("summary", "")), 0.0),
-            {},
-        )
 
     def _record_drill(self, result: DrillResult, details: dict[str, Any]) -> None:
         now = self.clock()

@@ -145,3 +145,13 @@ def signal_pid(pid: int, sig: int) -> None:
 
 def record(kind: str, target: str, started: Stamp, ended: Stamp, **details: Any) -> FaultRecord:
     return FaultRecord(kind, target, started, ended, details)
+
+
+def hang(kind: str, view: StackView, component: str, duration_s: float) -> FaultRecord:
+    """Every process of `component` stopped (SIGSTOP) for `duration_s`, then continued."""
+    started, procs = stop_component(view, component)
+    try:
+        wait_s(duration_s)
+    finally:
+        ended = continue_processes(procs)
+    return record(kind, component, started, ended, processes=len(procs))

@@ -9,10 +9,7 @@ from lab.chaos.base import (
     BaseFault,
     ChaosError,
     FaultRecord,
-    continue_processes,
-    record,
-    stop_component,
-    wait_s,
+    hang,
 )
 from lab.observe import StackView
 
@@ -26,9 +23,4 @@ class HangPrimary(BaseFault):
         leader = view.leader()
         if leader is None:
             raise ChaosError("no single primary to hang")
-        started, procs = stop_component(view, leader)
-        try:
-            wait_s(duration_s)
-        finally:
-            ended = continue_processes(procs)
-        return record(self.kind, leader, started, ended, processes=len(procs))
+        return hang(self.kind, view, leader, duration_s)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lab.chaos.base import (
-    BaseFault,
-    FaultRecord,
-    continue_processes,
-    record,
-    stop_component,
-    wait_s,
-)
+from lab.chaos.base import BaseFault, FaultRecord, hang
 from lab.observe import StackView
 
 
@@ -20,9 +13,4 @@ class HangRedis(BaseFault):
     default_duration_s: ClassVar[float] = 10.0
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
-        started, procs = stop_component(view, "redis")
-        try:
-            wait_s(duration_s)
-        finally:
-            ended = continue_processes(procs)
-        return record(self.kind, "redis", started, ended)
+        return hang(self.kind, view, "redis", duration_s)

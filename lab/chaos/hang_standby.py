@@ -9,10 +9,7 @@ from lab.chaos.base import (
     BaseFault,
     ChaosError,
     FaultRecord,
-    continue_processes,
-    record,
-    stop_component,
-    wait_s,
+    hang,
 )
 from lab.observe import StackView
 
@@ -26,9 +23,4 @@ class HangStandby(BaseFault):
         standby = view.standby()
         if standby is None:
             raise ChaosError("no standby to hang (no single primary)")
-        started, procs = stop_component(view, standby)
-        try:
-            wait_s(duration_s)
-        finally:
-            ended = continue_processes(procs)
-        return record(self.kind, standby, started, ended, processes=len(procs))
+        return hang(self.kind, view, standby, duration_s)
