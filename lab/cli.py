@@ -126,6 +126,7 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
         "\ntry:\n"
         f"  curl {shop}/products/1\n"
         f"  curl -X POST {shop}/orders -H 'Idempotency-Key: demo-1' "
+        "-H 'Content-Type: application/json' "
         """-d '{"product_id": 1, "quantity": 1, "customer": "you", "address": "here"}'\n"""
         f"  {prometheus}/graph?g0.expr=sum(rate(shop_orders_total[1m]))%20by%20(result)\n"
         f"  {prometheus}/alerts   (kill -9 a shop's pid and watch ShopInstanceDown fire)\n"
