@@ -141,6 +141,9 @@ def archive_current_wal(dsn: str, timeout_s: float) -> str:
     """Close the leader's current WAL segment and wait until it is archived; returns where the
     archive now ends (an LSN): the search for damage and the recovery both read up to it."""
     with pg_ops.connect(dsn) as conn:
+        # The marker needs no standby: with none streaming (being rebuilt, say), a synchronous
+        # commit would wait for one forever and hold the whole restore.
+        conn.execute("SET synchronous_commit = local")
         conn.execute("SELECT txid_current()")  # a commit record marks "now"
         row = conn.execute(
             "SELECT lsn::text, pg_walfile_name(lsn - 1) FROM pg_switch_wal() AS lsn"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from lab.stack import Stack
 from pgcluster import invariants
 from remediation import restore_point
 from tests.conftest import stack_of_its_own
-from tests.test_backups import place_orders, primary_sql, with_a_backup
+from tests.test_backups import primary_sql, with_a_backup
 from tests.test_controlplane import Api
 from tests.test_failover import described, leader, order, orders_present, runs_of, wait_redundant
 
@@ -358,105 +357,3 @@ def test_damage_only_a_full_restore_undoes_discards_nothing_until_its_loss_is_ac
     wait_redundant(rs)
     wait_until(lambda: invariants_hold(rs), timeout_s=60, what="the invariants holding")
     assert order(rs).status_code == 201
-
-
-@contextlib.contextmanager
-def archive_unreadable_while_aside(stack: Stack, node: str) -> Iterator[threading.Event]:
-    """From the moment a full restore moves `node`'s data directory aside until it is back, the
-    WAL archive cannot be read by PostgreSQL (permission denied, as after a wrong chown or a
-    remount): the recovery ends short of its point, as it would in the world. The event is set
-    once the archive was taken away."""
-    data_dir = Path(described(stack)["components"][node]["data_dir"])
-    aside = data_dir.with_name(f"{data_dir.name}.before-restore")
-    archive = stack.layout.wal_archive
-    mode = stat.S_IMODE(archive.stat().st_mode)
-    stop, taken = threading.Event(), threading.Event()
-
-    def watch() -> None:
-        while not aside.exists():
-            if stop.wait(0.005):
-                return
-        archive.chmod(0)
-        taken.set()
-        while aside.exists() and not stop.wait(0.02):
-            pass
-        archive.chmod(mode)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        yield taken
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-        archive.chmod(mode)
-
-
-def identity(stack: Stack, node: str) -> tuple[int, int]:
-    """The cluster's system identifier and the timeline it writes on."""
-    with stack.connect(node) as conn:
-        row = conn.execute(
-            "SELECT (SELECT system_identifier FROM pg_control_system()),"
-            " (SELECT timeline_id FROM pg_control_checkpoint())"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
-def test_a_full_restore_whose_recovery_fails_puts_the_old_data_directory_back(
-    rs: Stack, rs_api: Api
-) -> None:
-    # An operator asks for a full restore to a point before three acknowledged orders and a
-    # change in place; when the restored server starts, the WAL archive it needs is unreadable.
-    ready(rs)
-    name = wait_redundant(rs)
-    point = primary_sql(rs, "orders", "SELECT pg_current_wal_lsn()::text")[0][0]
-    after_point = place_orders(rs, 3)
-    damaged = primary_sql(
-        rs,
-        "orders",
-        "UPDATE orders SET quantity = quantity + 1 WHERE id IN"
-        " (SELECT id FROM orders ORDER BY created_at DESC LIMIT 3) RETURNING id, quantity",
-    )
-    was = identity(rs, name)
-    every_order = {r[0] for r in primary_sql(rs, "orders", "SELECT id::text FROM orders")}
-    assert set(after_point) <= every_order
-    request = {"full": True, "to": point, "accept_loss": len(after_point)}
-    with archive_unreadable_while_aside(rs, name) as taken:
-        run = request_full_restore(rs_api, request)
-    # The recovery could not reach the point: the run escalates, saying why and what it did.
-    assert taken.is_set(), json.dumps(run, indent=1)[-3000:]
-    assert run["state"] == "failed", json.dumps(run, indent=1)[-3000:]
-    error = run["output"]["error"]
-    assert "full restore failed" in error and "stopped during recovery" in error, error
-    assert f"the pre-restore data directory of {name} is back" in error, error
-    attempts = [a for a in run["audit"] if a["verb"].startswith("execute")]
-    assert len(attempts) == 1 and attempts[0]["data"]["permanent"] is True, attempts  # escalated
-    # The cluster is as it was found: the same leader, cluster and timeline, synchronous again,
-    # every order there (none discarded), the damage still there (nothing was restored).
-    assert wait_redundant(rs) == name
-    assert identity(rs, name) == was
-    now = {r[0] for r in primary_sql(rs, "orders", "SELECT id::text FROM orders")}
-    assert now == every_order
-    ids = [row[0] for row in damaged]
-    still = primary_sql(rs, "orders", "SELECT id, quantity FROM orders WHERE id = ANY(%s)", ids)
-    assert set(still) == set(damaged)
-    assert not invariants_hold(rs)
-    assert order(rs).status_code == 201
-
-
-def request_full_restore(api: Api, request: dict[str, Any]) -> dict[str, Any]:
-    """The full restore as requested, the loss accepted as it is when it runs (the orders
-    taken after the escalation add to it): the finished run."""
-    for _ in range(3):
-        posted = api.post(
-            "/actions",
-            {"action": "restore", "target": "shop-db-cluster", "reason": "t", "params": request},
-        )
-        assert posted.status_code == 202, posted.text
-        run = finished(api, posted.json()["id"])
-        reason = run["output"].get("precheck", "")
-        if run["state"] != "skipped" or "would now discard " not in reason:
-            return run
-        request = {**request, "accept_loss": int(reason.split("discard ")[1].split()[0])}
-    raise AssertionError(f"the loss never settled: {reason}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 
 from cachetools import TTLCache
 from flask import Blueprint, Response, jsonify, request
@@ -43,16 +44,19 @@ class IntakeLimit:
             return (alerts - tokens) / self.rate_per_s
 
 
-_limits: dict[int, IntakeLimit] = {}
+# Per control plane (weakly: one gone takes its buckets along; an id() could be reused).
+_limits: weakref.WeakKeyDictionary[services.ControlPlane, IntakeLimit] = weakref.WeakKeyDictionary()
+_limits_lock = threading.Lock()
 
 
 def intake_limit(cp: services.ControlPlane) -> IntakeLimit:
-    found = _limits.get(id(cp))
-    if found is None:
-        found = _limits[id(cp)] = IntakeLimit(
-            cp.settings.intake_alerts_per_minute, cp.settings.intake_alerts_burst
-        )
-    return found
+    with _limits_lock:
+        found = _limits.get(cp)
+        if found is None:
+            found = _limits[cp] = IntakeLimit(
+                cp.settings.intake_alerts_per_minute, cp.settings.intake_alerts_burst
+            )
+        return found
 
 
 @alerts.post("/alerts")

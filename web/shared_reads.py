@@ -14,11 +14,13 @@ from controlplane import services
 SHARED_FOR_S = 0.5
 
 
-@cached(TTLCache(maxsize=8, ttl=SHARED_FOR_S), key=id, lock=threading.Lock())
+# Keyed by the control plane itself (held for the TTL), not by id(): a new one may reuse the
+# id of one gone, and must not be answered with its figures.
+@cached(TTLCache(maxsize=8, ttl=SHARED_FOR_S), key=lambda cp: cp, lock=threading.Lock())
 def overview(cp: services.ControlPlane) -> dict[str, Any]:
     return services.views.overview(cp)
 
 
-@cached(TTLCache(maxsize=8, ttl=SHARED_FOR_S), key=id, lock=threading.Lock())
+@cached(TTLCache(maxsize=8, ttl=SHARED_FOR_S), key=lambda cp: cp, lock=threading.Lock())
 def health(cp: services.ControlPlane) -> dict[str, Any]:
     return services.health_summary(cp)
