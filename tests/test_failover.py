@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from lab.load import LoadResult, run_order_load
+from lab.observe import StackView
 from lab.process import wait_until
 from lab.stack import Stack
-from lab.targets import primary_dsn
 from remediation.executors.processes import in_directory, is_pid_alive, process_table
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
@@ -42,42 +42,24 @@ def described(stack: Stack) -> dict[str, Any]:
     return data
 
 
+def view(stack: Stack) -> StackView:
+    """The lab's own look at a stack, from outside the control plane (lab/observe.py)."""
+    return StackView.of(stack.layout.data_dir)
+
+
 def node_state(stack: Stack, index: int) -> tuple[str, int | None]:
     """('primary', timeline) | ('standby', received timeline) | ('down', None)."""
-    try:
-        with stack.connect(f"pg{index}") as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-            if row and row[0]:
-                tli = conn.execute("SELECT received_tli FROM pg_stat_wal_receiver").fetchone()
-                return "standby", int(tli[0]) if tli and tli[0] else None
-            wal = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
-            return "primary", int(str(wal[0])[:8], 16) if wal else None
-    except psycopg.OperationalError:
-        return "down", None
+    return view(stack).node_state(f"pg{index}")
 
 
 def leader(stack: Stack) -> str | None:
-    states = {f"pg{i}": node_state(stack, i) for i in range(2)}
-    primaries = [name for name, (role, _) in states.items() if role == "primary"]
-    return primaries[0] if len(primaries) == 1 else None
+    return view(stack).leader()
 
 
 def is_redundant(stack: Stack) -> bool:
     """One primary, the other node streams its timeline synchronously, and the control plane
     knows commits are synchronous again."""
-    name = leader(stack)
-    if name is None:
-        return False
-    index = int(name[-1])
-    _, timeline = node_state(stack, index)
-    other_role, other_timeline = node_state(stack, 1 - index)
-    if other_role != "standby" or other_timeline != timeline:
-        return False
-    with stack.connect(f"pg{index}") as conn:
-        sync = conn.execute(
-            "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
-        ).fetchone()
-    return bool(sync and sync[0]) and described(stack)["facts"]["synchronous"] is True
+    return view(stack).is_redundant()
 
 
 def wait_redundant(stack: Stack, timeout_s: float = 90) -> str:
@@ -132,19 +114,11 @@ def order(stack: Stack, product_id: int = 1) -> requests.Response:
 
 
 def orders_present(stack: Stack, ids: list[str]) -> dict[str, int]:
-    with psycopg.connect(primary_dsn(stack.layout, "orders"), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT id::text, count(*) FROM orders WHERE id::text = ANY(%s) GROUP BY id", (ids,)
-        ).fetchall()
-    return {str(r[0]): int(r[1]) for r in rows}
+    return view(stack).orders_present(ids)
 
 
 def prepared_count(stack: Stack) -> int:
-    name = leader(stack)
-    assert name is not None
-    with psycopg.connect(stack.dsn(name)) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
-    return int(row[0]) if row else 0
+    return view(stack).prepared_count()
 
 
 def runs_of(api: Api, action: str) -> list[dict[str, Any]]:
