@@ -6,6 +6,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import Field
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from probes.base import Health, Params, Probe, ProbeResult, describe, down
 
@@ -21,8 +23,13 @@ class RedisProbe(Probe):
 
     def check(self) -> ProbeResult:
         p: RedisParams = self.params  # type: ignore[assignment]
+        # No client retries: redis-py's default three would make a hung Redis cost four
+        # timeouts, and the probe's `timeout_s` is its bound.
         client = redis.Redis.from_url(
-            p.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            p.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             client.ping()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import redis
 import requests
 from pydantic import BaseModel, ConfigDict, Field
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
@@ -29,7 +31,9 @@ class CacheFlush(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = self._params(ctx)
-        client = redis.Redis.from_url(p.redis_url, socket_timeout=p.timeout_s)
+        client = redis.Redis.from_url(
+            p.redis_url, socket_timeout=p.timeout_s, retry=Retry(NoBackoff(), 0)
+        )
         try:
             client.ping()
         except redis.RedisError as exc:
@@ -40,7 +44,9 @@ class CacheFlush(Action):
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = self._params(ctx)
-        client = redis.Redis.from_url(p.redis_url, socket_timeout=p.timeout_s)
+        client = redis.Redis.from_url(
+            p.redis_url, socket_timeout=p.timeout_s, retry=Retry(NoBackoff(), 0)
+        )
         try:
             keys = list(client.scan_iter(match=p.key_prefix + "*", count=1000))
             removed = int(client.delete(*keys)) if keys else 0

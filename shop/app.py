@@ -16,6 +16,8 @@ import redis
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import Table, insert, select, text, update
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -160,6 +162,9 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
+        # One attempt: a dead or hung Redis costs one timeout, then the cache skips it for
+        # `redis_retry_after_s` (redis-py would otherwise retry three times on its own).
+        retry=Retry(NoBackoff(), 0),
     )
     cache = ProductCache(
         redis_client,

@@ -82,12 +82,6 @@ def test_the_app_serves_the_document_the_check_runs_against(app: Flask) -> None:
 
 
 @schema.parametrize()
-# Schemathesis' own negative-case strategies draw from `random` (its issue, not this app's);
-# Hypothesis flags that as deprecated, and filterwarnings = error would fail the run on it.
-@pytest.mark.filterwarnings(
-    "ignore:Do not use the `random` module inside strategies"
-    ":hypothesis.errors.HypothesisDeprecationWarning"
-)
 @settings(
     max_examples=25,
     deadline=None,
