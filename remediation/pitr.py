@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 from psycopg.conninfo import make_conninfo
 
 from pgcluster import invariants
-from remediation import pg_ops
+from remediation import pg_ops, restore_point
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
 
@@ -233,6 +234,35 @@ def prepare_recovery(
     )
     for name in (*NOT_DATA, "standby.signal"):
         (dest / name).unlink(missing_ok=True)
+    keep_ancestor_wal(dest, source, archive_dir)
+
+
+def keep_ancestor_wal(dest: Path, backup_path: Path, archive_dir: Path) -> list[str]:
+    """Put in `dest`/pg_wal, under the old timelines' names, the WAL of the timelines the
+    newest one descends from, from the backup's start to each switch
+    (`restore_point.ancestor_segments`). A recovery that crosses a switch (a failover, an
+    earlier restore) with two-phase commits prepared before it reads their state from pg_wal
+    by the old timeline's name, not through restore_command, and PostgreSQL 15 stops with
+    "requested WAL segment ... has already been removed" without it. Returns the names."""
+    histories = [
+        int(h.stem, 16)
+        for h in archive_dir.glob("*.history")
+        if re.fullmatch("[0-9A-F]{8}", h.stem)
+    ]
+    if not histories:
+        return []
+    start = restore_point.backup_start_lsn(backup_path)
+    pieces = restore_point.timeline_ranges(archive_dir, start, 2**64 - 1, max(histories))
+    wal_dir = dest / "pg_wal"
+    owner = wal_dir.stat()
+    kept = []
+    for name, source in restore_point.ancestor_segments(archive_dir, pieces).items():
+        target = wal_dir / name
+        if not target.exists():
+            shutil.copyfile(source, target)
+            os.chown(target, owner.st_uid, owner.st_gid)
+            kept.append(name)
+    return kept
 
 
 def wait_promoted(dsn: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
@@ -317,9 +347,25 @@ def start_scratch(
         )
         wait_promoted(scratch.dsn, timeout_s)
     except (ExecutorError, ActionError) as exc:
+        # pg_ctl says "examine the log output", and the log goes with the scratch directory:
+        # its last lines go into the error instead.
+        said = log_tail(scratch_dir / "drill.log")
         stop_scratch(executor, scratch)
-        raise ActionError(f"drill restore of {backup.label} failed: {exc}") from exc
+        raise ActionError(f"drill restore of {backup.label} failed: {exc}{said}") from exc
     return scratch
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    """A server log's last FATAL or PANIC lines (else its last lines), as a suffix for an
+    error message."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    every = [line.strip() for line in text.splitlines() if line.strip()]
+    fatal = [line for line in every if "FATAL:" in line or "PANIC:" in line]
+    tail = (fatal or every)[-lines:]
+    return f" (its log: {' | '.join(tail)})" if tail else ""
 
 
 def stop_scratch(executor: Executor, scratch: Scratch) -> None:

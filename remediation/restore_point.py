@@ -10,8 +10,12 @@ record (`recovery_target_lsn`, not inclusive). A verified repair leaves a named 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
-from collections.abc import Iterable, Mapping
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -106,14 +110,78 @@ def timeline_ranges(
     return pieces
 
 
+WAL_FILE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+
+
+def ancestor_segments(archive_dir: Path, pieces: Sequence[tuple[int, int, int]]) -> dict[str, Path]:
+    """The archived files that hold each older timeline's WAL in `pieces` (timeline_ranges),
+    by the name a reader of that timeline asks for. Before a switch's segment, the old
+    timeline's own segments. The switch's own segment is taken from the child timeline,
+    which begins as a copy of it up to the switch point: the old timeline's own is often not
+    archived whole (a primary stopped by a switchover leaves only the promoted node's
+    `.partial`), and when it is, it may go on past the point with writes the switch
+    discarded (a failed primary's last moments), which nothing may read as history."""
+    segments = [f for f in archive_dir.iterdir() if WAL_FILE.match(f.name)]
+    if not segments or len(pieces) < 2:
+        return {}
+    segment_bytes = segments[0].stat().st_size
+    per_log = 0x1_0000_0000 // segment_bytes
+
+    def name(tli: int, segno: int) -> str:
+        return f"{tli:08X}{segno // per_log:08X}{segno % per_log:08X}"
+
+    found: dict[str, Path] = {}
+    for (tli, begin, until), (child, _, _) in itertools.pairwise(pieces):
+        switch = until // segment_bytes
+        for segno in range(begin // segment_bytes, switch + 1):
+            candidates = (
+                [archive_dir / name(child, segno), archive_dir / f"{name(tli, segno)}.partial"]
+                if segno == switch
+                else [archive_dir / name(tli, segno)]
+            )
+            source = next((c for c in candidates if c.exists()), None)
+            if source is not None:
+                found[name(tli, segno)] = source
+    return found
+
+
+@contextlib.contextmanager
+def readable_history(archive_dir: Path, pieces: Sequence[tuple[int, int, int]]) -> Iterator[Path]:
+    """A directory where every timeline of `pieces` reads whole up to its switch: the
+    archive's files, and the ancestors' switch segments as `ancestor_segments` chose them
+    (links, in a directory of their own; the archive itself is never written)."""
+    extra = ancestor_segments(archive_dir, pieces)
+    if not extra:
+        yield archive_dir
+        return
+    linked = Path(tempfile.mkdtemp(prefix="wal-history-"))
+    try:
+        linked.chmod(0o755)  # read by the tools' OS user
+        for entry in archive_dir.iterdir():
+            (linked / entry.name).symlink_to(entry)
+        for wanted, source in extra.items():
+            (linked / wanted).unlink(missing_ok=True)
+            (linked / wanted).symlink_to(source)
+        yield linked
+    finally:
+        shutil.rmtree(linked, ignore_errors=True)
+
+
 def decode(
-    executor: Executor, node: str, archive_dir: Path, pieces: Iterable[tuple[int, int, int]]
+    executor: Executor, node: str, archive_dir: Path, pieces: Sequence[tuple[int, int, int]]
+) -> list[str]:
+    with readable_history(archive_dir, pieces) as wal_dir:
+        return _decode(executor, node, wal_dir, pieces)
+
+
+def _decode(
+    executor: Executor, node: str, wal_dir: Path, pieces: Iterable[tuple[int, int, int]]
 ) -> list[str]:
     lines: list[str] = []
     for tli, begin, until in pieces:
         args = [
             "-p",
-            str(archive_dir),
+            str(wal_dir),
             "-t",
             str(tli),
             "-s",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,9 @@ from lab.load import LoadResult, run_order_load
 from lab.process import wait_until
 from lab.stack import Stack
 from pgcluster import invariants
-from remediation import restore_point
+from remediation import pitr, restore_point
 from tests.conftest import stack_of_its_own
-from tests.test_backups import primary_sql, with_a_backup
+from tests.test_backups import place_orders, primary_sql, with_a_backup
 from tests.test_controlplane import Api
 from tests.test_failover import described, leader, order, orders_present, runs_of, wait_redundant
 
@@ -120,6 +121,54 @@ def test_a_timeline_history_splits_the_wal_to_decode(tmp_path: Path) -> None:
         (1, start, restore_point.lsn_value("0/3000160")),
         (2, restore_point.lsn_value("0/3000160"), end),
     ]
+
+
+def test_a_recovery_across_a_timeline_switch_gets_the_old_timelines_wal_in_pg_wal(
+    tmp_path: Path,
+) -> None:
+    # A backup on timeline 1, a failover to timeline 2 inside segment 5, then timeline 3: the
+    # two-phase state prepared before each switch is read from pg_wal by its old name.
+    archive, backup, dest = tmp_path / "archive", tmp_path / "backup", tmp_path / "dest"
+    for path in (archive, backup, dest / "pg_wal"):
+        path.mkdir(parents=True)
+    (backup / "backup_label").write_text(
+        "START WAL LOCATION: 0/4000028 (file 000000010000000000000004)\n"
+    )
+    (archive / "00000002.history").write_text("1\t0/500E0A0\tno recovery target specified\n")
+    (archive / "00000003.history").write_text(
+        "1\t0/500E0A0\tno recovery target specified\n2\t0/7000100\tno recovery target\n"
+    )
+    for name in (
+        "000000010000000000000003", "000000010000000000000004", "000000010000000000000005",
+        "000000010000000000000006", "000000020000000000000005", "000000020000000000000006",
+        "000000020000000000000007", "000000030000000000000007",
+        "000000010000000000000005.partial",
+    ):  # fmt: skip
+        with (archive / name).open("wb") as fh:
+            fh.write(name.encode())  # which file it was, to see what went where
+            fh.truncate(16 * 1024 * 1024)  # sparse: a segment's size, no disk
+    kept = pitr.keep_ancestor_wal(dest, backup, archive)
+    assert kept == [
+        "000000010000000000000004",
+        "000000010000000000000005",
+        "000000020000000000000005",
+        "000000020000000000000006",
+        "000000020000000000000007",
+    ]
+    assert sorted(p.name for p in (dest / "pg_wal").iterdir()) == kept
+
+    def came_from(name: str) -> str:
+        return (dest / "pg_wal" / name).read_bytes()[:24].decode()
+
+    # A switch's segment comes from the child timeline: the old one's may go on past the
+    # switch with writes the switch discarded.
+    assert came_from("000000010000000000000004") == "000000010000000000000004"
+    assert came_from("000000010000000000000005") == "000000020000000000000005"
+    assert came_from("000000020000000000000007") == "000000030000000000000007"
+    # Nothing to keep on a cluster that never switched timelines.
+    for history in archive.glob("*.history"):
+        history.unlink()
+    assert pitr.keep_ancestor_wal(dest, backup, archive) == []
 
 
 # -- on a stack of its own, under load -------------------------------------------------------
@@ -272,6 +321,31 @@ def test_deleted_stock_movements_are_put_back_under_load(rs: Stack, rs_api: Api)
     assert report["data"]["repair"]["inventory.stock_movements"] == "30 rows put back"
 
 
+def test_deleted_orders_are_put_back_from_a_backup_older_than_a_switchover(
+    rs: Stack, rs_api: Api
+) -> None:
+    # The proof and the repair recover a backup taken before the primary moved: the recovery
+    # crosses a timeline switch with two-phase commits prepared just before it.
+    ready(rs)
+    before = wait_redundant(rs)
+    with under_load(rs):
+        switched = rs_api.post(
+            "/actions",
+            {"action": "switchover", "target": "shop-db-cluster", "reason": "test: patching"},
+        )
+        assert switched.status_code == 202, switched.text
+        assert finished(rs_api, switched.json()["id"])["state"] == "succeeded"
+    assert wait_redundant(rs) != before
+    report = repaired_under_load(
+        rs,
+        rs_api,
+        "DELETE FROM orders WHERE id IN (SELECT id FROM orders ORDER BY created_at DESC"
+        " OFFSET 20 LIMIT 40) RETURNING id",
+        "orders",
+    )
+    assert report["data"]["repair"]["orders.orders"] == "40 rows put back"
+
+
 def test_stock_values_changed_behind_the_ledger_are_set_back_under_load(
     rs: Stack, rs_api: Api
 ) -> None:
@@ -357,3 +431,108 @@ def test_damage_only_a_full_restore_undoes_discards_nothing_until_its_loss_is_ac
     wait_redundant(rs)
     wait_until(lambda: invariants_hold(rs), timeout_s=60, what="the invariants holding")
     assert order(rs).status_code == 201
+
+
+@contextlib.contextmanager
+def archive_unreadable_while_aside(stack: Stack, node: str) -> Iterator[threading.Event]:
+    """From the moment a full restore moves `node`'s data directory aside until it is back, the
+    WAL archive cannot be read by PostgreSQL (permission denied, as after a wrong chown or a
+    remount): the recovery ends short of its point, as it would in the world. The event is set
+    once the archive was taken away."""
+    data_dir = Path(described(stack)["components"][node]["data_dir"])
+    aside = data_dir.with_name(f"{data_dir.name}.before-restore")
+    archive = stack.layout.wal_archive
+    mode = stat.S_IMODE(archive.stat().st_mode)
+    stop, taken = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not aside.exists():
+            if stop.wait(0.005):
+                return
+        archive.chmod(0)
+        taken.set()
+        while aside.exists() and not stop.wait(0.02):
+            pass
+        archive.chmod(mode)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield taken
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        archive.chmod(mode)
+
+
+def identity(stack: Stack, node: str) -> tuple[int, int]:
+    """The cluster's system identifier and the timeline it writes on."""
+    with stack.connect(node) as conn:
+        row = conn.execute(
+            "SELECT (SELECT system_identifier FROM pg_control_system()),"
+            " (SELECT timeline_id FROM pg_control_checkpoint())"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_a_full_restore_whose_recovery_fails_puts_the_old_data_directory_back(
+    rs: Stack, rs_api: Api
+) -> None:
+    # An operator asks for a full restore to a point before three acknowledged orders and a
+    # change in place; when the restored server starts, the WAL archive it needs is unreadable.
+    ready(rs)
+    name = wait_redundant(rs)
+    # The point in a segment of its own: only the archive holds it (an earlier restore's
+    # timeline switch puts the segments before it in the recovery's pg_wal).
+    primary_sql(rs, "orders", "SELECT pg_switch_wal()")
+    point = primary_sql(rs, "orders", "SELECT pg_current_wal_lsn()::text")[0][0]
+    after_point = place_orders(rs, 3)
+    damaged = primary_sql(
+        rs,
+        "orders",
+        "UPDATE orders SET quantity = quantity + 1 WHERE id IN"
+        " (SELECT id FROM orders ORDER BY created_at DESC LIMIT 3) RETURNING id, quantity",
+    )
+    was = identity(rs, name)
+    every_order = {r[0] for r in primary_sql(rs, "orders", "SELECT id::text FROM orders")}
+    assert set(after_point) <= every_order
+    request = {"full": True, "to": point, "accept_loss": len(after_point)}
+    with archive_unreadable_while_aside(rs, name) as taken:
+        run = request_full_restore(rs_api, request)
+    # The recovery could not reach the point: the run escalates, saying why and what it did.
+    assert taken.is_set(), json.dumps(run, indent=1)[-3000:]
+    assert run["state"] == "failed", json.dumps(run, indent=1)[-3000:]
+    error = run["output"]["error"]
+    assert "full restore failed" in error and "stopped during recovery" in error, error
+    assert f"the pre-restore data directory of {name} is back" in error, error
+    attempts = [a for a in run["audit"] if a["verb"].startswith("execute")]
+    assert len(attempts) == 1 and attempts[0]["data"]["permanent"] is True, attempts  # escalated
+    # The cluster is as it was found: the same leader, cluster and timeline, synchronous again,
+    # every order there (none discarded), the damage still there (nothing was restored).
+    assert wait_redundant(rs) == name
+    assert identity(rs, name) == was
+    now = {r[0] for r in primary_sql(rs, "orders", "SELECT id::text FROM orders")}
+    assert now == every_order
+    ids = [row[0] for row in damaged]
+    still = primary_sql(rs, "orders", "SELECT id, quantity FROM orders WHERE id = ANY(%s)", ids)
+    assert set(still) == set(damaged)
+    assert not invariants_hold(rs)
+    assert order(rs).status_code == 201
+
+
+def request_full_restore(api: Api, request: dict[str, Any]) -> dict[str, Any]:
+    """The full restore as requested, the loss accepted as it is when it runs (the orders
+    taken after the escalation add to it): the finished run."""
+    for _ in range(3):
+        posted = api.post(
+            "/actions",
+            {"action": "restore", "target": "shop-db-cluster", "reason": "t", "params": request},
+        )
+        assert posted.status_code == 202, posted.text
+        run = finished(api, posted.json()["id"])
+        reason = run["output"].get("precheck", "")
+        if run["state"] != "skipped" or "would now discard " not in reason:
+            return run
+        request = {**request, "accept_loss": int(reason.split("discard ")[1].split()[0])}
+    raise AssertionError(f"the loss never settled: {reason}")
