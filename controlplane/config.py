@@ -152,6 +152,8 @@ class Settings(Frozen):
     # the tokens above, which the lab generates).
     secret_key: str = ""
     stack_file: Path | None = None  # the lab executor's process table
+    # Game-day reports (JSON, one file a run) the dashboard's Game days page shows; read only.
+    gamedays_dir: Path | None = None
     notify_webhook_url: str = ""
     smtp_host: str = ""
     smtp_port: int = 25

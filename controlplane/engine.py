@@ -31,7 +31,7 @@ from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.notify import Notifier
 from remediation.base import Action, ActionContext, ActionError, Check, operator_params
 from remediation.executors.base import Executor, ExecutorError
-from remediation.registry import UnknownAction, build_action
+from remediation.registry import UnknownAction, action_class, build_action
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class ActionEngine:
     # -- starting ------------------------------------------------------------------------------
     def dispatch_pending(self) -> list[int]:
         """Claim every pending run (compare-and-set) and start it beside the loop."""
-        with store.transaction(self.factory) as s:
+        # Read, not write: a cycle with nothing to start waits for no writer (the claim below
+        # is a compare-and-set, in a write transaction of its own).
+        with store.read(self.factory) as s:
             pending = [r.id for r in store.runs_in_state(s, ActionState.PENDING)]
         started = []
         for run_id in pending:
@@ -168,6 +170,17 @@ class ActionEngine:
                             f"{run.action} abandoned mid-way: escalated",
                             now,
                         )
+                        if may_start_over(run.action) and store.resolve_incident(
+                            s, run.incident_id, now
+                        ):
+                            store.add_timeline(
+                                s,
+                                run.incident_id,
+                                "closed",
+                                f"closed with its abandoned {run.action}: a failure that "
+                                "persists opens a new incident, and a new run",
+                                now,
+                            )
                     abandoned.append(run.id)
                     service = self.settings.service(run.target)
                     if service is not None and service.component:
@@ -437,3 +450,11 @@ def _aware(at: datetime) -> datetime:
 
 class _Permanent(Exception):
     """An ActionError marked permanent: stop retrying (not matched by the retry filter)."""
+
+
+def may_start_over(action: str) -> bool:
+    """Whether an abandoned run of `action` may be followed by a new one (a new incident)."""
+    try:
+        return action_class(action).may_start_over
+    except UnknownAction:
+        return False

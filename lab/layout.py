@@ -94,6 +94,11 @@ class StackLayout:
     def stack_file(self) -> Path:
         return self.data_dir / "stack.json"
 
+    @property
+    def gamedays(self) -> Path:
+        """Game-day reports, one JSON file per run: the control plane's dashboard reads them."""
+        return gamedays_dir(self.data_dir)
+
     def check_ports_free(self) -> None:
         taken = [
             f"{name} ({port})"
@@ -115,3 +120,7 @@ def find_free_base_port(*, low: int = 20000, high: int = 40000, attempts: int = 
         if all(is_port_free(HOST, base + i) for i in range(PORTS_PER_STACK)):
             return base
     raise PortInUseError(f"no free block of {PORTS_PER_STACK} ports between {low} and {high}")
+
+
+def gamedays_dir(data_dir: Path) -> Path:
+    return data_dir / "gamedays"

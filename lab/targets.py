@@ -57,6 +57,14 @@ def controlplane_targets(
         {"name": "pg0", "labels": {"node": "pg0"}, "component": "pg0"},
         {"name": "pg1", "labels": {"node": "pg1"}, "component": "pg1"},
         {"name": "redis", "labels": {"service": "shop-cache"}, "component": "redis"},
+        # The monitoring: the control plane restarts it like any other dead process (its own
+        # probes heal the shop meanwhile; Prometheus and Alertmanager only add to them).
+        {"name": "prometheus", "labels": {"service": "prometheus"}, "component": "prometheus"},
+        {
+            "name": "alertmanager",
+            "labels": {"service": "alertmanager"},
+            "component": "alertmanager",
+        },
         {"name": "shop-db", "labels": {"service": "shop-db"}},
         # The PostgreSQL cluster as a whole: failover, rejoin and switchover act on it, one at
         # a time, and never wait behind an in-doubt resolution of shop-db.
@@ -101,6 +109,40 @@ def controlplane_targets(
             "interval_s": 2,
             "timeout_s": 1,
             "params": {"url": cache_url},
+        },
+        {
+            # Wrong prices (or names) served from the shared cache: a stray script or a bad
+            # deploy wrote them, and the TTL alone would serve them for a minute.
+            "name": "shop-cache-truth",
+            "kind": "cache_truth",
+            "service": "redis",
+            "interval_s": 2,
+            "timeout_s": 1,
+            "failures_to_open": 2,
+            "successes_to_resolve": 1,
+            "params": {"redis_url": cache_url, "inventory_dsn": primary_dsn(layout, "inventory")},
+        },
+        {
+            "name": "prometheus-healthy",
+            "kind": "http",
+            "service": "prometheus",
+            "interval_s": 2,
+            "timeout_s": 1,
+            "failures_to_open": 2,
+            "params": {"url": f"http://{HOST}:{layout.prometheus_port}/-/healthy"},
+        },
+        {
+            # Its API is behind basic auth: a 401 from it is an Alertmanager that answers.
+            "name": "alertmanager-healthy",
+            "kind": "http",
+            "service": "alertmanager",
+            "interval_s": 2,
+            "timeout_s": 1,
+            "failures_to_open": 2,
+            "params": {
+                "url": f"http://{HOST}:{layout.alertmanager_port}/-/healthy",
+                "expect_status": 401,
+            },
         },
         {
             # A refused connection is definite: one result opens the incident. A primary that
@@ -188,6 +230,61 @@ def controlplane_targets(
             "max_attempts": 3,
             "verify_timeout_s": 15,
             "params": {"liveness_url": "http://{instance}/healthz"},
+        },
+        {
+            # Redis has no persistence here: a restart costs the cache only.
+            "name": "restart-dead-redis",
+            "source": "probe",
+            "match": {"probe": "redis-ping"},
+            "action": "restart",
+            "mode": "auto",
+            "cooldown_s": 20,
+            "max_runs": 3,
+            "window_s": 600,
+            "max_attempts": 3,
+            "verify_timeout_s": 15,
+        },
+        {
+            "name": "restart-dead-prometheus",
+            "source": "probe",
+            "match": {"probe": "prometheus-healthy"},
+            "action": "restart",
+            "mode": "auto",
+            "cooldown_s": 20,
+            "max_runs": 3,
+            "window_s": 600,
+            "max_attempts": 3,
+            "verify_timeout_s": 30,
+        },
+        {
+            "name": "restart-dead-alertmanager",
+            "source": "probe",
+            "match": {"probe": "alertmanager-healthy"},
+            "action": "restart",
+            "mode": "auto",
+            "cooldown_s": 20,
+            "max_runs": 3,
+            "window_s": 600,
+            "max_attempts": 3,
+            "verify_timeout_s": 30,
+        },
+        {
+            # The cached catalog disagrees with the database: drop it (Redis and each shop's
+            # own level); the shops read the truth again.
+            "name": "flush-untrue-cache",
+            "source": "probe",
+            "match": {"probe": "shop-cache-truth"},
+            "action": "cache_flush",
+            "mode": "auto",
+            "cooldown_s": 10,
+            "max_runs": 5,
+            "window_s": 600,
+            "verify_timeout_s": 15,
+            "params": {
+                "redis_url": cache_url,
+                "instances": instances,
+                "admin_token": shop_admin_token,
+            },
         },
         {
             "name": "flush-shop-cache",
@@ -356,6 +453,7 @@ def controlplane_targets(
             "listen_host": HOST,
             "listen_port": layout.controlplane_port,
             "stack_file": str(layout.stack_file),
+            "gamedays_dir": str(layout.gamedays),
             "loop_interval_s": 0.5,
         },
         "services": services,

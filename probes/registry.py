@@ -18,6 +18,7 @@ PROBES: dict[str, str] = {
     "prometheus": "probes.prometheus:PrometheusProbe",
     "invariant": "probes.invariant:InvariantProbe",
     "backup": "probes.backup:BackupProbe",
+    "cache_truth": "probes.cache_truth:CacheTruthProbe",
 }
 
 

@@ -84,6 +84,12 @@ class Action(ABC):
     # from the policy alone. Validated with context={"policy": <the policy's params>}, so a
     # value can be checked against them (a switchover's candidate is one of its nodes).
     OperatorParams: ClassVar[type[BaseModel]] = NoOperatorParams
+    # May it start over after a control plane died in the middle of it? True for an action
+    # whose precheck re-reads everything and whose steps harm nothing when repeated (starting
+    # a process, dropping a cache). Its abandoned run then closes its incident, so a failure
+    # that persists opens a new one and gets a new run (never a second run for one incident).
+    # False (a failover, a restore): the abandoned run is escalated, and a human decides.
+    may_start_over: ClassVar[bool] = False
 
     @abstractmethod
     def precheck(self, ctx: ActionContext) -> Check:

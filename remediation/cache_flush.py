@@ -23,6 +23,7 @@ class FlushParams(BaseModel):
 
 class CacheFlush(Action):
     kind = "cache_flush"
+    may_start_over = True
     Params = FlushParams
 
     @staticmethod

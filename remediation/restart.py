@@ -38,6 +38,7 @@ def is_alive(ctx: ActionContext) -> str | None:
 
 class Restart(Action):
     kind = "restart"
+    may_start_over = True
     Params = RestartParams
 
     def precheck(self, ctx: ActionContext) -> Check:

@@ -168,3 +168,38 @@ def test_a_product_stays_dirty_and_is_read_from_the_database_while_redis_is_unre
     assert cache.get(1, load) == {"id": 1, "stock": 2}  # from the loader, not a stale level
     assert cache.is_dirty(1)  # the delete failed: it will be retried, not forgotten
     dead.close()
+
+
+def test_wrong_prices_written_into_redis_are_found_and_flushed_by_the_control_plane(
+    stack: Stack, shops: list[str], new_product: Callable[..., int], cache: redis.Redis
+) -> None:
+    import json
+
+    from tests.test_controlplane import Api
+
+    product = new_product(stock=3, price_cents=4200)
+    served = requests.get(f"{shops[0]}/products/{product}", timeout=5).json()
+    assert served["price_cents"] == 4200
+    # A stray script writes a wrong price under the shop's own key, with the shop's TTL.
+    cache.set(f"{KEY_PREFIX}{product}", json.dumps({**served, "price_cents": 1}), ex=60)
+    # shop-1 has never read it: it takes the poisoned value from Redis...
+    assert requests.get(f"{shops[1]}/products/{product}", timeout=5).json()["price_cents"] == 1
+    # ...until the cache_truth probe sees it and the flush policy drops both levels.
+    wait_until(
+        lambda: all(
+            requests.get(f"{url}/products/{product}", timeout=5).json()["price_cents"] == 4200
+            for url in shops
+        ),
+        timeout_s=30,
+        what="the true price served again",
+    )
+
+    def flushed_by_policy() -> bool:
+        flushes = Api(stack).get("/actions?action=cache_flush&limit=20")["actions"]
+        return any(
+            r["requested_by"] == "policy:flush-untrue-cache" and r["state"] == "succeeded"
+            for r in flushes
+        )
+
+    # Its verify waits for the probe to pass again: succeeded a moment after the prices.
+    wait_until(flushed_by_policy, timeout_s=30, what="the flush run succeeded")

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -356,7 +357,7 @@ def test_health_and_readiness_report_every_service(api: Api) -> None:
     assert ready.status_code == 200 and ready.json()["checks"]["leader"] is True
 
 
-def test_a_control_plane_killed_mid_action_never_runs_that_action_twice(
+def test_a_control_plane_killed_mid_action_never_reruns_it_and_heals_through_a_new_incident(
     stack: Stack, api: Api
 ) -> None:
     from remediation.executors.lab import LabExecutor
@@ -408,19 +409,25 @@ def test_a_control_plane_killed_mid_action_never_runs_that_action_twice(
     assert verbs[-1] == "abandon" and verbs.count("start") == 1
     timeline = [e["kind"] for e in api.get(f"/incidents/{incident_id}")["timeline"]]
     assert "escalated" in timeline
-    # A human's turn: restart it by hand if the interrupted action had not, then it resolves.
+    # A restart may start over: the incident closed with its abandoned run, and as shop-1
+    # is still down (or its restart half done) a new incident gets a run of its own.
+    assert "closed" in timeline and api.get(f"/incidents/{incident_id}")["state"] == "resolved"
+    # (Unless the policy's own limit, 3 restarts in 10 min, holds it after this module's
+    # earlier restarts of shop-1: then it is a human's turn, as the hold says.)
     shop = stack.describe()["shop"]["instances"][1]
 
     def shop_ready() -> bool:
         return requests.get(f"{shop}/readyz", timeout=2).status_code == 200
 
     try:
-        wait_until(shop_ready, timeout_s=3, what="shop-1 up")
+        wait_until(shop_ready, timeout_s=30, what="shop-1 back")
     except NotReadyError:
         LabExecutor(stack.layout.stack_file).restart("shop-1")
         wait_until(shop_ready, timeout_s=30, what="shop-1 restarted by hand")
-    wait_until(
-        lambda: api.get(f"/incidents/{incident_id}")["state"] == "resolved",
-        timeout_s=60,
-        what="the incident resolved once shop-1 was up",
-    )
+    later = [
+        r
+        for r in api.get("/actions?action=restart&limit=50")["actions"]
+        if r["target"] == "shop-1" and datetime.fromisoformat(r["created_at"]) >= killed_at
+    ]
+    per_incident = Counter(r["incident_id"] for r in later)
+    assert per_incident[incident_id] == 1 and set(per_incident.values()) == {1}, later

@@ -19,7 +19,7 @@ from aiosmtpd.handlers import Message
 from controlplane import store
 from controlplane.config import Settings
 from controlplane.errors import ConfigError
-from controlplane.models import ActionRun, ActionState, AuditEntry, Incident
+from controlplane.models import ActionRun, ActionState, AuditEntry, Incident, IncidentState
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
 from lab.process import wait_until
@@ -114,8 +114,13 @@ def test_a_run_left_running_by_a_dead_control_plane_is_abandoned_not_run_again(
             verbs = [a.verb for a in store.audit_of_run(s, run_id)]
             timeline = [e.kind for e in store.incident_timeline(s, incident_id)]
             runs = store.runs_of_incidents(s, [incident_id])
+            closed = s.get(Incident, incident_id)
+            assert closed is not None
+            state = closed.state
         assert verbs == ["abandon"]
         assert "escalated" in timeline
+        # A restart may start over: the incident closed with it, for a new one to retry.
+        assert "closed" in timeline and state == IncidentState.RESOLVED
         assert len(runs) == 1  # and the unique (incident, action) forbids a second one
         with store.transaction(survivor.factory) as s:
             assert (

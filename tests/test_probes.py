@@ -31,6 +31,7 @@ def params_for(kind: str, port: int) -> dict[str, Any]:
         "prometheus": {"url": f"http://127.0.0.1:{port}", "query": "up"},
         "invariant": {"orders_dsn": dsn, "inventory_dsn": dsn},
         "backup": {"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"},
+        "cache_truth": {"redis_url": f"redis://127.0.0.1:{port}/0", "inventory_dsn": dsn},
     }[kind]
 
 
@@ -74,7 +75,7 @@ def test_every_kind_refuses_unknown_params_naming_them(kind: str) -> None:
 
 
 def test_an_unknown_kind_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ProbeConfigError, match=r"known: backup, http"):
+    with pytest.raises(ProbeConfigError, match=r"known: backup, cache_truth, http"):
         build_probe("telepathy", "x", {}, 1.0)
 
 
@@ -109,6 +110,48 @@ def test_redis_answers_with_memory_and_hit_ratio(stack: Stack) -> None:
     result = build_probe("redis", "cache", {"url": url}, 2).run()
     assert result.health is Health.UP
     assert result.details["used_memory_bytes"] > 0
+
+
+def test_cache_truth_names_the_cached_products_the_database_denies(
+    stack: Stack, engines: dict[str, Engine], new_product: Callable[..., int]
+) -> None:
+    import json
+
+    import redis
+
+    from lab.targets import primary_dsn
+
+    url = stack.describe()["shop"]["redis_url"]
+    prefix = f"t{uuid.uuid4().hex}:"  # keys of its own: the shop's are the control plane's
+    params = {"redis_url": url, "inventory_dsn": primary_dsn(stack.layout, "inventory"),
+              "key_prefix": prefix}  # fmt: skip
+    client = redis.Redis.from_url(url)
+    try:
+        assert build_probe("cache_truth", "t", params, 2).run().summary == "nothing cached"
+        right, wrong = new_product(stock=1, price_cents=250), new_product(stock=1, price_cents=250)
+        with engines["inventory"].connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, sku, name, price_cents FROM products WHERE id IN (:a, :b)"),
+                {"a": right, "b": wrong},
+            ).all()
+        for product_id, sku, name, price in rows:
+            value = {"id": product_id, "sku": sku, "name": name, "price_cents": price}
+            if product_id == wrong:
+                value["price_cents"] = 1  # what a stray script wrote
+            client.set(prefix + str(product_id), json.dumps(value), ex=60)
+        result = build_probe("cache_truth", "t", params, 2).run()
+        assert result.health is Health.DOWN, result
+        assert result.details["wrong_ids"] == [wrong]
+        assert result.details["sampled"] == 2
+        client.delete(prefix + str(wrong))
+        assert build_probe("cache_truth", "t", params, 2).run().health is Health.UP
+        client.set(prefix + "not-an-id", b"\xff", ex=60)
+        garbled = build_probe("cache_truth", "t", params, 2).run()
+        assert garbled.health is Health.DOWN and garbled.details["garbled"] == 1, garbled
+    finally:
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+        client.close()
 
 
 def test_prometheus_compares_every_series_with_the_threshold(

@@ -10,6 +10,7 @@ from lab.observe import StackView
 
 class HangRedis(BaseFault):
     kind: ClassVar[str] = "hang-redis"
+    expected_actions: ClassVar[frozenset[str]] = frozenset({"restart"})
     default_duration_s: ClassVar[float] = 10.0
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:

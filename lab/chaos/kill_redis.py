@@ -1,5 +1,5 @@
-"""kill-redis: SIGKILL the catalog cache. The shop serves from the database meanwhile; no
-policy restarts Redis, so a game day's clean-up starts it again (and says so)."""
+"""kill-redis: SIGKILL the catalog cache. The shop serves from the database meanwhile; the
+control plane's Redis probe sees it gone and its restart policy starts it again."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lab.observe import StackView
 
 class KillRedis(BaseFault):
     kind: ClassVar[str] = "kill-redis"
+    expected_actions: ClassVar[frozenset[str]] = frozenset({"restart"})
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
         stamp, pids = kill_component(view, "redis")
