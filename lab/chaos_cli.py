@@ -178,5 +178,11 @@ def gameday_command(
     click.echo(f"\nload: {json.dumps(report['load'])}")
     click.echo(f"verification: {json.dumps(report['verification'])}")
     click.echo(f"verdict: {report['verdict']} (written to {report['written_to']})")
+    if data_dir is not None:  # a stack of its own is gone by now, and its dashboard with it
+        url = _view(data_dir).components().get("controlplane", {}).get("url")
+        if url:
+            click.echo(
+                f"on the dashboard: {url}/dashboard/gamedays/{Path(report['written_to']).stem}"
+            )
     if report["verdict"] != "PASS":
         raise SystemExit(1)

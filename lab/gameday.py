@@ -11,7 +11,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ import requests
 
 from controlplane.models import ActionState
 from lab.chaos import FaultRecord, fault
-from lab.chaos.base import Fault, is_running, start_component
+from lab.chaos.base import Fault, Stamp, is_running, start_component
 from lab.chaos.registry import FAULTS
+from lab.layout import gamedays_dir
 from lab.load import CarefulLoad, Ledger, verify_orders
 from lab.observe import StackView
 from lab.process import wait_until
@@ -34,6 +36,30 @@ AFTER_RECOVERY_S = 2.0  # a little load on the healed stack: the shops serve its
 # The faults a game day runs unless told: the destructive ones need an operator's approval.
 DEFAULT_FAULTS = tuple(k for k in FAULTS if k not in ("delete-orders", "drop-table"))
 Progress = Callable[[str], None]
+# Each trial keeps what its chart on the dashboard draws, bounded: orders and errors per
+# second from a little before the fault to a little after recovery, and the control plane's
+# runs in the trial.
+SERIES_BEFORE_S = 10.0
+SERIES_AFTER_S = 5.0
+MAX_SERIES_S = 300
+MAX_RUNS_KEPT = 50
+RUN_FIELDS = ("id", "action", "target", "state", "requested_by", "created_at", "started_at",
+              "finished_at")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ChartWindow:
+    """The seconds a trial's chart covers (monotonic), and the fault's start on both clocks
+    to date them."""
+
+    start: float
+    end: float
+    anchor: Stamp
+
+    def series(self, load: CarefulLoad) -> dict[str, Any]:
+        end = min(self.end, load.stopped or time.monotonic(), self.start + MAX_SERIES_S)
+        start_at = self.anchor.at + timedelta(seconds=self.start - self.anchor.mono)
+        return {"start_at": start_at.isoformat(), "step_s": 1, **load.series(self.start, end)}
 
 
 class SplitBrainSampler:
@@ -88,8 +114,9 @@ def is_settled(view: StackView, chosen: Fault | None = None) -> bool:
 
 
 def clean_up(view: StackView) -> list[str]:
-    """Start again what no policy heals and a fault left dead (Redis, the monitoring, the
-    control plane): the next trial starts whole. Returns what was started."""
+    """Start again what a fault left dead and nothing healed (a policy that failed, or a
+    stack whose targets heal less than the lab's): the next trial starts whole, and the
+    trial says it was the clean-up, not the control plane. Returns what was started."""
     started = []
     for name, comp in view.components().items():
         if "data_dir" not in comp and not is_running(view, name):
@@ -123,6 +150,7 @@ def control_plane_view(
         (r["action"], r["target"]) for r in runs if r["state"] == ActionState.SUCCEEDED
     )
     awaiting = [r for r in runs if r["state"] == ActionState.AWAITING_APPROVAL]
+    first_runs = sorted(runs, key=lambda r: datetime.fromisoformat(r["created_at"]))
     approved = []
     if approve:
         for run in awaiting:
@@ -135,6 +163,7 @@ def control_plane_view(
         "act_s": (min(acted) - since).total_seconds() if acted else None,
         "incidents": [f"{i['kind']} ({i['state']})" for i in incidents],
         "actions": [f"{r['action']} {r['target']} {r['state']}" for r in runs],
+        "runs": [{k: r.get(k) for k in RUN_FIELDS} for r in first_runs[:MAX_RUNS_KEPT]],
         # A run its precheck refused (a shop alive but not ready) did nothing: not an action.
         "false_actions": sum(
             1
@@ -198,7 +227,11 @@ def run_trial(
     if proposed is not None:
         seen["restore_awaiting_approval"] = proposed["restore_awaiting_approval"]
         seen["approved"] = proposed["approved"]
+    # Drawn once the day is over: the load after the recovery is seen then.
+    recovered = whole_at if whole_at is not None else min(end, deadline)
+    chart = ChartWindow(t0 - SERIES_BEFORE_S, recovered + SERIES_AFTER_S, record.started)
     return {
+        "_window": chart,
         "fault": record.to_json(),
         "outage_s": round(after[0].acked - t0, 3) if after else None,
         "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(window)), 3),
@@ -226,7 +259,8 @@ def gameday(
     progress: Progress = lambda line: logger.info("%s", line),
 ) -> dict[str, Any]:
     """Every fault `trials` times under load (or, with `soak_s`, random faults at random
-    times for that long); then the whole load verified. Written to DATA_DIR/gamedays/."""
+    times for that long); then the whole load verified. Written to DATA_DIR/gamedays/, where
+    the control plane's dashboard shows it (its `gamedays_dir`)."""
     view = StackView.of(data_dir)
     goals = objectives if objectives is not None else load_objectives()
     unknown = [k for k in faults if k not in FAULTS]
@@ -261,6 +295,9 @@ def gameday(
     finally:
         load.stop()
         sampler.stop()
+    for trial in (t for ts in results.values() for t in ts):
+        window = trial.pop("_window", None)
+        trial["series"] = window.series(load) if isinstance(window, ChartWindow) else None
     wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
     deleted = [
         i
@@ -284,7 +321,7 @@ def gameday(
         if verification["ok"] and all(v["verdict"] == "PASS" for v in verdicts)
         else "FAIL",
     }
-    out = view.data_dir / "gamedays" / f"{started_at:%Y%m%dT%H%M%SZ}.json"
+    out = gamedays_dir(view.data_dir) / f"{started_at:%Y%m%dT%H%M%SZ}.json"
     write_report(report, out)
     report["written_to"] = str(out)
     return report

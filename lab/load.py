@@ -10,8 +10,8 @@ import statistics
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,9 @@ import requests
 from lab.observe import StackView
 
 MAX_DURATION_S = 3600.0
+# Failed attempts are kept by time for the game day's charts; a long soak against a dead shop
+# keeps only the newest (about 4 MB of floats).
+MAX_FAILURES_KEPT = 500_000
 
 
 @dataclass(slots=True)
@@ -143,6 +146,8 @@ class CarefulLoad:
     seed: int | None = None
     acks: list[Ack] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    # When each failed attempt's answer (or exception) came, monotonic: the errors per second.
+    failures: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_FAILURES_KEPT))
     gave_up: list[str] = field(default_factory=list)
     started: float = 0.0
     stopped: float = 0.0
@@ -213,6 +218,7 @@ class CarefulLoad:
                 return
             with self._lock:
                 self.errors[kind] += 1
+                self.failures.append(time.monotonic())
             retried = response is None or response.status_code in RETRIED_STATUSES
             if not retried:
                 return  # 409 out of stock, 4xx: the client's answer, not the shop's failure
@@ -229,6 +235,14 @@ class CarefulLoad:
     def acknowledged(self) -> list[Ack]:
         with self._lock:
             return sorted(self.acks, key=lambda a: a.acked)
+
+    def series(self, start: float, end: float) -> dict[str, list[int]]:
+        """Acknowledged orders and failed attempts in each whole second of [start, end)
+        (monotonic), the first bucket starting at `start`."""
+        with self._lock:
+            acked = [a.acked for a in self.acks]
+            failed = list(self.failures)
+        return {"orders": per_second(acked, start, end), "errors": per_second(failed, start, end)}
 
     def report(self) -> dict[str, Any]:
         acks = self.acknowledged()
@@ -250,6 +264,18 @@ class CarefulLoad:
             "retried_orders": sum(1 for a in acks if a.attempts > 1),
             "longest_gap_s": round(gap, 3),
         }
+
+
+def per_second(times: Iterable[float], start: float, end: float) -> list[int]:
+    """How many of `times` fall in each whole second from `start`; a last, partial second
+    before `end` is left out (it would read as a drop)."""
+    counts = [0] * max(0, int(end - start))
+    for t in times:
+        if start <= t:
+            i = int(t - start)
+            if i < len(counts):
+                counts[i] += 1
+    return counts
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

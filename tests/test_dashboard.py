@@ -23,7 +23,8 @@ from web.charts import all_charts, lag_lines, line_chart
 
 PASSWORD = "correct horse battery"
 PAGES = ["/dashboard/", "/dashboard/incidents", "/dashboard/actions", "/dashboard/charts",
-         "/dashboard/backups", "/dashboard/silences", "/dashboard/api/overview.json",
+         "/dashboard/backups", "/dashboard/silences", "/dashboard/gamedays",
+         "/dashboard/api/overview.json",
          "/dashboard/api/badge.json"]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ and it turns green again without a reload; another's is rejected; every chart ha
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,7 +16,9 @@ import pytest
 import requests
 
 from lab.stack import Stack
+from lab.verdict import Objectives
 from tests.conftest import stack_of_its_own
+from tests.test_gameday_page import a_report, a_trial
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -120,3 +123,21 @@ def test_every_chart_renders_with_data(lab: Stack, page: Any) -> None:
     page.screenshot(path=str(ARTIFACTS / "charts.png"), full_page=True)
     assert not empty, f"charts without data: {empty}"
     assert page.locator(".chart .main-svg").count() >= 7
+
+
+def test_a_game_days_report_is_listed_and_drawn_one_chart_per_trial(lab: Stack, page: Any) -> None:
+    trials = {
+        "kill-primary": [a_trial("kill-primary", runs=2)],
+        "kill-shop": [a_trial("kill-shop")],
+    }
+    lab.layout.gamedays.mkdir(parents=True, exist_ok=True)
+    (lab.layout.gamedays / "20261126T172900Z.json").write_text(
+        json.dumps(a_report(trials, Objectives()))
+    )
+    page.goto(f"{cp_url(lab)}/dashboard/gamedays")
+    page.click('tr[data-run="20261126T172900Z"] a')
+    page.wait_for_selector("#trial-2 .main-svg")
+    page.screenshot(path=str(ARTIFACTS / "gameday.png"), full_page=True)
+    drawn = page.eval_on_selector_all(".chart", "els => els.map(e => +e.dataset.points)")
+    assert len(drawn) == 2 and all(n > 0 for n in drawn)
+    assert page.locator("#trial-1 .scatterlayer .textpoint").count() == 2  # the runs' labels

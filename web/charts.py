@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import plotly.graph_objects as go
@@ -119,3 +120,125 @@ def all_charts(
         )
         for name, panel in series.items()
     }
+
+
+# -- game days ------------------------------------------------------------------------------------
+WHOLE_COLOUR = "#2fae63"
+MIN_FAULT_SPAN_S = 1.0  # a kill lasts milliseconds: as wide as one second's bucket, or unseen
+
+
+def _shift(iso: str, seconds: float) -> str:
+    return (datetime.fromisoformat(iso) + timedelta(seconds=seconds)).isoformat()
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def series_lines(series: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Orders and errors per second from `{"start_at", "step_s", "orders", "errors"}`."""
+    if not series:
+        return []
+    step = float(series.get("step_s") or 1)
+    names = {"orders": "orders/s", "errors": "errors/s"}
+    return [
+        {
+            "name": label,
+            "x": [_shift(series["start_at"], i * step) for i in range(len(series.get(key) or []))],
+            "y": [n / step for n in series.get(key) or []],
+        }
+        for key, label in names.items()
+    ]
+
+
+STATE_MARK = {"succeeded": "✓", "failed": "✗", "rejected": "✗ rejected"}
+
+
+def run_label(run: Mapping[str, Any]) -> str:
+    """`failover ✓`, `failover ✗`, `restore awaiting_approval`: the name, then the state."""
+    state = str(run.get("state"))
+    return f"{run.get('action')} {STATE_MARK.get(state, state)}"
+
+
+def gameday_chart(title: str, trial: Mapping[str, Any]) -> go.Figure:
+    """One fault trial of a game day: orders/s and errors/s around it, the fault a shaded span,
+    the control plane's runs a vertical line each and a labelled marker below (hover: state and
+    times), and the moment the stack was whole again a dashed line."""
+    fault = trial.get("fault") or {}
+    lines = series_lines(trial.get("series"))
+    start, end = fault.get("started_at"), fault.get("ended_at")
+    if not lines:
+        title += " — no per-second series in this report"
+    fig = line_chart(title, lines)
+    fig.update_traces(line_color=SPAN_COLOUR, selector={"name": "errors/s"})
+    fig.update_yaxes(title_text="per second (UTC)", row=1, col=1)
+    # Drawn on the subplots even when empty: a failed trial has its fault and nothing else.
+    if start:
+        width = _seconds(start, end) if end else 0.0
+        fig.add_vrect(
+            x0=start, x1=_shift(start, max(width, MIN_FAULT_SPAN_S)), row=1, col=1,
+            exclude_empty_subplots=False, fillcolor=SPAN_COLOUR, opacity=0.15, layer="below",
+            line_width=0,
+        )  # fmt: skip
+        fig.add_annotation(
+            x=start, y=1, xref="x", yref="paper", text=str(fault.get("kind", "fault")),
+            showarrow=False, xanchor="left", yanchor="bottom", font={"color": SPAN_COLOUR},
+        )  # fmt: skip
+    runs = [r for r in trial.get("runs") or () if r.get("started_at") or r.get("created_at")]
+    if runs:
+        at = [r.get("started_at") or r["created_at"] for r in runs]
+        # Runs a second apart: their labels lean away from each other.
+        positions = [("top left", "top right")[i % 2] for i in range(len(runs))]
+        if len(runs) == 1:
+            positions = ["top center"]
+        fig.add_trace(
+            go.Scatter(
+                x=at,
+                y=[0] * len(runs),
+                mode="markers+text",
+                name="actions",
+                showlegend=False,
+                text=[run_label(r) for r in runs],
+                textposition=positions,
+                textfont={"size": 10},
+                cliponaxis=False,
+                marker={
+                    "symbol": "triangle-up",
+                    "size": 11,
+                    "color": [MARKER_COLOUR.get(str(r.get("state")), DEFAULT_MARKER) for r in runs],
+                },
+                customdata=[
+                    [
+                        r.get("id"),
+                        r.get("action"),
+                        r.get("target"),
+                        r.get("state"),
+                        r.get("created_at"),
+                        r.get("finished_at") or "not finished",
+                    ]
+                    for r in runs
+                ],
+                hovertemplate="run %{customdata[0]}: %{customdata[1]} on %{customdata[2]}<br>"
+                "%{customdata[3]} · asked %{customdata[4]}<br>finished %{customdata[5]}"
+                "<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
+        for x, r in zip(at, runs, strict=True):
+            colour = MARKER_COLOUR.get(str(r.get("state")), DEFAULT_MARKER)
+            fig.add_vline(
+                x=x, line_width=1.2, line_dash="dot", line_color=colour,
+                exclude_empty_subplots=False,
+            )  # fmt: skip
+    if start and trial.get("redundancy_s") is not None:
+        whole = _shift(start, float(trial["redundancy_s"]))
+        fig.add_vline(
+            x=whole, line_width=1.5, line_dash="dash", line_color=WHOLE_COLOUR,
+            exclude_empty_subplots=False,
+        )  # fmt: skip
+        fig.add_annotation(
+            x=whole, y=1, xref="x", yref="paper", text="whole again", showarrow=False,
+            xanchor="left", yanchor="bottom", font={"color": WHOLE_COLOUR},
+        )  # fmt: skip
+    return fig

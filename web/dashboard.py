@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
-from web import shared_reads
+from web import gamedays, shared_reads
 from web.auth import control_plane
 from web.charts import all_charts
 from web.login import principal, require
@@ -109,6 +109,12 @@ def charts_json() -> Response:
     response = Response(body, mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+# -- game days (web/gamedays.py) -----------------------------------------------------------------
+dashboard.add_url_rule("/gamedays", "gamedays", gamedays.runs_page)
+dashboard.add_url_rule("/gamedays/<run_id>", "gameday", gamedays.run_page)
+dashboard.add_url_rule("/gamedays/<run_id>/report.json", "gameday_json", gamedays.report_json)
 
 
 # -- incidents ------------------------------------------------------------------------------------

@@ -1,0 +1,303 @@
+"""Game-day results on the dashboard: what a trial keeps for its chart (orders and errors per
+second around the fault), the chart as a pure function, and the Game days pages in process
+(listed with PASS/FAIL, one chart per trial, ids that name no file answered 404, a bad file
+named as such, never a 500)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from controlplane import accounts
+from controlplane.config import Settings
+from controlplane.engine import utcnow
+from controlplane.runtime import ControlPlane, NoExecutor
+from lab.chaos.base import Stamp
+from lab.gameday import MAX_SERIES_S, ChartWindow
+from lab.load import Ack, CarefulLoad, per_second
+from lab.verdict import Objectives, judge
+from tests.test_dashboard import PASSWORD, logged_in
+from web.charts import MIN_FAULT_SPAN_S, gameday_chart, series_lines
+
+T0 = datetime(2026, 11, 26, 17, 30, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def a_trial(kind: str, *, runs: int = 1, redundancy_s: float | None = 6.5) -> dict[str, Any]:
+    """A trial as lab/gameday.py's run_trial writes it: the fault at T0, orders dropping for
+    two seconds, a failover run by the control plane."""
+    orders = [12] * 10 + [0, 0, 3] + [11] * 7
+    errors = [0] * 10 + [9, 7, 1] + [0] * 7
+    return {
+        "fault": {"kind": kind, "target": "pg0", "started_at": at(0), "ended_at": at(0.04),
+                  "duration_s": 0.04, "details": {"pid": 4242}},
+        "outage_s": 2.4, "longest_gap_s": 2.4, "redundancy_s": redundancy_s,
+        "healed_by": "control plane", "cleaned_up": [], "acknowledged": 180, "lost": 0,
+        "duplicates": 0, "split_brain": 0, "detect_s": 0.6, "act_s": 0.9,
+        "incidents": ["shop-db-primary (resolved)"],
+        "actions": ["failover shop-db-cluster succeeded"] * runs,
+        "runs": [
+            {"id": 10 + i, "action": "failover", "target": "shop-db-cluster",
+             "state": "succeeded" if i == 0 else "failed", "requested_by": "control plane",
+             "created_at": at(0.8 + i), "started_at": at(0.9 + i), "finished_at": at(4.0 + i)}
+            for i in range(runs)
+        ],
+        "false_actions": 0, "duplicate_actions": 0, "restore_awaiting_approval": [],
+        "approved": [],
+        "series": {"start_at": at(-10), "step_s": 1, "orders": orders, "errors": errors},
+    }  # fmt: skip
+
+
+def a_report(trials: dict[str, list[dict[str, Any]]], goals: Objectives) -> dict[str, Any]:
+    verdicts = [judge(kind, ts, goals) for kind, ts in trials.items()]
+    return {
+        "started_at": at(-60),
+        "ended_at": at(120),
+        "data_dir": "/tmp/shop-gameday-x",
+        "soak_s": None,
+        "load": {"acknowledged": 2300, "orders_per_s": 11.9, "latency_p99_ms": 80.1},
+        "split_brain_samples": 1800,
+        "verification": {"ok": True, "lost": 0, "duplicates": 0},
+        "verdicts": verdicts,
+        "trials": trials,
+        "verdict": "PASS" if all(v["verdict"] == "PASS" for v in verdicts) else "FAIL",
+    }
+
+
+# -- what a trial keeps ---------------------------------------------------------------------------
+def test_per_second_counts_whole_seconds_and_leaves_out_the_partial_last_one() -> None:
+    times = [100.0, 100.5, 101.2, 102.9, 103.4, 99.9]
+    assert per_second(times, 100.0, 103.5) == [2, 1, 1]
+    assert per_second(times, 100.0, 100.5) == []
+
+
+def test_a_trials_series_is_dated_from_the_faults_stamp_and_bounded() -> None:
+    load = CarefulLoad(["http://127.0.0.1:1"], [1])
+    load.acks.extend(Ack(f"k{i}", f"o{i}", t, t, t, 1) for i, t in enumerate([991.0, 1000.5]))
+    load.failures.extend([1000.2, 1000.7, 1001.1])
+    load.stopped = 5000.0
+    anchor = Stamp(T0, 1000.0)
+    series = ChartWindow(990.0, 1003.0, anchor).series(load)
+    assert series["start_at"] == at(-10) and series["step_s"] == 1
+    assert series["orders"] == [0, 1] + [0] * 8 + [1, 0, 0]
+    assert series["errors"] == [0] * 10 + [2, 1, 0]
+    long = ChartWindow(0.0, 4000.0, anchor).series(load)
+    assert len(long["orders"]) == len(long["errors"]) == MAX_SERIES_S
+
+
+# -- the chart ------------------------------------------------------------------------------------
+def test_a_trials_chart_draws_orders_errors_the_fault_span_and_each_run() -> None:
+    trial = a_trial("kill-primary", runs=2)
+    fig = gameday_chart("kill-primary · trial 1", trial)
+    names = [t.name for t in fig.data]
+    assert names == ["orders/s", "errors/s", "actions"]
+    assert fig.data[0].x[0] == at(-10) and list(fig.data[1].y[10:13]) == [9, 7, 1]
+    [span] = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert span.x0 == at(0)
+    # A kill lasts milliseconds: still drawn as wide as a bucket.
+    assert span.x1 == at(MIN_FAULT_SPAN_S)
+    lines = {s.x0 for s in fig.layout.shapes if s.type == "line"}
+    assert lines == {at(0.9), at(1.9), at(6.5)}  # each run's start, and whole again
+    actions = fig.data[2]
+    assert list(actions.text) == ["failover ✓", "failover ✗"]
+    assert list(actions.marker.color) == ["#2fae63", "#dc3545"]
+    assert {a.text for a in fig.layout.annotations} == {"kill-primary", "whole again"}
+
+
+def test_a_trial_without_a_series_or_runs_still_draws_its_fault() -> None:
+    trial = {"fault": {"kind": "kill-shop", "started_at": at(0), "ended_at": at(20)},
+             "redundancy_s": None}  # fmt: skip
+    fig = gameday_chart("kill-shop · trial 1", trial)
+    assert list(fig.data) == [] and "no per-second series" in fig.layout.title.text
+    [span] = fig.layout.shapes
+    assert (span.x0, span.x1) == (at(0), at(20))
+    failed = gameday_chart("x", {"fault": {"kind": "kill-shop"}, "error": "boom"})
+    assert list(failed.layout.shapes) == []
+
+
+def test_series_lines_are_rates_per_second_whatever_the_step() -> None:
+    [orders, errors] = series_lines(
+        {"start_at": at(0), "step_s": 2, "orders": [4, 6], "errors": [0, 1]}
+    )
+    assert orders == {"name": "orders/s", "x": [at(0), at(2)], "y": [2.0, 3.0]}
+    assert errors["y"] == [0.0, 0.5]
+    assert series_lines(None) == []
+
+
+# -- the pages ------------------------------------------------------------------------------------
+PASSED = "20261126T172900Z"
+FAILED = "20261126T180000Z"
+
+
+@pytest.fixture
+def gamedays(tmp_path: Path) -> Path:
+    where = tmp_path / "gamedays"
+    where.mkdir()
+    passed = {"kill-primary": [a_trial("kill-primary")], "kill-shop": [a_trial("kill-shop")]}
+    (where / f"{PASSED}.json").write_text(json.dumps(a_report(passed, Objectives())))
+    slow = {"hang-primary": [a_trial("hang-primary", runs=2), a_trial("hang-primary")]}
+    (where / f"{FAILED}.json").write_text(json.dumps(a_report(slow, Objectives(outage_p99_s=1))))
+    return where
+
+
+@pytest.fixture
+def app(tmp_path: Path, gamedays: Path) -> Iterator[Flask]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        instance_id="cp-test",
+        api_token="generated-token",
+        admin_password="admin-password",
+        gamedays_dir=gamedays,
+    )
+    plane = ControlPlane(settings, executor=NoExecutor())
+    accounts.add_user(plane.factory, "vera", "viewer", PASSWORD, utcnow())
+    yield create_app_for(plane)
+    plane.stop()
+
+
+def create_app_for(plane: ControlPlane) -> Flask:
+    from web import create_app
+
+    return create_app(plane.settings, control_plane=plane)
+
+
+def figures_of(page: str) -> list[dict[str, Any]]:
+    found = re.search(r'<script type="application/json" id="gameday-figures">(.*?)</script>', page)
+    assert found, "no figures in the page"
+    figures: list[dict[str, Any]] = json.loads(found.group(1))
+    return figures
+
+
+def test_the_game_days_page_lists_each_run_with_its_verdict_per_fault(app: Flask) -> None:
+    vera = logged_in(app, "vera")
+    page = vera.get("/dashboard/gamedays").text
+    assert re.search(r'<a href="/dashboard/gamedays" class="on">Game days', page)  # in the nav
+    rows = re.findall(r'<tr data-run="(\w+)">(.*?)</tr>', page, re.S)
+    assert [run for run, _ in rows] == [FAILED, PASSED]  # newest first
+    failed, passed = (row for _, row in rows)
+    assert re.search(r'data-fault="hang-primary".*?pill down">FAIL', failed, re.S)
+    assert 'pill down">FAIL</span></td>' in failed
+    assert re.search(r'data-fault="kill-primary".*?pill up">PASS', passed, re.S)
+    assert re.search(r'data-fault="kill-shop".*?pill up">PASS', passed, re.S)
+    assert "FAIL" not in passed
+
+
+def test_a_run_page_draws_one_chart_per_trial_with_its_fault_and_runs(app: Flask) -> None:
+    vera = logged_in(app, "vera")
+    response = vera.get(f"/dashboard/gamedays/{FAILED}")
+    assert response.status_code == 200
+    page = response.text
+    assert "outage_p99_s" in page and "(&lt; 1 s)" in page  # the objective it missed
+    charts = re.findall(r'<div class="chart" id="(trial-\d+)"', page)
+    figures = figures_of(page)
+    assert charts == ["trial-1", "trial-2"] == [f["id"] for f in figures]
+    assert '<script src="/dashboard/static/plotly.min.js">' in page  # never a CDN
+    for figure, runs in zip(figures, (2, 1), strict=True):
+        layout, data = figure["figure"]["layout"], figure["figure"]["data"]
+        rects = [s["x0"] for s in layout["shapes"] if s["type"] == "rect"]
+        assert [datetime.fromisoformat(x) for x in rects] == [T0]
+        [actions] = [t for t in data if t["name"] == "actions"]
+        assert len(actions["x"]) == runs and actions["text"][0] == "failover ✓"
+        assert {t["name"] for t in data} == {"orders/s", "errors/s", "actions"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dashboard/gamedays/20200101T000000Z",  # the shape of an id, but no such run
+        "/dashboard/gamedays/notes",  # a file in the directory that is not a run
+        "/dashboard/gamedays/..%2F..%2Fstate",
+        "/dashboard/gamedays/%2E%2E",
+        "/dashboard/gamedays/..",
+        f"/dashboard/gamedays/{PASSED}%2F..%2F..%2Fstate",
+        f"/dashboard/gamedays/{PASSED}.json",
+        "/dashboard/gamedays/x/report.json",
+    ],
+)
+def test_an_id_that_names_no_run_is_a_404_page(app: Flask, gamedays: Path, path: str) -> None:
+    (gamedays / "notes.json").write_text(json.dumps({"secret": "not a run"}))
+    response = logged_in(app, "vera").get(path)
+    assert response.status_code == 404
+    assert "secret" not in response.text
+
+
+def test_the_stored_report_is_served_as_written(app: Flask, gamedays: Path) -> None:
+    response = logged_in(app, "vera").get(f"/dashboard/gamedays/{PASSED}/report.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    assert response.data == (gamedays / f"{PASSED}.json").read_bytes()
+
+
+BROKEN = "20261126T190000Z"
+
+
+def sparse(path: Path, size: int) -> None:
+    with path.open("w") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        (lambda p: p.write_text('{"started_at": "2026-11-26T1'), "is not valid JSON"),
+        (lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda p: p.write_text(json.dumps({"verdict": "PASS"})), "is not a game-day report"),
+        (lambda p: sparse(p, 17 * 1024 * 1024), "more than a report"),
+        (lambda p: p.symlink_to("/etc/hostname"), "is not a regular file"),
+    ],
+)
+def test_a_bad_report_file_is_named_not_a_500(
+    app: Flask, gamedays: Path, write: Any, said: str
+) -> None:
+    write(gamedays / f"{BROKEN}.json")
+    vera = logged_in(app, "vera")
+    page = vera.get(f"/dashboard/gamedays/{BROKEN}")
+    assert page.status_code == 422 and said in page.text and "<html" in page.text
+    assert vera.get(f"/dashboard/gamedays/{BROKEN}/report.json").status_code == 422
+    listed = vera.get("/dashboard/gamedays")
+    assert listed.status_code == 200
+    row = re.search(rf'<tr data-run="{BROKEN}">(.*?)</tr>', listed.text, re.S)
+    assert row and said in row.group(1) and "unreadable" in row.group(1)
+    assert f'data-run="{PASSED}"' in listed.text  # the others are still listed
+
+
+def test_a_stranger_is_sent_to_log_in_before_any_run(app: Flask) -> None:
+    response = app.test_client().get(f"/dashboard/gamedays/{PASSED}")
+    assert response.status_code == 302 and "/login" in response.location
+
+
+def test_without_a_game_day_directory_the_page_says_how_to_set_one(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'state.db'}", instance_id="cp-t")
+    plane = ControlPlane(settings, executor=NoExecutor())
+    try:
+        accounts.add_user(plane.factory, "vera", "viewer", PASSWORD, utcnow())
+        vera = logged_in(create_app_for(plane), "vera")
+        page = vera.get("/dashboard/gamedays")
+        assert page.status_code == 200 and "gamedays_dir" in page.text
+        assert vera.get(f"/dashboard/gamedays/{PASSED}").status_code == 404
+    finally:
+        plane.stop()
+
+
+def test_a_report_whose_times_cannot_be_drawn_is_named_not_a_500(
+    app: Flask, gamedays: Path
+) -> None:
+    trial = a_trial("kill-shop")
+    trial["series"]["start_at"] = "9999-12-31T23:59:59+00:00"
+    report = a_report({"kill-shop": [trial]}, Objectives())
+    (gamedays / f"{BROKEN}.json").write_text(json.dumps(report))
+    page = logged_in(app, "vera").get(f"/dashboard/gamedays/{BROKEN}")
+    assert page.status_code == 422 and "kill-shop · trial 1" in page.text
+    trial = a_trial("kill-shop", redundancy_s=1e300)
+    (gamedays / f"{BROKEN}.json").write_text(json.dumps(a_report({"x": [trial]}, Objectives())))
+    page = logged_in(app, "vera").get(f"/dashboard/gamedays/{BROKEN}")
+    assert page.status_code == 422 and "redundancy_s" in page.text
