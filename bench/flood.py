@@ -175,7 +175,7 @@ def cp_backlog_clear(cp: Cp, prefix: str) -> bool:
 def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dict[str, Any]:
     """`every_s` = 0: each client sends its next request as soon as the last is answered (a
     stress test: the latency is the queue); else one request every `every_s` seconds each,
-    as dashboards and health checkers poll."""
+    as dashboards and health checkers poll, their phases spread over the period."""
     paths = itertools.cycle(["/healthz", "/readyz", "/api/v1/health"])
     lock = threading.Lock()
     latencies: list[float] = []
@@ -185,6 +185,8 @@ def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dic
     def client(n: int) -> None:
         nonlocal errors
         session = requests.Session()
+        if every_s:  # spread over the period, as independent pollers are, not all at once
+            time.sleep(every_s * n / clients)
         while time.monotonic() < deadline:
             with lock:
                 path = next(paths)
@@ -230,6 +232,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--every-s", type=float, default=0, help="each web client's pace")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the stack's data and logs")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-flood-", dir="/tmp"))
     data_dir.chmod(0o755)
@@ -243,7 +246,10 @@ def main() -> None:
         flood = flood_phase(cp, args.alerts)
     finally:
         stack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if args.keep:
+            print(f"kept: {data_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
     q, f = flood["quiet"], flood["flood"]
     print(
         f"a. {f['alerts']} alerts by 32 clients (posts: firing {f['firing_posts']}, resolved "

@@ -1,15 +1,19 @@
 """The loop (Patroni's ha.py): `run_cycle(now) -> str`. Hold the lease, take a snapshot, call
 the pure `decide`, persist the decisions, start actions beside the loop, say why in one line.
 
-The snapshot is read in a read transaction and the decisions are written in batches of
-`APPLY_BATCH`, one short write transaction each: a flood of alerts never holds the state
-store's write lock for long, so probes, webhooks and action runs keep writing."""
+A cycle's work is bounded however many alerts came in: the snapshot holds every probe, but of
+the alerts only what may need a decision (at most `ALERT_BATCH` to open, as many to close, the
+few a policy may act on); what a probe's incident needs is decided, written and started first;
+the rest is written in batches of `APPLY_BATCH`, a statement per kind and one short write
+transaction each, so probes, webhooks and action runs keep writing; what is left over is the
+next cycle's, which comes at once."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,10 +37,11 @@ from controlplane.incidents import (
     Snapshot,
     decide,
     describe,
+    policy_for,
 )
 from controlplane.logsafe import printable
 from controlplane.metrics import Metrics
-from controlplane.models import ActionState, Alert, IncidentState
+from controlplane.models import UNMATCHED, ActionState, Alert
 from controlplane.notify import Notifier
 from probes.base import Health
 
@@ -44,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 LEADER_LEASE = "leader"
 RECENT_ALERTS = timedelta(minutes=10)
-APPLY_BATCH = 100  # decisions per write transaction
+APPLY_BATCH = 250  # decisions per write transaction
+ALERT_BATCH = 500  # alerts to open, alerts to close, incidents to match: at most, per cycle
 APPLY_BUDGET_S = 0.3  # a cycle starts no new batch after this; the rest is the next cycle's
+SLOW_CYCLE_S = 1.0  # a cycle longer than this logs where its time went
 STRANDED_AFTER_S = 5.0  # a run of ours `running` this long without a worker is abandoned
 NO_EFFECT = frozenset({ActionState.SKIPPED, ActionState.DRY_RUN})
 ACTIVE = (ActionState.PENDING, ActionState.RUNNING)
@@ -64,7 +71,40 @@ def service_of_alert(settings: Settings, labels: dict[str, Any]) -> str:
     return str(labels.get("service") or labels.get("instance") or labels.get("alertname", "?"))
 
 
-def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snapshot:
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a cycle read besides its snapshot: policies matched to incidents that had none
+    yet (to be written), and whether a bound left work for the next cycle."""
+
+    matched: dict[int, str | None]
+    more: bool
+
+
+def matched_policy(
+    snapshot: Snapshot, source: str, kind: str, target: str, labels: Any
+) -> str | None:
+    """The name of the policy that may act on such an incident (pure, as `decide` finds it)."""
+    policy = policy_for(snapshot, (source, kind, target, labels))
+    return policy.name if policy else None
+
+
+def _alert_state(settings: Settings, a: Any) -> AlertState:
+    return AlertState(
+        fingerprint=a.fingerprint,
+        alertname=a.alertname,
+        status=a.status,
+        labels=dict(a.labels),
+        summary=str(a.annotations.get("summary", a.alertname)),
+        starts_at=a.starts_at,
+        service=service_of_alert(settings, a.labels),
+    )
+
+
+def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple[Snapshot, Seen]:
+    """What may need a decision now, bounded however many alerts came in: every probe and
+    probe incident; at most ALERT_BATCH alerts to open and to close; the alert incidents some
+    policy may act on that it has not acted on yet (and at most ALERT_BATCH not yet matched);
+    an open alert incident no policy acts on, whose alert did not change, needs none."""
     probes = []
     for spec in settings.probes:
         runs = store.recent_probe_runs(session, spec.name, settings.flap_window)
@@ -93,19 +133,17 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
                 failing_at=tuple(reversed(failing_at)),
             )
         )
-    alerts = [
-        AlertState(
-            fingerprint=a.fingerprint,
-            alertname=a.alertname,
-            status=a.status,
-            labels=dict(a.labels),
-            summary=str(a.annotations.get("summary", a.alertname)),
-            starts_at=a.starts_at,
-            service=service_of_alert(settings, a.labels),
-        )
-        for a in store.alerts_to_consider(session, now - RECENT_ALERTS)
-    ]
-    incidents = store.open_incidents(session)
+    to_open = store.alerts_to_open(session, ALERT_BATCH)
+    to_close = store.alerts_to_close(session, now - RECENT_ALERTS, ALERT_BATCH)
+    rows = {a.fingerprint: a for a in [*to_open, *to_close]}
+    incidents, more = store.incidents_to_plan(session, [f"alert:{fp}" for fp in rows], ALERT_BATCH)
+    planned = [i.fingerprint.removeprefix("alert:") for i in incidents if i.source == "alert"]
+    rows.update(
+        {
+            a.fingerprint: a
+            for a in store.alerts_by_fingerprint(session, [fp for fp in planned if fp not in rows])
+        }
+    )
     window = max((p.window_s for p in settings.policies), default=3600.0)
     action_runs = {r.id: r for r in store.runs_since(session, now - timedelta(seconds=window))}
     action_runs.update(
@@ -113,9 +151,9 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
     )
     for state in ACTIVE:  # however old: what runs now is what a policy may defer to
         action_runs.update({r.id: r for r in store.runs_in_state(session, state)})
-    return Snapshot(
+    snapshot = Snapshot(
         probes=probes,
-        alerts=alerts,
+        alerts=[_alert_state(settings, a) for a in rows.values()],
         incidents=[
             IncidentView(
                 i.id,
@@ -148,12 +186,46 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> Snaps
         flap_high=settings.flap_high,
         flap_low=settings.flap_low,
     )
+    matched = {
+        i.id: matched_policy(snapshot, i.source, i.kind, i.target, i.labels)
+        for i in incidents
+        if i.policy == UNMATCHED
+    }
+    full = len(to_open) >= ALERT_BATCH or len(to_close) >= ALERT_BATCH
+    return snapshot, Seen(matched, more or full)
 
 
-def _urgency(d: Decision) -> int:
+def _urgency(d: Decision, probe_incidents: set[int]) -> int:
+    """0: what acts on a target, and every decision about a probe's incident; 1: the rest;
+    2: opening an alert's incident (a flood's bulk)."""
     if isinstance(d, RequestAction) or (isinstance(d, Open) and d.source != "alert"):
         return 0
+    if isinstance(d, Resolve | SetFlapping) and d.incident_id in probe_incidents:
+        return 0
     return 2 if isinstance(d, Open) else 1
+
+
+class Stopwatch:
+    """Where a cycle's time went, lap by lap (for the log line of a slow cycle)."""
+
+    def __init__(self, started: float) -> None:
+        self.started = self.last = started
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> float:
+        """Seconds since the start."""
+        now = time.monotonic()
+        self.laps.append((name, now - self.last))
+        self.last = now
+        return now - self.started
+
+    @property
+    def total_s(self) -> float:
+        return self.last - self.started
+
+    def __str__(self) -> str:
+        laps = ", ".join(f"{name} {s:.2f}s" for name, s in self.laps)
+        return f"{self.total_s:.2f}s ({laps})"
 
 
 class Loop:
@@ -177,14 +249,13 @@ class Loop:
         self.last_sentence = ""
         self.last_cycle_at: datetime | None = None
         self.backlog = 0  # decisions left for the next cycle: it comes at once
+        self.lease_until: datetime | None = None  # ours until then, as last renewed
 
     def run_cycle(self, now: datetime | None = None) -> str:
         now = now or self.clock()
         started = time.monotonic()
-        with store.transaction(self.factory) as s:
-            leader = store.hold_lease(
-                s, LEADER_LEASE, self.settings.instance_id, self.settings.lease_ttl_s, now
-            )
+        took = Stopwatch(started)
+        leader = self._hold_lease(now)
         if not leader:
             self.is_leader = False
             self.metrics.is_leader.set(0)
@@ -192,6 +263,8 @@ class Loop:
         if not self.is_leader:
             self.is_leader = True
             self.metrics.is_leader.set(1)
+            with store.transaction(self.factory) as s:
+                store.unmatch_open_incidents(s)  # policies may have changed since they opened
             abandoned = self.engine.abandon_orphans()
             if abandoned:
                 logger.warning("took over leadership; abandoned runs %s", abandoned)
@@ -200,32 +273,65 @@ class Loop:
         )
         if stranded:
             logger.warning("abandoned action runs whose worker is gone: %s", stranded)
+        took.lap("lease")
         with store.read(self.factory) as s:
-            decisions = decide(build_snapshot(s, self.settings, now), now)
-            by_fp = {i.fingerprint: i for i in store.open_incidents(s)}
-        # What acts on a target goes first; a flood's alert incidents share what time is left
-        # and the rest waits for the next cycle (decide finds it again), so that a cycle stays
-        # short however many alerts came in.
-        decisions.sort(key=_urgency)
+            snapshot, seen = build_snapshot(s, self.settings, now)
+        took.lap("snapshot")
+        decisions = decide(snapshot, now)
+        took.lap("decide")
+        by_fp = {i.fingerprint: i.id for i in snapshot.incidents}
+        probe_incidents = {i.id for i in snapshot.incidents if i.source != "alert"}
+        # What acts on a target and what is about a probe's incident go first, in one
+        # transaction, and their actions start at once; a flood's alert incidents share what
+        # time is left and the rest waits for the next cycle (which comes at once).
+        decisions.sort(key=lambda d: _urgency(d, probe_incidents))
+        urgent = sum(1 for d in decisions if _urgency(d, probe_incidents) == 0)
+        if urgent or seen.matched:
+            with store.transaction(self.factory) as s:
+                store.set_incident_policies(s, seen.matched)
+                self._apply(s, snapshot, decisions[:urgent], by_fp, now)
+        took.lap("urgent")
+        started_runs = self.engine.dispatch_pending() if urgent else []
+        took.lap("dispatch")
         self.backlog = 0
-        for start in range(0, len(decisions), APPLY_BATCH):
-            if start and time.monotonic() - started > APPLY_BUDGET_S:
+        for start in range(urgent, len(decisions), APPLY_BATCH):
+            if time.monotonic() - started > APPLY_BUDGET_S:
                 self.backlog = len(decisions) - start
                 break
             with store.transaction(self.factory) as s:
-                self._apply(s, decisions[start : start + APPLY_BATCH], by_fp, now)
+                self._apply(s, snapshot, decisions[start : start + APPLY_BATCH], by_fp, now)
+        took.lap("batches")
+        applied = decisions[: len(decisions) - self.backlog]
+        started_runs += self.engine.dispatch_pending()  # and an operator's, or one approved
         with store.read(self.factory) as s:
-            self.metrics.incidents_open.set(len(store.open_incidents(s)))
-        started_runs = self.engine.dispatch_pending()
-        sentence = describe(decisions[: len(decisions) - self.backlog])
-        if self.backlog:
-            sentence += f"; {self.backlog} decision(s) left for the next cycle"
+            self.metrics.incidents_open.set(store.count_open_incidents(s))
+        sentence = describe(applied)
+        if self.backlog or seen.more:
+            sentence += f"; {self.backlog} decision(s) and more alerts left for the next cycle"
+            self.backlog = max(self.backlog, 1)
         if started_runs:
             sentence += f"; started action run(s) {', '.join(map(str, started_runs))}"
         if self.engine.busy:
             sentence += f"; {self.engine.busy} action(s) in progress"
-        self.metrics.cycle_seconds.observe(time.monotonic() - started)
+        self.metrics.cycle_seconds.observe(took.lap("end"))
+        if took.total_s > SLOW_CYCLE_S:
+            logger.warning("slow cycle: %s", took)
         return self._said(now, sentence)
+
+    def _hold_lease(self, now: datetime) -> bool:
+        """Renewed once half its time is gone, not every cycle: a cycle that has nothing to
+        write waits for no writer (a flood of webhooks holds the write lock often)."""
+        ttl_s = self.settings.lease_ttl_s
+        if (
+            self.is_leader
+            and self.lease_until is not None
+            and now < self.lease_until - timedelta(seconds=ttl_s / 2)
+        ):
+            return True
+        with store.transaction(self.factory) as s:
+            leader = store.hold_lease(s, LEADER_LEASE, self.settings.instance_id, ttl_s, now)
+        self.lease_until = now + timedelta(seconds=ttl_s) if leader else None
+        return leader
 
     def _said(self, now: datetime, sentence: str) -> str:
         if sentence != self.last_sentence or "nothing to do" not in sentence:
@@ -235,69 +341,70 @@ class Loop:
         return sentence
 
     def _apply(
-        self, s: Session, decisions: Sequence[Decision], by_fp: dict[str, Any], now: datetime
+        self,
+        s: Session,
+        snapshot: Snapshot,
+        decisions: Sequence[Decision],
+        by_fp: dict[str, int],
+        now: datetime,
     ) -> None:
-        """One batch of decisions, in one write transaction. `by_fp`: the open incidents by
-        fingerprint, kept across batches (an incident opened in one, acted on in a later one)."""
+        """One batch of decisions, in one write transaction, a statement per kind: resolves
+        first (a probe incident reopened resolves the old one before it opens the new one),
+        then opens, then action requests (for incidents that may have opened just before).
+        `by_fp`: open incident ids by fingerprint, kept across batches."""
+        resolves = {d.incident_id: d for d in decisions if isinstance(d, Resolve)}
+        timeline: list[dict[str, Any]] = []
+        resolved = store.resolve_incidents(s, list(resolves), now)
+        for incident_id in resolved:
+            reason = resolves[incident_id].reason
+            timeline.append(_event(incident_id, "resolved", reason, now))
+            self.metrics.incidents.labels("resolved").inc()
+            self.notifier.notify("resolve", reason, {"incident": incident_id})
+        # Never an action on a resolved incident: drop what awaits approval.
+        for incident_id, run_id in store.expire_unapproved_runs_of(s, resolved, now):
+            message = f"action run {run_id} no longer awaits approval: resolved"
+            timeline.append(_event(incident_id, "action", message, now))
+        opens = {d.fingerprint: d for d in decisions if isinstance(d, Open)}
+        rows = [
+            {
+                "fingerprint": d.fingerprint,
+                "kind": d.kind,
+                "source": d.source,
+                "target": d.target,
+                "severity": d.severity,
+                "summary": d.summary,
+                "labels": dict(d.labels),
+                "detected_at": d.detected_at,
+                "opened_at": now,
+                "policy": matched_policy(snapshot, d.source, d.kind, d.target, d.labels),
+            }
+            for d in opens.values()
+        ]
+        for fp, incident_id in store.open_incidents_many(s, rows).items():
+            opened = opens[fp]
+            by_fp[fp] = incident_id
+            data = {"detected_at": opened.detected_at.isoformat()}
+            timeline.append(_event(incident_id, "opened", opened.summary, now, data))
+            self.metrics.incidents.labels("opened").inc()
+            body = {"incident": incident_id, "target": opened.target}
+            self.notifier.notify("open", opened.summary, body)
+        store.add_timelines(s, timeline)
         for d in decisions:
             match d:
-                case Open():
-                    incident = store.open_incident(
-                        s,
-                        fingerprint=d.fingerprint,
-                        kind=d.kind,
-                        source=d.source,
-                        target=d.target,
-                        severity=d.severity,
-                        summary=d.summary,
-                        labels=dict(d.labels),
-                        detected_at=d.detected_at,
-                        opened_at=now,
-                    )
-                    if incident is None:
-                        continue
-                    by_fp[d.fingerprint] = incident
-                    store.add_timeline(
-                        s,
-                        incident.id,
-                        "opened",
-                        d.summary,
-                        now,
-                        {"detected_at": d.detected_at.isoformat()},
-                    )
-                    self.metrics.incidents.labels("opened").inc()
-                    self.notifier.notify(
-                        "open", d.summary, {"incident": incident.id, "target": d.target}
-                    )
-                case Resolve():
-                    if store.resolve_incident(s, d.incident_id, now):
-                        store.add_timeline(s, d.incident_id, "resolved", d.reason, now)
-                        # Never an action on a resolved incident: drop what awaits approval.
-                        for run_id in store.expire_unapproved_runs(s, d.incident_id, now):
-                            store.add_timeline(
-                                s,
-                                d.incident_id,
-                                "action",
-                                f"action run {run_id} no longer awaits approval: resolved",
-                                now,
-                            )
-                        self.metrics.incidents.labels("resolved").inc()
-                        self.notifier.notify("resolve", d.reason, {"incident": d.incident_id})
                 case SetFlapping():
                     store.set_flapping(s, d.incident_id, d.flapping)
                     state = "flapping" if d.flapping else "stable again"
-                    store.add_timeline(
-                        s, d.incident_id, "flapping", f"{state} ({d.share:.0%} state changes)", now
-                    )
+                    message = f"{state} ({d.share:.0%} state changes)"
+                    store.add_timeline(s, d.incident_id, "flapping", message, now)
                 case RequestAction():
                     self._request(s, d, by_fp, now)
                 case Hold():
                     pass  # said in the cycle's sentence; no row every tick
 
-    def _request(self, s: Session, d: RequestAction, by_fp: dict[str, Any], now: datetime) -> None:
-        incident = by_fp.get(d.fingerprint)
-        if incident is None or incident.state != IncidentState.OPEN:
-            return
+    def _request(self, s: Session, d: RequestAction, by_fp: dict[str, int], now: datetime) -> None:
+        incident_id = by_fp.get(d.fingerprint)
+        if incident_id is None:
+            return  # not opened (yet): planned again next cycle
         if d.fingerprint.startswith("alert:"):
             alert = s.get(Alert, d.fingerprint.removeprefix("alert:"))
             if alert is None or alert.status != "firing":
@@ -305,7 +412,7 @@ class Loop:
         state = MODE_STATE[d.mode]
         run = store.create_action_run(
             s,
-            incident_id=incident.id,
+            incident_id=incident_id,
             action=d.action,
             target=d.target,
             mode=d.mode,
@@ -324,10 +431,22 @@ class Loop:
             verb=verb.get(state, "request"),
             at=now,
             action_run_id=run.id,
-            incident_id=incident.id,
+            incident_id=incident_id,
             message=f"{d.action} on {d.target}: {d.reason}",
             data={"policy": d.policy, "mode": d.mode, "target": d.target},
         )
         store.add_timeline(
-            s, incident.id, "action", f"{d.action} requested ({d.mode})", now, {"run": run.id}
+            s, incident_id, "action", f"{d.action} requested ({d.mode})", now, {"run": run.id}
         )
+
+
+def _event(
+    incident_id: int, kind: str, message: str, at: datetime, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "incident_id": incident_id,
+        "kind": kind,
+        "message": message,
+        "at": at,
+        "data": data or {},
+    }

@@ -47,7 +47,11 @@ class Metrics:
             registry=r,
         )
         self.cycle_seconds = Histogram(
-            "cp_cycle_duration_seconds", "Time of one decision cycle", registry=r
+            "cp_cycle_duration_seconds",
+            "Time of one decision cycle",
+            registry=r,
+            # Beyond a second, so that a slow cycle's p99 is a figure, not "above the top".
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30),
         )
         self.is_leader = Gauge(
             "cp_leader", "1 while this control plane holds the lease", registry=r

@@ -41,6 +41,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+UNMATCHED = "?"  # Incident.policy of an incident no policy has been matched against yet
+
+
 class IncidentState(StrEnum):
     OPEN = "open"
     RESOLVED = "resolved"
@@ -94,6 +97,12 @@ class Incident(Base):
             sqlite_where=text("state = 'open'"),
             postgresql_where=text("state = 'open'"),
         ),
+        Index(
+            "ix_incidents_open_policy",
+            "policy",
+            sqlite_where=text("state = 'open'"),
+            postgresql_where=text("state = 'open'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -111,6 +120,11 @@ class Incident(Base):
     action_started_at: Mapped[datetime | None]
     recovered_at: Mapped[datetime | None]  # verified recovered
     resolved_at: Mapped[datetime | None]
+    # The policy that may act on it, matched when it opened: None for none, UNMATCHED until
+    # the loop has matched it (the loop reads only open incidents some policy may act on).
+    policy: Mapped[str | None] = mapped_column(
+        String(100), default=UNMATCHED, server_default=UNMATCHED
+    )
 
 
 class TimelineEvent(Base):
@@ -128,6 +142,7 @@ class Alert(Base):
     """The latest state of each Alertmanager alert, by fingerprint."""
 
     __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_status_received_at", "status", "received_at"),)
 
     fingerprint: Mapped[str] = mapped_column(String(100), primary_key=True)
     alertname: Mapped[str] = mapped_column(String(200))

@@ -18,12 +18,24 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
+from functools import lru_cache
 from importlib import resources
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    Engine,
+    Row,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -37,6 +49,7 @@ from tenacity import (
 )
 
 from controlplane.models import (
+    UNMATCHED,
     ActionRun,
     ActionState,
     Alert,
@@ -240,13 +253,21 @@ def upsert_alert(session: Session, alert: Mapping[str, Any], received_at: dateti
 def upsert_alerts(
     session: Session, alerts: Sequence[Mapping[str, Any]], received_at: datetime
 ) -> None:
-    """Many alerts in one statement (a webhook delivery holds the write lock once, briefly).
-    A fingerprint twice in one delivery: its last status wins."""
+    """Many alerts in one statement, run for each (a webhook delivery holds the write lock
+    once, briefly: the statement is compiled once and cached, the rows go to the driver's
+    executemany). A fingerprint twice in one delivery: its last status wins."""
+    if not alerts:
+        return
     latest = {a["fingerprint"]: a for a in alerts}
-    insert = _upsert(session)
     values = [{**a, "received_at": received_at, "deliveries": 1} for a in latest.values()]
-    stmt = insert(Alert).values(values)
-    stmt = stmt.on_conflict_do_update(
+    session.execute(_alert_upsert(session.bind.dialect.name), values)  # type: ignore[union-attr]
+
+
+@lru_cache(maxsize=2)
+def _alert_upsert(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(Alert.metadata.tables[Alert.__tablename__])
+    return stmt.on_conflict_do_update(
         index_elements=[Alert.fingerprint],
         set_={
             "status": stmt.excluded.status,
@@ -258,16 +279,65 @@ def upsert_alerts(
             "deliveries": Alert.deliveries + 1,
         },
     )
-    session.execute(stmt)
 
 
-def alerts_to_consider(session: Session, since: datetime) -> list[Alert]:
-    """Firing alerts, and alerts resolved recently (to resolve their incidents)."""
-    return list(
-        session.scalars(
-            select(Alert).where((Alert.status == "firing") | (Alert.received_at >= since))
-        )
+def _incident_of(alert: Any) -> Any:
+    return Incident.fingerprint == literal("alert:") + alert.fingerprint
+
+
+def _with_open_incident() -> Any:
+    return (
+        select(Incident.id)
+        .where(_incident_of(Alert), Incident.state == IncidentState.OPEN)
+        .exists()
     )
+
+
+ALERT_COLUMNS = (
+    Alert.fingerprint,
+    Alert.alertname,
+    Alert.status,
+    Alert.labels,
+    Alert.annotations,
+    Alert.starts_at,
+)
+
+
+def alerts_to_open(session: Session, limit: int) -> list[Row[Any]]:
+    """Firing alerts without an open incident (at most `limit`): what a cycle may open."""
+    query = (
+        select(*ALERT_COLUMNS)
+        .where(Alert.status == "firing", ~_with_open_incident())
+        .order_by(Alert.received_at)
+        .limit(limit)
+    )
+    return list(session.execute(query))
+
+
+def alerts_to_close(session: Session, since: datetime, limit: int) -> list[Row[Any]]:
+    """Alerts resolved since `since` whose incident is still open (at most `limit`). Walked
+    from the open alert incidents (by the alerts' key), not from the resolved alerts: a flood
+    of resolutions for alerts never opened costs nothing here."""
+    prefix = len("alert:") + 1
+    query = (
+        select(*ALERT_COLUMNS)
+        .select_from(Incident)
+        .join(Alert, Alert.fingerprint == func.substr(Incident.fingerprint, prefix))
+        .where(
+            Incident.state == IncidentState.OPEN,
+            Incident.source == "alert",
+            Alert.status == "resolved",
+            Alert.received_at >= since,
+        )
+        .limit(limit)
+    )
+    return list(session.execute(query))
+
+
+def alerts_by_fingerprint(session: Session, fingerprints: Sequence[str]) -> list[Row[Any]]:
+    if not fingerprints:
+        return []
+    return list(session.execute(select(*ALERT_COLUMNS).where(Alert.fingerprint.in_(fingerprints))))
 
 
 def alert(session: Session, fingerprint: str) -> Alert | None:
@@ -277,6 +347,62 @@ def alert(session: Session, fingerprint: str) -> Alert | None:
 # -- incidents ----------------------------------------------------------------------------------
 def open_incidents(session: Session) -> list[Incident]:
     return list(session.scalars(select(Incident).where(Incident.state == IncidentState.OPEN)))
+
+
+def count_open_incidents(session: Session) -> int:
+    return int(
+        session.scalar(select(func.count()).where(Incident.state == IncidentState.OPEN)) or 0
+    )
+
+
+def incidents_to_plan(
+    session: Session, fingerprints: Sequence[str], limit: int
+) -> tuple[list[Incident], bool]:
+    """The open incidents a cycle looks at, and whether `limit` left some out: every probe
+    incident; the alert incidents some policy may act on (or not matched yet, at most
+    `limit`) that its policy has not acted on; those of `fingerprints`."""
+    is_open = Incident.state == IncidentState.OPEN
+    acted = (
+        select(ActionRun.id)
+        .where(
+            ActionRun.incident_id == Incident.id,
+            ActionRun.requested_by == literal("policy:") + Incident.policy,
+        )
+        .exists()
+    )
+    found = {
+        i.id: i
+        for i in session.scalars(select(Incident).where(is_open, Incident.source != "alert"))
+    }
+    matched = session.scalars(
+        select(Incident).where(
+            is_open,
+            Incident.source == "alert",
+            Incident.policy.is_not(None),
+            Incident.policy != UNMATCHED,
+            ~acted,
+        )
+    )
+    found.update({i.id: i for i in matched})
+    unmatched = list(
+        session.scalars(
+            select(Incident)
+            .where(is_open, Incident.source == "alert", Incident.policy == UNMATCHED)
+            .limit(limit)
+        )
+    )
+    found.update({i.id: i for i in unmatched})
+    for start in range(0, len(fingerprints), 500):
+        chunk = fingerprints[start : start + 500]
+        found.update(
+            {
+                i.id: i
+                for i in session.scalars(
+                    select(Incident).where(is_open, Incident.fingerprint.in_(chunk))
+                )
+            }
+        )
+    return list(found.values()), len(unmatched) >= limit
 
 
 def open_incident(session: Session, **values: Any) -> Incident | None:
@@ -289,6 +415,55 @@ def open_incident(session: Session, **values: Any) -> Incident | None:
     except IntegrityError:
         return None
     return incident
+
+
+def open_incidents_many(session: Session, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Many incidents in one statement; an open one with the same fingerprint is kept (the
+    unique index). Returns fingerprint -> id of those opened."""
+    if not rows:
+        return {}
+    stmt = (  # the table, not the class: a None (no policy) stays None, not the default
+        _upsert(session)(Incident.__table__)
+        .on_conflict_do_nothing()
+        .returning(Incident.fingerprint, Incident.id)
+    )
+    values = [{"state": IncidentState.OPEN, "flapping": False, **row} for row in rows]
+    return {fp: incident_id for fp, incident_id in session.execute(stmt, values)}
+
+
+def resolve_incidents(session: Session, incident_ids: Sequence[int], now: datetime) -> list[int]:
+    """Those of `incident_ids` still open become resolved (compare-and-set); returns them."""
+    if not incident_ids:
+        return []
+    result = session.execute(
+        update(Incident)
+        .where(Incident.id.in_(incident_ids), Incident.state == IncidentState.OPEN)
+        .values(state=IncidentState.RESOLVED, resolved_at=now)
+        .returning(Incident.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(result.scalars())
+
+
+def set_incident_policies(session: Session, policies: Mapping[int, str | None]) -> None:
+    """The policy matched to each incident not matched yet (a statement per policy)."""
+    by_policy: dict[str | None, list[int]] = {}
+    for incident_id, policy in policies.items():
+        by_policy.setdefault(policy, []).append(incident_id)
+    for policy, ids in by_policy.items():
+        session.execute(
+            update(Incident)
+            .where(Incident.id.in_(ids), Incident.policy == UNMATCHED)
+            .values(policy=policy)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def unmatch_open_incidents(session: Session) -> None:
+    """Every open incident is matched against the policies anew (they may have changed)."""
+    session.execute(
+        update(Incident).where(Incident.state == IncidentState.OPEN).values(policy=UNMATCHED)
+    )
 
 
 def resolve_incident(session: Session, incident_id: int, now: datetime) -> bool:
@@ -306,6 +481,12 @@ def set_flapping(session: Session, incident_id: int, flapping: bool) -> None:
 
 def mark_incident(session: Session, incident_id: int, **values: Any) -> None:
     session.execute(update(Incident).where(Incident.id == incident_id).values(**values))
+
+
+def add_timelines(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Many timeline events in one statement (rows: incident_id, kind, message, at, data)."""
+    if rows:
+        session.execute(insert(TimelineEvent), [{"data": {}, **row} for row in rows])
 
 
 def add_timeline(
@@ -389,18 +570,26 @@ def claim_run(session: Session, run_id: int, owner: str, now: datetime) -> bool:
 
 def expire_unapproved_runs(session: Session, incident_id: int, now: datetime) -> list[int]:
     """The incident's runs still awaiting approval become skipped; returns their ids."""
-    ids = list(
-        session.scalars(
-            select(ActionRun.id).where(
-                ActionRun.incident_id == incident_id,
-                ActionRun.state == ActionState.AWAITING_APPROVAL,
-            )
+    return [run_id for _, run_id in expire_unapproved_runs_of(session, [incident_id], now)]
+
+
+def expire_unapproved_runs_of(
+    session: Session, incident_ids: Sequence[int], now: datetime
+) -> list[tuple[int, int]]:
+    """The incidents' runs still awaiting approval become skipped; returns (incident, run)."""
+    if not incident_ids:
+        return []
+    found = session.execute(
+        select(ActionRun.incident_id, ActionRun.id).where(
+            ActionRun.incident_id.in_(incident_ids),
+            ActionRun.state == ActionState.AWAITING_APPROVAL,
         )
     )
     return [
-        run_id
-        for run_id in ids
-        if change_run_state(
+        (incident_id, run_id)
+        for incident_id, run_id in found
+        if incident_id is not None
+        and change_run_state(
             session,
             run_id,
             ActionState.AWAITING_APPROVAL,
@@ -438,7 +627,7 @@ def list_runs(
 
 def count_runs_by_state(session: Session) -> dict[str, int]:
     rows = session.execute(select(ActionRun.state, func.count()).group_by(ActionRun.state))
-    return {state: count for state, count in rows.tuples()}
+    return {state: count for state, count in rows}
 
 
 # -- audit --------------------------------------------------------------------------------------

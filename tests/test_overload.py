@@ -4,6 +4,7 @@ never left `running`, and reads never wait for the state store's write lock."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import sqlite3
 import threading
 import uuid
@@ -24,7 +25,7 @@ from lab.process import wait_until
 from lab.stack import Stack
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api, kill_shop, webhook
-from web.alerts import IntakeLimit
+from web.alerts import IntakeLimit, SharedIntakeLimit
 
 FLOOD = 3000
 BATCH = 1000  # the webhook takes at most 1000 alerts a post
@@ -245,3 +246,28 @@ def test_the_intake_takes_a_burst_then_refuses_with_the_wait_until_its_bucket_re
     assert limit.take("elsewhere", 50, now=0.0) == 0  # each source its own bucket
     assert limit.take("am", 10, now=10.0) == 0
     assert limit.take("am", 101, now=1000.0) == math.inf  # never fits: a 400, not a 429
+
+
+def test_every_web_worker_process_takes_from_one_shared_bucket_per_source() -> None:
+    limit = SharedIntakeLimit(per_minute=60, burst=100)
+    context = multiprocessing.get_context("fork")  # as gunicorn forks its workers
+    workers = [context.Process(target=limit.take, args=("am", 40, 0.0)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    assert limit.take("am", 30, now=0.0) == pytest.approx(10.0)  # 20 left of 100, not 60
+    assert limit.take("elsewhere", 100, now=0.0) == 0  # each source its own bucket
+    assert limit.take("am", 20, now=0.0) == 0
+    assert limit.take("am", 10, now=10.0) == 0  # refilled at one a second
+    assert limit.take("am", 101, now=1000.0) == math.inf  # never fits: a 400, not a 429
+
+
+def test_the_shared_intake_still_limits_each_source_when_there_are_more_sources_than_slots() -> (
+    None
+):
+    limit = SharedIntakeLimit(per_minute=60, burst=10)
+    for n in range(2 * SharedIntakeLimit.SLOTS):
+        assert limit.take(f"10.0.{n // 256}.{n % 256}", 10, now=0.0) == 0
+        assert limit.take(f"10.0.{n // 256}.{n % 256}", 1, now=0.0) == pytest.approx(1.0)

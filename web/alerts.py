@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import mmap
+import multiprocessing
+import struct
 import threading
 import time
 import weakref
 
 from cachetools import TTLCache
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 
 from controlplane import services
@@ -17,6 +22,19 @@ from web.auth import control_plane, require_token
 from web.body import json_object
 
 alerts = Blueprint("alerts", __name__)
+logger = logging.getLogger(__name__)
+
+
+def _refill(
+    tokens: float, at: float, now: float, rate_per_s: float, burst: int, alerts: int
+) -> tuple[float, float]:
+    """(tokens left, seconds to wait): 0 s when `alerts` fit now and were taken."""
+    tokens = min(float(burst), tokens + (now - at) * rate_per_s)
+    if alerts <= tokens:
+        return tokens - alerts, 0.0
+    if alerts > burst:
+        return tokens, math.inf
+    return tokens, (alerts - tokens) / rate_per_s
 
 
 class IntakeLimit:
@@ -34,14 +52,59 @@ class IntakeLimit:
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, at = self._buckets.get(source, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
-            if alerts <= tokens:
-                self._buckets[source] = (tokens - alerts, now)
-                return 0.0
+            tokens, wait_s = _refill(tokens, at, now, self.rate_per_s, self.burst, alerts)
             self._buckets[source] = (tokens, now)
-            if alerts > self.burst:
-                return math.inf
-            return (alerts - tokens) / self.rate_per_s
+            return wait_s
+
+
+class SharedIntakeLimit:
+    """The same buckets for every web worker process: a table in memory mapped before the
+    workers fork, under a lock made before the fork, so that N workers take `burst` and
+    `per_minute` from a source once, not N times. A source has a slot by the hash of its
+    address (probing a few on); with every probed slot taken by a recent source, it takes
+    over the one idle longest. CLOCK_MONOTONIC is one clock for all processes (Linux)."""
+
+    SLOTS = 4096
+    PROBES = 8
+    IDLE_S = 3600.0  # a bucket untouched this long is free
+    _row = struct.Struct("<Qdd")  # source hash (0: free), tokens, at
+
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate_per_s = per_minute / 60
+        self.burst = burst
+        self._table = mmap.mmap(-1, self.SLOTS * self._row.size)  # MAP_SHARED|MAP_ANONYMOUS
+        self._lock = multiprocessing.get_context("fork").Lock()
+
+    def take(self, source: str, alerts: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        key = int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest()) or 1
+        # A worker killed inside this section (microseconds) would hold the lock for ever:
+        # past a second, count without it (a race may miscount once; intake never stops).
+        locked = self._lock.acquire(timeout=1.0)
+        if not locked:
+            logger.warning("the shared intake lock is stuck: counting without it")
+        try:
+            slot = self._slot(key, now)
+            found, tokens, at = self._row.unpack_from(self._table, slot * self._row.size)
+            if found != key:
+                tokens, at = float(self.burst), now
+            tokens, wait_s = _refill(tokens, at, now, self.rate_per_s, self.burst, alerts)
+            self._row.pack_into(self._table, slot * self._row.size, key, tokens, now)
+            return wait_s
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _slot(self, key: int, now: float) -> int:
+        oldest, oldest_at = key % self.SLOTS, math.inf
+        for probe in range(self.PROBES):
+            slot = (key + probe) % self.SLOTS
+            found, _, at = self._row.unpack_from(self._table, slot * self._row.size)
+            if found == key or found == 0 or now - at > self.IDLE_S:
+                return slot
+            if at < oldest_at:
+                oldest, oldest_at = slot, at
+        return oldest
 
 
 # Per control plane (weakly: one gone takes its buckets along; an id() could be reused).
@@ -49,7 +112,13 @@ _limits: weakref.WeakKeyDictionary[services.ControlPlane, IntakeLimit] = weakref
 _limits_lock = threading.Lock()
 
 
-def intake_limit(cp: services.ControlPlane) -> IntakeLimit:
+SHARED_INTAKE = "SHOPGUARD_SHARED_INTAKE"  # app.config: a SharedIntakeLimit, set by web.server
+
+
+def intake_limit(cp: services.ControlPlane) -> IntakeLimit | SharedIntakeLimit:
+    shared: SharedIntakeLimit | None = current_app.config.get(SHARED_INTAKE)
+    if shared is not None:
+        return shared
     with _limits_lock:
         found = _limits.get(cp)
         if found is None:

@@ -23,6 +23,7 @@ from controlplane import store
 from controlplane.config import Settings
 from controlplane.errors import ConfigError
 from controlplane.runtime import ControlPlane, CoreAddress, CoreChannel, WebControlPlane
+from web.alerts import SHARED_INTAKE, SharedIntakeLimit
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class Server(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings, core: CoreAddress) -> None:
         self.settings = settings
         self.core = core
+        # Made before the workers fork: one intake bucket per source for all of them.
+        self.intake = SharedIntakeLimit(
+            settings.intake_alerts_per_minute, settings.intake_alerts_burst
+        )
         super().__init__()
 
     def load_config(self) -> None:
@@ -54,7 +59,9 @@ class Server(BaseApplication):  # type: ignore[misc]
 
         # A WebControlPlane has what `services` reads of a ControlPlane (duck-typed).
         web = cast(ControlPlane, WebControlPlane(self.settings, self.core))
-        return create_app(self.settings, control_plane=web)
+        app = create_app(self.settings, control_plane=web)
+        app.config[SHARED_INTAKE] = self.intake
+        return app
 
 
 def _die_with_parent(parent: int) -> None:
