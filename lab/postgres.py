@@ -25,6 +25,10 @@ SHOP_ROLE = "shop"
 REPLICATION_ROLE = "replicator"
 DATABASES = ("orders", "inventory")
 
+ARCHIVE_COMMAND = (
+    "if test -f {archive}/%f; then cmp -s %p {archive}/%f;"
+    " else cp %p {archive}/%f.tmp && mv {archive}/%f.tmp {archive}/%f; fi"
+)
 LAB_CONF = """\
 # Written by the lab. Node-specific settings (port, cluster_name) come on the command line.
 listen_addresses = '{host}'
@@ -41,7 +45,10 @@ hot_standby = on
 hot_standby_feedback = on
 max_prepared_transactions = 100
 archive_mode = on
-archive_command = 'test ! -f {archive}/%f && cp %p {archive}/%f'
+# Atomic (a full disk leaves a .tmp, never a partial segment under its name, which would fail
+# every later attempt) and idempotent (a segment already there whole is done: after a crash
+# between the copy and PostgreSQL's note of it, or on the promoted standby).
+archive_command = '{archive_command}'
 archive_timeout = 60
 synchronous_commit = on
 wal_receiver_status_interval = 1s
@@ -241,7 +248,9 @@ class PgNode:
         conf = self.data_dir / "postgresql.conf"
         with conf.open("a") as fh:
             fh.write("\ninclude 'lab.conf'\n")
-        (self.data_dir / "lab.conf").write_text(LAB_CONF.format(host=HOST, archive=archive_dir))
+        (self.data_dir / "lab.conf").write_text(
+            LAB_CONF.format(host=HOST, archive_command=ARCHIVE_COMMAND.format(archive=archive_dir))
+        )
         (self.data_dir / "pg_hba.conf").write_text(HBA)
         for name in ("lab.conf", "pg_hba.conf"):
             chown_to(self.data_dir / name, self.os_user)

@@ -4,6 +4,7 @@ shop does not wait on a hung database for as long as it hangs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -249,3 +250,26 @@ def test_a_shop_answers_within_its_deadlines_while_its_primary_hangs_and_serves_
     assert during.status_code == 503
     assert "error" in during.json()
     wait_until(lambda: place().status_code == 201, timeout_s=30, what="orders again once awake")
+
+
+def test_a_server_the_executor_starts_is_not_in_the_starters_process_tree(tmp_path: Path) -> None:
+    from remediation.executors.processes import (
+        descendants,
+        is_pid_alive,
+        process_table,
+        spawn_detached,
+    )
+
+    # As a service manager's would be: killing the control plane with its whole tree (a dying
+    # host, a chaos fault) must not take the Redis or PostgreSQL it restarted with it.
+    pid = spawn_detached(["sleep", "30"], log_path=tmp_path / "sleep.log")
+    try:
+        table = process_table()
+        assert pid in table and table[pid].ppid != os.getpid()
+        assert pid not in {p.pid for p in descendants([os.getpid()], table)}
+        assert table[pid].session == pid  # a session of its own: no terminal signal reaches it
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not is_pid_alive(pid), timeout_s=5, what="the sleep gone")
+    with pytest.raises(OSError, match="no program"):
+        spawn_detached(["/nonexistent/server"], log_path=tmp_path / "x.log")

@@ -24,7 +24,7 @@ from remediation.executors.processes import (
     is_pid_alive,
     kill_tree,
     runs_program,
-    spawn,
+    spawn_detached,
     started_as,
     stop_tree,
 )
@@ -110,7 +110,7 @@ class LabExecutor:
         self.stop(component, timeout_s=restart_stop_timeout_s(comp["role"]))
         start = comp["start"]
         try:
-            proc = spawn(
+            pid = spawn_detached(
                 start["argv"],
                 log_path=Path(comp["log"]),
                 env_overrides=start.get("env") or {},
@@ -119,8 +119,8 @@ class LabExecutor:
             )
         except OSError as exc:
             raise ExecutorError(f"cannot start {component}: {exc}") from exc
-        self.record_pid(component, proc.pid)
-        return proc.pid
+        self.record_pid(component, pid)
+        return pid
 
     def fence(self, component: str) -> bool:
         pid = self._adopt(component)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -123,6 +124,49 @@ def spawn(
         )
     _children[proc.pid] = proc
     return proc
+
+
+def spawn_detached(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    env_overrides: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    user: str | None = None,
+    timeout_s: float = 10.0,
+) -> int:
+    """Start a server that is nobody's child, as a service manager would: a short-lived shell
+    starts it in a session of its own and exits, so it is re-parented to init (or the nearest
+    subreaper). A control plane that dies, or is killed with its whole process tree, takes
+    none of the servers it restarted with it (their environment cannot tell them apart:
+    Redis and PostgreSQL write their process titles over it). Returns the server's pid."""
+    if shutil.which(argv[0]) is None:  # the shell would only log it, and return a pid
+        raise OSError(f"no program {argv[0]!r}")
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        # The server writes to the log (its stderr too); the shell says its pid on stderr,
+        # a pipe that closes when the shell exits: the server does not hold it.
+        launcher = subprocess.Popen(
+            ["sh", "-c", 'setsid "$@" 2>&1 & echo $! >&2', "spawn", *argv],
+            stdout=log,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env_overrides or {}), SPAWNED_BY: str(os.getpid())},
+            cwd=cwd,
+            user=user,
+        )
+        try:
+            _, said = launcher.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+            raise OSError(f"the launcher of {argv[0]} did not return") from None
+    text = said.decode(errors="replace").strip()
+    if launcher.returncode != 0 or not text.isdigit():
+        raise OSError(f"could not start {argv[0]}: {text or launcher.returncode}")
+    return int(text)
 
 
 # -- every process of an instance --------------------------------------------------------------
