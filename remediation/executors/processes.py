@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 # Servers we start outlive whoever asked for them: keep their Popen objects (so that none is
 # collected while its process runs) until they have exited and been reaped.
@@ -95,6 +96,15 @@ def terminate_pid(pid: int, *, timeout_s: float = 10.0, sig: int = signal.SIGTER
         wait_for_exit(pid, 5.0)
 
 
+def open_log(log_path: Path) -> BinaryIO:
+    """A server's log, for appending; the owner's only: it may name its clients, queries
+    and configuration."""
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -107,11 +117,7 @@ def spawn(
     for pid, child in list(_children.items()):
         if child.poll() is not None:
             del _children[pid]
-    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # The owner's only: a server's log may name its clients, queries and configuration.
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "ab") as log:
+    with open_log(log_path) as log:
         proc = subprocess.Popen(
             list(argv),
             stdout=log,
@@ -142,10 +148,7 @@ def spawn_detached(
     Redis and PostgreSQL write their process titles over it). Returns the server's pid."""
     if shutil.which(argv[0]) is None:  # the shell would only log it, and return a pid
         raise OSError(f"no program {argv[0]!r}")
-    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "ab") as log:
+    with open_log(log_path) as log:
         # The server writes to the log (its stderr too); the shell says its pid on stderr,
         # a pipe that closes when the shell exits: the server does not hold it.
         launcher = subprocess.Popen(
