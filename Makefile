@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-controlplane bench-failover bench-hang bench-restore down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -18,7 +18,7 @@ test: setup
 
 bench:
 	@SETUP_BENCH=1 scripts/setup
-	$(MAKE) bench-orders bench-controlplane bench-failover bench-hang bench-restore
+	$(MAKE) bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore
 
 bench-controlplane:
 	.venv/bin/python bench/controlplane.py
@@ -33,4 +33,7 @@ bench-restore:
 	.venv/bin/python bench/restore.py --trials 5
 
 bench-orders:
-	.venv/bin/python bench/orders.py
+	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3
+
+bench-catalog:
+	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3

@@ -5,27 +5,39 @@ and the same duration measures, in one run:
   1. the shop: POST /orders over HTTP to both instances (2PC over two databases), driven by
      wrk (a C load generator, as pgbench is a C client), one wrk per instance; the count of
      201s is checked against the rows in the orders table;
-  2. pgbench, the 2PC sequence the shop sends (idempotency SELECT; guarded UPDATE; INSERT
-     movement; PREPARE; INSERT order; PREPARE; decision row; COMMIT PREPARED twice);
-  3. pgbench, the same work as one local transaction (for reference).
+  2. pgbench, the shop's 2PC statements one per round trip, as the goal defines the limit
+     (BEGIN; guarded UPDATE with its movement row; PREPARE; BEGIN; INSERT order; PREPARE;
+     decision row; COMMIT PREPARED twice: bench/pgbench_2pc.sql);
+  3. pgbench, the same statements in the four round trips the shop now sends them in
+     (bench/pgbench_2pc_batched.sql; the shop overlaps the last two, pgbench cannot);
+  4. pgbench, the same work as one local transaction (for reference).
 Prints tps, p50/p99 latency and the ratios. The shop's percentiles are the worse of the two
-instances' (wrk reports each; they cannot be merged exactly).
-Usage: python bench/orders.py [--clients 16] [--duration-s 20]
+instances' (wrk reports each; they cannot be merged exactly). With --repeats N the four runs
+are repeated N times on the same stack and the medians reported.
+
+CPU per order/transaction: the user+system time of each process tree (the shops' gunicorn
+masters and workers; both PostgreSQL nodes, every backend, walsender/walreceiver; Redis; the
+load generator) read from /proc/<pid>/stat before and after each run, divided by the count.
+A process that exited during the run (a pgbench backend) is in its parent's cutime/cstime.
+Usage: python bench/orders.py [--clients 16] [--duration-s 20] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import text
 
@@ -39,7 +51,99 @@ PRODUCTS = 1000
 STOCK = 10_000_000
 
 BENCH_DIR = Path(__file__).parent
-SCRIPTS = {"2pc": BENCH_DIR / "pgbench_2pc.sql", "local": BENCH_DIR / "pgbench_local.sql"}
+SCRIPTS = {
+    "2pc": BENCH_DIR / "pgbench_2pc.sql",
+    "2pc_batched": BENCH_DIR / "pgbench_2pc_batched.sql",
+    "local": BENCH_DIR / "pgbench_local.sql",
+}
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
+
+
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of the process and of its children it has reaped)."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                raw = stat.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        # state ppid ... utime(11) stime(12) cutime(13) cstime(14), counted from `state`
+        ticks = sum(int(f) for f in fields[11:15])
+        table[int(entry.name)] = (int(fields[1]), ticks / CLOCK_TICKS)
+    return table
+
+
+def tree_cpu_s(roots: Iterable[int], table: dict[int, tuple[int, float]]) -> float:
+    """CPU seconds of the roots and every descendant (live ones, and reaped ones via cutime)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, [r for r in roots if r in table], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / CLOCK_TICKS, sum(values) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds spent by each group of process trees (and by our own children, the load
+    generators) between `start()` and `stop()`."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+
+    def _sample(self) -> dict[str, float]:
+        table = proc_table()
+        sample = {name: tree_cpu_s(pids, table) for name, pids in self.groups.items()}
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sample["client"] = usage.ru_utime + usage.ru_stime
+        sample["machine_busy"], sample["machine_total"] = machine_busy_s()
+        return sample
+
+    def measure(self, run: Callable[[], T]) -> tuple[T, dict[str, float]]:
+        before = self._sample()
+        result = run()
+        after = self._sample()
+        return result, {name: after[name] - before[name] for name in after}
+
+
+def stack_cpu_groups(stack: Stack) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {"shop": [], "postgres": [], "redis": []}
+    role_group = {"shop": "shop", "primary": "postgres", "standby": "postgres", "cache": "redis"}
+    for name, proc in stack.processes.items():
+        group = role_group.get(stack.roles.get(name, ""))
+        if group is not None and proc.pid is not None:
+            groups[group].append(proc.pid)
+    return groups
+
+
+def cpu_per_unit(cpu: dict[str, float], count: float) -> dict[str, float]:
+    """Milliseconds of CPU per order (or transaction), and how busy the machine was."""
+    per = {
+        f"{name}_ms": 1000 * cpu[name] / count if count else float("nan")
+        for name in ("shop", "postgres", "redis", "client")
+    }
+    per["machine_busy_pct"] = 100 * cpu["machine_busy"] / max(cpu["machine_total"], 1e-9)
+    return per
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,7 +153,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_pgbench(
     stack: Stack, name: str, clients: int, duration_s: int, workdir: Path
-) -> dict[str, float]:
+) -> dict[str, Any]:
     script_path = workdir / f"{name}.sql"
     script_path.write_text(SCRIPTS[name].read_text().replace("RUN:", f"{name}:"))
     argv = [
@@ -90,7 +194,7 @@ def wrk_ms(text: str) -> float:
     return float(match[1]) * UNITS_MS[match[2]]
 
 
-def parse_wrk(output: str) -> dict[str, float]:
+def parse_wrk(output: str) -> dict[str, Any]:
     requests_done = int(re.search(r"(\d+) requests in", output)[1])  # type: ignore[index]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: (.*)", output)
@@ -103,7 +207,7 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def run_wrk(urls: list[str], clients: int, duration_s: int) -> dict[str, Any]:
+def run_wrk(urls: list[str], clients: int, duration_s: int, tag: str = "") -> dict[str, Any]:
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is not installed: run `apt-get install -y wrk` (or `make bench`)")
@@ -126,7 +230,7 @@ def run_wrk(urls: list[str], clients: int, duration_s: int) -> dict[str, Any]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PRODUCTS": str(PRODUCTS), "KEY_TAG": f"{os.getpid()}-{n}"},
+            env={**os.environ, "PRODUCTS": str(PRODUCTS), "KEY_TAG": f"{os.getpid()}-{tag}{n}"},
         )
         for n, url in enumerate(urls)
     ]
@@ -169,7 +273,7 @@ def prepare_bench_database(stack: Stack) -> None:
         engine.dispose()
 
 
-def measure(clients: int, duration_s: int) -> dict[str, Any]:
+def measure(clients: int, duration_s: int, repeats: int = 1) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-orders-", dir="/tmp"))
     data_dir.chmod(0o755)
     # The shop alone: no control plane probing beside it (bench/controlplane.py measures that).
@@ -185,33 +289,54 @@ def measure(clients: int, duration_s: int) -> dict[str, Any]:
         workdir = data_dir / "pgbench"
         workdir.mkdir()
         print(f"stack up; {clients} clients, {duration_s}s per run", file=sys.stderr)
-        before = count_orders(stack)
-        shop = run_wrk(stack.describe()["shop"]["instances"], clients, duration_s)
-        shop["orders_in_database"] = count_orders(stack) - before
-        two_pc = run_pgbench(stack, "2pc", clients, duration_s, workdir)
-        local = run_pgbench(stack, "local", clients, duration_s, workdir)
+        meter = CpuMeter(stack_cpu_groups(stack))
+        urls = stack.describe()["shop"]["instances"]
+        runs = []
+        for repeat in range(repeats):
+            before = count_orders(stack)
+            load = functools.partial(run_wrk, urls, clients, duration_s, f"r{repeat}-")
+            shop, cpu = meter.measure(load)
+            shop["orders_in_database"] = count_orders(stack) - before
+            shop["cpu"] = cpu_per_unit(cpu, shop["acknowledged"])
+            figures = {"shop": shop}
+            for name in SCRIPTS:
+                sub = workdir / f"{repeat}-{name}"
+                sub.mkdir()
+                run = functools.partial(run_pgbench, stack, name, clients, duration_s, sub)
+                done, cpu = meter.measure(run)
+                done["cpu"] = cpu_per_unit(cpu, done["transactions"])
+                figures[f"pgbench_{name}"] = done
+            runs.append(figures)
+            print(report_run(figures), file=sys.stderr)
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-    return {
-        "clients": clients,
-        "duration_s": duration_s,
-        "shop": shop,
-        "pgbench_2pc": two_pc,
-        "pgbench_local": local,
-    }
+    return {"clients": clients, "duration_s": duration_s, "runs": runs}
 
 
-def report(figures: dict[str, Any]) -> str:
-    rows = [
-        ("shop POST /orders (HTTP, 2PC)", figures["shop"]),
-        ("pgbench, the 2PC sequence", figures["pgbench_2pc"]),
-        ("pgbench, one local transaction", figures["pgbench_local"]),
+ROWS = (
+    ("shop", "shop POST /orders (HTTP, 2PC)"),
+    ("pgbench_2pc", "pgbench, the 2PC sequence"),
+    ("pgbench_2pc_batched", "pgbench, 2PC in the shop's 4 trips"),
+    ("pgbench_local", "pgbench, one local transaction"),
+)
+
+
+def report_run(figures: dict[str, Any]) -> str:
+    lines = [
+        f"{'what':<32}{'tps':>7}{'p50 ms':>8}{'p99 ms':>8}"
+        f"   CPU ms per order: {'shop':>5}{'pg':>6}{'redis':>6}{'client':>7}{'busy%':>7}"
     ]
-    lines = [f"{'what':<34}{'tps':>8}{'p50 ms':>9}{'p99 ms':>9}"]
-    lines += [f"{n:<34}{f['tps']:>8.0f}{f['p50_ms']:>9.1f}{f['p99_ms']:>9.1f}" for n, f in rows]
-    shop, two_pc, local = (f["tps"] for _, f in rows)
-    lines.append(f"shop / pgbench 2PC  = {shop / two_pc:.2f}   (goal >= 0.50)")
+    for key, name in ROWS:
+        f, c = figures[key], figures[key]["cpu"]
+        lines.append(
+            f"{name:<32}{f['tps']:>7.0f}{f['p50_ms']:>8.1f}{f['p99_ms']:>8.1f}"
+            f"{'':>21}{c['shop_ms']:>5.2f}{c['postgres_ms']:>6.2f}{c['redis_ms']:>6.2f}"
+            f"{c['client_ms']:>7.2f}{c['machine_busy_pct']:>7.0f}"
+        )
+    shop, two_pc, batched, local = (figures[key]["tps"] for key, _ in ROWS)
+    lines.append(f"shop / pgbench 2PC  = {shop / two_pc:.2f}   (goal >= 0.60)")
+    lines.append(f"shop / pgbench 2PC in the shop's round trips = {shop / batched:.2f}")
     lines.append(f"pgbench 2PC / local = {two_pc / local:.2f}")
     shop_fig = figures["shop"]
     lines.append(f"shop errors: {shop_fig['errors']}")
@@ -222,13 +347,35 @@ def report(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(figures: dict[str, Any]) -> str:
+    runs = figures["runs"]
+    lines = [f"=== run {n + 1} of {len(runs)}\n{report_run(run)}" for n, run in enumerate(runs)]
+
+    def median(get: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(get(run) for run in runs)
+
+    ratio = median(lambda r: r["shop"]["tps"] / r["pgbench_2pc"]["tps"])
+    lines.append(
+        f"=== medians over {len(runs)} runs ({figures['clients']} clients, "
+        f"{figures['duration_s']} s each): shop {median(lambda r: r['shop']['tps']):.0f} tps, "
+        f"p99 {median(lambda r: r['shop']['p99_ms']):.1f} ms; pgbench 2PC "
+        f"{median(lambda r: r['pgbench_2pc']['tps']):.0f} tps; shop / pgbench 2PC = {ratio:.2f}"
+        f" (goal >= 0.60); CPU ms per order: shop "
+        f"{median(lambda r: r['shop']['cpu']['shop_ms']):.2f}, PostgreSQL "
+        f"{median(lambda r: r['shop']['cpu']['postgres_ms']):.2f} (pgbench 2PC: PostgreSQL "
+        f"{median(lambda r: r['pgbench_2pc']['cpu']['postgres_ms']):.2f} per transaction)"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration-s", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    figures = measure(args.clients, args.duration_s)
+    figures = measure(args.clients, args.duration_s, args.repeats)
     print(report(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -1,4 +1,5 @@
--- pgbench script (-M simple) for bench/orders.py: the shop's two-phase commit, statement for statement
+-- pgbench script (-M simple) for bench/orders.py: the shop's two-phase commit, statement for statement,
+-- one statement per round trip (the limit issue 11 measures the shop against).
 -- pgbench substitutes :var outside quoted literals only, so ids are SQL expressions and the
 -- quoted gids for PREPARE/COMMIT PREPARED come back (\gset) from the stock statement, which
 -- the shop sends too: no extra round trip. RUN: becomes the run's name (no key collisions).

@@ -172,6 +172,7 @@ def create_app(settings: ShopSettings | None = None) -> Flask:
         local_size=settings.local_cache_size,
         redis_ttl_s=settings.redis_cache_ttl_s,
         retry_after_s=settings.redis_retry_after_s,
+        batch_window_s=settings.redis_invalidate_batch_s,
     )
     coordinator = OrderCoordinator(
         orders_db,

@@ -4,7 +4,9 @@ Redis is never a single point of failure: any Redis error counts as a miss (and 
 after one Redis stays skipped for `retry_after_s` so a dead or hung Redis costs no latency.
 
 Invalidation is write-behind: the product leaves the local level at once and is marked dirty;
-a background thread deletes dirty keys from Redis in batches (one DEL for many orders). Until
+a background thread deletes dirty keys from Redis in batches (one DEL for many orders): woken by
+the first invalidation, it waits `batch_window_s` for more before it deletes, so under load it
+wakes and sends a DEL a few dozen times a second rather than once per order. Until
 its key is deleted, a dirty product is read from the database, never from Redis, so this
 instance never serves the copy it has just made stale. A failed delete stays dirty and is
 retried.
@@ -43,6 +45,7 @@ class ProductCache:
         local_size: int,
         redis_ttl_s: int,
         retry_after_s: float,
+        batch_window_s: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
@@ -50,6 +53,7 @@ class ProductCache:
         self.lock = threading.Lock()
         self.redis_ttl_s = redis_ttl_s
         self.retry_after_s = retry_after_s
+        self.batch_window_s = batch_window_s
         self.clock = clock
         self._skip_redis_until = 0.0
         self._dirty: set[int] = set()
@@ -94,6 +98,8 @@ class ProductCache:
     def _delete_dirty_forever(self) -> None:
         while True:
             self._wake.wait()
+            if self.batch_window_s:
+                time.sleep(self.batch_window_s)  # let more invalidations join this DEL
             self._wake.clear()
             try:
                 self.delete_dirty()

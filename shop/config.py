@@ -37,6 +37,8 @@ class ShopSettings(BaseModel):
     redis_cache_ttl_s: int = Field(default=60, gt=0)
     redis_timeout_s: float = Field(default=0.2, gt=0)
     redis_retry_after_s: float = Field(default=1.0, ge=0)
+    # How long the write-behind invalidator gathers dirty products into one DEL.
+    redis_invalidate_batch_s: float = Field(default=0.02, ge=0, le=1)
     db_connect_timeout_s: int = Field(default=2, ge=1)
     # The server's own limits, below the client's deadline so that it is they that speak
     # while the server runs; the deadline speaks when it does not (hung, stopped, gone).

@@ -1,13 +1,16 @@
 """Placing an order: one two-phase commit over `inventory` and `orders`, with a decision log.
 
-The protocol (presumed abort), for transaction id `txid` = shop:<instance>:<order id>:
-  1. inventory: guarded UPDATE of stock + INSERT movement (one statement),
+The protocol (presumed abort), for transaction id `txid` = shop:<instance>:<order id>, in four
+round trips (each numbered step is one, its statements sent together as one simple query):
+  1. inventory: BEGIN; guarded UPDATE of stock + INSERT movement (one statement);
                 PREPARE TRANSACTION '<txid>:inventory'
-  2. orders:    INSERT order (unique idempotency key), PREPARE TRANSACTION '<txid>:orders'
-  3. orders:    INSERT INTO tx_decisions (txid, 'commit') ON CONFLICT DO NOTHING  <- the decision
-  4. COMMIT PREPARED on inventory, then on orders
-A crash before 3 leaves no decision: the resolver records 'abort' (first writer wins) and rolls
-both back. A crash after 3 leaves 'commit': the resolver commits what is still prepared.
+  2. orders:    BEGIN; INSERT order (unique idempotency key); PREPARE TRANSACTION '<txid>:orders';
+                INSERT INTO tx_decisions (txid, 'commit') ON CONFLICT DO NOTHING  <- the decision
+                (in a transaction of its own, run only if everything before it succeeded)
+  3. COMMIT PREPARED on inventory, then 4. on orders
+A crash before the decision is written leaves none: the resolver records 'abort' (first writer
+wins) and rolls both back. A crash after it leaves 'commit': the resolver commits what is still
+prepared.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,18 +40,40 @@ from tenacity import (
 
 from shop.db import forget_connections, is_busy, is_connection_lost, is_transient, raw_connection
 from shop.errors import Busy, IdempotencyKeyReused, OutOfStock, ProductNotFound, Unavailable
+from shop.sqlbatch import Literals, commit_prepared, load_value, results_of, run_batch
 
 logger = logging.getLogger(__name__)
 
 GID_PREFIX = "shop:"
 
-# The guarded decrement and its movement row in one statement (one round trip).
-TAKE_STOCK = (
-    "WITH taken AS (UPDATE products SET stock = stock - %s, updated_at = now()"
-    " WHERE id = %s AND stock >= %s RETURNING id, price_cents)"
-    " INSERT INTO stock_movements (order_id, product_id, delta)"
-    " SELECT %s, id, %s FROM taken RETURNING (SELECT price_cents FROM taken)"
+# The statements of an order, bound on the client (ints with %d, everything else a literal
+# escaped by libpq) and sent as one simple query per participant: one round trip each. An error
+# stops the rest of its query string, so nothing after a failed statement runs.
+# 1. inventory: the guarded decrement and its movement row in one statement, then PREPARE.
+PREPARE_STOCK = (
+    b"BEGIN;"
+    b" WITH taken AS (UPDATE products SET stock = stock - %d, updated_at = now()"
+    b" WHERE id = %d AND stock >= %d RETURNING id, price_cents)"
+    b" INSERT INTO stock_movements (order_id, product_id, delta)"
+    b" SELECT %s, id, %d FROM taken RETURNING (SELECT price_cents FROM taken);"
+    b" PREPARE TRANSACTION %s"
 )
+# 2. orders: the order, its PREPARE, and after it (in a transaction of its own) the decision,
+# which runs only if everything before it succeeded. Inventory's PREPARE was answered before
+# this is sent, so both participants are prepared when the decision is written.
+PREPARE_ORDER_ONLY = (
+    b"BEGIN;"
+    b" INSERT INTO orders (id, idempotency_key, request_hash, product_id, quantity, customer,"
+    b" address, unit_price_cents, total_cents, gid)"
+    b" VALUES (%s, %s, %s, %d, %d, %s, %s, %d, %d, %s) RETURNING created_at;"
+    b" PREPARE TRANSACTION %s"
+)
+# The decision: first writer wins (a resolver may have written 'abort' already).
+RECORD_COMMIT = (
+    b"INSERT INTO tx_decisions (gid, decision, decided_by) VALUES (%s, 'commit', %s)"
+    b" ON CONFLICT (gid) DO NOTHING RETURNING decision"
+)
+PREPARE_ORDER = PREPARE_ORDER_ONLY + b"; " + RECORD_COMMIT
 
 ORDER_COLUMNS = (
     "id, product_id, quantity, customer, address, unit_price_cents, total_cents, created_at,"
@@ -124,14 +150,25 @@ class OrderCoordinator:
 
     # -- placing -------------------------------------------------------------------------
     def place(self, request: OrderRequest, idempotency_key: str) -> PlacedOrder:
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_after_delay(self.retry_deadline_s),
-            wait=wait_exponential(multiplier=0.05, max=0.25),  # a failover takes ~1 s: look often
-            before_sleep=self._forget_if_lost,
-            reraise=True,
-        )
+        started = time.monotonic()
         try:
+            try:  # the first attempt without tenacity's bookkeeping: most orders need no other
+                return self._place_once(request, idempotency_key)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if is_connection_lost(exc):
+                    forget_connections(self.orders, self.inventory)
+            # Transient (a failover, a restart): retry with back-off until the deadline.
+            retrying = Retrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_delay(
+                    max(0.0, self.retry_deadline_s - (time.monotonic() - started))
+                ),
+                wait=wait_exponential(multiplier=0.05, max=0.25),  # a failover takes ~1 s
+                before_sleep=self._forget_if_lost,
+                reraise=True,
+            )
             for attempt in retrying:
                 with attempt:
                     return self._place_once(request, idempotency_key)
@@ -164,88 +201,112 @@ class OrderCoordinator:
         order_id = uuid.uuid4()
         # One transaction id, one prepared gid per participant (gids are unique per cluster).
         txid = f"{GID_PREFIX}{self.instance_id}:{order_id.hex}"
+        inv_gid, ord_gid = participant_gid(txid, "inventory"), participant_gid(txid, "orders")
+        # Listed before the PREPARE is sent: if the connection dies meanwhile, whether it took
+        # is unknown, and rolling back a gid that was never prepared is harmless.
         prepared: list[tuple[Engine, str]] = []
+        # Three waits (see PREPARE_STOCK and PREPARE_ORDER, then both COMMIT PREPAREDs
+        # overlapped): each participant's work travels with its PREPARE, the decision with
+        # the last PREPARE.
         try:
+            # Not in autocommit: run_batch sends its own BEGIN, past psycopg's transaction
+            # handling (so no switching back and forth), while the rare paths that use
+            # psycopg itself (_refuse, a rollback) get its usual transactions.
             with (
                 raw_connection(self.inventory) as inv,
                 raw_connection(self.orders) as ords,
             ):
-                inv.tpc_begin(participant_gid(txid, "inventory"))
-                row = inv.execute(TAKE_STOCK, (
+                lit_inv, lit = Literals(inv), Literals(ords)
+                self._hit("before_prepare")
+                prepared.append((self.inventory, inv_gid))
+                taken = run_batch(inv, PREPARE_STOCK % (
                     request.quantity, request.product_id, request.quantity,
-                    order_id, -request.quantity,
-                )).fetchone()  # fmt: skip
-                if row is None:
-                    inv.tpc_rollback()
+                    Literals.uuid(order_id), -request.quantity, lit_inv.text(inv_gid),
+                ))[1]  # fmt: skip
+                if taken.ntuples == 0:
+                    prepared.clear()
+                    run_batch(inv, b"ROLLBACK PREPARED %s" % lit_inv.text(inv_gid))
                     return self._refuse(inv, request, key, fingerprint)
-                price_cents = int(row[0])
-                ords.tpc_begin(participant_gid(txid, "orders"))
+                price_cents = int(taken.get_value(0, 0) or b"")
+                self._hit("after_first_prepare")
+                split = self.failpoint == "after_both_prepares"
+                decision = b"" if split else b"; " + RECORD_COMMIT % (
+                    lit.text(txid), lit.text(self.instance_id),
+                )  # fmt: skip
+                prepared.append((self.orders, ord_gid))
                 try:
-                    cur = ords.cursor(row_factory=dict_row)
-                    order = cur.execute(
-                        "INSERT INTO orders (id, idempotency_key, request_hash, product_id,"
-                        " quantity, customer, address, unit_price_cents, total_cents, gid)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                        f" RETURNING {ORDER_COLUMNS}",
-                        (
-                            order_id,
-                            key,
-                            fingerprint,
-                            request.product_id,
-                            request.quantity,
-                            request.customer,
-                            request.address,
-                            price_cents,
-                            price_cents * request.quantity,
-                            txid,
-                        ),
-                    ).fetchone()
+                    results = run_batch(ords, PREPARE_ORDER_ONLY % (
+                        Literals.uuid(order_id), lit.text(key), lit.text(fingerprint),
+                        request.product_id, request.quantity, lit.text(request.customer),
+                        lit.text(request.address), price_cents, price_cents * request.quantity,
+                        lit.text(txid), lit.text(ord_gid),
+                    ) + decision)  # fmt: skip
                 except psycopg.errors.UniqueViolation:
                     # A concurrent twin with the same key committed first: answer as it did.
-                    ords.tpc_rollback()
-                    inv.tpc_rollback()
+                    # (The error stopped the batch before its PREPARE: only inventory's is.)
+                    ords.rollback()
+                    prepared.pop()
+                    run_batch(inv, b"ROLLBACK PREPARED %s" % lit_inv.text(inv_gid))
+                    prepared.clear()
                     replay = self._replay(key, fingerprint, request.product_id)
                     if replay is None:
                         raise
                     return replay
-                assert order is not None
                 placed = PlacedOrder(
-                    order_json(order), replayed=False, product_id=request.product_id
-                )
-                self._hit("before_prepare")
-                # Listed before PREPARE: if the connection dies during it, whether it took is
-                # unknown, and rolling back a gid that was never prepared is harmless.
-                prepared.append((self.inventory, participant_gid(txid, "inventory")))
-                inv.tpc_prepare()
-                self._hit("after_first_prepare")
-                prepared.append((self.orders, participant_gid(txid, "orders")))
-                ords.tpc_prepare()
-                self._hit("after_both_prepares")
-                if not self._record_commit(ords, txid):
+                    order_json({
+                        "id": order_id, "product_id": request.product_id,
+                        "quantity": request.quantity, "customer": request.customer,
+                        "address": request.address, "unit_price_cents": price_cents,
+                        "total_cents": price_cents * request.quantity,
+                        "created_at": load_value(ords, results[1]),
+                    }),
+                    replayed=False,
+                    product_id=request.product_id,
+                )  # fmt: skip
+                if split:
+                    self._hit("after_both_prepares")
+                    results = run_batch(
+                        ords, RECORD_COMMIT % (lit.text(txid), lit.text(self.instance_id))
+                    )
+                if results[-1].ntuples == 0:
                     # A resolver decided abort first (we were too slow): honour it.
                     raise Unavailable("the transaction was aborted by the in-doubt resolver")
                 prepared.clear()  # from here on the order is decided: commit, never roll back
                 self._hit("after_decision")
-                self._commit_decided(inv, txid)
-                self._hit("after_first_commit")
-                self._commit_decided(ords, txid)
-                ords.autocommit = False
+                self._commit_decided(inv, ords, inv_gid, ord_gid)
         except _DecidedButUnfinished:
             # Acknowledged: the logged decision makes the order durable.
-            for engine, part in ((self.inventory, "inventory"), (self.orders, "orders")):
-                self._finish_later(engine, participant_gid(txid, part), commit=True)
+            for engine, gid in ((self.inventory, inv_gid), (self.orders, ord_gid)):
+                self._finish_later(engine, gid, commit=True)
         except BaseException:
             self._abort_prepared(prepared)
             raise
         return placed
 
-    def _commit_decided(self, conn: psycopg.Connection[Any], gid: str) -> None:
+    def _commit_decided(
+        self,
+        inv: psycopg.Connection[Any],
+        ords: psycopg.Connection[Any],
+        inv_gid: str,
+        ord_gid: str,
+    ) -> None:
+        """COMMIT PREPARED on both, overlapped: inventory's is sent without waiting, orders'
+        is sent and awaited, then inventory's answer is read, by then almost always arrived
+        (one wait instead of two; each commit waits for an fsync and the standby)."""
         try:
-            conn.tpc_commit()
+            if self.failpoint == "after_first_commit":  # one after the other, to stop between
+                run_batch(inv, commit_prepared(inv_gid))
+                self._hit("after_first_commit")
+                run_batch(ords, commit_prepared(ord_gid))
+                return
+            inv.pgconn.send_query(commit_prepared(inv_gid))
+            inv.pgconn.flush()
+            run_batch(ords, commit_prepared(ord_gid))
+            results_of(inv)
         except psycopg.Error:
             # The decision is durable: the resolver will finish this commit. The order stands.
-            logger.exception("COMMIT PREPARED %s failed; left for the in-doubt resolver", gid)
-            raise _DecidedButUnfinished(gid) from None
+            logger.exception("COMMIT PREPARED %s failed; left for the in-doubt resolver", ord_gid)
+            raise _DecidedButUnfinished(ord_gid) from None
 
     def _refuse(
         self, inv: psycopg.Connection[Any], request: OrderRequest, key: str, fingerprint: str
@@ -277,20 +338,6 @@ class OrderCoordinator:
                 "this Idempotency-Key was already used with a different request body"
             )
         return PlacedOrder(order=order_json(row), replayed=True, product_id=product_id)
-
-    def _record_commit(self, ords: psycopg.Connection[Any], txid: str) -> bool:
-        """True when 'commit' is the decision recorded (first writer wins).
-
-        Written on the orders connection itself: once its transaction is prepared the session
-        is idle, and in autocommit the decision is one round trip and durable on its own.
-        """
-        ords.autocommit = True
-        won = ords.execute(
-            "INSERT INTO tx_decisions (gid, decision, decided_by) VALUES (%s, 'commit', %s)"
-            " ON CONFLICT (gid) DO NOTHING RETURNING decision",
-            (txid, self.instance_id),
-        ).fetchone()
-        return won is not None
 
     def _abort_prepared(self, prepared: list[tuple[Engine, str]]) -> None:
         for engine, gid in prepared:
