@@ -5,9 +5,15 @@ named as such, never a 500)."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -301,3 +307,162 @@ def test_a_report_whose_times_cannot_be_drawn_is_named_not_a_500(
     (gamedays / f"{BROKEN}.json").write_text(json.dumps(a_report({"x": [trial]}, Objectives())))
     page = logged_in(app, "vera").get(f"/dashboard/gamedays/{BROKEN}")
     assert page.status_code == 422 and "redundancy_s" in page.text
+
+
+# -- attacks: what a report file, a name in it or an id can do ------------------------------------
+PAGES_OF_BROKEN = [
+    f"/dashboard/gamedays/{BROKEN}",
+    "/dashboard/gamedays",
+    f"/dashboard/gamedays/{BROKEN}/report.json",
+]
+
+
+@pytest.mark.parametrize("path", PAGES_OF_BROKEN)
+@pytest.mark.parametrize(
+    "where", [("started_at",), ("trials", "kill-shop", 0, "runs", 0, "created_at")]
+)
+def test_a_time_that_is_out_of_range_in_utc_is_named_not_a_500(
+    app: Flask, gamedays: Path, path: str, where: tuple[Any, ...]
+) -> None:
+    report = a_report({"kill-shop": [a_trial("kill-shop")]}, Objectives())
+    holder: Any = report
+    for key in where[:-1]:
+        holder = holder[key]
+    holder[where[-1]] = "0001-01-01T00:00:00+01:00"  # before year 1 once in UTC
+    (gamedays / f"{BROKEN}.json").write_text(json.dumps(report))
+    response = logged_in(app, "vera").get(path)
+    assert response.status_code == (200 if path == "/dashboard/gamedays" else 422)
+    assert "out of range" in response.text and "<html" in response.text
+
+
+@pytest.mark.parametrize("path", PAGES_OF_BROKEN)
+def test_text_that_is_not_unicode_in_a_report_is_named_not_a_500(
+    app: Flask, gamedays: Path, path: str
+) -> None:
+    trial = a_trial("kill-shop")
+    trial["error"] = "lost \ud800 half a character"
+    report = a_report({"kill-shop": [trial]}, Objectives())
+    report["load"]["acknowledged"] = "\udfff"  # shown on the list
+    (gamedays / f"{BROKEN}.json").write_text(json.dumps(report))  # JSON's "\ud800": valid UTF-8
+    response = logged_in(app, "vera").get(path)
+    assert response.status_code == (200 if path == "/dashboard/gamedays" else 422)
+    assert "not valid Unicode" in response.text
+
+
+def test_a_report_of_more_trials_than_a_soak_makes_is_refused_before_each_is_read(
+    app: Flask, gamedays: Path
+) -> None:
+    from web.gamedays import MAX_TRIALS
+
+    trials = ",".join(['{"fault":{"kind":"k"}}'] * (MAX_TRIALS + 1))
+    (gamedays / f"{BROKEN}.json").write_text(
+        '{"started_at":"2026-11-26T17:29:00Z","verdict":"PASS","verdicts":[],'
+        f'"trials":{{"k":[{trials}]}}}}'
+    )
+    vera = logged_in(app, "vera")
+    page = vera.get(f"/dashboard/gamedays/{BROKEN}")
+    assert page.status_code == 422 and "more than a report may have" in page.text
+
+
+def test_names_in_a_report_are_text_in_the_page_and_in_its_charts(
+    app: Flask, gamedays: Path
+) -> None:
+    trial = a_trial("kill-shop", runs=2)
+    trial["fault"]["target"] = '<a href="https://evil.example/">pg0</a>'
+    trial["runs"][0]["action"] = '<span style="font-size:300px">failover</span>'
+    trial["runs"][1]["target"] = "<b>shop</b>&amp;"
+    trial["runs"][1]["finished_at"] = None
+    failed = a_trial("kill-shop")
+    failed["error"] = "<script>alert(1)</script>"
+    report = a_report({"<img src=x onerror=alert(1)>": [trial, failed]}, Objectives())
+    (gamedays / f"{BROKEN}.json").write_text(json.dumps(report))
+    page = logged_in(app, "vera").get(f"/dashboard/gamedays/{BROKEN}").text
+    assert "<script>alert" not in page and "<img src=x" not in page and '<a href="https' not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    figure = figures_of(page)[0]["figure"]
+    [actions] = [t for t in figure["data"] if t["name"] == "actions"]
+    shown = [figure["layout"]["title"]["text"], *actions["text"]]
+    shown += [str(v) for row in actions["customdata"] for v in row]
+    assert not [text for text in shown if "<" in text or ">" in text]
+    assert figure["layout"]["title"]["text"].startswith("&lt;img src=x onerror=alert(1)&gt;")
+    assert actions["text"][0] == '&lt;span style="font-size:300px"&gt;failover&lt;/span&gt; ✓'
+    assert actions["customdata"][1][2] == "&lt;b&gt;shop&lt;/b&gt;&amp;amp;"
+    assert actions["customdata"][1][5] == "not finished"
+
+
+def test_an_id_in_digits_other_than_ascii_names_no_run(app: Flask, gamedays: Path) -> None:
+    wide = "".join(chr(0xFF10 + int(d)) for d in "20261126") + "T172900Z"  # `\d` takes them
+    (gamedays / f"{wide}.json").write_bytes((gamedays / f"{PASSED}.json").read_bytes())
+    vera = logged_in(app, "vera")
+    assert vera.get(f"/dashboard/gamedays/{wide}").status_code == 404
+    assert wide not in vera.get("/dashboard/gamedays").text
+
+
+def test_a_report_swapped_for_a_fifo_while_read_never_hangs_a_worker(gamedays: Path) -> None:
+    """The name is checked, then opened: a FIFO put there in between must not block the open."""
+    from controlplane.errors import NotFound
+    from web.gamedays import UnreadableReport, read_bytes
+
+    path, report = gamedays / f"{BROKEN}.json", gamedays / "report.tmp"
+    stop, reads = threading.Event(), [0]
+
+    def swap() -> None:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            report.write_bytes(b"{}")
+            os.replace(report, path)
+            fifo = gamedays / f"{n}.fifo"  # kept by this name, to be opened (and so freed) below
+            os.mkfifo(fifo)
+            os.link(fifo, gamedays / "fifo.tmp")
+            os.replace(gamedays / "fifo.tmp", path)
+
+    def read() -> None:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            with contextlib.suppress(UnreadableReport, NotFound):
+                read_bytes(path)
+            reads[0] += 1
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    reader = threading.Thread(target=read, daemon=True)
+    swapper.start()
+    reader.start()
+    reader.join(timeout=5)
+    stop.set()
+    swapper.join()
+    hung = reader.is_alive()
+    for fifo in gamedays.glob("*.fifo"):  # a writer's open lets a blocked reader's open return
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    reader.join(timeout=5)
+    assert not hung, f"a worker waits on a FIFO for a writer that never comes ({reads[0]} reads)"
+
+
+def test_a_worker_reading_its_most_reports_at_once_answers_503_rather_than_use_more_memory(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from web import gamedays as pages
+
+    monkeypatch.setattr(pages, "READ_WAIT_S", 0.05)
+    vera = logged_in(app, "vera")
+    held = [pages._reading.acquire(timeout=1) for _ in range(pages.MAX_READING)]
+    try:
+        assert all(held)
+        busy = vera.get(f"/dashboard/gamedays/{PASSED}")
+        assert busy.status_code == 503 and "try again" in busy.text and "<html" in busy.text
+    finally:
+        for _ in held:
+            pages._reading.release()
+    assert vera.get(f"/dashboard/gamedays/{PASSED}").status_code == 200
+
+
+def test_many_viewers_at_once_each_get_the_run_page(app: Flask) -> None:
+    vera = logged_in(app, "vera")
+
+    def view(_: int) -> tuple[int, int]:
+        page = vera.get(f"/dashboard/gamedays/{FAILED}")
+        return page.status_code, len(figures_of(page.text))
+
+    with ThreadPoolExecutor(8) as pool:  # a worker's threads
+        assert set(pool.map(view, range(16))) == {(200, 2)}

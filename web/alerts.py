@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
 import mmap
-import multiprocessing
+import os
 import struct
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from cachetools import TTLCache
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -58,32 +61,36 @@ class IntakeLimit:
 
 
 class SharedIntakeLimit:
-    """The same buckets for every web worker process: a table in memory mapped before the
-    workers fork, under a lock made before the fork, so that N workers take `burst` and
-    `per_minute` from a source once, not N times. A source has a slot by the hash of its
-    address (probing a few on); with every probed slot taken by a recent source, it takes
-    over the one idle longest. CLOCK_MONOTONIC is one clock for all processes (Linux)."""
+    """The same buckets for every web worker process: a table in a memory file mapped before
+    the workers fork, so that N workers take `burst` and `per_minute` from a source once, not
+    N times. A source has a slot by the hash of its address (probing a few on); with every
+    probed slot taken by a recent source, it takes over the one idle longest. CLOCK_MONOTONIC
+    is one clock for all processes (Linux).
+
+    The table is locked with a POSIX record lock on its file, which the kernel drops when the
+    process holding it dies: a worker killed (OOM, SIGKILL, gunicorn's timeout) in the middle
+    of a count leaves no lock behind. Within a process, a thread lock goes first (record locks
+    belong to the process, not the thread)."""
 
     SLOTS = 4096
     PROBES = 8
     IDLE_S = 3600.0  # a bucket untouched this long is free
+    LOCK_WAIT_S = 1.0
     _row = struct.Struct("<Qdd")  # source hash (0: free), tokens, at
 
     def __init__(self, per_minute: int, burst: int) -> None:
         self.rate_per_s = per_minute / 60
         self.burst = burst
-        self._table = mmap.mmap(-1, self.SLOTS * self._row.size)  # MAP_SHARED|MAP_ANONYMOUS
-        self._lock = multiprocessing.get_context("fork").Lock()
+        size = self.SLOTS * self._row.size
+        self._fd = os.memfd_create("shopguard-intake", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, size)
+        self._table = mmap.mmap(self._fd, size)  # MAP_SHARED: one table for all the workers
+        self._thread_lock = threading.Lock()
 
     def take(self, source: str, alerts: int, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         key = int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest()) or 1
-        # A worker killed inside this section (microseconds) would hold the lock for ever:
-        # past a second, count without it (a race may miscount once; intake never stops).
-        locked = self._lock.acquire(timeout=1.0)
-        if not locked:
-            logger.warning("the shared intake lock is stuck: counting without it")
-        try:
+        with self._locked():
             slot = self._slot(key, now)
             found, tokens, at = self._row.unpack_from(self._table, slot * self._row.size)
             if found != key:
@@ -91,9 +98,32 @@ class SharedIntakeLimit:
             tokens, wait_s = _refill(tokens, at, now, self.rate_per_s, self.burst, alerts)
             self._row.pack_into(self._table, slot * self._row.size, key, tokens, now)
             return wait_s
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # A live worker stopped inside the section (SIGSTOP, a debugger) still holds the
+        # record lock: past LOCK_WAIT_S in all, count without it (a race may miscount once;
+        # intake never stops).
+        deadline = time.monotonic() + self.LOCK_WAIT_S
+        threads = self._thread_lock.acquire(timeout=self.LOCK_WAIT_S)
+        record = False
+        while threads and not record:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                record = True
+            except OSError:  # EAGAIN/EACCES: another worker counts
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+        if not record:
+            logger.warning("the shared intake lock is held too long: counting without it")
+        try:
+            yield
         finally:
-            if locked:
-                self._lock.release()
+            if record:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            if threads:
+                self._thread_lock.release()
 
     def _slot(self, key: int, now: float) -> int:
         oldest, oldest_at = key % self.SLOTS, math.inf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +14,18 @@ SPAN_COLOUR = "#dc3545"  # incidents: the colour of "down" everywhere
 MARKER_COLOUR = {"succeeded": "#2fae63", "failed": "#dc3545", "rejected": "#dc3545"}
 DEFAULT_MARKER = "#f8a306"
 TICK_FORMAT = {"s": ".3s", "ratio": ".0%", "bytes": ".3s"}
+
+
+def plain(text: str) -> str:
+    """Text as Plotly shows it, not as markup: Plotly reads `<a href>`, `<span style>`, `<br>`
+    in titles, labels and hover text, and a target's or an action's name comes from outside.
+    Plotly decodes `&amp;`, `&lt;`, `&gt;` back to the characters."""
+    return html.escape(text, quote=False)
+
+
+def plain_value(value: Any) -> Any:
+    """`plain` for a string; numbers and None (hover data) pass unchanged."""
+    return plain(value) if isinstance(value, str) else value
 
 
 def line_chart(
@@ -34,7 +47,7 @@ def line_chart(
             go.Scatter(
                 x=list(line["x"]),
                 y=list(line["y"]),
-                name=str(line["name"]),
+                name=plain(str(line["name"])),
                 mode="lines",
                 line={"width": 1.6},
             ),
@@ -64,7 +77,8 @@ def line_chart(
                     "color": [MARKER_COLOUR.get(str(m["state"]), DEFAULT_MARKER) for m in markers],
                 },
                 customdata=[
-                    [m["action"], m["target"], m["state"], m["who"], m["id"]] for m in markers
+                    [plain_value(m[k]) for k in ("action", "target", "state", "who", "id")]
+                    for m in markers
                 ],
                 hovertemplate="run %{customdata[4]}: %{customdata[0]} on %{customdata[1]}<br>"
                 "%{customdata[2]} · by %{customdata[3]}<extra></extra>",
@@ -77,7 +91,7 @@ def line_chart(
     if x_range is not None:
         fig.update_xaxes(range=list(x_range))
     fig.update_layout(
-        title={"text": title, "font": {"size": 14}},
+        title={"text": plain(title), "font": {"size": 14}},
         margin={"l": 50, "r": 10, "t": 40, "b": 30},
         legend={"orientation": "h", "y": -0.12},
         hovermode="x unified",
@@ -157,7 +171,7 @@ STATE_MARK = {"succeeded": "✓", "failed": "✗", "rejected": "✗ rejected"}
 def run_label(run: Mapping[str, Any]) -> str:
     """`failover ✓`, `failover ✗`, `restore awaiting_approval`: the name, then the state."""
     state = str(run.get("state"))
-    return f"{run.get('action')} {STATE_MARK.get(state, state)}"
+    return plain(f"{run.get('action')} {STATE_MARK.get(state, state)}")
 
 
 def gameday_chart(title: str, trial: Mapping[str, Any]) -> go.Figure:
@@ -181,7 +195,7 @@ def gameday_chart(title: str, trial: Mapping[str, Any]) -> go.Figure:
             line_width=0,
         )  # fmt: skip
         fig.add_annotation(
-            x=start, y=1, xref="x", yref="paper", text=str(fault.get("kind", "fault")),
+            x=start, y=1, xref="x", yref="paper", text=plain(str(fault.get("kind", "fault"))),
             showarrow=False, xanchor="left", yanchor="bottom", font={"color": SPAN_COLOUR},
         )  # fmt: skip
     runs = [r for r in trial.get("runs") or () if r.get("started_at") or r.get("created_at")]
@@ -209,12 +223,9 @@ def gameday_chart(title: str, trial: Mapping[str, Any]) -> go.Figure:
                 },
                 customdata=[
                     [
-                        r.get("id"),
-                        r.get("action"),
-                        r.get("target"),
-                        r.get("state"),
+                        *(plain_value(r.get(k)) for k in ("id", "action", "target", "state")),
                         r.get("created_at"),
-                        r.get("finished_at") or "not finished",
+                        plain_value(r.get("finished_at") or "not finished"),
                     ]
                     for r in runs
                 ],

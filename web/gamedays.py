@@ -7,9 +7,12 @@ game day gives its files: no path reaches outside the directory."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import stat
+import threading
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -22,18 +25,31 @@ from controlplane.errors import ControlPlaneError, NotFound
 from web.auth import control_plane
 from web.charts import gameday_chart
 
-RUN_ID = re.compile(r"\d{8}T\d{6}Z")  # lab/gameday.py: f"{started_at:%Y%m%dT%H%M%SZ}.json"
+RUN_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z")  # lab/gameday.py: f"{started_at:%Y%m%dT%H%M%SZ}.json"
 MAX_REPORT_BYTES = 16 * 1024 * 1024
 MAX_LISTED = 200  # the newest runs on the list
 MAX_CHARTS = 60  # a long soak's trials beyond these are in the JSON, not drawn
 MAX_POINTS = 3600
 MAX_TEXT = 2000
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+MAX_TRIALS = 5000  # a day's soak is a few hundred; more is not a report, and costs seconds
+# A 16 MB report of small objects costs some 500 MB and a second of a core to read: a worker
+# reads at most this many at once (many viewers of a run wait, then share the lru'd summary).
+MAX_READING = 2
+READ_WAIT_S = 20.0
+_reading = threading.BoundedSemaphore(MAX_READING)
 
 
 class UnreadableReport(ControlPlaneError):
     """A stored report that is not one: too large, not JSON, or of another shape."""
 
     status = 422
+
+
+class Busy(ControlPlaneError):
+    """Every reading slot of this worker is taken by other reports for longer than a page waits."""
+
+    status = 503
 
 
 class Loose(BaseModel):
@@ -44,7 +60,19 @@ class Loose(BaseModel):
 
 def _utc(value: datetime) -> datetime:
     # The control plane's and the lab's clocks are UTC; Plotly draws the time as written.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the calendar's start in UTC
+        raise ValueError("a time out of range in UTC") from None
+
+
+def _few_trials(value: Any) -> Any:
+    # Counted before each trial is validated: 700,000 small trials would take 18 s and 1 GB.
+    if isinstance(value, dict):
+        count = sum(len(v) for v in value.values() if isinstance(v, list))
+        if count > MAX_TRIALS:
+            raise ValueError(f"{count} trials: more than a report may have ({MAX_TRIALS})")
+    return value
 
 
 def _clip(value: Any) -> Any:
@@ -111,7 +139,7 @@ class ReportIn(Loose):
     soak_s: float | None = None
     verdict: Literal["PASS", "FAIL"]
     verdicts: list[VerdictIn] = Field(max_length=1000)
-    trials: dict[str, list[TrialIn]]
+    trials: Annotated[dict[str, list[TrialIn]], BeforeValidator(_few_trials)]
     load: dict[str, Any] = Field(default_factory=dict)
     verification: dict[str, Any] = Field(default_factory=dict)
 
@@ -134,35 +162,61 @@ def report_path(run_id: str) -> Path:
 
 
 def read_bytes(path: Path) -> bytes:
-    """A regular file (no FIFO to block on, no device), at most MAX_REPORT_BYTES."""
+    """A regular file (no FIFO to block on, no device, no symlink), at most MAX_REPORT_BYTES.
+    What is checked is the file opened, not the name looked up before: a name swapped for a
+    FIFO or a symlink between a check and the open cannot make a worker wait or read elsewhere."""
     try:
-        st = path.lstat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise NotFound(f"no game day {path.stem!r}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UnreadableReport(f"{path.name} is not a regular file")
-    if st.st_size > MAX_REPORT_BYTES:
-        raise UnreadableReport(
-            f"{path.name} is {st.st_size} bytes: more than a report may be ({MAX_REPORT_BYTES})"
-        )
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:  # unreadable by the control plane's user, gone meanwhile...
+    except OSError as exc:  # ELOOP: a symlink; EACCES: not the control plane's to read...
+        if exc.errno == errno.ELOOP:
+            raise UnreadableReport(f"{path.name} is not a regular file (a symlink)") from None
         raise UnreadableReport(f"{path.name} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableReport(f"{path.name} is not a regular file")
+        if st.st_size > MAX_REPORT_BYTES:
+            raise UnreadableReport(
+                f"{path.name} is {st.st_size} bytes: more than a report may be ({MAX_REPORT_BYTES})"
+            )
+        try:
+            raw = f.read(MAX_REPORT_BYTES + 1)
+        except OSError as exc:
+            raise UnreadableReport(f"{path.name} cannot be read: {exc.strerror}") from None
     if len(raw) > MAX_REPORT_BYTES:
         raise UnreadableReport(f"{path.name} grew beyond {MAX_REPORT_BYTES} bytes while read")
     return raw
 
 
 def read_report(path: Path) -> ReportIn:
-    raw = read_bytes(path)
+    return read_report_and_bytes(path)[0]
+
+
+def read_report_and_bytes(path: Path) -> tuple[ReportIn, bytes]:
+    """The report and the bytes it was read from (one read: what is served is what was checked)."""
+    if not _reading.acquire(timeout=READ_WAIT_S):
+        raise Busy("this web worker is reading other game-day reports: try again shortly")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        raw = read_bytes(path)
+        return _parse(path, raw), raw
+    finally:
+        _reading.release()
+
+
+def _parse(path: Path, raw: bytes) -> ReportIn:
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(text)
     except RecursionError:
         raise UnreadableReport(f"{path.name} is nested too deeply to be a report") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise UnreadableReport(f"{path.name} is not valid JSON ({type(exc).__name__})") from None
+    # A lone surrogate (JSON's "\ud800") cannot go out as UTF-8. Only an escape makes one (UTF-8
+    # cannot hold it): without any in the text, the walk over every string is spared.
+    if SURROGATE_ESCAPE.search(text) and not is_text(data):
+        raise UnreadableReport(f"{path.name} holds text that is not valid Unicode")
     try:
         return ReportIn.model_validate(data)
     except ValidationError as exc:
@@ -171,6 +225,24 @@ def read_report(path: Path) -> ReportIn:
         raise UnreadableReport(
             f"{path.name} is not a game-day report: {where}: {err['msg']}"
         ) from None
+
+
+def is_text(value: Any) -> bool:
+    """Every string and key of a parsed JSON value encodes as UTF-8 (without recursion)."""
+    stack = [value]
+    try:
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                item.encode("utf-8")
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=256)
@@ -264,8 +336,7 @@ def run_page(run_id: str) -> str:
 
 def report_json(run_id: str) -> Response:
     """The stored report as written (checked to be one first)."""
-    path = report_path(run_id)
-    read_report(path)
-    response = Response(read_bytes(path), mimetype="application/json")
+    _, raw = read_report_and_bytes(report_path(run_id))
+    response = Response(raw, mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     return response
