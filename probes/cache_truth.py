@@ -17,7 +17,7 @@ from pydantic import Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from probes.base import Health, Params, Probe, ProbeResult, describe
+from probes.base import Health, Params, Probe, ProbeResult, connect_pg, describe
 
 # The fields of a product only its owner edits (and the shop invalidates on such an edit).
 JUDGED = ("sku", "name", "price_cents")
@@ -113,12 +113,7 @@ class CacheTruthProbe(Probe):
         return cached, garbled
 
     def _truth(self, p: CacheTruthParams, ids: list[int]) -> dict[int, dict[str, Any]]:
-        with psycopg.connect(
-            p.inventory_dsn,
-            connect_timeout=max(1, round(self.timeout_s)),
-            autocommit=True,
-            options=f"-c statement_timeout={int(self.timeout_s * 1000)}",
-        ) as conn:
+        with connect_pg(p.inventory_dsn, self.timeout_s) as conn:
             rows = conn.execute(
                 "SELECT id, sku, name, price_cents FROM products WHERE id = ANY(%s)", (ids,)
             ).fetchall()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import psycopg
 from pydantic import Field
 
-from probes.base import Health, Params, Probe, ProbeResult, describe, down
+from probes.base import Health, Params, Probe, ProbeResult, connect_pg, describe, down
 
 
 class PostgresParams(Params):
@@ -40,12 +40,7 @@ class PostgresProbe(Probe):
     def check(self) -> ProbeResult:
         p: PostgresParams = self.params  # type: ignore[assignment]
         try:
-            with psycopg.connect(
-                p.dsn,
-                connect_timeout=max(1, round(self.timeout_s)),
-                autocommit=True,
-                options=f"-c statement_timeout={int(self.timeout_s * 1000)}",
-            ) as conn:
+            with connect_pg(p.dsn, self.timeout_s) as conn:
                 details = self._observe(conn)
         except psycopg.Error as exc:
             return down(describe(exc))
