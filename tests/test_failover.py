@@ -17,6 +17,8 @@ import psycopg
 import pytest
 import requests
 
+from lab.chaos import inject
+from lab.chaos.base import continue_processes, stop_component
 from lab.load import LoadResult, run_order_load
 from lab.observe import StackView
 from lab.process import wait_until
@@ -88,12 +90,19 @@ def signal_all(pids: list[int], sig: int) -> None:
 def hung(stack: Stack, node: str, *, postmaster_only: bool = False) -> Iterator[list[int]]:
     """The node hangs as a server does (I/O stall, SIGSTOP): every process of it stopped,
     or the postmaster alone (existing sessions keep working, new ones wait). Woken on exit."""
-    pids = [postmaster_pid(stack, node)] if postmaster_only else processes_of(stack, node)
-    signal_all(pids, signal.SIGSTOP)
+    if postmaster_only:  # not a fault the chaos API makes: half a hang, for the grace test
+        pids = [postmaster_pid(stack, node)]
+        signal_all(pids, signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            signal_all(pids, signal.SIGCONT)
+        return
+    _, procs = stop_component(view(stack), node)  # the chaos API's hang, held by the test
     try:
-        yield pids
+        yield sorted(p.pid for p in procs)
     finally:
-        signal_all(pids, signal.SIGCONT)
+        continue_processes(procs)
 
 
 def open_session(stack: Stack, node: str) -> psycopg.Connection[Any]:
@@ -150,7 +159,7 @@ def test_killing_the_primary_under_load_fails_over_rejoins_it_and_loses_no_ackno
     loader = threading.Thread(target=load)
     loader.start()
     wait_until(lambda: order(ha).status_code == 201, timeout_s=10, what="orders flowing")
-    os.kill(postmaster_pid(ha, old), signal.SIGKILL)
+    inject("kill-primary", ha.layout.data_dir)  # every process of it, as a dying machine
     loader.join(timeout=60)
 
     new = wait_redundant(ha)
@@ -283,8 +292,7 @@ def test_killing_the_standby_keeps_orders_flowing_and_synchronous_commits_return
     ha: Stack, ha_api: Api
 ) -> None:
     primary = wait_redundant(ha)
-    standby = "pg1" if primary == "pg0" else "pg0"
-    os.killpg(postmaster_pid(ha, standby), signal.SIGKILL)
+    inject("kill-standby", ha.layout.data_dir)  # every process of it, as a dying machine
     # With the only synchronous standby gone every commit would wait forever: the control
     # plane switches to asynchronous commits, so orders go through while it is away.
     wait_until(lambda: order(ha).status_code == 201, timeout_s=30, what="an order accepted")
