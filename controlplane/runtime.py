@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -259,6 +260,12 @@ class ControlPlane:
     def wake(self) -> None:
         self.loop_thread.wake()
 
+    def probe_now(self, name: str) -> None:
+        """Run probe `name` at once rather than at its next tick (an event such as a dropped
+        connection says its answer has changed). A run in flight is not doubled."""
+        if self.started and name in self.probes:
+            self.scheduler.modify_job(f"probe:{name}", next_run_time=self.clock())
+
     def stop(self) -> None:
         if self.started:
             self.scheduler.shutdown(wait=False)
@@ -410,6 +417,11 @@ class _LoopView:
         return datetime.fromisoformat(at) if at else None
 
 
+def _refused(exc: BaseException) -> bool:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, ConnectionRefusedError)
+
+
 class WebControlPlane:
     """What a web worker process holds, in the shape `services` reads: settings, clock, the
     shared state store, and views of the leader process's scheduler, loop and metrics. It has
@@ -434,17 +446,24 @@ class WebControlPlane:
         self.status: tuple[float, dict[str, Any]] = (0.0, {})
 
     def core_status(self) -> dict[str, Any]:
-        """The leader's loop status, cached for STATUS_TTL_S; {} when it does not answer."""
+        """The leader's loop status, cached for STATUS_TTL_S. When the leader process is slow
+        to answer (its cores busy with web load, say), the last status it gave stands: its
+        `last_cycle_at` ages, and readiness's own freshness bound turns it "not ready" once
+        the loop has truly stopped. A late answer is not an outage. {} if it never answered."""
         at, status = self.status
         if time.monotonic() - at < STATUS_TTL_S:
             return status
         try:
             url = f"{self.core.status_url}/status"
             with urllib.request.urlopen(url, timeout=1) as response:
-                status = json.loads(response.read())
+                answer = json.loads(response.read())
+            if not isinstance(answer, dict):
+                raise ValueError("status is not an object")
+            status = answer
         except (OSError, ValueError) as exc:
             logger.warning("the leader process does not answer: %s", exc)
-            status = {}
+            if _refused(exc):
+                status = {}  # nothing listens: the leader process is gone, not slow
         self.status = (time.monotonic(), status)
         return status
 

@@ -3,14 +3,17 @@ never left `running`, and reads never wait for the state store's write lock."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,14 @@ import requests
 from controlplane import services, store
 from controlplane.config import Settings
 from controlplane.models import ActionRun, ActionState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import (
+    LOOPBACK,
+    STATUS_TTL_S,
+    ControlPlane,
+    CoreAddress,
+    NoExecutor,
+    WebControlPlane,
+)
 from lab.process import wait_until
 from lab.stack import Stack
 from tests.conftest import stack_of_its_own
@@ -271,3 +281,66 @@ def test_the_shared_intake_still_limits_each_source_when_there_are_more_sources_
     for n in range(2 * SharedIntakeLimit.SLOTS):
         assert limit.take(f"10.0.{n // 256}.{n % 256}", 10, now=0.0) == 0
         assert limit.take(f"10.0.{n // 256}.{n % 256}", 1, now=0.0) == pytest.approx(1.0)
+
+
+# -- a web worker's view of a slow leader process -----------------------------------------------
+class _Leader(BaseHTTPRequestHandler):
+    """A fake of the leader process's status endpoint whose answers can be made late."""
+
+    delay_s = 0.0
+    last_cycle_at = ""
+
+    def do_GET(self) -> None:
+        time.sleep(type(self).delay_s)
+        body = json.dumps(
+            {"scheduler_running": True, "is_leader": True, "last_cycle_at": self.last_cycle_at}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_leader_slow_to_answer_a_worker_is_ready_until_its_loop_is_truly_stale(
+    cp: ControlPlane,
+) -> None:
+    now = [datetime.now(UTC)]
+    _Leader.delay_s, _Leader.last_cycle_at = 0.0, now[0].isoformat()
+    leader = ThreadingHTTPServer((LOOPBACK, 0), _Leader)
+    threading.Thread(target=leader.serve_forever, daemon=True).start()
+    core = CoreAddress(wake_port=9, status_url=f"http://{LOOPBACK}:{leader.server_port}")
+    web = WebControlPlane(cp.settings, core, clock=lambda: now[0])
+    try:
+        assert services.readiness(web)[0]
+        _Leader.delay_s = 1.5  # past the worker's 1 s: it does not answer in time
+        time.sleep(STATUS_TTL_S)
+        ready, checks = services.readiness(web)
+        assert ready, checks  # a late answer is not an outage
+        now[0] += timedelta(seconds=60)  # but a loop last seen a minute ago is
+        ready, checks = services.readiness(web)
+        assert not ready and checks["loop_recent"] is False
+    finally:
+        leader.shutdown()
+        leader.server_close()
+        web.stop()
+
+
+def test_a_worker_whose_leader_process_is_gone_is_not_ready_at_once(cp: ControlPlane) -> None:
+    now = datetime.now(UTC)
+    _Leader.delay_s, _Leader.last_cycle_at = 0.0, now.isoformat()
+    leader = ThreadingHTTPServer((LOOPBACK, 0), _Leader)
+    threading.Thread(target=leader.serve_forever, daemon=True).start()
+    core = CoreAddress(wake_port=9, status_url=f"http://{LOOPBACK}:{leader.server_port}")
+    web = WebControlPlane(cp.settings, core, clock=lambda: now)
+    try:
+        assert services.readiness(web)[0]
+        leader.shutdown()
+        leader.server_close()  # nothing listens on its port any more: refused
+        time.sleep(STATUS_TTL_S)
+        ready, checks = services.readiness(web)
+        assert not ready and checks["scheduler"] is False
+    finally:
+        web.stop()
