@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -16,24 +16,33 @@ down:
 test: setup
 	scripts/check
 
+# Every benchmark, one after the other (~1 h), then one table of each figure against its goal.
+# A benchmark that fails does not stop the others; the table names it.
+FIGURES ?= bench/out
+
 bench:
 	@SETUP_BENCH=1 scripts/setup
-	$(MAKE) bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore
+	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
+	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale
+	.venv/bin/python bench/goals.py $(FIGURES)
+
+bench-flood:
+	.venv/bin/python bench/flood.py --every-s 1 --figures $(FIGURES)/flood.json
 
 bench-controlplane:
-	.venv/bin/python bench/controlplane.py
+	.venv/bin/python bench/controlplane.py --figures $(FIGURES)/controlplane.json
 
 bench-failover:
-	.venv/bin/python bench/failover.py --trials 12
+	.venv/bin/python bench/failover.py --trials 12 --figures $(FIGURES)/failover.json
 
 bench-hang:
-	.venv/bin/python bench/hang.py
+	.venv/bin/python bench/hang.py --figures $(FIGURES)/hang.json
 
 bench-restore:
-	.venv/bin/python bench/restore.py --trials 5
+	.venv/bin/python bench/restore.py --trials 5 --figures $(FIGURES)/restore.json
 
 bench-orders:
-	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3
+	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3 --figures $(FIGURES)/orders.json
 
 bench-catalog:
-	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3
+	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3 --figures $(FIGURES)/catalog.json

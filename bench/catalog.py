@@ -35,6 +35,7 @@ from typing import Any
 import requests
 from orders import CpuMeter, parse_wrk  # bench/orders.py, beside this file
 
+from bench.goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import ServerProcess
 from lab.stack import Stack
@@ -228,17 +229,29 @@ def report(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(figures: dict[str, Any]) -> list[Figure]:
+    runs = figures["runs"]
+    hit = statistics.median(r[CASES[1].name]["rps"] / r[CASES[0].name]["rps"] for r in runs)
+    rows = [Figure("catalog", "in-process hit / its ceiling", hit, "x", f">= {GOAL}x", hit >= GOAL)]
+    for read in CASES[1::2]:
+        rps = statistics.median(r[read.name]["rps"] for r in runs)
+        rows.append(Figure("catalog", f"{read.name}: reads/s", rps, "/s", "", None))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration-s", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     args = parser.parse_args()
     figures = measure(args.connections, args.duration_s, args.repeats)
     print(report(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    save(args.figures, headline(figures))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 
 import requests
 
+from bench.goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--webhooks", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-cp-", dir="/tmp"))
     data_dir.chmod(0o755)
@@ -200,6 +202,38 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps({"kills": kills, "webhook_s": hooks, "intake": rate}))
+    opened, recovered, hook = (
+        med(kills["opened_s"]),
+        med(kills["recovered_s"]),
+        med(hooks),
+    )
+    once = rate["incidents"] == rate["distinct"]
+    save(
+        args.figures,
+        [
+            Figure(
+                "controlplane", "shop kill -> incident opened", opened, "s", "< 3 s", opened < 3
+            ),
+            Figure(
+                "controlplane",
+                "shop kill -> verified recovered",
+                recovered,
+                "s",
+                "< 10 s",
+                recovered < 10,
+            ),
+            Figure("controlplane", "webhook -> action started", hook, "s", "< 1 s", hook < 1),
+            Figure("controlplane", "webhook intake", rate["alerts_per_s"], "/s", "", None),
+            Figure(
+                "controlplane",
+                "incidents per distinct alert",
+                rate["incidents"] / rate["distinct"],
+                "",
+                "1",
+                once,
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

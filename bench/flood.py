@@ -31,6 +31,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
@@ -232,6 +233,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--every-s", type=float, default=0, help="each web client's pace")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     parser.add_argument("--keep", action="store_true", help="keep the stack's data and logs")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-flood-", dir="/tmp"))
@@ -269,6 +271,44 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps({"flood": flood, "web": web}))
+    save(args.figures, headline(flood, web, pace))
+
+
+def headline(flood: dict[str, Any], web: dict[str, Any], pace: str) -> list[Figure]:
+    q, f = flood["quiet"], flood["flood"]
+    ratio = f["recovered_s"] / q["recovered_s"]
+    rate = web["loaded_probe_runs_per_s"] / web["quiet_probe_runs_per_s"]
+    p99_ms = web["p99_s"] * 1000
+    return [
+        Figure(
+            "flood",
+            "loop cycle p99 in a flood",
+            f["cycle_p99_s"],
+            "s",
+            "<= 1 s (bucket)",
+            f["cycle_p99_s"] <= 1,
+        ),
+        Figure("flood", "kill -> recovered, flood / quiet", ratio, "x", "<= 1.5x", ratio <= 1.5),
+        Figure(
+            "flood", f"probe runs/s, web load ({pace}) / quiet", rate, "x", ">= 0.9x", rate >= 0.9
+        ),
+        Figure(
+            "flood",
+            f"API p99 under 200 web clients ({pace})",
+            p99_ms,
+            "ms",
+            "< 100 ms",
+            p99_ms < 100,
+        ),
+        Figure(
+            "flood",
+            f"API errors under 200 web clients ({pace})",
+            web["errors"],
+            "",
+            "0",
+            web["errors"] == 0,
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.failover import ha_bench_stack, lost_and_twice
+from bench.goals import Figure, save
 from lab.chaos import FaultRecord
 from lab.chaos.hang_primary import HangPrimary
 from lab.chaos.hang_standby import HangStandby
@@ -153,6 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hangs", type=float, nargs="+", default=[5, 15, 60])
     parser.add_argument("--nodes", nargs="+", default=["primary", "standby"])
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     args = parser.parse_args()
     stack = ha_bench_stack("shop-bench-hang-")
     data_dir = stack.layout.data_dir
@@ -185,6 +187,30 @@ def main() -> None:
             f"{t.redundant_s:.1f} s | {t.restore_runs} | {t.split_brain} |"
         )
     print(f"\n{len(acknowledged)} acknowledged orders in all: {lost} lost, {twice} twice")
+    save(args.figures, headline(trials, lost, twice))
+
+
+def headline(trials: list[Trial], lost: int, twice: int) -> list[Figure]:
+    rows = []
+    for t in trials:
+        name = f"{t.node.split()[0]} hung {t.hang_s:g} s"
+        rows.append(
+            Figure("hang", f"{name}: write outage", t.outage_s, "s", "<= 7 s", t.outage_s <= 7)
+        )
+        rows.append(
+            Figure(
+                "hang", f"{name}: redundant after", t.redundant_s, "s", "< 30 s", t.redundant_s < 30
+            )
+        )
+    restores = sum(t.restore_runs for t in trials)
+    split = sum(t.split_brain for t in trials)
+    rows += [
+        Figure("hang", "acknowledged orders lost", lost, "", "0", lost == 0),
+        Figure("hang", "orders acknowledged twice", twice, "", "0", twice == 0),
+        Figure("hang", "restore runs proposed", restores, "", "0", restores == 0),
+        Figure("hang", "split-brain samples", split, "", "0", split == 0),
+    ]
+    return rows
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 
+from bench.goals import Figure, save
 from lab import postgres as pg
 from lab.layout import StackLayout, find_free_base_port
 from lab.stack import Stack
@@ -368,17 +369,51 @@ def report(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def headline(figures: dict[str, Any]) -> list[Figure]:
+    runs = figures["runs"]
+
+    def median(get: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(get(run) for run in runs)
+
+    ratio = median(lambda r: r["shop"]["tps"] / r["pgbench_2pc"]["tps"])
+    p99_ms = median(lambda r: r["shop"]["p99_ms"])
+    clients = figures["clients"]
+    return [
+        Figure("orders", "shop / pgbench 2PC throughput", ratio, "x", ">= 0.6x", ratio >= 0.6),
+        Figure("orders", f"shop p99 at {clients} clients", p99_ms, "ms", "< 60 ms", p99_ms < 60),
+        Figure("orders", "shop orders/s", median(lambda r: r["shop"]["tps"]), "/s", "", None),
+        Figure(
+            "orders",
+            "CPU per order: shop",
+            median(lambda r: r["shop"]["cpu"]["shop_ms"]),
+            "ms",
+            "",
+            None,
+        ),
+        Figure(
+            "orders",
+            "CPU per order: PostgreSQL",
+            median(lambda r: r["shop"]["cpu"]["postgres_ms"]),
+            "ms",
+            "",
+            None,
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration-s", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     args = parser.parse_args()
     figures = measure(args.clients, args.duration_s, args.repeats)
     print(report(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+    save(args.figures, headline(figures))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.goals import Figure, save
 from controlplane.backups import Backups
 from controlplane.config import Settings
 from controlplane.store import make_engine, migrate, session_factory
@@ -225,6 +226,7 @@ def by_hand(stack: Stack, point: datetime, backup: pitr.BackupInfo) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
     args = parser.parse_args()
     results: dict[str, list[float]] = {"control plane": [], "raw tools": []}
     writable: list[float] = []
@@ -261,6 +263,15 @@ def main() -> None:
         f"restore to a point in time, then the standby rebuilt, median of {args.trials}: "
         f"control plane {cp_s:.2f}s (writable after {statistics.median(writable):.2f}s), "
         f"raw tools {raw_s:.2f}s: ratio {cp_s / raw_s:.2f}x"
+    )
+    ratio = cp_s / raw_s
+    save(
+        args.figures,
+        [
+            Figure("restore", "control plane / raw tools", ratio, "x", "<= 1.2x", ratio <= 1.2),
+            Figure("restore", "restore to a redundant cluster", cp_s, "s", "", None),
+            Figure("restore", "writable after", statistics.median(writable), "s", "", None),
+        ],
     )
 
 
