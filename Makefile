@@ -24,7 +24,7 @@ bench:
 	@SETUP_BENCH=1 scripts/setup
 	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
 	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale
-	.venv/bin/python bench/goals.py $(FIGURES)
+	.venv/bin/python -m lab.bench_goals $(FIGURES)
 
 bench-flood:
 	.venv/bin/python bench/flood.py --every-s 1 --figures $(FIGURES)/flood.json

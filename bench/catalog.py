@@ -35,7 +35,7 @@ from typing import Any
 import requests
 from orders import CpuMeter, parse_wrk  # bench/orders.py, beside this file
 
-from bench.goals import Figure, save
+from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import ServerProcess
 from lab.stack import Stack
@@ -245,7 +245,9 @@ def main() -> None:
     parser.add_argument("--duration-s", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     args = parser.parse_args()
     figures = measure(args.connections, args.duration_s, args.repeats)
     print(report(figures))

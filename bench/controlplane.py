@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from bench.goals import Figure, save
+from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
@@ -167,7 +167,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--webhooks", type=int, default=10)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-cp-", dir="/tmp"))
     data_dir.chmod(0o755)

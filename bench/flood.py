@@ -31,7 +31,7 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.goals import Figure, save
+from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
@@ -233,7 +233,9 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--every-s", type=float, default=0, help="each web client's pace")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the stack's data and logs")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-flood-", dir="/tmp"))

@@ -25,7 +25,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.failover import ha_bench_stack, lost_and_twice
-from bench.goals import Figure, save
+from lab.bench_goals import Figure, save
 from lab.chaos import FaultRecord
 from lab.chaos.hang_primary import HangPrimary
 from lab.chaos.hang_standby import HangStandby
@@ -154,7 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hangs", type=float, nargs="+", default=[5, 15, 60])
     parser.add_argument("--nodes", nargs="+", default=["primary", "standby"])
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     args = parser.parse_args()
     stack = ha_bench_stack("shop-bench-hang-")
     data_dir = stack.layout.data_dir

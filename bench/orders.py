@@ -41,8 +41,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 
-from bench.goals import Figure, save
 from lab import postgres as pg
+from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.stack import Stack
 from shop.db import make_engine
@@ -407,7 +407,9 @@ def main() -> None:
     parser.add_argument("--duration-s", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     args = parser.parse_args()
     figures = measure(args.clients, args.duration_s, args.repeats)
     print(report(figures))

@@ -24,11 +24,11 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.goals import Figure, save
 from controlplane.backups import Backups
 from controlplane.config import Settings
 from controlplane.store import make_engine, migrate, session_factory
 from lab import postgres as pg
+from lab.bench_goals import Figure, save
 from lab.errors import NotReadyError
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
@@ -226,7 +226,9 @@ def by_hand(stack: Stack, point: datetime, backup: pitr.BackupInfo) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--figures", type=Path, help="write the headline figures (goals.py)")
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
     args = parser.parse_args()
     results: dict[str, list[float]] = {"control plane": [], "raw tools": []}
     writable: list[float] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.goals import BENCHES, Figure, load, save, table
+from lab.bench_goals import BENCHES, Figure, load, save, table
 
 
 def test_the_table_marks_each_goal_met_or_not_and_names_benchmarks_without_figures(

@@ -3,7 +3,7 @@
 A benchmark run with `--figures PATH` writes its headline figures there (a JSON list of
 `Figure`s, each with its goal); `make bench` runs them all into one directory and then
 
-    .venv/bin/python bench/goals.py bench/out
+    .venv/bin/python -m lab.bench_goals bench/out
 
 prints one table of every figure beside its goal, and which are met. A benchmark that did not
 finish leaves no file: the table names it missing rather than passing over it.
@@ -80,9 +80,11 @@ def table(figures: list[Figure], missing: list[str]) -> str:
     for bench in missing:
         lines.append(f"| {bench} | (no figures: the benchmark did not finish) | | | **no** |")
     goals = [f for f in figures if f.met is not None]
-    met = sum(1 for f in goals if f.met)
+    met_count = sum(1 for f in goals if f.met)
     lines.append("")
-    lines.append(f"{met} of {len(goals)} goals met; {len(missing)} benchmarks without figures.")
+    lines.append(
+        f"{met_count} of {len(goals)} goals met; {len(missing)} benchmarks without figures."
+    )
     return "\n".join(lines)
 
 
