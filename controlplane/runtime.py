@@ -444,6 +444,7 @@ class WebControlPlane:
         self.lock = threading.Lock()
         self.sent: dict[str, float] = {}
         self.status: tuple[float, dict[str, Any]] = (0.0, {})
+        self.asking = threading.Lock()
 
     def core_status(self) -> dict[str, Any]:
         """The leader's loop status, cached for STATUS_TTL_S. When the leader process is slow
@@ -453,6 +454,16 @@ class WebControlPlane:
         at, status = self.status
         if time.monotonic() - at < STATUS_TTL_S:
             return status
+        # One call at a time per worker: while one thread asks, the others take the last
+        # answer (or, before there is any, wait for that call's).
+        if not self.asking.acquire(blocking=not status):
+            return status
+        try:
+            return self._ask_status(status)
+        finally:
+            self.asking.release()
+
+    def _ask_status(self, status: dict[str, Any]) -> dict[str, Any]:
         try:
             url = f"{self.core.status_url}/status"
             with urllib.request.urlopen(url, timeout=1) as response:
