@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
@@ -52,6 +53,7 @@ RECENT_ALERTS = timedelta(minutes=10)
 APPLY_BATCH = 250  # decisions per write transaction
 ALERT_BATCH = 500  # alerts to open, alerts to close, incidents to match: at most, per cycle
 APPLY_BUDGET_S = 0.3  # a cycle starts no new batch after this; the rest is the next cycle's
+BATCH_LOCK_WAIT_S = 0.1  # a batch waits this long for the write lock, else the next cycle's
 SLOW_CYCLE_S = 1.0  # a cycle longer than this logs where its time went
 STRANDED_AFTER_S = 5.0  # a run of ours `running` this long without a worker is abandoned
 NO_EFFECT = frozenset({ActionState.SKIPPED, ActionState.DRY_RUN})
@@ -298,8 +300,16 @@ class Loop:
             if time.monotonic() - started > APPLY_BUDGET_S:
                 self.backlog = len(decisions) - start
                 break
-            with store.transaction(self.factory) as s:
-                self._apply(s, snapshot, decisions[start : start + APPLY_BATCH], by_fp, now)
+            try:
+                # Not urgent: if others' writes hold the lock, this batch waits for the next
+                # cycle rather than holding this one up.
+                with store.transaction(self.factory, lock_wait_s=BATCH_LOCK_WAIT_S) as s:
+                    self._apply(s, snapshot, decisions[start : start + APPLY_BATCH], by_fp, now)
+            except OperationalError as exc:
+                if not store.is_locked(exc):
+                    raise
+                self.backlog = len(decisions) - start
+                break
         took.lap("batches")
         applied = decisions[: len(decisions) - self.backlog]
         started_runs += self.engine.dispatch_pending()  # and an operator's, or one approved

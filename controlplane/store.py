@@ -66,6 +66,8 @@ from controlplane.models import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 READ_ONLY = "shopguard_read_only"  # an execution option: this connection only reads
+LOCK_WAIT_MS = "shopguard_lock_wait_ms"  # an execution option: how long a writer waits
+DEFAULT_LOCK_WAIT_MS = 30_000
 
 
 # -- engine and schema --------------------------------------------------------------------------
@@ -73,7 +75,9 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _make_private(make_url(url).database)
         engine = create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=10
+            url,
+            connect_args={"timeout": DEFAULT_LOCK_WAIT_MS / 1000, "check_same_thread": False},
+            pool_size=10,
         )
 
         @event.listens_for(engine, "connect")
@@ -87,10 +91,15 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def on_begin(conn: Any) -> None:
-            if conn.get_execution_options().get(READ_ONLY):
+            options = conn.get_execution_options()
+            if options.get(READ_ONLY):
                 # A reader: WAL gives it a snapshot, with no lock that a writer waits for.
                 conn.exec_driver_sql("BEGIN")
             else:
+                wait_ms = options.get(LOCK_WAIT_MS, DEFAULT_LOCK_WAIT_MS)
+                if conn.info.get(LOCK_WAIT_MS, DEFAULT_LOCK_WAIT_MS) != wait_ms:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait_ms)}")
+                    conn.info[LOCK_WAIT_MS] = wait_ms
                 # IMMEDIATE: take the write lock up front, so a writer waits (busy timeout)
                 # instead of failing when it upgrades a read lock.
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -129,9 +138,21 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A write transaction: keep it short, it holds SQLite's one write lock."""
-    with factory() as session, session.begin():
+def transaction(
+    factory: sessionmaker[Session], *, lock_wait_s: float | None = None
+) -> Iterator[Session]:
+    """A write transaction: keep it short, it holds SQLite's one write lock. It waits up to
+    `lock_wait_s` for that lock (30 s if None), then raises OperationalError ("database is
+    locked"): work that can wait for a later turn asks for a short wait, so that others'
+    writes never hold it up for long (SQLite's busy handler sleeps in growing steps, up to
+    100 ms, so a waiter among many short writers may wait much longer than any one holds it).
+    On PostgreSQL, there is no such lock: `lock_wait_s` changes nothing."""
+    if lock_wait_s is None:
+        with factory() as session, session.begin():
+            yield session
+        return
+    bind = factory.kw["bind"].execution_options(**{LOCK_WAIT_MS: round(lock_wait_s * 1000)})
+    with factory(bind=bind) as session, session.begin():
         yield session
 
 
@@ -141,6 +162,11 @@ def read(factory: sessionmaker[Session]) -> Iterator[Session]:
     bind = factory.kw["bind"]
     with factory(bind=bind.execution_options(**{READ_ONLY: True})) as session, session.begin():
         yield session
+
+
+def is_locked(exc: OperationalError) -> bool:
+    """SQLite's answer to a writer that waited its whole busy timeout."""
+    return "database is locked" in str(exc.orig)
 
 
 def with_retries(call: Callable[[], T], *, what: str, deadline_s: float = 120.0) -> T:

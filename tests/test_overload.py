@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from controlplane import services, store
 from controlplane.config import Settings
@@ -344,3 +346,26 @@ def test_a_worker_whose_leader_process_is_gone_is_not_ready_at_once(cp: ControlP
         assert not ready and checks["scheduler"] is False
     finally:
         web.stop()
+
+
+def test_a_short_wait_for_the_write_lock_is_that_transaction_s_alone(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    engine = store.make_engine(cp.settings.database_url)  # one pooled connection, reused
+    factory = store.session_factory(engine)
+    holder = sqlite3.connect(tmp_path / "state.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with (
+            pytest.raises(OperationalError) as refused,
+            store.transaction(factory, lock_wait_s=0.05) as s,
+        ):
+            s.execute(text("SELECT 1"))
+        assert store.is_locked(refused.value)
+        threading.Timer(0.5, holder.rollback).start()  # held past the short wait, then freed
+        with store.transaction(factory) as s:  # the same connection, waiting as long as ever
+            s.execute(text("SELECT 1"))
+        assert engine.pool.checkedin() == 1
+    finally:
+        holder.close()
+        engine.dispose()
