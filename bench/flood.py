@@ -181,6 +181,7 @@ def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dic
     lock = threading.Lock()
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}  # what each error was: "503 /readyz", "ReadTimeout /healthz"
     deadline = time.monotonic() + duration_s
 
     def client(n: int) -> None:
@@ -193,13 +194,16 @@ def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dic
                 path = next(paths)
             started = time.monotonic()
             try:
-                ok = session.get(f"{cp.url}{path}", headers=cp.api, timeout=10).status_code == 200
-            except requests.RequestException:
-                ok = False
+                code = session.get(f"{cp.url}{path}", headers=cp.api, timeout=10).status_code
+                kind = f"{code} {path}"
+            except requests.RequestException as exc:
+                code, kind = 0, f"{type(exc).__name__} {path}"
             took = time.monotonic() - started
             with lock:
                 latencies.append(took)
-                errors += not ok
+                if code != 200:
+                    errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
             if every_s:
                 time.sleep(max(0.0, every_s - took))
 
@@ -209,6 +213,7 @@ def web_load(cp: Cp, clients: int, duration_s: float, every_s: float = 0) -> dic
     return {
         "requests": len(latencies),
         "errors": errors,
+        "error_kinds": kinds,
         "p50_s": latencies[len(latencies) // 2] if latencies else float("nan"),
         "p99_s": latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
     }
