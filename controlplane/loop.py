@@ -197,11 +197,14 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple
     return snapshot, Seen(matched, more or full)
 
 
-def _urgency(d: Decision, probe_incidents: set[int]) -> int:
-    """0: what acts on a target, and every decision about a probe's incident; 1: the rest;
-    2: opening an alert's incident (a flood's bulk)."""
+def _urgency(d: Decision, probe_incidents: set[int], acting: set[str]) -> int:
+    """0: what acts on a target (and opening the incident it acts for: `acting`, the
+    fingerprints of this cycle's action requests), and every decision about a probe's
+    incident; 1: the rest; 2: opening an alert's incident (a flood's bulk)."""
     if isinstance(d, RequestAction) or (isinstance(d, Open) and d.source != "alert"):
         return 0
+    if isinstance(d, Open) and d.fingerprint in acting:
+        return 0  # else its request finds no incident yet, and waits a whole loop interval
     if isinstance(d, Resolve | SetFlapping) and d.incident_id in probe_incidents:
         return 0
     return 2 if isinstance(d, Open) else 1
@@ -286,8 +289,9 @@ class Loop:
         # What acts on a target and what is about a probe's incident go first, in one
         # transaction, and their actions start at once; a flood's alert incidents share what
         # time is left and the rest waits for the next cycle (which comes at once).
-        decisions.sort(key=lambda d: _urgency(d, probe_incidents))
-        urgent = sum(1 for d in decisions if _urgency(d, probe_incidents) == 0)
+        acting = {d.fingerprint for d in decisions if isinstance(d, RequestAction)}
+        decisions.sort(key=lambda d: _urgency(d, probe_incidents, acting))
+        urgent = sum(1 for d in decisions if _urgency(d, probe_incidents, acting) == 0)
         if urgent or seen.matched:
             with store.transaction(self.factory) as s:
                 store.set_incident_policies(s, seen.matched)

@@ -157,6 +157,16 @@ def test_among_a_flood_the_alert_a_policy_acts_on_is_acted_on_once_and_a_resolve
     assert len(runs(cp)) == 1
 
 
+def test_an_alert_a_policy_acts_on_gets_its_action_in_the_cycle_that_opens_its_incident(
+    cp: ControlPlane,
+) -> None:
+    cp.loop.run_cycle()
+    post(cp, "firing", ["act-1"], name="Act")
+    cp.loop.run_cycle()  # one cycle: not one to open it and the next to act
+    [run] = runs(cp)
+    assert (run.target, run.requested_by) == ("app", "policy:act-on-app")
+
+
 def test_incidents_opened_before_policies_were_matched_are_matched_by_a_new_leader(
     cp: ControlPlane,
 ) -> None:
