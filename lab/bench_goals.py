@@ -63,7 +63,7 @@ def load(directory: Path) -> tuple[list[Figure], list[str]]:
 def shown(value: float, unit: str) -> str:
     if value != value or value in (float("inf"), float("-inf")):
         return "none"
-    if unit == "ms" or abs(value) >= 100 or float(value).is_integer():
+    if abs(value) >= 100 or float(value).is_integer():
         number = f"{value:,.0f}"
     elif abs(value) >= 10:
         number = f"{value:.1f}"
