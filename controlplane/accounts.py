@@ -52,8 +52,15 @@ def parse_role(role: str) -> Role:
 
 
 def add_user(
-    factory: sessionmaker[Session], name: str, role: str, password: str, now: datetime
+    factory: sessionmaker[Session],
+    name: str,
+    role: str,
+    password: str,
+    now: datetime,
+    who: str = "cli",
 ) -> None:
+    """A new user, audited with who added it (an admin on the dashboard; `cli` for the
+    command line on the host, `config` for the lab's admin from the settings)."""
     if not 1 <= len(name) <= 100 or not name.isprintable():
         raise InvalidRequest("a user name is 1 to 100 printable characters")
     if len(password) < MIN_PASSWORD:
@@ -70,6 +77,14 @@ def add_user(
                     disabled=False,
                 )
             )
+            store.audit(
+                s,
+                actor=who,
+                verb="user-add",
+                at=now,
+                message=f"user {name} ({parse_role(role)})",
+                data={"user": name, "role": parse_role(role)},
+            )
     except IntegrityError:
         raise Conflict(f"user {name!r} exists") from None
 
@@ -81,15 +96,31 @@ def ensure_user(
     with store.transaction(factory) as s:
         user = s.scalars(select(User).where(User.name == name)).first()
         if user is not None:
+            changed = []
             if not check_password_hash(user.password_hash, password):
                 user.password_hash = generate_password_hash(password, method="scrypt")
-            user.role = parse_role(role)
+                changed.append("password")
+            if user.role != parse_role(role):
+                user.role = parse_role(role)
+                changed.append("role")
+            if changed:
+                store.audit(
+                    s,
+                    actor="config",
+                    verb="user-update",
+                    at=now,
+                    message=f"user {name}: {' and '.join(changed)} set from the configuration",
+                    data={"user": name, "changed": changed},
+                )
             return
     with contextlib.suppress(Conflict):  # another worker created it meanwhile
-        add_user(factory, name, role, password, now)
+        add_user(factory, name, role, password, now, who="config")
 
 
 def authenticate_user(factory: sessionmaker[Session], name: str, password: str) -> Principal | None:
+    if not name.isprintable():  # no such user (and a NUL is no text PostgreSQL can compare)
+        check_password_hash(_DUMMY_HASH, password)
+        return None
     with store.read(factory) as s:
         user = s.scalars(select(User).where(User.name == name)).first()
     if user is None or user.disabled:
@@ -145,6 +176,8 @@ def create_token(
 
 
 def revoke_token(factory: sessionmaker[Session], name: str, who: str, now: datetime) -> None:
+    if not name.isprintable():  # never a token's name (see create_token)
+        raise NotFound(f"no active API token {name[:100]!r}")
     with store.transaction(factory) as s:
         token = s.scalars(
             select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))

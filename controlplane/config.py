@@ -216,13 +216,40 @@ class Settings(Frozen):
     def policy(self, name: str) -> PolicySpec | None:
         return next((p for p in self.policies if p.name == name), None)
 
+    def targets_of(self, policy: PolicySpec) -> frozenset[str] | None:
+        """The services a policy may act on (None: any). An alert policy's `target`; an
+        operator policy's `match.target`, if it names one; a probe policy's, the services of
+        the probes it matches, on the labels decide() matches them on (the service's labels,
+        `probe`, `service`, `kind`, `target`)."""
+        if policy.source == "alert":
+            return frozenset({policy.target} if policy.target else ())
+        if policy.source == "operator":
+            named = policy.match.get("target")
+            return None if named is None else frozenset({named})
+        found = set()
+        for probe in self.probes:
+            service = self.service(probe.service)
+            labels = {
+                **(service.labels if service else {}),
+                "probe": probe.name,
+                "service": probe.service,
+                "kind": probe.name,
+                "target": probe.service,
+            }
+            if all(labels.get(key) == value for key, value in policy.match.items()):
+                found.add(probe.service)
+        return frozenset(found)
+
     def policy_for_request(self, action: str, target: str) -> PolicySpec | None:
         """Whose params and limits an operator's request runs with: an operator policy for
-        the action and target, else any policy of that action that may act on the target."""
+        the action and target, else any policy of that action that acts on that target. None
+        when no policy lets the action act there: a failover policy of the database cluster
+        does not make `failover` on `redis` a request (its run would escape the cluster's
+        one-run-at-a-time), nor a shop's restart policy a restart of a database node."""
 
         def fits(p: PolicySpec) -> bool:
-            where = p.target or p.match.get("target")
-            return p.action == action and where in (None, target)
+            targets = self.targets_of(p)
+            return p.action == action and (targets is None or target in targets)
 
         ranked = [p for p in self.policies if fits(p) and p.source == "operator"]
         ranked += [p for p in self.policies if fits(p) and p.source != "operator"]

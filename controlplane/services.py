@@ -184,6 +184,9 @@ def get_incident(cp: ControlPlane, incident_id: int) -> dict[str, Any]:
 
 def list_actions(cp: ControlPlane, action: str | None, limit: int) -> list[dict[str, Any]]:
     """The newest action runs first, optionally of one action kind."""
+    if action is not None and not action.isprintable():
+        # A NUL or a control character names no action (and PostgreSQL refuses a NUL).
+        raise InvalidRequest("action must be an action's name (printable text)")
     with store.read(cp.factory) as s:
         return [
             run_json(r) for r in store.list_runs(s, incident_id=None, limit=limit, action=action)
@@ -275,7 +278,8 @@ class ActionRequestIn(BaseModel):
     action: Name
     target: Name
     reason: Line = Field(min_length=1)
-    incident_id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    # Strict: a JSON `true` is no incident id (it read as incident 1).
+    incident_id: int | None = Field(default=None, ge=1, le=MAX_ID, strict=True)
     # Only what the action declares an operator may supply (its OperatorParams): checked in
     # request_action against the policy the run will use.
     params: dict[Name, Any] = Field(default_factory=dict, max_length=20)
@@ -289,10 +293,13 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
     if cp.settings.service(body.target) is None:
         raise InvalidRequest(f"unknown target {body.target!r}")
     policy = cp.settings.policy_for_request(body.action, body.target)
-    try:
-        supplied = operator_params(
-            action_class(body.action), body.params, policy.params if policy else {}
+    if policy is None:
+        raise InvalidRequest(
+            f"no policy lets {body.action} act on {body.target}: an operator may ask only for "
+            "what a policy of the targets file allows"
         )
+    try:
+        supplied = operator_params(action_class(body.action), body.params, policy.params)
     except UnknownAction as exc:
         raise InvalidRequest(str(exc)) from None
     except ValidationError as exc:
@@ -301,8 +308,14 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
         ) from None
     now = cp.clock()
     with store.transaction(cp.factory) as s:
-        if body.incident_id is not None and s.get(Incident, body.incident_id) is None:
-            raise NotFound(f"incident {body.incident_id} does not exist")
+        if body.incident_id is not None:
+            incident = s.get(Incident, body.incident_id)
+            if incident is None:
+                raise NotFound(f"incident {body.incident_id} does not exist")
+            if incident.state != IncidentState.OPEN:
+                # Never an action on what is over (as an approval): and the run would hold
+                # that incident's slot for its action, and date a restore's point by it.
+                raise Conflict(f"incident {incident.id} is {incident.state}: no action on it")
         run = store.create_action_run(
             s,
             incident_id=body.incident_id,
@@ -312,7 +325,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
             state=ActionState.PENDING,
             requested_by=who,
             reason=body.reason,
-            params={"policy": policy.name if policy else None, "params": supplied},
+            params={"policy": policy.name, "params": supplied},
             created_at=now,
         )
         if run is None:

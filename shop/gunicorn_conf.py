@@ -9,7 +9,9 @@ from shop.recovery import resolve_own_in_doubt
 
 logger = logging.getLogger("shop.gunicorn")
 
-worker_class = "gthread"
+# gthread, but a request is read whole by the worker's event loop before a thread serves it:
+# slow clients cannot hold the threads (shop/worker.py).
+worker_class = "shop.worker.BufferedThreadWorker"
 workers = 1
 threads = 16
 graceful_timeout = 5

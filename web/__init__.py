@@ -40,8 +40,9 @@ def create_app(
     app.register_blueprint(dashboard)
     app.register_error_handler(RateLimitExceeded, login.rate_limited)
 
-    def is_page() -> bool:  # the dashboard's pages answer in HTML, the API in JSON
-        return not request.path.startswith(("/api/", "/healthz", "/readyz", "/metrics"))
+    def is_page() -> bool:  # the dashboard's pages answer in HTML; the APIs (its own too) JSON
+        json_paths = ("/api/", "/dashboard/api/", "/healthz", "/readyz", "/metrics")
+        return not request.path.startswith(json_paths)
 
     @app.errorhandler(ControlPlaneError)
     def control_plane_error(exc: ControlPlaneError) -> tuple[Response | str, int]:

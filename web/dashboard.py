@@ -206,13 +206,16 @@ def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
     if field("decision", 100):
         params["decision"] = field("decision", 100)
     incident = field("incident_id", 20)
+    if incident and not (incident.isascii() and incident.isdigit()):
+        # isdigit() alone takes a superscript two (which int() refuses) and Arabic-Indic digits
+        raise InvalidRequest("incident_id must be a whole number (0-9)")
     body = form_model(
         services.ActionRequestIn,
         {
             "action": field("action", 100),
             "target": field("target", 100),
             "reason": field("reason"),
-            "incident_id": int(incident) if incident.isdigit() else None,
+            "incident_id": int(incident) if incident else None,
             "params": params,
         },
     )
@@ -338,10 +341,13 @@ def admin() -> str:
 
 @dashboard.post("/admin/users")
 def add_user() -> BaseResponse:
-    require(Role.ADMIN)
+    who = require(Role.ADMIN)
     cp = control_plane()
+    password = request.form.get("password", "")  # as typed: the login does not strip it
+    if len(password) > 1000:
+        raise InvalidRequest("password must be at most 1000 characters")
     services.accounts.add_user(
-        cp.factory, field("name", 100), field("role", 20), field("password"), cp.clock()
+        cp.factory, field("name", 100), field("role", 20), password, cp.clock(), who=who.actor
     )
     return redirect(url_for("dashboard.admin"))
 

@@ -49,7 +49,9 @@ class Server(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         self.cfg.set("bind", f"{self.settings.listen_host}:{self.settings.listen_port}")
         self.cfg.set("workers", WEB_WORKERS)
-        self.cfg.set("worker_class", "gthread")
+        # gthread, but a request is read whole by the worker's event loop before a thread
+        # serves it: slow clients cannot hold the threads (web/worker.py).
+        self.cfg.set("worker_class", "web.worker.BufferedThreadWorker")
         self.cfg.set("threads", WEB_THREADS)
         self.cfg.set("graceful_timeout", 10)
         self.cfg.set("timeout", 60)
