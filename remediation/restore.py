@@ -196,6 +196,13 @@ class Restore(Action):
     Params = RestoreParams
     OperatorParams = RestoreOperatorParams
 
+    def __init__(self) -> None:
+        super().__init__()
+        # A full restore's proof, from this run's precheck to its execute (the engine runs one
+        # right after the other, on one instance per run): its scratch instance is kept running
+        # so that execute measures the loss again in it, instead of proving the point twice.
+        self._proven: tuple[Proof, pitr.Scratch, str] | None = None
+
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
         leader = leader_of(pg_ops.views(p.nodes))
@@ -211,16 +218,36 @@ class Restore(Action):
         if p.to is None and verdict.is_sound:
             return Check(False, "the data is sound: nothing to restore")
         if p.full:
-            proof = self._prove(ctx, p, leader.name)
+            proof, scratch = self._prove_in_scratch(ctx, p, leader.name)
             if proof.loss.count != p.accept_loss:
+                pitr.stop_scratch(ctx.executor, scratch)
                 return Check(
                     False,
                     f"a full restore to {proof.point.label} would now discard "
                     f"{proof.loss.describe()}, not the {p.accept_loss} accepted: refused",
                 )
+            self._proven = (proof, scratch, leader.name)
             return Check(True, f"full restore to {proof.point.label}: {proof.loss.describe()}")
         damage = "; ".join(verdict.problems) or "the operator's point"
         return Check(True, f"{damage}: find the point, prove it, repair in place")
+
+    def _proof_now(self, ctx: ActionContext, p: RestoreParams, node: str) -> Proof:
+        """The precheck's proof with its loss measured again now (writes kept coming since),
+        in the scratch instance it left running; a proof of its own if there is none (a
+        second attempt) or the leader changed."""
+        proven, self._proven = self._proven, None
+        if proven is None:
+            return self._prove(ctx, p, node)
+        proof, scratch, proven_on = proven
+        if proven_on != node:
+            pitr.stop_scratch(ctx.executor, scratch)  # first: a new proof takes its place
+            return self._prove(ctx, p, node)
+        try:
+            loss = restore_export.loss_between(dbs(p, p.nodes[node]), dbs(p, scratch.dsn))
+        finally:
+            pitr.stop_scratch(ctx.executor, scratch)
+        restore_export.export(loss, proof.export, proof.point.label)
+        return replace(proof, loss=loss)
 
     def _prove(self, ctx: ActionContext, p: RestoreParams, node: str) -> Proof:
         proof, scratch = self._prove_in_scratch(ctx, p, node)
@@ -276,7 +303,7 @@ class Restore(Action):
         if leader is None:
             raise ActionError("no writable leader to restore")
         if p.full:
-            proof = self._prove(ctx, p, leader.name)
+            proof = self._proof_now(ctx, p, leader.name)
             if proof.loss.count != p.accept_loss:
                 raise ActionError(
                     f"the loss changed: {proof.loss.describe()}, {p.accept_loss} accepted; "
