@@ -15,6 +15,7 @@ from typing import Any
 import requests
 
 from controlplane.config import Settings
+from controlplane.logsafe import printable
 from controlplane.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,20 @@ class Notifier:
             logger.warning("notification webhook failed: %s", exc)
 
     def _email(self, event: str, subject: str, body: Mapping[str, Any]) -> None:
-        message = EmailMessage()
-        message["From"] = self.settings.smtp_from
-        message["To"] = self.settings.smtp_to
-        message["Subject"] = f"[{event}] {subject}"
-        message.set_content("\n".join(f"{key}: {value}" for key, value in body.items()))
         try:
+            message = EmailMessage()
+            message["From"] = self.settings.smtp_from
+            message["To"] = self.settings.smtp_to
+            # One header line: a summary from outside (an alert's) may hold a newline, which
+            # the header refuses (and must not forge another header), or a lone surrogate.
+            message["Subject"] = printable(f"[{event}] {subject}", limit=200)
+            message.set_content(
+                "\n".join(f"{printable(key)}: {printable(value)}" for key, value in body.items())
+            )
             with smtplib.SMTP(self.settings.smtp_host, self.settings.smtp_port, timeout=5) as smtp:
                 smtp.send_message(message)
             self.metrics.notifications.labels("email", "sent").inc()
-        except (OSError, smtplib.SMTPException) as exc:
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
             self.metrics.notifications.labels("email", "failed").inc()
             logger.warning("notification e-mail failed: %s", exc)
 

@@ -19,7 +19,9 @@ from aiosmtpd.handlers import Message
 from controlplane import store
 from controlplane.config import Settings
 from controlplane.errors import ConfigError
+from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, AuditEntry, Incident, IncidentState
+from controlplane.notify import Notifier
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
 from lab.process import wait_until
@@ -246,6 +248,39 @@ def test_an_opened_incident_is_notified_by_webhook_and_email(state_url: str) -> 
         cp.stop()
         hook.shutdown()
         hook.server_close()
+        smtp.stop()
+
+
+def test_a_summary_from_outside_with_a_newline_is_still_mailed_on_one_subject_line(
+    state_url: str,
+) -> None:
+    mailbox: list[Any] = []
+
+    class Inbox(Message):  # type: ignore[misc]
+        def handle_message(self, message: Any) -> None:
+            mailbox.append(message)
+
+    smtp_port = find_free_base_port()
+    smtp = Controller(Inbox(), hostname="127.0.0.1", port=smtp_port)
+    smtp.start()
+    config = settings(
+        state_url,
+        "cp-notify",
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_port,
+        smtp_to="oncall@example.invalid",
+    )
+    notifier = Notifier(config, Metrics())
+    try:
+        hostile = "Forged\nBcc: attacker@example.invalid\n\ud800"
+        [sent] = notifier.notify("open", hostile, {"summary": hostile})
+        sent.result(timeout=10)
+        wait_until(lambda: bool(mailbox), timeout_s=10, what="the e-mail")
+        [mail] = mailbox
+        assert mail["Bcc"] is None  # no header forged
+        assert str(mail["Subject"]).startswith("[open] Forged\\nBcc: attacker")
+    finally:
+        notifier.shutdown()
         smtp.stop()
 
 
