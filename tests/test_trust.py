@@ -492,7 +492,7 @@ def test_any_silence_body_is_a_201_or_a_400(
 def stocked(stack: Stack, engines: dict[str, Engine]) -> int:
     from sqlalchemy import insert
 
-    from shop.models import Product
+    from shop.models import Product, StockAdjustment
 
     with engines["inventory"].begin() as conn:
         sku = f"H-{uuid.uuid4().hex[:16]}"
@@ -501,6 +501,11 @@ def stocked(stack: Stack, engines: dict[str, Engine]) -> int:
             .values(sku=sku, name=f"hypothesis {sku}", price_cents=100, stock=1_000_000)
             .returning(Product.id)
         ).scalar_one()
+        # Its ledger row, as the shop writes one: stock without it breaks the invariants,
+        # and every later test on this stack would see "damage".
+        conn.execute(
+            insert(StockAdjustment).values(product_id=product_id, delta=1_000_000, reason="initial")
+        )
     return product_id
 
 
