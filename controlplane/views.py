@@ -265,9 +265,12 @@ def preview_request(
     if not known or service is None:
         return {"ok": False, "checks": checks, "steps": "", "policy": None}
     policy = cp.settings.policy_for_request(action, target)
-    check(True, f"runs with the params and limits of policy {policy.name if policy else '—'}")
+    if policy is None:  # the request itself is refused (services.request_action): say so first
+        check(False, f"no policy lets {action} act on {target}")
+        return {"ok": False, "checks": checks, "steps": "", "policy": None}
+    check(True, f"runs with the params and limits of policy {policy.name}")
     try:
-        supplied = operator_params(action_class(action), params, policy.params if policy else {})
+        supplied = operator_params(action_class(action), params, policy.params)
         check(True, f"operator params accepted: {supplied or 'none'}")
     except (UnknownAction, ValidationError) as exc:
         check(False, f"params refused: {str(exc).splitlines()[0]}")

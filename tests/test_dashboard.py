@@ -222,6 +222,15 @@ def test_a_request_shows_its_precheck_then_runs_only_once_confirmed(
     assert (run.requested_by, run.state) == ("otto", ActionState.PENDING)
 
 
+def test_a_preview_of_what_no_policy_allows_says_so_before_anything_else(app: Flask) -> None:
+    otto = logged_in(app, "otto")
+    form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "failover", "target": "svc",
+            "reason": "curious"}  # fmt: skip
+    page = otto.post("/dashboard/actions/preview", data=form)
+    assert page.status_code == 200 and "no policy lets failover act on svc" in page.text
+    assert "runs with the params and limits of policy" not in page.text
+
+
 def test_a_restore_preview_names_no_backup_when_none_is_configured(app: Flask) -> None:
     otto = logged_in(app, "otto")
     form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "restore", "target": "svc",
