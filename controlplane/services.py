@@ -402,7 +402,11 @@ def reject_action(cp: ControlPlane, run_id: int, who: str, comment: str = "") ->
 class SilenceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    matchers: dict[LabelName, Line] = Field(min_length=1, max_length=32)
+    # A value each: an empty one would mean "label absent" in Alertmanager and "matches
+    # nothing" here. Neither is what a silence should do unasked: refused (400).
+    matchers: dict[LabelName, Annotated[Line, StringConstraints(min_length=1)]] = Field(
+        min_length=1, max_length=32
+    )
     duration_s: float = Field(gt=0, le=7 * 24 * 3600)
     comment: Line = ""
 

@@ -18,7 +18,7 @@ from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from controlplane import accounts, store
+from controlplane import accounts, services, store
 from controlplane.config import Settings
 from controlplane.engine import utcnow
 from controlplane.models import ActionRun, AuditEntry, Incident, IncidentState
@@ -101,6 +101,15 @@ def test_an_operator_request_on_a_resolved_incident_is_a_409_and_writes_nothing(
     assert len(runs_of(cp)) == before
     with store.read(cp.factory) as s:
         assert s.get(Incident, incident_id).state == IncidentState.RESOLVED  # type: ignore[union-attr]
+
+
+def test_a_silence_matcher_without_a_value_is_a_400_not_a_silence_of_nothing_or_everything(
+    app: Flask, cp: ControlPlane
+) -> None:
+    body = {"matchers": {"alertname": "X", "team": ""}, "duration_s": 60, "comment": "night"}
+    response = app.test_client().post("/api/v1/silences", json=body, headers=GENERATED)
+    assert response.status_code == 400 and "team" in response.json["error"]
+    assert services.views.silences(cp) == []
 
 
 # -- text a PostgreSQL state store cannot hold ----------------------------------------------------
