@@ -24,6 +24,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
+from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 HEAD_MAX_BYTES = 32 * 1024  # request line and headers (gunicorn refuses far less per line)
@@ -99,6 +100,18 @@ def answer(status: str, message: str) -> bytes:
     return head.encode() + body
 
 
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own answer to a request its parser refuses (a control character in a
+    header, two Content-Lengths, a head too large), in JSON like every other error of the
+    services, instead of an HTML page."""
+    body = json.dumps({"error": mesg or reason}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class WholeRequestWorker(ThreadWorker):  # type: ignore[misc]
     """`gthread`, but a connection reaches a thread only with a whole request in hand."""
 
@@ -110,6 +123,7 @@ class WholeRequestWorker(ThreadWorker):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        util.write_error = write_json_error  # this worker process answers in JSON only
         self.gathering: deque[Any] = deque()  # oldest first: each waits READ_TIMEOUT_S
         self.gathered_bytes = 0
 

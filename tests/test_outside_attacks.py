@@ -322,3 +322,25 @@ def test_clients_that_trickle_their_requests_never_keep_the_control_plane_from_a
 ) -> None:
     url = stack.describe()["components"]["controlplane"]["url"]
     answers_beside_trickling_clients(url, b"POST /api/v1/alerts HTTP/1.1\r\n", "/healthz")
+
+
+def test_a_request_the_http_parser_refuses_is_answered_in_json_by_both_services(
+    stack: Stack, shops: list[str]
+) -> None:
+    url = stack.describe()["components"]["controlplane"]["url"]
+    bad = [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x7fb\r\n\r\n",  # DEL in a header
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    ]
+    for base in (shops[0], url):
+        host, port = base.removeprefix("http://").split(":")
+        for request in bad:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), (base, request, answer)
+            assert b"Content-Type: application/json" in head
+            assert "error" in json.loads(body)
