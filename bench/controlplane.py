@@ -180,11 +180,12 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-cp-", dir="/tmp"))
     data_dir.chmod(0o755)
     # The webhook trials' alerts all reach the cache-flush policy (its target is the policy's,
-    # never an alert's label): without its cooldown, a trial is never held by the one before.
+    # never an alert's label): without its cooldown and its runs-per-hour limit, a trial is
+    # never held by the ones before.
     stack = Stack(
         StackLayout(data_dir, find_free_base_port()),
         products=100,
-        policy_overrides={"flush-shop-cache": {"cooldown_s": 0}},
+        policy_overrides={"flush-shop-cache": {"cooldown_s": 0, "max_runs": 1000}},
     )
     try:
         stack.start()
