@@ -255,7 +255,26 @@ class ControlPlane:
         self.scheduler.start()
         self.loop_thread.start()
         self.started = True
+        self._watch_stop = threading.Event()
+        self._watchers = [self._start_watcher(spec) for spec in self.settings.probes]
         return self
+
+    def _start_watcher(self, spec: ProbeSpec) -> threading.Thread | None:
+        """A daemon thread for a probe that watches its target between runs (e.g. a held
+        connection to the primary): an event runs the probe at once (`probe_now`)."""
+        probe = self.probes[spec.name]
+        if type(probe).watch is Probe.watch:
+            return None
+
+        def watch() -> None:
+            try:
+                probe.watch(lambda: self.probe_now(spec.name), self._watch_stop)
+            except Exception:  # the watcher's catch-all: the probe's runs go on without it
+                logger.exception("watcher of probe %s crashed", spec.name)
+
+        thread = threading.Thread(target=watch, name=f"watch {spec.name}", daemon=True)
+        thread.start()
+        return thread
 
     def wake(self) -> None:
         self.loop_thread.wake()
@@ -268,6 +287,10 @@ class ControlPlane:
 
     def stop(self) -> None:
         if self.started:
+            self._watch_stop.set()  # first: no watcher asks a stopping scheduler for a run
+            for thread in self._watchers:
+                if thread is not None:
+                    thread.join(timeout=1)
             self.scheduler.shutdown(wait=False)
             self.loop_thread.stop()
         self.engine.shutdown()

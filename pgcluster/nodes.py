@@ -1,13 +1,14 @@
 """Each node's state (primary, standby, refused, unanswered) and the leader: the writable node
-on the highest timeline, as after a promotion."""
+on the highest timeline, as after a promotion; and a held session that tells when it drops."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 import psycopg
+from psycopg import pq
 
 
 class NodeState(StrEnum):
@@ -59,6 +61,7 @@ def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
 
 
 def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
+    cut = Cut()
     try:
         with (
             psycopg.connect(
@@ -67,24 +70,43 @@ def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
                 autocommit=True,
                 options=f"-c statement_timeout={int(timeout_s * 1000)}",
             ) as conn,
-            deadline(max(timeout_s, LOOK_DEADLINE_S), conn),
+            deadline(max(timeout_s, LOOK_DEADLINE_S), conn, cut=cut),
         ):
             return _look(name, conn)
     except psycopg.Error as exc:
         text = str(exc)
-        timed_out = "timeout" in text.lower() or "closed the connection" in text.lower()
-        state = NodeState.UNANSWERED if timed_out else NodeState.REFUSED
         return NodeView(
-            name, state, text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            name,
+            state_of(exc, cut=cut.fired),
+            text.strip().splitlines()[0] if text.strip() else type(exc).__name__,
         )
 
 
+def state_of(exc: psycopg.Error, *, cut: bool = False) -> NodeState:
+    """What a failed look says: no answer in time (a timeout, or `cut`: our own deadline cut
+    the session), so hung, stopped or partitioned; else a definite refusal: nothing listens,
+    it is starting or stopping, or it closed the session itself (its process died: a hung
+    server closes nothing)."""
+    timed_out = cut or "timeout" in str(exc).lower()
+    return NodeState.UNANSWERED if timed_out else NodeState.REFUSED
+
+
+@dataclass(slots=True)
+class Cut:
+    fired: bool = False  # the deadline passed and the sessions were cut
+
+
 @contextlib.contextmanager
-def deadline(seconds: float, *conns: psycopg.Connection[Any]) -> Iterator[None]:
+def deadline(
+    seconds: float, *conns: psycopg.Connection[Any], cut: Cut | None = None
+) -> Iterator[Cut]:
     """Connected, then the server stops: its statement_timeout cannot fire, and only a cut
-    socket frees the caller. Cut them all at `seconds` on our own clock."""
+    socket frees the caller. Cut them all at `seconds` on our own clock (and say so in
+    `cut`: an error after it is no answer, not the server's doing)."""
+    cut = cut or Cut()
 
     def cut_all() -> None:
+        cut.fired = True
         for conn in conns:
             _cut(conn)
 
@@ -92,7 +114,7 @@ def deadline(seconds: float, *conns: psycopg.Connection[Any]) -> Iterator[None]:
     timer.daemon = True
     timer.start()
     try:
-        yield
+        yield cut
     finally:
         timer.cancel()
 
@@ -159,3 +181,46 @@ def follows(view: NodeView, leader: NodeView) -> bool:
         and view.receiving == "streaming"
         and view.timeline == leader.timeline
     )
+
+
+def hold(dsn: str, timeout_s: float, application_name: str) -> psycopg.Connection[Any]:
+    """An idle session on the node, held to learn when it drops (`wait_dropped`). Raises
+    psycopg.Error (`state_of` tells a refusal from no answer)."""
+    return psycopg.connect(
+        dsn,
+        connect_timeout=max(1, round(timeout_s)),
+        autocommit=True,
+        application_name=application_name,
+        options=f"-c statement_timeout={int(timeout_s * 1000)}",
+    )
+
+
+def is_writable(conn: psycopg.Connection[Any], timeout_s: float) -> bool:
+    """Not in recovery (False too when it closes the session). Raises psycopg.Error when the
+    node does not answer within `timeout_s` on our own clock (a stopped server's
+    statement_timeout cannot fire)."""
+    with deadline(max(timeout_s, LOOK_DEADLINE_S), conn) as cut:
+        try:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        except psycopg.Error as exc:
+            if state_of(exc, cut=cut.fired) is NodeState.UNANSWERED:
+                raise
+            return False  # it closed the session: it does not lead, whatever it was
+    return row is not None and not row[0]
+
+
+def wait_dropped(conn: psycopg.Connection[Any], keep_on: Callable[[], bool], poll_s: float) -> bool:
+    """Wait, on an idle session, until the server closes it (True: its process died, or the
+    server ended it) or `keep_on()` turns false (False), looking every `poll_s`. A node that
+    stops answering (SIGSTOP, a partition) closes nothing and sends nothing: it is no drop."""
+    while keep_on():
+        try:
+            ready, _, _ = select.select([conn.pgconn.socket], [], [], poll_s)
+            if ready:
+                # EOF or a reset raises; a message (a notice, a parameter's new value) does not.
+                conn.pgconn.consume_input()
+        except (psycopg.OperationalError, OSError, ValueError):
+            return True
+        if conn.pgconn.status != pq.ConnStatus.OK:
+            return True
+    return False

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -61,6 +62,13 @@ class Probe(ABC):
     @abstractmethod
     def check(self) -> ProbeResult:
         """Look once, within `timeout_s`; report `unreachable` for a dead target, do not raise."""
+
+    def watch(self, on_event: Callable[[], None], stop: threading.Event) -> None:
+        """Optional: watch the target between runs until `stop` is set, calling `on_event`
+        when something happened that the next run may answer differently (a held connection
+        dropped): the caller then runs the probe at once. An event only brings a run forward;
+        what it reports is the run's to say. The default watches nothing."""
+        return
 
     def run(self) -> ProbeResult:
         started = time.perf_counter()

@@ -2,19 +2,46 @@
 
 A refused connection (dead postmaster, nothing listening) is a definite signal and reports
 DOWN at once. A primary that does not answer (hung, SIGSTOPped, partitioned) is given
-`grace_s` first: a short stall must never cause a failover, so it stays UP, saying so."""
+`grace_s` first: a short stall must never cause a failover, so it stays UP, saying so.
+
+Between runs it holds a session on the node it last found leading (`watch`): when that
+session drops (the server's processes died: the kernel closes their sockets) or a reconnect
+is refused, it asks for a run at once instead of waiting for the next tick. A hung or
+partitioned node closes nothing and sends nothing, and a reconnect that times out is no
+event: those still wait for the runs and their grace."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import psycopg
 from pydantic import Field
 
-from pgcluster.nodes import NodeState, leader_of, observe_all
+from pgcluster.nodes import (
+    NodeState,
+    hold,
+    is_writable,
+    leader_of,
+    observe_all,
+    state_of,
+    wait_dropped,
+)
 from probes.base import Health, Params, Probe, ProbeResult
+
+logger = logging.getLogger(__name__)
+
+# The watcher looks at `stop` and at which node leads this often while it holds a session.
+WATCH_POLL_S = 0.2
+# A run asked for while one is in flight is dropped by the scheduler: it asks again this often
+# until a run that began after the event has finished, for at most ASK_FOR_S.
+ASK_AGAIN_S = 0.1
+ASK_FOR_S = 2.0
+# The least time between two events: a node that flaps cannot make the probe run nonstop.
+EVENT_GAP_S = 0.1
 
 
 class PgPrimaryParams(Params):
@@ -32,10 +59,19 @@ class PgPrimaryProbe(Probe):
         self._last_leader: str | None = None
         self._unanswered_since: float | None = None
         self._answered_at: float | None = None  # when the leader last answered
+        self._watched: str | None = None  # the node the last run found leading (or in grace)
+        self._checked_from = float("-inf")  # when the last finished run began
 
     def check(self) -> ProbeResult:
-        p: PgPrimaryParams = self.params  # type: ignore[assignment]
         asked_at = time.monotonic()
+        result = self._check(asked_at)
+        with self._lock:
+            self._watched = result.details.get("leader") if result.health is Health.UP else None
+            self._checked_from = max(self._checked_from, asked_at)
+        return result
+
+    def _check(self, asked_at: float) -> ProbeResult:
+        p: PgPrimaryParams = self.params  # type: ignore[assignment]
         views = observe_all(p.nodes, self.timeout_s)
         details = {v.name: {"state": v.state, "timeline": v.timeline} for v in views}
         leader = leader_of(views)
@@ -81,3 +117,55 @@ class PgPrimaryProbe(Probe):
                 f"no primary ({why})",
                 details={"former_leader": self._last_leader, "nodes": details},
             )
+
+    # -- between runs --------------------------------------------------------------------------
+    def watch(self, on_event: Callable[[], None], stop: threading.Event) -> None:
+        p: PgPrimaryParams = self.params  # type: ignore[assignment]
+        while not stop.is_set():
+            name = self._watched_node()
+            if name is None:  # no leader known: the runs are looking for one
+                stop.wait(WATCH_POLL_S)
+                continue
+            event = self._hold_until_event(name, p.nodes[name], stop)
+            if event is not None:
+                logger.info("%s: %s: running the probe now", self.name, event)
+                self._bring_forward(on_event, time.monotonic(), stop)
+                stop.wait(EVENT_GAP_S)
+
+    def _watched_node(self) -> str | None:
+        with self._lock:
+            return self._watched
+
+    def _hold_until_event(self, name: str, dsn: str, stop: threading.Event) -> str | None:
+        """Hold a session on `name` while the runs find it leading. The event, if any: the
+        session dropped, a reconnect was refused, or the node does not answer as a primary."""
+        try:
+            conn = hold(dsn, self.timeout_s, f"shopguard-watch/{self.name}")
+        except psycopg.Error as exc:
+            if state_of(exc) is NodeState.REFUSED:
+                return f"a reconnect to {name} was refused"
+            stop.wait(WATCH_POLL_S)  # no answer: the runs count its grace
+            return None
+        try:
+            if not is_writable(conn, self.timeout_s):
+                return f"{name} no longer answers as the primary"
+            dropped = wait_dropped(
+                conn, lambda: not stop.is_set() and self._watched_node() == name, WATCH_POLL_S
+            )
+            return f"the session on {name} dropped" if dropped else None
+        except psycopg.Error:
+            return None  # it stopped answering: the runs count its grace
+        finally:
+            conn.close()
+
+    def _bring_forward(
+        self, on_event: Callable[[], None], seen_at: float, stop: threading.Event
+    ) -> None:
+        """Ask for a run until one that began after `seen_at` has finished."""
+        until = time.monotonic() + ASK_FOR_S
+        while not stop.is_set() and time.monotonic() < until:
+            with self._lock:
+                if self._checked_from >= seen_at:
+                    return
+            on_event()
+            stop.wait(ASK_AGAIN_S)

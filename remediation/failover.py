@@ -4,10 +4,16 @@ Never two writable primaries: every node that is not a standby is fenced before 
 promoted (in the lab: SIGKILL of every process of the instance, backends included, even
 stopped ones, verified gone), and a fenced node that still answers as writable stops it.
 Never a lost acknowledged order: promotion needs the `synchronous` fact (the standby confirmed every
-commit up to the failure), unless the policy says `require_synchronous = false`."""
+commit up to the failure), unless the policy says `require_synchronous = false`.
+
+Then, as a switchover does, it hands over at once to what a rejoin would do next (`rejoin`,
+default on): the fenced nodes back as standbys of the new leader (pg_rewind), commits
+synchronous again. Writes flow meanwhile; that part failing fails nothing (the rejoin policy,
+on the standby probe's incident, tries again)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import psycopg
@@ -16,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pgcluster.nodes import NodeState, NodeView, leader_of
 from remediation import pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
+from remediation.executors.base import ExecutorError
+
+logger = logging.getLogger(__name__)
 
 
 class FailoverParams(BaseModel):
@@ -27,6 +36,9 @@ class FailoverParams(BaseModel):
     observe_timeout_s: float = Field(default=1.0, gt=0)
     require_synchronous: bool = True
     promote_timeout_s: float = Field(default=30, gt=0)
+    # Rejoin the fenced nodes and restore synchronous commits right after the promotion.
+    rejoin: bool = True
+    rejoin_timeout_s: float = Field(default=120, gt=0)
 
 
 def params_of(ctx: ActionContext) -> FailoverParams:
@@ -79,6 +91,7 @@ class Failover(Action):
         leader = leader_of(views)
         if leader is not None:  # a retry after the promotion went through
             return Outcome(f"{leader.name} leads already", {"leader": leader.name})
+        laps = pg_ops.Laps()
         fenced = [v.name for v in views if v.state is not NodeState.STANDBY]
         for view in views:
             if view.state is not NodeState.STANDBY:
@@ -101,16 +114,51 @@ class Failover(Action):
         if not standbys:
             raise ActionError("no standby left to promote", permanent=True)
         new = standbys[0]
+        laps.lap(f"fenced {', '.join(fenced)}")
         ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)  # alone now: commits are local
-        pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s)
+        pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s, laps)
         ctx.executor.set_role(new.name, "primary")
         for name in fenced:
             ctx.executor.set_role(name, "standby")  # to be rejoined as one
+        promoted = str(laps)
+        if not p.rejoin:
+            return Outcome(
+                f"{promoted}; commits are asynchronous until a standby rejoins",
+                {"leader": new.name, "fenced": fenced, "synchronous": False},
+            )
+        steps, synchronous = self._rejoin(ctx, p, new.name, fenced)
         return Outcome(
-            f"fenced {', '.join(fenced)}; promoted {new.name}; commits are asynchronous "
-            "until a standby rejoins",
-            {"leader": new.name, "fenced": fenced, "synchronous": False},
+            "; ".join([promoted, *steps]),
+            {"leader": new.name, "fenced": fenced, "synchronous": synchronous, "steps": steps},
         )
+
+    @staticmethod
+    def _rejoin(
+        ctx: ActionContext, p: FailoverParams, leader_name: str, fenced: list[str]
+    ) -> tuple[list[str], bool]:
+        """The fenced nodes rejoined and commits synchronous again, or why not (the rejoin
+        policy's to finish). Returns the steps and whether commits are synchronous."""
+        steps: list[str] = []
+        try:
+            leader = pg_ops.views({leader_name: p.nodes[leader_name]}, p.observe_timeout_s)[0]
+            if leader.state is not NodeState.PRIMARY:
+                raise ActionError(f"{leader_name} does not answer as the primary: {leader.detail}")
+            for name in fenced:
+                how = pg_ops.rejoin(
+                    ctx.executor, name, leader, p.nodes, timeout_s=p.rejoin_timeout_s
+                )
+                steps.append(f"{name} rejoined ({how})")
+            pg_ops.restore_sync(ctx.executor, leader_name, p.nodes[leader_name], p.rejoin_timeout_s)
+        except (ActionError, psycopg.Error) as exc:
+            logger.warning("rejoin after the failover to %s failed: %s", leader_name, exc)
+            try:  # a synchronous setting whose standby never came would hold every commit
+                pg_ops.degrade_to_async(ctx.executor, p.nodes[leader_name])
+            except (ActionError, psycopg.Error, ExecutorError) as again:
+                logger.warning("%s not made asynchronous again: %s", leader_name, again)
+            steps.append(f"commits asynchronous, rejoin left to the rejoin policy: {exc}")
+            return steps, False
+        steps.append(f"{leader_name} synchronous again")
+        return steps, True
 
     def verify(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -33,12 +34,32 @@ def connect(dsn: str, timeout_s: float = 3) -> psycopg.Connection[Any]:
         raise ActionError(f"cannot reach {dsn}: {exc}") from exc
 
 
+WAIT_POLL_S = 0.05  # each look is a new session: 20 a second at most, for the moments it lasts
+
+
 def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() >= deadline:
             raise ActionError(f"{what} not reached within {timeout_s:g}s")
-        time.sleep(0.1)
+        time.sleep(WAIT_POLL_S)
+
+
+class Laps:
+    """What a multi-step operation did, each step with its seconds (an operator reads where a
+    rejoin's time went in its output)."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.last = time.monotonic()
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self.steps.append(f"{step} {now - self.last:.2f}s")
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.steps)
 
 
 def set_sync_names(dsn: str, names: str) -> None:
@@ -81,14 +102,31 @@ def fence(executor: Executor, view: NodeView) -> bool:
         raise ActionError(f"cannot fence {view.name}: {exc}") from exc
 
 
-def promote(view: NodeView, dsn: str, timeout_s: float) -> None:
+PROMOTED_POLL_S = 0.005
+
+
+def promote(view: NodeView, dsn: str, timeout_s: float, laps: Laps | None = None) -> None:
     with connect(dsn) as conn:
         # Before promoting: the new primary has no standby yet, so it starts asynchronous.
         conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
         conn.execute("SELECT pg_reload_conf()")
-        row = conn.execute("SELECT pg_promote(true, %s)", (int(timeout_s),)).fetchone()
-    if not (row and row[0]):
-        raise ActionError(f"{view.name} did not finish promotion within {timeout_s:g}s")
+        if laps is not None:
+            laps.lap(f"{view.name} asynchronous")
+        # pg_promote(wait => true) looks every 100 ms, and a promotion takes a few: on the
+        # path of every failover's outage, so look here, more often.
+        row = conn.execute("SELECT pg_promote(false)").fetchone()
+        if not (row and row[0]):
+            raise ActionError(f"{view.name} could not be asked to promote")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row and not row[0]:
+                if laps is not None:
+                    laps.lap(f"promoted {view.name}")
+                return
+            if time.monotonic() >= deadline:
+                raise ActionError(f"{view.name} did not finish promotion within {timeout_s:g}s")
+            time.sleep(PROMOTED_POLL_S)
 
 
 def controldata(executor: Executor, node: str, label: str) -> str:
@@ -133,10 +171,11 @@ def _rejoin(
     timeout_s: float,
     rebuild: bool,
 ) -> str:
+    laps = Laps()
     executor.fence(node)  # whatever it is now (a rogue primary, a stuck standby): gone
     data_dir = executor.data_dir(node)
     state = cluster_state(executor, node)
-    how = []
+    laps.lap(f"fenced (was {state})")
 
     def streaming() -> bool:
         return follows(observe(node, nodes[node], 2), leader)
@@ -146,32 +185,47 @@ def _rejoin(
         executor.restart(node)
         try:
             wait_for(streaming, min(timeout_s, 15), f"{node} streaming again")
-            return "restarted as it was (a crashed standby)"
+            laps.lap("restarted as it was (a crashed standby), streaming")
+            return str(laps)
         except ActionError:
             executor.stop(node)  # cleanly: "shut down in recovery", which pg_rewind reads
             state = cluster_state(executor, node)
-            how.append("restarted, did not follow")
-    if state not in REWOUND_OR_CLEAN and not rebuild:
-        # A crashed primary: pg_rewind cannot read it until crash recovery has run.
-        executor.run_tool(
-            node,
-            "postgres",
-            ["--single", "-D", data_dir, "-c", "archive_mode=off", "postgres"],
-            stdin="",
-        )
-        how.append(f"crash recovery in single-user mode (was {state})")
+            laps.lap("restarted, did not follow")
+    # A just-promoted leader's control file still names the old timeline until its first
+    # checkpoint, and pg_rewind would then wrongly find "no rewind required". On the leader,
+    # beside the node's own crash recovery.
+    checkpoint = _CHECKPOINTS.submit(checkpoint_on, leader.name, nodes[leader.name])
+    try:
+        if state not in REWOUND_OR_CLEAN and not rebuild:
+            # A crashed primary: pg_rewind cannot read it until crash recovery has run. With
+            # fsync off, as pg_rewind runs it itself: what it writes is flushed before the
+            # node serves (below), and its checkpoints' flushes were most of its time.
+            executor.run_tool(
+                node,
+                "postgres",
+                ["--single", "-F", "-D", data_dir, "-c", "archive_mode=off", "postgres"],
+                stdin="",
+            )
+            laps.lap("crash recovery in single-user mode")
+    finally:
+        checkpoint.result()
+    laps.lap(f"checkpoint on {leader.name}")
     source = f"{nodes[leader.name]} application_name={node}"
-    with connect(nodes[leader.name]) as conn:
-        # A just-promoted leader's control file still names the old timeline until its first
-        # checkpoint, and pg_rewind would then wrongly find "no rewind required".
-        conn.execute("CHECKPOINT")
     try:
         if rebuild:
             raise ExecutorError("a rebuild was asked for")
+        # --no-sync: the node's start flushes its whole data directory anyway (pg_rewind
+        # leaves it "in archive recovery", which a start syncs before replaying, in one
+        # syncfs() with the lab's recovery_init_sync_method), not file by file twice.
         out = executor.run_tool(
-            node, "pg_rewind", ["-D", data_dir, "--source-server", source, "-R"]
+            node, "pg_rewind", ["-D", data_dir, "--source-server", source, "-R", "--no-sync"]
         )
-        how.append("no rewind needed" if "no rewind required" in out else "pg_rewind")
+        if "no rewind required" in out:
+            # Left "shut down": nothing makes its start flush what was written with fsync off.
+            executor.run_tool(node, "initdb", ["--sync-only", "-D", data_dir])
+            laps.lap("no rewind needed, synced")
+        else:
+            laps.lap("pg_rewind")
     except ExecutorError as exc:
         logger.warning("no pg_rewind of %s (%s): taking a base backup", node, exc)
         executor.reset_data_dir(node)
@@ -181,11 +235,24 @@ def _rejoin(
             ["-D", data_dir, "-d", source, "-X", "stream", "-R", "--checkpoint=fast"],
             timeout_s=max(timeout_s, 600),
         )
-        how.append(f"base backup (pg_rewind failed: {str(exc)[-200:]})")
+        laps.lap(f"base backup (pg_rewind failed: {str(exc)[-200:]})")
     executor.restart(node)
     executor.set_role(node, "standby")
+    laps.lap("started")
     wait_for(streaming, timeout_s, f"{node} streaming from {leader.name}")
-    return ", ".join(how)
+    laps.lap("streaming")
+    return str(laps)
+
+
+_CHECKPOINTS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pg-checkpoint")
+
+
+def checkpoint_on(name: str, dsn: str) -> None:
+    try:
+        with connect(dsn) as conn:
+            conn.execute("CHECKPOINT")
+    except psycopg.Error as exc:
+        raise ActionError(f"CHECKPOINT on {name} failed: {exc}") from exc
 
 
 def views(nodes: Mapping[str, str], timeout_s: float = 2) -> list[NodeView]:

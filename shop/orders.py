@@ -165,7 +165,7 @@ class OrderCoordinator:
                 stop=stop_after_delay(
                     max(0.0, self.retry_deadline_s - (time.monotonic() - started))
                 ),
-                wait=wait_exponential(multiplier=0.05, max=0.25),  # a failover takes ~1 s
+                wait=wait_exponential(multiplier=0.05, max=0.1),  # a failover takes ~0.3 s
                 before_sleep=self._forget_if_lost,
                 reraise=True,
             )
