@@ -7,6 +7,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -196,16 +197,31 @@ class Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_an_opened_incident_is_notified_by_webhook_and_email(state_url: str) -> None:
-    mailbox: list[Any] = []
+@dataclass
+class Mailbox:
+    """A real SMTP server (aiosmtpd) on a free loopback port, and the messages it took."""
+
+    port: int
+    messages: list[Any]
+
+
+@pytest.fixture
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox(find_free_base_port(), [])
 
     class Inbox(Message):  # type: ignore[misc]
         def handle_message(self, message: Any) -> None:
-            mailbox.append(message)
+            box.messages.append(message)
 
-    smtp_port = find_free_base_port()
-    smtp = Controller(Inbox(), hostname="127.0.0.1", port=smtp_port)
+    smtp = Controller(Inbox(), hostname="127.0.0.1", port=box.port)
     smtp.start()
+    yield box
+    smtp.stop()
+
+
+def test_an_opened_incident_is_notified_by_webhook_and_email(
+    state_url: str, mailbox: Mailbox
+) -> None:
     hook = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     Hook.received.clear()
@@ -215,7 +231,7 @@ def test_an_opened_incident_is_notified_by_webhook_and_email(state_url: str) -> 
             "cp-notify",
             notify_webhook_url=f"http://127.0.0.1:{hook.server_port}/hook",
             smtp_host="127.0.0.1",
-            smtp_port=smtp_port,
+            smtp_port=mailbox.port,
             smtp_to="oncall@example.invalid",
             services=[{"name": "gone"}],
             probes=[
@@ -235,11 +251,13 @@ def test_an_opened_incident_is_notified_by_webhook_and_email(state_url: str) -> 
         cp.run_probe(cp.settings.probes[0])
         cp.loop.run_cycle()
         wait_until(
-            lambda: bool(Hook.received) and bool(mailbox), timeout_s=10, what="both notifications"
+            lambda: bool(Hook.received) and bool(mailbox.messages),
+            timeout_s=10,
+            what="both notifications",
         )
         assert Hook.received[0]["event"] == "open"
         assert Hook.received[0]["target"] == "gone"
-        subject = " ".join(str(mailbox[0]["Subject"]).split())  # unfold the header
+        subject = " ".join(str(mailbox.messages[0]["Subject"]).split())  # unfold the header
         assert subject.startswith("[open] gone-tcp")
         with store.transaction(cp.factory) as s:
             [incident] = store.open_incidents(s)
@@ -248,26 +266,16 @@ def test_an_opened_incident_is_notified_by_webhook_and_email(state_url: str) -> 
         cp.stop()
         hook.shutdown()
         hook.server_close()
-        smtp.stop()
 
 
 def test_a_summary_from_outside_with_a_newline_is_still_mailed_on_one_subject_line(
-    state_url: str,
+    state_url: str, mailbox: Mailbox
 ) -> None:
-    mailbox: list[Any] = []
-
-    class Inbox(Message):  # type: ignore[misc]
-        def handle_message(self, message: Any) -> None:
-            mailbox.append(message)
-
-    smtp_port = find_free_base_port()
-    smtp = Controller(Inbox(), hostname="127.0.0.1", port=smtp_port)
-    smtp.start()
     config = settings(
         state_url,
         "cp-notify",
         smtp_host="127.0.0.1",
-        smtp_port=smtp_port,
+        smtp_port=mailbox.port,
         smtp_to="oncall@example.invalid",
     )
     notifier = Notifier(config, Metrics())
@@ -275,13 +283,12 @@ def test_a_summary_from_outside_with_a_newline_is_still_mailed_on_one_subject_li
         hostile = "Forged\nBcc: attacker@example.invalid\n\ud800"
         [sent] = notifier.notify("open", hostile, {"summary": hostile})
         sent.result(timeout=10)
-        wait_until(lambda: bool(mailbox), timeout_s=10, what="the e-mail")
-        [mail] = mailbox
+        wait_until(lambda: bool(mailbox.messages), timeout_s=10, what="the e-mail")
+        [mail] = mailbox.messages
         assert mail["Bcc"] is None  # no header forged
         assert str(mail["Subject"]).startswith("[open] Forged\\nBcc: attacker")
     finally:
         notifier.shutdown()
-        smtp.stop()
 
 
 def test_bad_targets_fail_at_start_naming_the_key(tmp_path: Path) -> None:
