@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -33,13 +33,16 @@ bench-controlplane:
 	.venv/bin/python bench/controlplane.py --figures $(FIGURES)/controlplane.json
 
 bench-failover:
-	.venv/bin/python bench/failover.py --trials 12 --figures $(FIGURES)/failover.json
+	.venv/bin/python bench/failover.py --trials 12 --after-first-drill --figures $(FIGURES)/failover.json
 
 bench-hang:
 	.venv/bin/python bench/hang.py --figures $(FIGURES)/hang.json
 
 bench-restore:
 	.venv/bin/python bench/restore.py --trials 5 --figures $(FIGURES)/restore.json
+
+bench-scale:
+	.venv/bin/python bench/scale.py --sizes 10,100,1000 --runner asyncio,apscheduler --figures $(FIGURES)/scale.json
 
 bench-orders:
 	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3 --figures $(FIGURES)/orders.json

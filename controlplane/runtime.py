@@ -35,6 +35,7 @@ from controlplane.errors import ConfigError
 from controlplane.loop import Loop
 from controlplane.metrics import Metrics
 from controlplane.notify import Notifier
+from controlplane.probe_runner import FinishedRun, ProbeRunner, Recorder, run_once
 from controlplane.scheduler import LoopThread, make_scheduler
 from probes.base import Health, Probe, ProbeConfigError, ProbeResult
 from probes.registry import build_probe
@@ -173,36 +174,12 @@ class ControlPlane:
 
     # -- probing ------------------------------------------------------------------------------
     def run_probe(self, spec: ProbeSpec) -> ProbeResult:
-        """One scheduled probe run: look, record, and wake the loop if the health changed."""
-        try:
-            result = self.probes[spec.name].run()
-        except Exception as exc:  # the job's catch-all: a probe bug is recorded as DOWN
-            logger.exception("probe %s crashed", spec.name)
-            result = ProbeResult(Health.DOWN, f"probe crashed: {type(exc).__name__}: {exc}")
-        with store.transaction(self.factory) as s:
-            store.record_probe_run(
-                s,
-                probe=spec.name,
-                kind=spec.kind,
-                target=spec.service,
-                health=result.health,
-                latency_ms=result.latency_ms,
-                summary=result.summary,
-                details=dict(result.details),
-                at=self.clock(),
-            )
-        self.metrics.probe_seconds.labels(spec.name, result.health).observe(
-            result.latency_ms / 1000
-        )
-        if result.health is not Health.UNKNOWN:
-            # Could not look: the gauge keeps the last known answer, so that Prometheus does
-            # not alert (ShopDataInvariantsViolated) on a database that is failing over.
-            self.metrics.probe_up.labels(spec.name, spec.service).set(
-                1 if result.health is Health.UP else 0
-            )
-        if self.last_health.get(spec.name) is not result.health:
-            self.last_health[spec.name] = result.health
-            self.loop_thread.wake()
+        """One probe run, at once, in the calling thread: look, record, and wake the loop if
+        the health changed. (Scheduled runs go through `self.probe_runner`, which does the
+        same for many runs at a time.)"""
+        result = run_once(self.probes[spec.name])
+        recorder = Recorder(self.factory, self.metrics, self.loop_thread.wake, self.last_health)
+        recorder.record([FinishedRun(spec, result, self.clock())])
         return result
 
     def health_of(self, service: str) -> Check:
@@ -225,15 +202,15 @@ class ControlPlane:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> ControlPlane:
+        # Every probe on its interval, on the probe runner's event loop (it starts and stops
+        # with the scheduler, which keeps the other jobs).
+        recorder = Recorder(self.factory, self.metrics, self.loop_thread.wake, self.last_health)
+        self.probe_runner = ProbeRunner(
+            self.probes, recorder, clock=self.clock, lag_gauge=self.metrics.scheduler_lag
+        )
         for spec in self.settings.probes:
-            self.scheduler.add_job(
-                self.run_probe,
-                IntervalTrigger(seconds=spec.interval_s),
-                args=[spec],
-                id=f"probe:{spec.name}",
-                name=f"probe {spec.name}",
-                next_run_time=self.clock(),
-            )
+            self.probe_runner.add(spec)
+        self.probe_runner.follow(self.scheduler)
         self.scheduler.add_job(self.prune, IntervalTrigger(seconds=60), id="prune")
         if self.backups is not None:
             b = self.settings.backups
@@ -281,9 +258,10 @@ class ControlPlane:
 
     def probe_now(self, name: str) -> None:
         """Run probe `name` at once rather than at its next tick (an event such as a dropped
-        connection says its answer has changed). A run in flight is not doubled."""
+        connection says its answer has changed). Thread-safe. A run in flight is not doubled:
+        one more run follows right after it (its answer may predate the event)."""
         if self.started and name in self.probes:
-            self.scheduler.modify_job(f"probe:{name}", next_run_time=self.clock())
+            self.probe_runner.run_now(name)
 
     def stop(self) -> None:
         if self.started:

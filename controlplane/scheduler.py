@@ -1,13 +1,13 @@
-"""APScheduler 3.x wiring: one job per probe (its interval, never overlapping), pruning, and
-the loop thread, which a webhook or a changed probe result wakes at once."""
+"""APScheduler 3.x wiring: pruning, backups and drills, and the loop thread, which a webhook or
+a changed probe result wakes at once. The probes run on the probe runner
+(`controlplane.probe_runner`), which starts and stops with this scheduler."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
+from datetime import UTC
 
-from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from controlplane.loop import Loop
@@ -16,6 +16,7 @@ from controlplane.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 MIN_GAP_S = 0.05  # between two cycles, however often the loop is woken
+JOB_WORKERS = 4  # prune, backup, drill: each never beside itself
 
 
 class LoopThread:
@@ -56,16 +57,10 @@ class LoopThread:
 
 
 def make_scheduler(metrics: Metrics) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(
+    """A few long, rare jobs (prune, backup, drill): the probes' lag is the probe runner's
+    to report (`metrics.scheduler_lag`)."""
+    return BackgroundScheduler(
         timezone=UTC,
-        executors={"default": {"type": "threadpool", "max_workers": 16}},
+        executors={"default": {"type": "threadpool", "max_workers": JOB_WORKERS}},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
     )
-
-    def on_submit(event: JobSubmissionEvent) -> None:
-        if event.scheduled_run_times:
-            lag = datetime.now(UTC) - event.scheduled_run_times[-1]
-            metrics.scheduler_lag.set(max(0.0, lag.total_seconds()))
-
-    scheduler.add_listener(on_submit, EVENT_JOB_SUBMITTED)
-    return scheduler

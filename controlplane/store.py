@@ -27,6 +27,7 @@ from alembic.config import Config
 from sqlalchemy import (
     Engine,
     Row,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -216,15 +217,27 @@ def record_probe_run(
     )
 
 
+def record_probe_runs(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Many runs in one statement (the probe runner's batch): each row has the keyword
+    arguments of `record_probe_run`."""
+    if rows:
+        session.execute(insert(ProbeRun), [{**r, "details": dict(r["details"])} for r in rows])
+
+
 def recent_probe_runs(session: Session, probe: str, limit: int) -> list[ProbeRun]:
-    """Newest first."""
-    return list(
-        session.scalars(
-            select(ProbeRun)
-            .where(ProbeRun.probe == probe)
-            .order_by(ProbeRun.id.desc())
-            .limit(limit)
-        )
+    """Newest first. In the order of the (probe, at) index, so that reading a probe's last
+    few runs costs the same however long its history is; the statement is built once (the
+    loop reads every probe's runs each cycle: a thousand calls at a thousand targets)."""
+    return list(session.scalars(_recent_probe_runs(), {"probe": probe, "limit": limit}))
+
+
+@lru_cache(maxsize=1)
+def _recent_probe_runs() -> Any:
+    return (
+        select(ProbeRun)
+        .where(ProbeRun.probe == bindparam("probe"))
+        .order_by(ProbeRun.at.desc(), ProbeRun.id.desc())
+        .limit(bindparam("limit"))
     )
 
 
@@ -252,19 +265,25 @@ def last_good_before_incident(session: Session, incident_id: int | None) -> date
 
 
 def prune_probe_runs(session: Session, keep_per_probe: int) -> int:
-    """Bounded history: keep the newest `keep_per_probe` runs of each probe."""
+    """Bounded history: keep the newest `keep_per_probe` runs of each probe. Walks the
+    (probe, at) index: a probe's cut-off costs `keep_per_probe` index steps, not a sort of
+    its history."""
     removed = 0
     for probe in session.scalars(select(ProbeRun.probe).distinct()):
-        cutoff = session.scalar(
-            select(ProbeRun.id)
+        cutoff = session.execute(
+            select(ProbeRun.at, ProbeRun.id)
             .where(ProbeRun.probe == probe)
-            .order_by(ProbeRun.id.desc())
+            .order_by(ProbeRun.at.desc(), ProbeRun.id.desc())
             .offset(keep_per_probe)
             .limit(1)
-        )
+        ).first()
         if cutoff is not None:
+            at, run_id = cutoff
             result = session.execute(
-                delete(ProbeRun).where(ProbeRun.probe == probe, ProbeRun.id <= cutoff)
+                delete(ProbeRun).where(
+                    ProbeRun.probe == probe,
+                    (ProbeRun.at < at) | ((ProbeRun.at == at) & (ProbeRun.id <= run_id)),
+                )
             )
             removed += result.rowcount  # type: ignore[attr-defined]
     return removed

@@ -1,7 +1,9 @@
-"""TcpProbe: does the port accept a connection within the timeout."""
+"""TcpProbe: does the port accept a connection within the timeout (`check` in the calling
+thread, `check_async` on the running event loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from pydantic import Field
@@ -25,4 +27,22 @@ class TcpProbe(Probe):
                 pass
         except OSError as exc:
             return down(describe(exc), host=p.host, port=p.port)
+        return self._up(p)
+
+    async def check_async(self) -> ProbeResult:
+        p: TcpParams = self.params  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                transport, _ = await loop.create_connection(asyncio.Protocol, p.host, p.port)
+        except TimeoutError:
+            summary = f"TimeoutError: no connection within {self.timeout_s:g} s"
+            return down(summary, host=p.host, port=p.port)
+        except OSError as exc:
+            return down(describe(exc), host=p.host, port=p.port)
+        transport.close()
+        return self._up(p)
+
+    @staticmethod
+    def _up(p: TcpParams) -> ProbeResult:
         return ProbeResult(Health.UP, f"{p.host}:{p.port} accepts connections")
