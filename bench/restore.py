@@ -248,9 +248,9 @@ def main() -> None:
                 if with_cp:
                     seconds, timings = by_control_plane(stack, point)
                     writable.append(timings["writable_after_s"])
-                    # The proof, in a scratch instance, before anything is touched: once in
-                    # the precheck, once more at the start of execute (the loss must still be
-                    # the one accepted). The raw tools prove nothing.
+                    # The proof, in a scratch instance, before anything is touched: in the
+                    # precheck, then the loss counted again in it at the start of execute (it
+                    # must still be the one accepted). The raw tools prove nothing.
                     proofs.append(
                         timings["precheck_s"] + timings["execute #1_s"] - timings["total_s"]
                     )
@@ -278,7 +278,7 @@ def main() -> None:
     proof_s = statistics.median(proofs)
     same = statistics.median(c - p for c, p in zip(results["control plane"], proofs, strict=True))
     print(
-        f"of which the proofs in a scratch instance {proof_s:.2f}s; the restore itself "
+        f"of which the proof in a scratch instance {proof_s:.2f}s; the restore itself "
         f"{same:.2f}s: {same / raw_s:.2f}x the raw tools"
     )
     save(
@@ -292,9 +292,9 @@ def main() -> None:
                 "<= 1.2x",
                 same / raw_s <= 1.2,
             ),
-            Figure("restore", "with its two proofs / raw tools", cp_s / raw_s, "x", "", None),
+            Figure("restore", "with its proof / raw tools", cp_s / raw_s, "x", "", None),
             Figure("restore", "restore to a redundant cluster", cp_s, "s", "", None),
-            Figure("restore", "proofs in a scratch instance", proof_s, "s", "", None),
+            Figure("restore", "proof in a scratch instance", proof_s, "s", "", None),
             Figure("restore", "writable after", statistics.median(writable), "s", "", None),
         ],
     )
