@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -95,3 +96,27 @@ def connect_pg(dsn: str, timeout_s: float) -> psycopg.Connection[Any]:
         autocommit=True,
         options=f"-c statement_timeout={int(timeout_s * 1000)}",
     )
+
+
+T = TypeVar("T")
+
+
+async def opened(connect: Awaitable[T], close: Callable[[T], None]) -> T:
+    """`await connect` (a connection being opened), but if the caller is cancelled (its
+    timeout, or the runner stopping) in the moment after the connection opened and before the
+    caller got it, the connection is closed, not leaked: asyncio then delivers the cancellation
+    instead of the result, and nobody else holds the transport."""
+    task = asyncio.ensure_future(connect)
+    try:
+        return await task
+    except BaseException:
+        if task.done():
+            _close_opened(close, task)
+        else:
+            task.add_done_callback(lambda done: _close_opened(close, done))
+        raise
+
+
+def _close_opened(close: Callable[[T], None], task: asyncio.Future[T]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        close(task.result())

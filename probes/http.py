@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import requests
 from pydantic import Field
 
-from probes.base import Health, Params, Probe, ProbeResult, describe, down
+from probes.base import Health, Params, Probe, ProbeResult, describe, down, opened
 
 MAX_BODY_BYTES = 1 << 20  # a health page is small: read no more than this of a body
 MAX_HEADER_LINES = 100
@@ -91,8 +91,9 @@ async def get(url: str) -> tuple[int, str, float]:
     if ":" in host and not host.startswith("["):
         host_header = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
     started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=_tls() if tls else None, limit=MAX_BODY_BYTES
+    reader, writer = await opened(
+        asyncio.open_connection(host, port, ssl=_tls() if tls else None, limit=MAX_BODY_BYTES),
+        lambda streams: streams[1].close(),
     )
     try:
         writer.write(

@@ -8,7 +8,7 @@ import socket
 
 from pydantic import Field
 
-from probes.base import Health, Params, Probe, ProbeResult, describe, down
+from probes.base import Health, Params, Probe, ProbeResult, describe, down, opened
 
 
 class TcpParams(Params):
@@ -34,7 +34,10 @@ class TcpProbe(Probe):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout_s):
-                transport, _ = await loop.create_connection(asyncio.Protocol, p.host, p.port)
+                transport, _ = await opened(
+                    loop.create_connection(asyncio.Protocol, p.host, p.port),
+                    lambda made: made[0].close(),
+                )
         except TimeoutError:
             summary = f"TimeoutError: no connection within {self.timeout_s:g} s"
             return down(summary, host=p.host, port=p.port)

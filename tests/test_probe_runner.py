@@ -23,7 +23,7 @@ from controlplane import store
 from controlplane.config import Settings
 from controlplane.models import Incident, IncidentState, ProbeRun
 from controlplane.runtime import ControlPlane
-from probes.base import Health, Params, Probe, ProbeResult
+from probes.base import Health, Params, Probe, ProbeResult, opened
 from probes.http import HttpProbe
 from probes.registry import PROBES, build_probe
 from probes.tcp import TcpProbe
@@ -415,3 +415,22 @@ def test_the_asyncio_probes_report_a_refused_port_and_a_silent_one_as_down(
         assert isinstance(tcp, TcpProbe)
         result = asyncio.run(tcp.check_async())
         assert result.health is Health.DOWN and "ConnectionRefusedError" in result.summary
+
+
+def test_a_connection_that_opens_as_its_caller_is_cancelled_is_closed_not_leaked() -> None:
+    """The race behind an "unclosed transport" warning: the connection opens in the same moment
+    the probe's timeout cancels it, and asyncio delivers the cancellation, not the connection.
+    (The connection here is a fake object: the race itself cannot be timed with a real one.)"""
+    closed: list[str] = []
+
+    async def scenario() -> None:
+        connecting: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        caller = asyncio.ensure_future(opened(connecting, closed.append))
+        await asyncio.sleep(0)  # the caller now waits for the connection
+        connecting.set_result("fake connection")
+        caller.cancel()  # in the same moment: its timeout
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+
+    asyncio.run(scenario())
+    assert closed == ["fake connection"]
