@@ -166,6 +166,11 @@ class ControlPlane:
         self.engine.on_succeeded = self._after_run
         self.scheduler = make_scheduler(self.metrics)
         self.last_health: dict[str, Health] = {}
+        # Writes probe runs (the runner's batches and `run_probe`'s one), keeps the probe
+        # metrics, wakes the loop on a changed health.
+        self.recorder = Recorder(
+            self.factory, self.metrics, self.loop_thread.wake, self.last_health
+        )
         self.started = False
 
     def _after_run(self, action: str, data: Mapping[str, Any]) -> None:
@@ -178,8 +183,7 @@ class ControlPlane:
         the health changed. (Scheduled runs go through `self.probe_runner`, which does the
         same for many runs at a time.)"""
         result = run_once(self.probes[spec.name])
-        recorder = Recorder(self.factory, self.metrics, self.loop_thread.wake, self.last_health)
-        recorder.record([FinishedRun(spec, result, self.clock())])
+        self.recorder.record([FinishedRun(spec, result, self.clock())])
         return result
 
     def health_of(self, service: str) -> Check:
@@ -204,9 +208,8 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         # Every probe on its interval, on the probe runner's event loop (it starts and stops
         # with the scheduler, which keeps the other jobs).
-        recorder = Recorder(self.factory, self.metrics, self.loop_thread.wake, self.last_health)
         self.probe_runner = ProbeRunner(
-            self.probes, recorder, clock=self.clock, lag_gauge=self.metrics.scheduler_lag
+            self.probes, self.recorder, clock=self.clock, lag_gauge=self.metrics.scheduler_lag
         )
         for spec in self.settings.probes:
             self.probe_runner.add(spec)
