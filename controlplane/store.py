@@ -148,12 +148,11 @@ def transaction(
     writes never hold it up for long (SQLite's busy handler sleeps in growing steps, up to
     100 ms, so a waiter among many short writers may wait much longer than any one holds it).
     On PostgreSQL, there is no such lock: `lock_wait_s` changes nothing."""
-    if lock_wait_s is None:
-        with factory() as session, session.begin():
-            yield session
-        return
-    bind = factory.kw["bind"].execution_options(**{LOCK_WAIT_MS: round(lock_wait_s * 1000)})
-    with factory(bind=bind) as session, session.begin():
+    waits: dict[str, Any] = {}  # the factory's own bind, unless this one waits less
+    if lock_wait_s is not None:
+        options = {LOCK_WAIT_MS: round(lock_wait_s * 1000)}
+        waits["bind"] = factory.kw["bind"].execution_options(**options)
+    with factory(**waits) as session, session.begin():
         yield session
 
 
