@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +89,13 @@ def watcher_sessions(stack: Stack, node: str, probe: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
+def succeeded_failovers_since(api: Api, before: set[int]) -> list[dict[str, Any]]:
+    """The failover runs that succeeded, of those not in `before` (ids seen before a fault)."""
+    return [
+        r for r in runs_of(api, "failover") if r["id"] not in before and r["state"] == "succeeded"
+    ]
+
+
 def watched_by_both(stack: Stack, plane: ControlPlane) -> str:
     """The leader, once the first run of the test's probe is in and both control planes'
     watchers hold a session on it."""
@@ -152,11 +160,7 @@ def test_a_primary_hung_past_its_grace_is_failed_over_but_not_before_its_grace(
     assert record.target == lead
     new = wait_redundant(events)
     assert new != lead
-    failover = [
-        r
-        for r in runs_of(events_api, "failover")
-        if r["id"] not in before and r["state"] == "succeeded"
-    ]
+    failover = succeeded_failovers_since(events_api, before)
     assert len(failover) == 1
     # The grace counts from the leader's last answer, at most one probe interval before the
     # hang began.
@@ -188,11 +192,7 @@ def test_the_old_primary_is_streaming_as_synchronous_standby_again_after_a_failo
     assert (role, timeline) == ("standby", node_state(events, int(new.removeprefix("pg")))[1])
     assert view(events).is_redundant()
     # The failover handed over: it rejoined the old primary and restored synchronous commits.
-    [failover] = [
-        r
-        for r in runs_of(events_api, "failover")
-        if r["id"] not in before and r["state"] == "succeeded"
-    ]
+    [failover] = succeeded_failovers_since(events_api, before)
     outputs = [
         e["message"]
         for e in events_api.get(f"/actions/{failover['id']}")["audit"]
