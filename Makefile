@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -23,7 +23,7 @@ FIGURES ?= bench/out
 bench:
 	@SETUP_BENCH=1 scripts/setup
 	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
-	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale
+	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard
 	.venv/bin/python -m lab.bench_goals $(FIGURES)
 
 bench-flood:
@@ -46,6 +46,9 @@ bench-scale:
 
 bench-orders:
 	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3 --figures $(FIGURES)/orders.json
+
+bench-dashboard:
+	.venv/bin/python bench/dashboard.py --clients 50 --figures $(FIGURES)/dashboard.json
 
 bench-catalog:
 	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3 --figures $(FIGURES)/catalog.json

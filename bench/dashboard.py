@@ -4,6 +4,7 @@ plane probes as usual. p50/p99 per endpoint (goal p99 < 100 ms), and probe runs/
 same window without the clients.
 
     .venv/bin/python bench/dashboard.py [--clients 50] [--duration-s 30] [--every-s 1]
+        [--figures PATH]   # the headline figures for `python -m lab.bench_goals`
 
 `--every-s 0` sends each client's next request as soon as the last is answered (a stress test:
 the latency is then the queue); the default is one request a second per client, as an
@@ -27,6 +28,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flood import Cp, rate
+from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
@@ -53,12 +55,46 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--every-s", type=float, default=1.0)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
+    )
+    return parser
+
+
+def headline(
+    took: dict[str, list[float]],
+    errors: dict[str, int],
+    loaded: float,
+    quiet: float,
+    clients: int,
+) -> list[Figure]:
+    """Each endpoint's p99 against the goal (< 100 ms), its p50 for context, the errors, and
+    probing's rate with the clients beside it without them."""
+    figures = []
+    for name, values in took.items():
+        p99_ms = percentile(values, 0.99) * 1000
+        figures += [
+            Figure("dashboard", f"{name} p99, {clients} clients", p99_ms, "ms", "< 100 ms",
+                   bool(values) and p99_ms < 100),
+            Figure("dashboard", f"{name} p50, {clients} clients",
+                   statistics.median(values) * 1000 if values else float("nan"), "ms", "", None),
+        ]  # fmt: skip
+    failed = sum(errors.values())
+    figures.append(Figure("dashboard", f"errors, {clients} clients", failed, "", "0", failed == 0))
+    ratio = loaded / quiet if quiet else float("nan")
+    figures.append(
+        Figure("dashboard", "probe runs/s, clients / quiet", ratio, "x", ">= 0.9x", ratio >= 0.9)
+    )
+    return figures
+
+
+def main() -> None:
+    args = arguments().parse_args()
     data_dir = lab_tmpdir("shop-bench-dashboard-")
     stack = Stack(StackLayout(data_dir, find_free_base_port(), shop_count=2), products=50)
     try:
@@ -135,6 +171,7 @@ def main() -> None:
         p50_ms, p99_ms = statistics.median(values) * 1000, percentile(values, 0.99) * 1000
         print(f"| {name} | {len(values)} | {errors[name]} | {p50_ms:.1f} ms | {p99_ms:.1f} ms |")
     print(f"probe runs/s: {loaded:.2f} with the clients, {quiet:.2f} without")
+    save(args.figures, headline(took, errors, loaded, quiet, args.clients))
 
 
 if __name__ == "__main__":

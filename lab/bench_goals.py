@@ -17,7 +17,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # The benchmarks `make bench` runs, in its order: a missing file is a benchmark that failed.
-BENCHES = ("orders", "catalog", "controlplane", "failover", "hang", "restore", "flood", "scale")
+BENCHES = (
+    "orders",
+    "catalog",
+    "controlplane",
+    "failover",
+    "hang",
+    "restore",
+    "flood",
+    "scale",
+    "dashboard",
+)
 
 
 @dataclass(frozen=True, slots=True)
