@@ -100,6 +100,40 @@ def test_every_page_answers_each_role(app: Flask, who: str, path: str) -> None:
     assert logged_in(app, who).get(path).status_code == 200
 
 
+@pytest.mark.parametrize("who", ["vera", "otto", "admin"])
+def test_every_detail_page_and_view_answers_each_role(
+    app: Flask, cp: ControlPlane, who: str
+) -> None:
+    run_id = awaiting_run(cp)
+    [incident] = services.list_incidents(cp, "open", 5)
+    client = logged_in(app, who, "admin-password" if who == "admin" else PASSWORD)
+    for path in [*PAGES, f"/dashboard/incidents/{incident['id']}", f"/dashboard/actions/{run_id}",
+                 "/dashboard/api/charts.json?range=1h", "/dashboard/charts?range=24h"]:  # fmt: skip
+        assert client.get(path).status_code == 200, path
+    assert client.get("/dashboard/admin").status_code == (200 if who == "admin" else 403)
+
+
+MUTATIONS = ["/dashboard/actions/1/approve", "/dashboard/actions/1/reject",
+             "/dashboard/actions/preview", "/dashboard/actions/request", "/dashboard/backups/start",
+             "/dashboard/silences", "/dashboard/silences/1/expire", "/dashboard/admin/users",
+             "/dashboard/admin/tokens", "/dashboard/admin/tokens/revoke"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", MUTATIONS)
+def test_a_stranger_with_a_csrf_token_changes_nothing(
+    app: Flask, cp: ControlPlane, path: str
+) -> None:
+    run_id = awaiting_run(cp)
+    stranger = app.test_client()
+    form = {"csrf_token": csrf_of(stranger), "action": "restart", "target": "svc", "reason": "x",
+            "confirm": "svc", "matchers": "a=b", "duration_min": "5", "comment": "x",
+            "name": "eve", "role": "admin", "password": "x" * 12}  # fmt: skip
+    response = stranger.post(path, data=form)
+    assert response.status_code == 302 and "/login" in response.location
+    assert run_of(cp, run_id).state == ActionState.AWAITING_APPROVAL
+    assert services.views.silences(cp) == [] and accounts.load_user(cp.factory, "eve") is None
+
+
 def test_the_lab_admin_logs_in_and_sees_the_admin_page(app: Flask) -> None:
     admin = logged_in(app, "admin", "admin-password")
     assert admin.get("/dashboard/admin").status_code == 200
@@ -240,6 +274,22 @@ def test_a_restore_preview_names_no_backup_when_none_is_configured(app: Flask) -
     assert page.status_code == 200 and "no backups are configured" in page.text
 
 
+def test_a_restore_asks_for_the_time_to_restore_to_before_anything(
+    app: Flask, cp: ControlPlane
+) -> None:
+    otto = logged_in(app, "otto")
+    form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "restore", "target": "svc",
+            "reason": "damage", "confirm": "svc"}  # fmt: skip
+    for path in ("/dashboard/actions/preview", "/dashboard/actions/request"):
+        response = otto.post(path, data=form)
+        assert response.status_code == 400 and "time to restore to" in response.text, path
+    with store.read(cp.factory) as s:
+        assert store.list_runs(s, incident_id=None, limit=5) == []
+    # A time typed without a zone is UTC, for the preview and for the run alike.
+    page = otto.post("/dashboard/actions/preview", data={**form, "to": "2024-05-01T12:00:00"})
+    assert page.status_code == 200 and "2024-05-01T12:00:00+00:00" in page.text
+
+
 def test_silences_are_created_and_expired_from_the_page(app: Flask, cp: ControlPlane) -> None:
     otto = logged_in(app, "otto")
     token = csrf_of(otto, "/dashboard/")
@@ -339,6 +389,40 @@ def test_an_incident_page_shows_its_timeline_and_times(app: Flask, cp: ControlPl
     assert logged_in(app, "vera").get("/dashboard/incidents/999").status_code == 404
 
 
+def test_an_incident_timeline_starts_with_its_detection(app: Flask, cp: ControlPlane) -> None:
+    awaiting_run(cp)
+    [incident] = services.list_incidents(cp, "open", 5)
+    page = logged_in(app, "vera").get(f"/dashboard/incidents/{incident['id']}").text
+    first = re.search(r'<ul class="timeline"[^>]*>\s*<li id="([^"]+)">(.*?)</li>', page, re.S)
+    assert first and first.group(1) == "detected"
+    assert f'datetime="{incident["detected_at"]}"' in first.group(2)
+    assert "first failed probe: svc-tcp on svc" in first.group(2)
+    assert "<b>—</b>" in page and "— s" not in page  # no action started yet: no unit
+
+
+def test_the_charts_page_has_a_place_for_every_figure_it_is_sent(app: Flask) -> None:
+    vera = logged_in(app, "vera")
+    page = vera.get("/dashboard/charts").text
+    places = set(re.findall(r'class="chart" id="chart-([a-z_]+)"', page))
+    figures = vera.get("/dashboard/api/charts.json?range=15m").json
+    assert "replication_lag" in figures  # type: ignore[operator]
+    assert places == set(figures)  # type: ignore[arg-type]
+
+
+def test_every_plot_is_drawn_without_plotlys_share_to_cloud_button() -> None:
+    # Plotly.js 4 shows "Share chart..." by default: it uploads the figure to cloud.plotly.com.
+    static = Path(__file__).parent.parent / "web" / "static"
+    assert re.search(
+        r"SG\.plotlyConfig = \{[^}]*showSendToCloud: false", (static / "app.js").read_text()
+    )
+    calls = [
+        (js.name, call)
+        for js in static.glob("*.js")
+        for call in re.findall(r"Plotly\.(?:newPlot|react)\(([^;]*)\);", js.read_text())
+    ]
+    assert calls and all(call.endswith(", SG.plotlyConfig") for _, call in calls), calls
+
+
 def test_plotly_is_served_by_the_app(app: Flask) -> None:
     response = app.test_client().get("/dashboard/static/plotly.min.js")
     assert response.status_code == 200 and b"plotly" in response.data[:2000].lower()
@@ -355,6 +439,7 @@ def test_a_chart_draws_lines_incident_spans_and_run_markers() -> None:
     assert [t.name for t in fig.data] == ["ok", "actions"]
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].type == "rect"
     assert fig.data[1].marker.symbol == "triangle-up"
+    assert fig.layout.legend.y <= -0.2  # clear of the date under the time axis
 
 
 def test_every_panel_becomes_a_figure_even_without_data() -> None:
@@ -456,3 +541,39 @@ def test_the_lag_chart_draws_a_line_per_standby_with_gaps_when_absent() -> None:
     assert [t.name for t in fig.data] == ["pg-b", "pg-c"]
     assert fig.layout.yaxis.tickformat == ".3s"
     assert lag_lines([]) == []
+
+
+def test_the_dashboard_bench_takes_makes_options_and_writes_figures_bench_goals_reads(
+    tmp_path: Path,
+) -> None:
+    from bench.dashboard import arguments, headline
+    from lab.bench_goals import load, save, table
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    line = re.search(r"bench/dashboard\.py (.*)", makefile)
+    assert line, "make bench-dashboard runs bench/dashboard.py"
+    args = arguments().parse_args(line.group(1).replace("$(FIGURES)", str(tmp_path)).split())
+    took = {"overview": [0.01, 0.02, 0.3], "health API": [0.005, 0.006]}
+    save(args.figures, headline(took, {"overview": 0, "health API": 1}, 7.0, 7.1, args.clients))
+    figures, missing = load(tmp_path)
+    assert "dashboard" not in missing
+    met = {f.what: f.met for f in figures}
+    assert met["overview p99, 50 clients"] is False and met["health API p99, 50 clients"] is True
+    assert met["errors, 50 clients"] is False and met["probe runs/s, clients / quiet"] is True
+    assert "| dashboard | overview p99, 50 clients | 300 ms | < 100 ms | **no** |" in table(
+        figures, []
+    )
+
+
+def test_an_unexpected_error_is_an_html_page_on_the_dashboard_and_json_on_the_api(
+    app: Flask,
+) -> None:
+    def boom() -> str:
+        raise RuntimeError("a bug")
+
+    app.add_url_rule("/dashboard/boom", "boom", boom)
+    app.add_url_rule("/api/v1/boom", "api_boom", boom)
+    page = app.test_client().get("/dashboard/boom")
+    assert page.status_code == 500 and page.mimetype == "text/html" and "a bug" not in page.text
+    api = app.test_client().get("/api/v1/boom")
+    assert api.status_code == 500 and api.json == {"error": "internal error"}

@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's Chromium through Playwright) against a running lab
 stack whose shop restarts wait for approval: a killed shop turns red, its restart is approved
-and it turns green again without a reload; another's is rejected; every chart has data."""
+and it turns green again without a reload; another's is rejected; every chart has data, in the
+browser's time zone; deleted orders come back by an approved restore."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from lab import chaos
+from lab.observe import StackView
 from lab.stack import Stack
 from lab.verdict import Objectives
 from tests.conftest import stack_of_its_own
@@ -41,7 +44,8 @@ def page(lab: Stack) -> Iterator[Any]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        tab = browser.new_page(viewport={"width": 1440, "height": 1000})
+        # A context of its own: a second tab of the same session approves while this one watches.
+        tab = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
         tab.set_default_timeout(60_000)
         tab.goto(f"{cp_url(lab)}/dashboard/")
         tab.fill("input[name=username]", "admin")
@@ -69,19 +73,32 @@ def test_a_killed_shop_turns_red_its_approved_restart_turns_it_green(lab: Stack,
     service_row(page, "shop-1", "up")
     page.screenshot(path=str(ARTIFACTS / "overview-before.png"), full_page=True)
     reloads: list[str] = []
-    page.on("framenavigated", lambda frame: reloads.append(frame.url))
+
+    def navigated(frame: Any) -> None:
+        reloads.append(frame.url)
+
+    page.on("framenavigated", navigated)
     kill(lab, "shop-1")
     service_row(page, "shop-1", "down")
+    # From the state change (the failed probe's time, in the page) to the page: at most 2 s.
+    shown_after_s = page.eval_on_selector(
+        'tr[data-service="shop-1"] td:nth-child(3) time',
+        "t => (Date.now() - new Date(t.getAttribute('datetime')).getTime()) / 1000",
+    )
+    assert shown_after_s <= 2.0
     page.screenshot(path=str(ARTIFACTS / "overview-shop-down.png"), full_page=True)
     page.wait_for_selector("#awaiting li[data-run]")
     assert page.inner_text("#badge") != "0"
-    assert reloads == []  # it went red live, by polling
-    page.click("#awaiting li[data-run] a")
-    page.click("#approve")
-    page.wait_for_selector("#run-state")
-    page.goto(f"{cp_url(lab)}/dashboard/")
+    # Approved in a second tab; the first one, never reloaded, turns green by itself.
+    review = page.context.new_page()
+    review.goto(cp_url(lab) + page.get_attribute("#awaiting li[data-run] a", "href"))
+    review.click("#approve")
+    review.wait_for_selector("#run-state")
+    review.close()
     service_row(page, "shop-1", "up")
     page.wait_for_selector("#awaiting li.empty")
+    page.remove_listener("framenavigated", navigated)
+    assert reloads == []  # red, then green, live: by polling
     page.screenshot(path=str(ARTIFACTS / "overview-healed.png"), full_page=True)
 
 
@@ -122,7 +139,61 @@ def test_every_chart_renders_with_data(lab: Stack, page: Any) -> None:
         page.wait_for_timeout(3000)
     page.screenshot(path=str(ARTIFACTS / "charts.png"), full_page=True)
     assert not empty, f"charts without data: {empty}"
-    assert page.locator(".chart .main-svg").count() >= 7
+    assert page.locator(".chart:has(.main-svg)").count() == 8  # the replication lag's too
+    assert page.locator('.modebar-btn[data-title="Share chart..."]').count() == 0
+
+
+def test_the_charts_read_in_the_browsers_time_zone(lab: Stack, page: Any) -> None:
+    context = page.context.browser.new_context(timezone_id="Asia/Kolkata")  # UTC+05:30
+    context.add_cookies(page.context.cookies())
+    tab = context.new_page()
+    tab.goto(f"{cp_url(lab)}/dashboard/charts?range=15m")
+    tab.wait_for_selector("#chart-orders .main-svg")
+    # Plotly draws the wall clock written in the date: the end of the range must be the
+    # browser's own wall clock, not UTC's (5 h 30 min behind it).
+    behind_s = tab.evaluate(
+        """() => {
+          const end = document.getElementById("chart-orders").layout.xaxis.range[1];
+          return (Date.now() - new Date(String(end).slice(0, 19)).getTime()) / 1000;
+        }"""
+    )
+    context.close()
+    assert 0 <= behind_s < 60, behind_s
+
+
+def test_the_overview_shows_each_standbys_lag(lab: Stack, page: Any) -> None:
+    real = requests.Session()
+    real.cookies.update({c["name"]: c["value"] for c in page.context.cookies()})
+    data = real.get(f"{cp_url(lab)}/dashboard/api/overview.json", timeout=10).json()
+    for node in data["database"]:
+        node.setdefault("lag_bytes", 24576 if node["role"] == "Sync Standby" else None)
+    page.route("**/dashboard/api/overview.json", lambda route: route.fulfill(json=data))
+    page.goto(f"{cp_url(lab)}/dashboard/")
+    page.wait_for_selector("#database tr")
+    rows = page.inner_text("#database")
+    page.unroute("**/dashboard/api/overview.json")
+    assert "streaming · lag 24.0 KiB" in rows
+
+
+def test_an_operator_approves_a_waiting_restore_and_the_orders_come_back(
+    lab: Stack, page: Any
+) -> None:
+    deleted = chaos.inject("delete-orders", lab.layout.data_dir).details["deleted_ids"]
+    assert deleted
+    page.goto(f"{cp_url(lab)}/dashboard/")
+    waiting = '#awaiting li[data-run]:has-text("restore")'
+    page.wait_for_selector(waiting, timeout=90_000)
+    page.click(f"{waiting} a")
+    page.screenshot(path=str(ARTIFACTS / "restore-awaiting.png"), full_page=True)
+    page.click("#approve")
+    deadline = time.monotonic() + 180
+    while page.inner_text("#run-state") not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, page.inner_text("#run-state")
+        page.wait_for_timeout(1000)
+        page.reload()
+    page.screenshot(path=str(ARTIFACTS / "restore-done.png"), full_page=True)
+    assert page.inner_text("#run-state") == "succeeded"
+    assert StackView.of(lab.layout.data_dir).orders_present(deleted) == dict.fromkeys(deleted, 1)
 
 
 def test_a_game_days_report_is_listed_and_drawn_one_chart_per_trial(lab: Stack, page: Any) -> None:

@@ -58,8 +58,10 @@ def create_app(
         return jsonify(error=message), code
 
     @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> tuple[Response, int]:
+    def unexpected(exc: Exception) -> tuple[Response | str, int]:
         logger.exception("unhandled error")
+        if is_page():
+            return render_template("error.html", code=500, message="internal error"), 500
         return jsonify(error="internal error"), 500
 
     return app

@@ -93,7 +93,8 @@ def line_chart(
     fig.update_layout(
         title={"text": plain(title), "font": {"size": 14}},
         margin={"l": 50, "r": 10, "t": 40, "b": 30},
-        legend={"orientation": "h", "y": -0.12},
+        # Below the axis's second line of tick labels (the date): -0.12 wrote over it.
+        legend={"orientation": "h", "y": -0.2, "yanchor": "top"},
         hovermode="x unified",
         uirevision=title,  # zoom survives each refresh (Plotly.react)
         paper_bgcolor="rgba(0,0,0,0)",

@@ -89,8 +89,14 @@ def charts() -> str:
         page="charts",
         chosen=chosen,
         ranges=list(services.timeseries.RANGES_S),
-        panels=services.timeseries.PANELS,
+        panels=chart_names(),
     )
+
+
+def chart_names() -> list[str]:
+    """Every figure charts.json draws: the Prometheus panels, then the replication lag (from
+    the state store, beside them in `timeseries.series`)."""
+    return [*services.timeseries.PANELS, "replication_lag"]
 
 
 @dashboard.get("/api/charts.json")
@@ -189,9 +195,8 @@ def reject(run_id: int) -> BaseResponse:
 
 def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
     params: dict[str, Any] = {}
-    to = field("to", 100)
-    if to:
-        params["to"] = to
+    if field("action", 100) == "restore":
+        params["to"] = restore_point(field("to", 100)).isoformat()
     if field("full") == "yes":
         params["full"] = True
     loss = field("accept_loss", 20)
@@ -222,6 +227,19 @@ def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
     return body, params
 
 
+def restore_point(typed: str) -> datetime:
+    """A restore from the dashboard names its point, typed by the operator, so that the
+    confirmation can show the backup it starts from and the orders it would discard. A time
+    without a zone is UTC (the preview and the run must read it alike)."""
+    if not typed:
+        raise InvalidRequest("a restore needs the time to restore to: type it")
+    try:
+        to = datetime.fromisoformat(typed)
+    except ValueError:
+        raise InvalidRequest("to must be a time such as 2024-05-01T12:00:00+00:00") from None
+    return to if to.tzinfo else to.replace(tzinfo=UTC)
+
+
 @dashboard.post("/actions/preview")
 def preview() -> str:
     """The confirmation: the precheck's verdict and what the run would do, before it runs."""
@@ -230,12 +248,8 @@ def preview() -> str:
     body, params = request_form()
     verdict = services.views.preview_request(cp, body.action, body.target, params)
     restore = None
-    if body.action == "restore" and params.get("to"):
-        try:
-            to = datetime.fromisoformat(str(params["to"]))
-        except ValueError:
-            raise InvalidRequest("to must be a time such as 2024-05-01T12:00:00+00:00") from None
-        restore = services.views.restore_preview(cp, to if to.tzinfo else to.replace(tzinfo=UTC))
+    if body.action == "restore":
+        restore = services.views.restore_preview(cp, datetime.fromisoformat(params["to"]))
     return render_template(
         "preview.html", page="actions", body=body, params=params, verdict=verdict, restore=restore
     )

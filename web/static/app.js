@@ -11,7 +11,11 @@ SG.ago = (iso) => {
   return SG.span(s) + " ago";
 };
 SG.span = (s) => s < 60 ? s + " s" : s < 3600 ? Math.floor(s / 60) + " min" : s < 86400 ? Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min" : Math.floor(s / 86400) + " d";
+SG.bytes = (n) => n < 1024 ? n + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB" : (n / 1048576).toFixed(1) + " MiB";
 SG.local = (iso) => iso ? new Date(iso).toLocaleString() : "";
+// Plotly's options on every page. Plotly.js 4 adds a "Share chart..." button that uploads the
+// figure to cloud.plotly.com: an operator's data stays here, and the page works offline.
+SG.plotlyConfig = {displaylogo: false, responsive: true, showSendToCloud: false, plotlyServerURL: ""};
 SG.time = (iso) => `<time datetime="${SG.esc(iso || "")}" title="${SG.esc(SG.local(iso))}">${SG.esc(SG.ago(iso))}</time>`;
 SG.tick = () => {
   document.querySelectorAll("time[datetime]").forEach((t) => {

@@ -7,7 +7,7 @@
     const el = document.getElementById(id);
     if (!el) continue;
     if (dark) { figure.layout.font = {color: "#e6e8ec"}; figure.layout.template = undefined; }
-    Plotly.newPlot(el, figure.data, figure.layout, {displaylogo: false, responsive: true});
+    Plotly.newPlot(el, figure.data, figure.layout, SG.plotlyConfig);
     el.dataset.points = figure.data.filter((t) => t.name !== "actions").reduce((n, t) => n + (t.y || []).length, 0);
   }
 })();

@@ -20,7 +20,7 @@
     set("incidents", d.incidents.map((i) => `<li><a href="/dashboard/incidents/${i.id}">#${i.id} ${SG.esc(i.kind)}</a> on <b>${SG.esc(i.target)}</b> · detected ${SG.time(i.detected_at)}${i.flapping ? " · flapping" : ""}<br><span class="muted">${SG.esc(i.summary)}</span></li>`).join("") || empty("none"));
     set("run-count", `(${d.runs.length})`);
     set("runs", d.runs.map((r) => `<li><a href="/dashboard/actions/${r.id}">${SG.esc(r.action)} on ${SG.esc(r.target)}</a> ${pill(r.state)} · ${SG.time(r.started_at || r.created_at)} · by ${SG.esc(r.requested_by)}</li>`).join("") || empty("none"));
-    set("database", d.database.map((n) => `<tr><td>${SG.esc(n.node)}</td><td><span class="role-badge ${SG.esc(n.role.split(" ")[0])}">${SG.esc(n.role)}</span></td><td>${SG.esc(n.state)}</td><td>${SG.esc(n.receiving || "")}</td><td>${SG.esc(n.timeline ?? "")}</td><td>${pill(n.health)}</td></tr>`).join("") || `<tr><td colspan="6" class="muted">no data</td></tr>`);
+    set("database", d.database.map((n) => `<tr><td>${SG.esc(n.node)}</td><td><span class="role-badge ${SG.esc(n.role.split(" ")[0])}">${SG.esc(n.role)}</span></td><td>${SG.esc(n.state)}</td><td>${SG.esc(n.receiving || "")}${n.lag_bytes != null ? ` · lag ${SG.esc(SG.bytes(n.lag_bytes))}` : ""}</td><td>${SG.esc(n.timeline ?? "")}</td><td>${pill(n.health)}</td></tr>`).join("") || `<tr><td colspan="6" class="muted">no data</td></tr>`);
     const leaders = d.database.filter((n) => n.role === "Leader").length;
     const syncs = d.database.filter((n) => n.sync).length;
     set("db-banner", d.database.length && leaders !== 1 ? `<p class="error">${leaders} leaders: ${leaders ? "split brain?" : "no writable primary"}</p>`
