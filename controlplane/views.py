@@ -78,6 +78,7 @@ def _database_rows(probes: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]
                 "state": node.get("state"),
                 "receiving": node.get("receiving"),
                 "timeline": node.get("timeline"),
+                "lag_bytes": (details.get("lag_bytes") or {}).get(name),
                 "sync": name in sync,
                 "health": ("up" if role in ("Leader", "Sync Standby") else "degraded")
                 if up
@@ -153,36 +154,29 @@ def overview(cp: ControlPlane) -> dict[str, Any]:
     prom_health = (
         "unknown" if not prom else ("down" if all(p["health"] == "unknown" for p in prom) else "up")
     )
-    services.append(
-        {
-            "name": "prometheus",
-            "health": prom_health,
-            "since": max((p["since"] for p in prom if p["since"]), default=None),
-            "probes": [
-                {"name": "queries", "health": prom_health,
-                 "summary": "; ".join(p["summary"] for p in prom)[:300], "latency_ms": None,
-                 "at": max(p["at"] for p in prom), "since": None}
-            ] if prom else [],
-            "incidents": [],
-        }
-    )  # fmt: skip
-    services.append(
-        {
-            "name": "alertmanager",
-            "health": "unknown",  # the control plane does not probe it: it hears from it
-            "since": iso(last_alert),
-            "probes": [
-                {
-                    "name": "webhook",
-                    "health": "unknown",
-                    "summary": "last webhook delivery" if last_alert else "no webhook yet",
-                    "latency_ms": None,
-                    "at": iso(last_alert),
-                    "since": None,
-                }
-            ],
-            "incidents": [],
-        }
+    # What the control plane knows of Prometheus and Alertmanager beyond their own probes: its
+    # queries answering, and the last webhook delivery. A row of their own, or beside their
+    # service's probes when the targets name one (never the same service twice).
+    prom_since = max((p["since"] for p in prom if p["since"]), default=None)
+    _beside(services, "prometheus", prom_health, prom_since,
+            [{"name": "queries", "health": prom_health,
+              "summary": "; ".join(p["summary"] for p in prom)[:300], "latency_ms": None,
+              "at": max(p["at"] for p in prom), "since": None}] if prom else [])  # fmt: skip
+    _beside(
+        services,
+        "alertmanager",
+        "unknown",  # the control plane does not probe it: it hears from it
+        iso(last_alert),
+        [
+            {
+                "name": "webhook",
+                "health": "unknown",
+                "summary": "last webhook delivery" if last_alert else "no webhook yet",
+                "latency_ms": None,
+                "at": iso(last_alert),
+                "since": None,
+            }
+        ],
     )
     last_cycle = cp.loop.last_cycle_at
     loop_ok = last_cycle is not None and now - last_cycle < timedelta(
@@ -199,6 +193,26 @@ def overview(cp: ControlPlane) -> dict[str, Any]:
         "runs": [r for r in runs if r["state"] != ActionState.AWAITING_APPROVAL],
         "awaiting": [r for r in runs if r["state"] == ActionState.AWAITING_APPROVAL],
     }
+
+
+def _beside(
+    services: list[dict[str, Any]],
+    name: str,
+    health: str,
+    since: str | None,
+    rows: list[dict[str, Any]],
+) -> None:
+    """Add what the control plane hears of `name` to its service's row, or as a row of its
+    own when no service is called that. An unknown health never hides a known one."""
+    row = next((x for x in services if x["name"] == name), None)
+    if row is None:
+        services.append(
+            {"name": name, "health": health, "since": since, "probes": rows, "incidents": []}
+        )
+        return
+    row["probes"] = [*row["probes"], *rows]
+    if row["health"] == "unknown":
+        row["health"], row["since"] = health, since
 
 
 def _seconds(a: datetime | None, b: datetime | None) -> float | None:
@@ -244,8 +258,7 @@ def incident_story(cp: ControlPlane, incident_id: int, base: dict[str, Any]) -> 
 
 
 def describe_action(kind: str) -> str:
-    doc = action_class(kind).__doc__ or kind
-    return " ".join(doc.split())
+    return action_class(kind).summary()
 
 
 def preview_request(
@@ -263,15 +276,17 @@ def preview_request(
     service = cp.settings.service(target)
     check(service is not None, f"target {target!r} is a known service")
     if not known or service is None:
-        return {"ok": False, "checks": checks, "steps": "", "policy": None}
+        return {"ok": False, "checks": checks, "steps": [], "policy": None}
     policy = cp.settings.policy_for_request(action, target)
     if policy is None:  # the request itself is refused (services.request_action): say so first
         check(False, f"no policy lets {action} act on {target}")
-        return {"ok": False, "checks": checks, "steps": "", "policy": None}
+        return {"ok": False, "checks": checks, "steps": [], "policy": None}
     check(True, f"runs with the params and limits of policy {policy.name}")
+    steps: list[str] = []
     try:
         supplied = operator_params(action_class(action), params, policy.params)
         check(True, f"operator params accepted: {supplied or 'none'}")
+        steps = action_class(action).plan(target, {**policy.params, **supplied})
     except (UnknownAction, ValidationError) as exc:
         check(False, f"params refused: {str(exc).splitlines()[0]}")
     with store.read(cp.factory) as s:
@@ -297,7 +312,7 @@ def preview_request(
     return {
         "ok": all(c["ok"] for c in checks),
         "checks": checks,
-        "steps": describe_action(action),
+        "steps": steps,
         "policy": policy.name if policy else None,
     }
 

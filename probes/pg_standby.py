@@ -85,8 +85,9 @@ class PgStandbyProbe(Probe):
             "leader": leader.name,
             "sync": sync,
             "sync_names": leader.sync_names,
-            # Bytes of WAL each standby has yet to replay, as the leader sees it.
-            "lag_bytes": dict(leader.lag_bytes),
+            # Bytes of WAL each standby node has yet to replay, as the leader sees it (other
+            # WAL senders, such as a base backup's, are not standbys).
+            "lag_bytes": {n: lag for n, lag in leader.lag_bytes if n in {v.name for v in others}},
         }
         if sync:
             return ProbeResult(

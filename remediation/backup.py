@@ -6,7 +6,9 @@ the scheduled backups (`remediation.pitr`); a failed drill fails the run."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +39,16 @@ class Backup(Action):
 
     def __init__(self) -> None:
         self.taken: pitr.Drill | None = None
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = BackupParams.model_validate(dict(params))
+        return [
+            f"take a base backup of the leader into {p.backups_dir}, checked with pg_verifybackup",
+            f"drill it: restore it into a scratch instance under {p.scratch_dir}, replay the "
+            f"WAL archive, run the shop's invariants there (within {p.drill_timeout_s:g} s)",
+            "a failed drill fails the run; the shop is not touched",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

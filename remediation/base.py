@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,3 +103,17 @@ class Action(ABC):
     def verify(self, ctx: ActionContext) -> Check:
         """Did it work? Called repeatedly until it passes or the deadline passes."""
         return ctx.is_healthy()
+
+    @classmethod
+    def summary(cls) -> str:
+        """What the action does, in one paragraph: the first of its module's docstring."""
+        doc = sys.modules[cls.__module__].__doc__ or cls.kind
+        return " ".join(doc.strip().split("\n\n")[0].split())
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        """A dry run: the steps a run on `target` would take with these params (the policy's
+        and the operator's, merged as the engine merges them), read from them alone: nothing
+        is looked at and nothing is touched. The run itself decides again on live state.
+        Raises pydantic's ValidationError for params the run would refuse."""
+        return [cls.summary()]

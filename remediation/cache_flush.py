@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import redis
 import requests
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +32,17 @@ class CacheFlush(Action):
     @staticmethod
     def _params(ctx: ActionContext) -> FlushParams:
         return parse_params(FlushParams, ctx, "cache_flush")
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = FlushParams.model_validate(dict(params))
+        return [
+            "check that Redis answers (else: skipped)",
+            f"delete every Redis key under {p.key_prefix!r}",
+            f"empty the in-process cache of {len(p.instances)} instance(s): "
+            + ", ".join(p.instances),
+            "the next reads fill both levels from the database; no order is touched",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = self._params(ctx)

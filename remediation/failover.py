@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +65,30 @@ class Failover(Action):
         views = pg_ops.views(p.nodes, p.observe_timeout_s)
         self._seen = (time.monotonic(), views)
         return views
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = FailoverParams.model_validate(dict(params))
+        nodes = ", ".join(sorted(p.nodes))
+        steps = [
+            f"look at {nodes} (each within {p.observe_timeout_s:g} s); a node that leads: "
+            "nothing to do",
+            "fence every node that is not a standby: every process of it killed, verified "
+            "gone; one still writable after it stops the run",
+        ]
+        if p.require_synchronous:
+            steps.append("promote only if the standby was synchronous up to the failure")
+        steps += [
+            f"promote the streaming standby (within {p.promote_timeout_s:g} s); commits are "
+            "asynchronous until a standby is back",
+        ]
+        if p.rejoin:
+            steps.append(
+                f"rejoin the fenced node as a standby of the new leader (pg_rewind, within "
+                f"{p.rejoin_timeout_s:g} s) and make commits synchronous again"
+            )
+        steps.append("write outage: about one promotion; no acknowledged commit is lost")
+        return steps
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

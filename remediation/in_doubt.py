@@ -7,6 +7,7 @@ written wins, so a slow coordinator cannot commit it later) and it is rolled bac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
@@ -53,6 +54,17 @@ class InDoubt(Action):
                 rows = conn.execute(IN_DOUBT, (p.gid_prefix + "%", p.min_age_s)).fetchall()
                 found[name] = [r[0] for r in rows]
         return found
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = InDoubtParams.model_validate(dict(params))
+        return [
+            f"list the transactions prepared under {p.gid_prefix!r} for over {p.min_age_s:g} s "
+            "in both databases (none: skipped)",
+            "commit each one the decision log says was committed",
+            "record 'abort' for every other (the first decision written wins) and roll it back",
+            "verify nothing is left prepared and the shop's invariants hold",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         found = self._in_doubt(self._params(ctx))

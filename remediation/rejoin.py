@@ -5,6 +5,9 @@ first), and restore synchronous commits once one streams."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgcluster.nodes import NodeState, NodeView, follows, leader_of
@@ -32,6 +35,19 @@ def params_of(ctx: ActionContext) -> RejoinParams:
 class Rejoin(Action):
     kind = "rejoin"
     Params = RejoinParams
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = RejoinParams.model_validate(dict(params))
+        return [
+            "find the leader (none: the run fails, a failover's job)",
+            "without a synchronous standby, switch the leader to asynchronous commits at once",
+            "fence a node that is writable beside the leader",
+            f"leave a standby that streams again within {p.settle_s:g} s; bring every other "
+            + ("node back rebuilt from a base backup" if p.rebuild else "node back (pg_rewind)")
+            + f" as a standby of the leader, within {p.rejoin_timeout_s:g} s",
+            "make commits synchronous again once a standby streams",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

@@ -7,6 +7,9 @@ only add an outage of its own."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import requests
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +43,22 @@ class Restart(Action):
     kind = "restart"
     may_start_over = True
     Params = RestartParams
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = RestartParams.model_validate(dict(params))
+        steps = [f"check that {target} is still unhealthy (else: skipped, nothing done)"]
+        if p.liveness_url:
+            steps.append(
+                f"leave it alone if its process runs and {p.liveness_url} answers within "
+                f"{p.liveness_timeout_s:g} s (not ready because of a dependency)"
+            )
+        steps += [
+            f"stop {target}: a clean stop, then SIGKILL of its whole process tree if it does "
+            "not exit in time (a hung process is stopped too)",
+            f"start {target} again and wait until its probes pass",
+        ]
+        return steps
 
     def precheck(self, ctx: ActionContext) -> Check:
         if ctx.component is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,6 +203,30 @@ class Restore(Action):
         # right after the other, on one instance per run): its scratch instance is kept running
         # so that execute measures the loss again in it, instead of proving the point twice.
         self._proven: tuple[Proof, pitr.Scratch, str] | None = None
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = RestoreParams.model_validate(dict(params))
+        point = (
+            p.to.isoformat() if isinstance(p.to, datetime) else p.to
+        ) or "just before the first damaging commit found in the WAL archive"
+        if p.full:
+            return [
+                f"restore into a scratch instance to {point} and prove it passes the invariants",
+                f"refuse unless a full restore to it still discards exactly {p.accept_loss} "
+                "order(s)",
+                "export the orders it discards, with a command to re-apply them",
+                "replace the cluster's data with the restored copy, the old data directory "
+                "kept aside until the new one passes its checks (put back if it does not)",
+                "write outage: the whole restore",
+            ]
+        return [
+            "check that there is a writable primary and that the data is damaged (else: skipped)",
+            f"restore into a scratch instance to {point} and prove it passes the invariants",
+            "copy back what the damaged tables lost from that copy; every later write is kept",
+            "if the invariants still fail: the run fails, stating what a full restore would "
+            "discard (a separate request, with the exported rows); nothing is discarded",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

@@ -5,6 +5,9 @@ that checkpoint, and the old leader rejoins as the new standby at once."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -46,6 +49,20 @@ class Switchover(Action):
     kind = "switchover"
     Params = SwitchoverParams
     OperatorParams = SwitchoverOperatorParams
+
+    @classmethod
+    def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
+        p = SwitchoverParams.model_validate(dict(params))
+        to = p.candidate or "the synchronous standby"
+        return [
+            f"check that a leader and {to} are there (else: skipped)",
+            "stop the leader cleanly: its shutdown checkpoint reaches the standby",
+            f"promote {to} once it holds that checkpoint (within {p.promote_timeout_s:g} s); "
+            "if it never does, the old leader is started again and nothing is promoted",
+            f"rejoin the old leader as the new synchronous standby (within "
+            f"{p.rejoin_timeout_s:g} s)",
+            "write outage: about one promotion; no acknowledged commit is lost",
+        ]
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)

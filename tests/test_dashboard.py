@@ -256,6 +256,76 @@ def test_a_request_shows_its_precheck_then_runs_only_once_confirmed(
     assert (run.requested_by, run.state) == ("otto", ActionState.PENDING)
 
 
+def test_a_preview_lists_the_steps_a_dry_run_of_the_policy_would_take(app: Flask) -> None:
+    otto = logged_in(app, "otto")
+    form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "restart", "target": "svc",
+            "reason": "stuck"}  # fmt: skip
+    page = otto.post("/dashboard/actions/preview", data=form).text
+    plan = re.search(r'<ol class="list" id="plan">(.*?)</ol>', page, re.S)
+    assert plan, page
+    steps = re.findall(r"<li>(.*?)</li>", plan.group(1), re.S)
+    assert len(steps) >= 3 and "SIGKILL of its whole process tree" in plan.group(1)
+
+
+DRY_RUN_PARAMS: dict[str, dict[str, Any]] = {
+    "restart": {"liveness_url": "http://{instance}/healthz"},
+    "cache_flush": {"redis_url": "redis://r:1/0", "instances": ["http://s0", "http://s1"],
+                    "admin_token": "t"},
+    "in_doubt": {"orders_dsn": "dbname=o", "inventory_dsn": "dbname=i", "min_age_s": 7},
+    "failover": {"nodes": {"pg-a": "dbname=a", "pg-b": "dbname=b"}, "rejoin": False},
+    "rejoin": {"nodes": {"pg-a": "dbname=a", "pg-b": "dbname=b"}, "rebuild": True},
+    "switchover": {"nodes": {"pg-a": "dbname=a", "pg-b": "dbname=b"}, "candidate": "pg-b"},
+    "restore": {"nodes": {"pg-a": "dbname=a"}, "backups_dir": "/b", "archive_dir": "/w",
+                "scratch_dir": "/s", "to": "2024-05-01T12:00:00+00:00", "full": True,
+                "accept_loss": 3},
+    "backup": {"nodes": {"pg-a": "dbname=a"}, "backups_dir": "/b", "archive_dir": "/w",
+               "scratch_dir": "/s"},
+}  # fmt: skip
+DRY_RUN_SAYS = {"restart": "http://{instance}/healthz", "cache_flush": "http://s0, http://s1",
+                "in_doubt": "over 7 s", "failover": "pg-a, pg-b", "rejoin": "rebuilt",
+                "switchover": "promote pg-b", "restore": "exactly 3 order(s)",
+                "backup": "pg_verifybackup"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(DRY_RUN_PARAMS))
+def test_every_action_dry_runs_from_its_params_and_refuses_bad_ones(kind: str) -> None:
+    from pydantic import ValidationError
+
+    from remediation.registry import ACTIONS, action_class
+
+    assert set(DRY_RUN_PARAMS) == set(ACTIONS)
+    steps = action_class(kind).plan("svc", DRY_RUN_PARAMS[kind])
+    assert steps and all(isinstance(step, str) and step for step in steps)
+    assert DRY_RUN_SAYS[kind] in " ".join(steps)
+    with pytest.raises(ValidationError):
+        action_class(kind).plan("svc", {**DRY_RUN_PARAMS[kind], "unknown_param": 1})
+
+
+def test_the_overview_names_each_service_once_with_what_the_control_plane_hears_of_it(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        instance_id="cp-test",
+        api_token="generated-token",
+        services=[{"name": "prometheus", "component": "prometheus"},
+                  {"name": "alertmanager", "component": "alertmanager"}],
+        probes=[{"name": "am-tcp", "kind": "tcp", "service": "alertmanager", "interval_s": 1,
+                 "timeout_s": 0.5, "params": {"port": find_free_base_port()}}],
+    )  # fmt: skip
+    plane = ControlPlane(settings, executor=NoExecutor())
+    try:
+        plane.run_probe(settings.probes[0])
+        data = services.views.overview(plane)
+    finally:
+        plane.stop()
+    names = [s["name"] for s in data["services"]]
+    assert sorted(names) == ["alertmanager", "prometheus"]
+    am = next(s for s in data["services"] if s["name"] == "alertmanager")
+    assert [p["name"] for p in am["probes"]] == ["am-tcp", "webhook"]
+    assert am["health"] == "down"  # its own probe's verdict, not the webhook's "unknown"
+
+
 def test_a_preview_of_what_no_policy_allows_says_so_before_anything_else(app: Flask) -> None:
     otto = logged_in(app, "otto")
     form = {"csrf_token": csrf_of(otto, "/dashboard/"), "action": "failover", "target": "svc",
@@ -577,3 +647,15 @@ def test_an_unexpected_error_is_an_html_page_on_the_dashboard_and_json_on_the_ap
     assert page.status_code == 500 and page.mimetype == "text/html" and "a bug" not in page.text
     api = app.test_client().get("/api/v1/boom")
     assert api.status_code == 500 and api.json == {"error": "internal error"}
+
+
+def test_a_database_row_carries_its_standbys_lag_and_no_other_wal_senders() -> None:
+    from controlplane.views import _database_rows
+
+    nodes = {"pg0": {"state": "primary", "timeline": 1},
+             "pg1": {"state": "standby", "receiving": "streaming", "timeline": 1}}  # fmt: skip
+    details = {"leader": "pg0", "sync": ["pg1"], "lag_bytes": {"pg1": 24576}, "nodes": nodes}
+    probe = {"kind": "pg_standby", "details": details}
+    rows = {r["node"]: r for r in _database_rows({"standby": probe})}
+    assert (rows["pg1"]["lag_bytes"], rows["pg1"]["role"]) == (24576, "Sync Standby")
+    assert rows["pg0"]["lag_bytes"] is None
