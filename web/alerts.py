@@ -23,6 +23,7 @@ from controlplane import services
 from controlplane.errors import InvalidRequest
 from web.auth import control_plane, require_token
 from web.body import json_object
+from web.openapi import AlertsAcceptedOut, documented
 
 alerts = Blueprint("alerts", __name__)
 logger = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def intake_limit(cp: services.ControlPlane) -> IntakeLimit | SharedIntakeLimit:
 
 
 @alerts.post("/alerts")
+@documented(200, AlertsAcceptedOut, body=services.WebhookIn, errors=(400, 401, 429))
 def receive() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
+    """Alertmanager's webhook (v4), with the webhook token"""
     cp = control_plane()
     require_token(cp.settings.webhook_token, "webhook")
     body = json_object("a JSON object (Alertmanager webhook v4)")

@@ -13,7 +13,22 @@ from web import shared_reads
 from web.auth import bearer_token, control_plane
 from web.body import json_object
 from web.login import csrf, require
-from web.openapi import document
+from web.openapi import (
+    AcceptedOut,
+    ActionsQuery,
+    BackupsOut,
+    ExpiredOut,
+    HealthOut,
+    IncidentDetailOut,
+    IncidentsOut,
+    IncidentsQuery,
+    PrimaryOut,
+    RunDetailOut,
+    RunsOut,
+    SilenceOut,
+    document,
+    documented,
+)
 
 api = Blueprint("api", __name__)
 M = TypeVar("M", bound=BaseModel)
@@ -44,74 +59,87 @@ def parse(model: type[M]) -> M:
         raise InvalidRequest(services.validation_errors(exc.errors())) from None
 
 
-def int_arg(name: str, default: int, high: int) -> int:
+def query(model: type[M]) -> M:
+    """The query string, by the model the document describes it with (each key once)."""
     try:
-        value = int(request.args.get(name, default))
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer") from None
-    if not 1 <= value <= high:
-        raise InvalidRequest(f"{name} must be between 1 and {high}")
-    return value
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise InvalidRequest(services.validation_errors(exc.errors())) from None
 
 
 @api.get("/health")
+@documented(200, HealthOut, errors=(401,))
 def health() -> Response:
+    """Health per service and overall"""
     return jsonify(shared_reads.health(control_plane()))
 
 
 @api.get("/incidents")
+@documented(200, IncidentsOut, query=IncidentsQuery)
 def incidents() -> Response:
-    state = request.args.get("state")
-    if state not in (None, "open", "resolved"):
-        raise InvalidRequest("state must be open or resolved")
-    found = services.list_incidents(control_plane(), state, int_arg("limit", 50, 500))
-    return jsonify(incidents=found)
+    """Incidents, newest first"""
+    q = query(IncidentsQuery)
+    return jsonify(incidents=services.list_incidents(control_plane(), q.state, q.limit))
 
 
 @api.get("/incidents/<id:incident_id>")
+@documented(200, IncidentDetailOut)
 def incident(incident_id: int) -> Response:
+    """One incident with its timeline and runs"""
     return jsonify(services.get_incident(control_plane(), incident_id))
 
 
 @api.get("/actions")
+@documented(200, RunsOut, query=ActionsQuery)
 def actions() -> Response:
-    kind = request.args.get("action")
-    if kind is not None and len(kind) > 100:
-        raise InvalidRequest("action must be at most 100 characters")
-    return jsonify(actions=services.list_actions(control_plane(), kind, int_arg("limit", 50, 500)))
+    """Action runs, newest first"""
+    q = query(ActionsQuery)
+    return jsonify(actions=services.list_actions(control_plane(), q.action, q.limit))
 
 
 @api.get("/backups")
+@documented(200, BackupsOut)
 def backups() -> Response:
+    """The backup catalog with drill results"""
     return jsonify(backups=services.list_backups(control_plane()))
 
 
 @api.post("/actions")
+@documented(202, AcceptedOut, body=services.ActionRequestIn)
 def request_action() -> tuple[Response, int]:
+    """Request an action (an intent: the loop runs it)"""
     run_id = services.request_action(control_plane(), parse(services.ActionRequestIn), actor())
     return jsonify(id=run_id, state="pending"), 202
 
 
 @api.get("/actions/<id:run_id>")
+@documented(200, RunDetailOut)
 def action(run_id: int) -> Response:
+    """One run with its audit"""
     return jsonify(services.get_action(control_plane(), run_id))
 
 
 @api.post("/actions/<id:run_id>/approve")
+@documented(202, AcceptedOut)
 def approve(run_id: int) -> tuple[Response, int]:
+    """Approve a run awaiting approval"""
     services.approve_action(control_plane(), run_id, actor())
     return jsonify(id=run_id, state="pending"), 202
 
 
 @api.post("/actions/<id:run_id>/reject")
+@documented(200, AcceptedOut, body=services.RejectIn, body_required=False)
 def reject(run_id: int) -> tuple[Response, int]:
+    """Reject a run awaiting approval"""
     body = parse(services.RejectIn) if request.content_length else services.RejectIn()
     services.reject_action(control_plane(), run_id, actor(), body.comment)
     return jsonify(id=run_id, state="rejected"), 200
 
 
 @api.post("/silences")
+@documented(201, SilenceOut, body=services.SilenceIn)
 def silence() -> tuple[Response, int]:
+    """Silence matching incidents for a while"""
     created: dict[str, Any] = services.create_silence(
         control_plane(), parse(services.SilenceIn), actor()
     )
@@ -119,7 +147,9 @@ def silence() -> tuple[Response, int]:
 
 
 @api.delete("/silences/<id:silence_id>")
+@documented(200, ExpiredOut)
 def unsilence(silence_id: int) -> tuple[Response, int]:
+    """Expire a silence"""
     services.expire_silence(control_plane(), silence_id, actor())
     return jsonify(id=silence_id, expired=True), 200
 
@@ -130,7 +160,8 @@ def openapi() -> Response:
 
 
 @api.get("/health/database/primary")
+@documented(200, PrimaryOut, errors=(), also=((503, PrimaryOut),), public=True)
 def database_primary() -> tuple[Response, int]:
-    """For load balancers: 200 only where a writable primary is."""
+    """200 only where a writable primary is (for load balancers, Patroni's GET /primary)"""
     ok, body = services.views.primary_health(control_plane())
     return jsonify(body), 200 if ok else 503

@@ -3,13 +3,16 @@ and the pydantic models the API validates requests with (and describes responses
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict
+from flask import Flask, current_app, has_app_context
+from pydantic import BaseModel, ConfigDict, Field
+from spectree import Response as Documented
+from spectree import SecurityScheme, SpecTree
 
-from controlplane import services
 from web.body import MAX_ID
 
 
@@ -148,116 +151,111 @@ class AlertsAcceptedOut(BaseModel):
     accepted: int
 
 
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    summary: str
-    ok: int
-    response: type[BaseModel]
-    body: type[BaseModel] | None = None
-    public: bool = False
-    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
-    errors: tuple[int, ...] = field(default=(400, 401, 403, 404, 409))
-    # Answers other than `ok` that carry a body of their own rather than ErrorOut.
-    also: tuple[tuple[int, type[BaseModel]], ...] = ()
-    body_required: bool = True
-
-    def error_codes(self) -> tuple[int, ...]:
-        """A body that is not JSON is a 415, one too large a 413 (web/body.py)."""
-        return self.errors + ((413, 415) if self.body is not None else ())
+class IncidentsQuery(BaseModel):
+    state: Literal["open", "resolved"] | None = None
+    limit: int = Field(default=50, ge=1, le=500)
 
 
-ROUTES = (
-    Route("get", "/health", "Health per service and overall", 200, HealthOut, errors=(401,)),
-    Route("get", "/health/database/primary", "200 only where a writable primary is (for load "
-          "balancers, Patroni's GET /primary)", 200, PrimaryOut, public=True, errors=(),
-          also=((503, PrimaryOut),)),
-    Route("get", "/incidents", "Incidents, newest first", 200, IncidentsOut,
-          params=(("state", "query", "string"), ("limit", "query", "integer"))),
-    Route("get", "/incidents/{incident_id}", "One incident with its timeline and runs", 200,
-          IncidentDetailOut, params=(("incident_id", "path", "integer"),)),
-    Route("get", "/actions", "Action runs, newest first", 200, RunsOut,
-          params=(("action", "query", "string"), ("limit", "query", "integer"))),
-    Route("post", "/actions", "Request an action (an intent: the loop runs it)", 202,
-          AcceptedOut, body=services.ActionRequestIn),
-    Route("get", "/actions/{run_id}", "One run with its audit", 200, RunDetailOut,
-          params=(("run_id", "path", "integer"),)),
-    Route("post", "/actions/{run_id}/approve", "Approve a run awaiting approval", 202,
-          AcceptedOut, params=(("run_id", "path", "integer"),)),
-    Route("post", "/actions/{run_id}/reject", "Reject a run awaiting approval", 200,
-          AcceptedOut, body=services.RejectIn, body_required=False,
-          params=(("run_id", "path", "integer"),)),
-    Route("get", "/backups", "The backup catalog with drill results", 200, BackupsOut),
-    Route("post", "/silences", "Silence matching incidents for a while", 201, SilenceOut,
-          body=services.SilenceIn),
-    Route("delete", "/silences/{silence_id}", "Expire a silence", 200, ExpiredOut,
-          params=(("silence_id", "path", "integer"),)),
-    Route("post", "/alerts", "Alertmanager's webhook (v4), with the webhook token", 200,
-          AlertsAcceptedOut, body=services.WebhookIn, errors=(400, 401, 429)),
-)  # fmt: skip
+class ActionsQuery(BaseModel):
+    action: str | None = Field(default=None, max_length=100)
+    limit: int = Field(default=50, ge=1, le=500)
 
 
-def parameter(name: str, where: str, kind: str) -> dict[str, Any]:
-    if where != "path":
-        return {"name": name, "in": where, "required": False, "schema": {"type": kind}}
-    # A path id is what the `id` converter matches (web/body.py): anything else is a 404.
-    # Its example (1) is a row the first incident or run has, so a check reaches a real one.
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": kind, "minimum": 1, "maximum": MAX_ID},
-        "example": 1,
-    }
+# The document is spectree's, built from the views it decorates (`documented`) and the same
+# pydantic models the API validates bodies with. spectree does not validate here (the API's
+# own parser answers bad input with its JSON 4xx, web/body.py): it only describes.
+BEARER = SecurityScheme.parse_obj({"name": "bearer", "data": {"type": "http", "scheme": "bearer"}})
+spec = SpecTree(
+    "flask",
+    mode="strict",  # only the decorated views are in it
+    title="shopguard control plane",
+    version="1",
+    openapi_version="3.1.0",
+    annotations=False,
+    naming_strategy=lambda model: model.__name__,
+    nested_naming_strategy=lambda _parent, child: child,
+    security_schemes=[BEARER],
+    security={"bearer": []},
+    # What the API answers to input it refuses (web/body.py, services): spectree's default
+    # (422 with its own body) is never sent.
+    validation_error_status=400,
+    validation_error_model=ErrorOut,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def documented(
+    ok: int,
+    response: type[BaseModel],
+    *,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    errors: tuple[int, ...] = (400, 401, 403, 404, 409),
+    also: tuple[tuple[int, type[BaseModel]], ...] = (),
+    public: bool = False,
+    body_required: bool = True,
+) -> Callable[[F], F]:
+    """A view's entry in the document: its answer `ok` with `response`, answers other than
+    `ok` with a body of their own (`also`), and `errors` as ErrorOut. A body that is not JSON
+    is a 415, one too large a 413 (web/body.py). Its summary is its docstring's first line."""
+    codes: dict[str, type[BaseModel]] = {f"HTTP_{ok}": response}
+    codes.update({f"HTTP_{code}": model for code, model in also})
+    codes.update({f"HTTP_{code}": ErrorOut for code in errors + ((413, 415) if body else ())})
+    validate = spec.validate(
+        json=body,
+        query=query,
+        resp=Documented(**codes),
+        skip_validation=True,
+        security={} if public else None,
+    )
+
+    def decorate(view: F) -> F:
+        wrapped = validate(view)
+        wrapped.body_optional = not body_required
+        return cast(F, wrapped)
+
+    return decorate
+
+
+def parameter_of_id(param: dict[str, Any]) -> None:
+    """A path id is what the `id` converter matches (web/body.py), which spectree does not
+    know: anything else is a 404. Its example (1) is a row the first incident or run has."""
+    param["schema"] = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+    param["example"] = 1
+    param.pop("description", None)
 
 
 def document() -> dict[str, Any]:
-    schemas: dict[str, Any] = {}
-
-    def ref(model: type[BaseModel]) -> dict[str, str]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-    error = {"content": {"application/json": {"schema": ref(ErrorOut)}}}
-    paths: dict[str, Any] = {}
-    for r in ROUTES:
-        op: dict[str, Any] = {
-            "summary": r.summary,
-            "operationId": r.method + re.sub(r"[^A-Za-z0-9]+", "_", r.path).rstrip("_"),
-            "responses": {
-                str(r.ok): {
-                    "description": "OK",
-                    "content": {"application/json": {"schema": ref(r.response)}},
-                },
-                **{
-                    str(code): {
-                        "description": "not OK",
-                        "content": {"application/json": {"schema": ref(model)}},
-                    }
-                    for code, model in r.also
-                },
-                **{str(code): {"description": "error", **error} for code in r.error_codes()},
-            },
-            "parameters": [parameter(*p) for p in r.params],
+    """The OpenAPI document of the app serving the request (or, outside one, of an app with
+    the API's blueprints alone: the same views)."""
+    app = current_app._get_current_object() if has_app_context() else bare_app()  # type: ignore[attr-defined]
+    with app.app_context():
+        doc: dict[str, Any] = copy.deepcopy(spec.spec)
+        optional = {
+            (re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule), method.lower())
+            for rule in app.url_map.iter_rules()
+            for method in rule.methods or ()
+            if getattr(app.view_functions[rule.endpoint], "body_optional", False)
         }
-        if r.body is not None:
-            op["requestBody"] = {
-                "required": r.body_required,
-                "content": {"application/json": {"schema": ref(r.body)}},
-            }
-        if r.public:
-            op["security"] = []
-        paths.setdefault("/api/v1" + r.path, {})[r.method] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "shopguard control plane", "version": "1"},
-        "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}],
-    }
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for param in op.get("parameters", []):
+                if param["in"] == "path" and param.get("schema") is None:
+                    parameter_of_id(param)
+            if (path, method) in optional and "requestBody" in op:
+                op["requestBody"]["required"] = False
+    return doc
+
+
+def bare_app() -> Flask:
+    """The API's views on an app of their own, for the document outside a request."""
+    from web.alerts import alerts
+    from web.api import api
+    from web.body import IdConverter
+
+    app = Flask(__name__)
+    app.url_map.converters["id"] = IdConverter
+    app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(alerts, url_prefix="/api/v1")
+    return app
