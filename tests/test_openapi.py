@@ -69,8 +69,8 @@ def app(cp: ControlPlane) -> Flask:
     return create_app(cp.settings, control_plane=cp)
 
 
-# The document is built from the route registry alone (no app needed at collection time);
-# the first test checks that it is the one the app serves. (schemathesis' `from_fixture` does
+# The document is built from the API's views on an app of their own (no control plane needed
+# at collection time); the first test checks that it is the one the app serves. (schemathesis' `from_fixture` does
 # not run under pytest 9.)
 schema = schemathesis.openapi.from_dict(document())
 
@@ -110,7 +110,7 @@ def test_an_incident_and_a_run_that_exist_match_their_documented_bodies(app: Fla
 
 
 def test_every_api_route_the_app_serves_is_in_the_document_and_nothing_else(app: Flask) -> None:
-    # The document comes from a registry beside the views: this keeps the two the same.
+    # spectree documents only the views it decorates: an API view left undecorated is missing.
     served: set[tuple[str, str]] = set()
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/v1/") or rule.rule == "/api/v1/openapi.json":
