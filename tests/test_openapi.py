@@ -70,8 +70,8 @@ def app(cp: ControlPlane) -> Flask:
 
 
 # The document is built from the API's views on an app of their own (no control plane needed
-# at collection time); the first test checks that it is the one the app serves. (schemathesis' `from_fixture` does
-# not run under pytest 9.)
+# at collection time); the first test checks that it is the one the app serves.
+# (schemathesis' `from_fixture` does not run under pytest 9.)
 schema = schemathesis.openapi.from_dict(document())
 
 
