@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +26,19 @@ ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
 _DUMMY_HASH = generate_password_hash("not-a-password", method="scrypt")
 GENERATED_TOKEN_NAME = "generated"  # CP_API_TOKEN, the lab's token: an admin's
 MIN_PASSWORD = 8
+# A user's or a token's name is what the audit log shows: plain lowercase ASCII, so that no
+# name looks like another (`Admin`, a homoglyph) or like a system actor (`token:generated`,
+# `policy:x`, `cli`, `config`, the control plane's `cp-…` instance id).
+NAME = re.compile(r"[a-z][a-z0-9._-]{0,63}")
+RESERVED_NAMES = frozenset({"cli", "config", "controlplane", "system", GENERATED_TOKEN_NAME})
+
+
+def check_name(name: str, what: str) -> None:
+    if not NAME.fullmatch(name) or name in RESERVED_NAMES or name.startswith("cp-"):
+        raise InvalidRequest(
+            f"a {what} name is 1 to 64 of a-z, 0-9, '.', '_', '-', starting with a letter "
+            f"(not {', '.join(sorted(RESERVED_NAMES))} or cp-…)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +75,7 @@ def add_user(
 ) -> None:
     """A new user, audited with who added it (an admin on the dashboard; `cli` for the
     command line on the host, `config` for the lab's admin from the settings)."""
-    if not 1 <= len(name) <= 100 or not name.isprintable():
-        raise InvalidRequest("a user name is 1 to 100 printable characters")
+    check_name(name, "user")
     if len(password) < MIN_PASSWORD:
         raise InvalidRequest(f"a password has at least {MIN_PASSWORD} characters")
     hashed = generate_password_hash(password, method="scrypt")
@@ -131,12 +144,62 @@ def authenticate_user(factory: sessionmaker[Session], name: str, password: str) 
     return Principal(user.name, Role(user.role), "user")
 
 
-def load_user(factory: sessionmaker[Session], name: str) -> Principal | None:
+def load_user(
+    factory: sessionmaker[Session], name: str, session_began: datetime | None = None
+) -> Principal | None:
+    """The user of a session that began at `session_began`: None once the user is disabled
+    or the session was ended (logged out, a new password) after it began."""
+    if not name.isprintable():
+        return None
     with store.read(factory) as s:
         user = s.scalars(select(User).where(User.name == name)).first()
     if user is None or user.disabled:
         return None
+    cutoff = user.sessions_valid_after
+    if cutoff is not None and (session_began is None or session_began <= cutoff):
+        return None
     return Principal(user.name, Role(user.role), "user")
+
+
+def end_sessions(factory: sessionmaker[Session], name: str, now: datetime) -> None:
+    """Every session of the user that began up to now is void (log out, everywhere)."""
+    with store.transaction(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is not None:
+            user.sessions_valid_after = now
+
+
+def set_disabled(
+    factory: sessionmaker[Session], name: str, disabled: bool, who: str, now: datetime
+) -> None:
+    """Disable a user (its sessions end, its logins fail) or enable it again; audited."""
+    if who == name and disabled:
+        raise InvalidRequest("an admin cannot disable itself")
+    with store.transaction(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is None:
+            raise NotFound(f"no user {name[:100]!r}")
+        user.disabled = disabled
+        user.sessions_valid_after = now
+        verb = "user-disable" if disabled else "user-enable"
+        store.audit(s, actor=who, verb=verb, at=now, message=f"user {name}", data={"user": name})
+
+
+def set_password(
+    factory: sessionmaker[Session], name: str, password: str, who: str, now: datetime
+) -> None:
+    """A new password; every session of the user ends. Audited (never the password)."""
+    if len(password) < MIN_PASSWORD:
+        raise InvalidRequest(f"a password has at least {MIN_PASSWORD} characters")
+    with store.transaction(factory) as s:
+        user = s.scalars(select(User).where(User.name == name)).first()
+        if user is None:
+            raise NotFound(f"no user {name[:100]!r}")
+        user.password_hash = generate_password_hash(password, method="scrypt")
+        user.sessions_valid_after = now
+        store.audit(
+            s, actor=who, verb="user-password", at=now, message=f"user {name}: new password"
+        )
 
 
 def list_users(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
@@ -155,8 +218,7 @@ def create_token(
     factory: sessionmaker[Session], name: str, role: str, who: str, now: datetime
 ) -> str:
     """A new token, returned once: only its hash is kept."""
-    if not 1 <= len(name) <= 100 or not name.isprintable() or name == GENERATED_TOKEN_NAME:
-        raise InvalidRequest("a token name is 1 to 100 printable characters (not 'generated')")
+    check_name(name, "token")
     token = "sg_" + secrets.token_urlsafe(32)
     try:
         with store.transaction(factory) as s:
@@ -170,8 +232,8 @@ def create_token(
                 )
             )
             store.audit(s, actor=who, verb="token-create", at=now, message=f"API token {name}")
-    except IntegrityError:
-        raise Conflict(f"a token named {name!r} exists") from None
+    except IntegrityError:  # a revoked token's name too: the audit log names one token by it
+        raise Conflict(f"a token named {name!r} exists or existed: choose another name") from None
     return token
 
 

@@ -258,6 +258,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime]
     disabled: Mapped[bool] = mapped_column(default=False)
+    # A session that began before this is void (logged out, disabled, a new password).
+    sessions_valid_after: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiToken(Base):

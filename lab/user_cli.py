@@ -1,11 +1,14 @@
 """`controlplane user add NAME --role R`: a dashboard login in the control plane's state store
-(the password is prompted for, never an argument)."""
+(the password is prompted for, never an argument); `user disable|enable NAME` and `user
+password NAME` for a login that must end or whose password leaked (its sessions end)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import accounts, store
 from controlplane.config import Settings
@@ -19,30 +22,71 @@ def user() -> None:
     """Dashboard users."""
 
 
-@user.command("add")
-@click.argument("name")
-@click.option("--role", type=click.Choice([r.value for r in Role]), default="viewer",
-              show_default=True)  # fmt: skip
-@click.option(
+TARGETS = click.option(
     "--targets",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="the control plane's targets file (its state store); or CP_TARGETS_FILE",
 )
-@click.option(
+DATA_DIR = click.option(
     "--data-dir",
     type=click.Path(path_type=Path, file_okay=False),
     help="a lab stack's directory: its control plane's targets file",
 )
-@click.password_option(prompt="Password", confirmation_prompt=True)
-def add(name: str, role: str, targets: Path | None, data_dir: Path | None, password: str) -> None:
-    """Add a user NAME with role R (viewer, operator or admin); prompts for its password."""
+
+
+def in_store(
+    targets: Path | None, data_dir: Path | None, change: Callable[[sessionmaker[Session]], None]
+) -> None:
     if targets is None and data_dir is not None:
         targets = data_dir / "controlplane" / "targets.toml"
     try:
         settings = Settings.load(targets_file=targets)
         db = store.make_engine(settings.database_url)
         store.migrate(db)
-        accounts.add_user(store.session_factory(db), name, role, password, utcnow())
+        change(store.session_factory(db))
     except ControlPlaneError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default="viewer",
+              show_default=True)  # fmt: skip
+@TARGETS
+@DATA_DIR
+@click.password_option(prompt="Password", confirmation_prompt=True)
+def add(name: str, role: str, targets: Path | None, data_dir: Path | None, password: str) -> None:
+    """Add a user NAME with role R (viewer, operator or admin); prompts for its password."""
+    in_store(targets, data_dir, lambda f: accounts.add_user(f, name, role, password, utcnow()))
     click.echo(f"user {name} ({role}) added")
+
+
+@user.command("disable")
+@click.argument("name")
+@TARGETS
+@DATA_DIR
+def disable(name: str, targets: Path | None, data_dir: Path | None) -> None:
+    """Disable user NAME: its logins fail and its sessions end at once."""
+    in_store(targets, data_dir, lambda f: accounts.set_disabled(f, name, True, "cli", utcnow()))
+    click.echo(f"user {name} disabled")
+
+
+@user.command("enable")
+@click.argument("name")
+@TARGETS
+@DATA_DIR
+def enable(name: str, targets: Path | None, data_dir: Path | None) -> None:
+    """Enable user NAME again."""
+    in_store(targets, data_dir, lambda f: accounts.set_disabled(f, name, False, "cli", utcnow()))
+    click.echo(f"user {name} enabled")
+
+
+@user.command("password")
+@click.argument("name")
+@TARGETS
+@DATA_DIR
+@click.password_option(prompt="New password", confirmation_prompt=True)
+def password(name: str, targets: Path | None, data_dir: Path | None, password: str) -> None:
+    """Set user NAME's password (prompted for); its sessions end."""
+    in_store(targets, data_dir, lambda f: accounts.set_password(f, name, password, "cli", utcnow()))
+    click.echo(f"user {name}: password set, sessions ended")

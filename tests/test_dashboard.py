@@ -116,7 +116,8 @@ def test_every_detail_page_and_view_answers_each_role(
 MUTATIONS = ["/dashboard/actions/1/approve", "/dashboard/actions/1/reject",
              "/dashboard/actions/preview", "/dashboard/actions/request", "/dashboard/backups/start",
              "/dashboard/silences", "/dashboard/silences/1/expire", "/dashboard/admin/users",
-             "/dashboard/admin/tokens", "/dashboard/admin/tokens/revoke"]  # fmt: skip
+             "/dashboard/admin/tokens", "/dashboard/admin/tokens/revoke",
+             "/dashboard/admin/users/disable"]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", MUTATIONS)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 
 from controlplane import accounts
 from controlplane.config import Settings
@@ -100,7 +101,8 @@ def test_a_flood_from_ever_new_sources_keeps_the_buckets_bounded(
 @pytest.mark.parametrize(
     "next_",
     ["/\\evil.example/", "/\\/evil.example/", "//evil.example/", "/\t/evil.example/",
-     "https://evil.example/", "/%0a/evil.example"],
+     "https://evil.example/", "/%0a/evil.example", "////evil.example/phish", "///evil.example",
+     "/\r\nSet-Cookie: a=b"],
 )  # fmt: skip
 def test_a_login_never_sends_its_browser_to_another_site(app: Flask, next_: str) -> None:
     client = app.test_client()
@@ -117,6 +119,83 @@ def test_a_login_never_sends_its_browser_to_another_site(app: Flask, next_: str)
     location = response.headers["Location"]  # as a browser reads it
     read = location.replace("\\", "/").replace("\t", "").replace("\n", "")
     assert read.startswith("/") and not read.startswith("//")
+
+
+def log_in(client: FlaskClient, name: str, password: str = PASSWORD) -> None:
+    response = client.post(
+        "/login", data={"username": name, "password": password, "csrf_token": csrf_of(client)}
+    )
+    assert response.status_code == 302, response.text
+
+
+def test_a_copy_of_the_session_cookie_is_void_once_its_user_logs_out(app: Flask) -> None:
+    client = app.test_client()
+    log_in(client, "vera")
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    stolen = app.test_client()
+    stolen.set_cookie("session", cookie.value)
+    assert stolen.get("/dashboard/api/overview.json").status_code == 200
+    assert (
+        client.post("/logout", data={"csrf_token": csrf_of(client, "/dashboard/")}).status_code
+        == 302
+    )
+    assert stolen.get("/dashboard/api/overview.json").status_code == 302  # to the login page
+    log_in(client, "vera")  # a new login is a new session, valid again
+    assert client.get("/dashboard/api/overview.json").status_code == 200
+
+
+def test_a_login_starts_a_new_session_with_a_new_csrf_token(app: Flask) -> None:
+    client = app.test_client()
+    before = csrf_of(client)
+    log_in(client, "vera")
+    assert csrf_of(client, "/dashboard/") != before
+
+
+@pytest.mark.parametrize(
+    "name", ["token:generated", "Admin", "cp-lab", "cli", "config", "véra", "a b", "x" * 65, ""]
+)
+def test_a_user_name_cannot_pass_for_another_or_for_the_system(app: Flask, name: str) -> None:
+    from controlplane.errors import InvalidRequest
+
+    with app.app_context(), pytest.raises(InvalidRequest):
+        accounts.add_user(_plane(app).factory, name, "operator", PASSWORD, utcnow())
+
+
+def _plane(app: Flask) -> ControlPlane:
+    plane: ControlPlane = app.extensions["control_plane"]
+    return plane
+
+
+def test_a_disabled_user_is_logged_out_and_cannot_log_in_until_enabled(app: Flask) -> None:
+    vera, admin = app.test_client(), app.test_client()
+    log_in(vera, "vera")
+    log_in(admin, "admin", "admin-password")
+    token = csrf_of(admin, "/dashboard/admin")
+    done = admin.post("/dashboard/admin/users/disable", data={"csrf_token": token, "name": "vera"})
+    assert done.status_code == 302
+    assert vera.get("/dashboard/api/overview.json").status_code == 302
+    again = app.test_client()
+    refused = again.post(
+        "/login", data={"username": "vera", "password": PASSWORD, "csrf_token": csrf_of(again)}
+    )
+    assert refused.status_code == 401
+    admin.post("/dashboard/admin/users/disable",
+               data={"csrf_token": token, "name": "vera", "enable": "yes"})  # fmt: skip
+    log_in(app.test_client(), "vera")
+    itself = admin.post("/dashboard/admin/users/disable",
+                        data={"csrf_token": token, "name": "admin"})  # fmt: skip
+    assert itself.status_code == 400
+
+
+def test_a_viewer_cannot_disable_anyone(app: Flask) -> None:
+    vera = app.test_client()
+    log_in(vera, "vera")
+    token = csrf_of(vera, "/dashboard/")
+    response = vera.post(
+        "/dashboard/admin/users/disable", data={"csrf_token": token, "name": "admin"}
+    )
+    assert response.status_code == 403
 
 
 def test_a_login_goes_back_to_the_game_day_it_was_asked_for(app: Flask) -> None:

@@ -366,6 +366,17 @@ def add_user() -> BaseResponse:
     return redirect(url_for("dashboard.admin"))
 
 
+@dashboard.post("/admin/users/disable")
+def disable_user() -> BaseResponse:
+    """Disable (or, with enable=yes, enable) a user: its logins fail, its sessions end."""
+    who = require(Role.ADMIN)
+    cp = control_plane()
+    services.accounts.set_disabled(
+        cp.factory, field("name", 100), field("enable") != "yes", who.actor, cp.clock()
+    )
+    return redirect(url_for("dashboard.admin"))
+
+
 @dashboard.post("/admin/tokens")
 def add_token() -> str:
     who = require(Role.ADMIN)

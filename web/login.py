@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Callable
+from datetime import datetime
 from functools import wraps
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from flask import (
     redirect,
     render_template,
     request,
+    session,
     url_for,
 )
 from flask_limiter import Limiter
@@ -104,7 +106,13 @@ def setup(app: Flask, cp: services.ControlPlane) -> None:
 
 @login_manager.user_loader  # type: ignore[untyped-decorator]
 def load_user(name: str) -> SessionUser | None:
-    found = services.accounts.load_user(control_plane().factory, name)
+    """The session's user, unless it was disabled or this session ended (logged out, a new
+    password) since the session began: a session is a cookie, the server keeps the cut-off."""
+    try:
+        began = datetime.fromisoformat(str(session.get("began", "")))
+    except ValueError:
+        return None
+    found = services.accounts.load_user(control_plane().factory, name, began)
     return SessionUser(found) if found else None
 
 
@@ -136,7 +144,7 @@ def require(role: services.Role) -> services.Principal:
     if who is None:
         raise Unauthorized("log in, or send a valid API bearer token (Authorization: Bearer …)")
     if not who.may(role):
-        raise Forbidden(f"{who.actor} is a {who.role}: this needs {role}")
+        raise Forbidden(f"{who.actor} has the role {who.role}: this needs {role}")
     return who
 
 
@@ -153,8 +161,19 @@ def requires(role: services.Role) -> Callable[[F], F]:
 
 
 def _safe_next(target: str | None) -> str:
-    parts = urlsplit(target or "")
-    if target and not parts.scheme and not parts.netloc and target.startswith("/"):
+    """A path on this server, else the overview. Browsers read `//host`, `/\\host` and
+    `////host` as another host, and a control character cannot go into a Location header."""
+    target = target or ""
+    parts = urlsplit(target)
+    if (
+        target.startswith("/")
+        and not target.startswith(("//", "/\\"))
+        and not parts.scheme
+        and not parts.netloc
+        and target.isprintable()
+        and target.isascii()
+        and len(target) <= 1000
+    ):
         return target
     return url_for("dashboard.overview")
 
@@ -179,22 +198,36 @@ def form() -> str:
 def submit() -> BaseResponse | tuple[str, int]:
     name = request.form.get("username", "")[:100]
     password = request.form.get("password", "")[:1000]
-    found = services.accounts.authenticate_user(control_plane().factory, name, password)
+    then = request.form.get("next", "")[:1000]
+    cp = control_plane()
+    found = services.accounts.authenticate_user(cp.factory, name, password)
     if found is None:
-        return render_template("login.html", error=BAD_LOGIN, next=""), 401
+        return render_template("login.html", error=BAD_LOGIN, next=then), 401
+    session.clear()  # a new session: nothing (a CSRF token) carried over from before the login
+    session["began"] = cp.clock().isoformat()
     login_user(SessionUser(found))
-    return redirect(_safe_next(request.form.get("next")))
+    return redirect(_safe_next(then))
 
 
 @login.post("/logout")
 def logout() -> BaseResponse:
+    """Ends the user's sessions everywhere: a copy of the cookie is void from now on."""
+    who = principal()
+    if who is not None and who.kind == "user":
+        cp = control_plane()
+        services.accounts.end_sessions(cp.factory, who.name, cp.clock())
     logout_user()
+    session.clear()
     return redirect(url_for("login.form"))
 
 
 def rate_limited(exc: RateLimitExceeded) -> Response | tuple[str, int]:
-    """A locked-out login reads exactly as a wrong one."""
+    """A locked-out login reads exactly as a wrong one, and takes as long (a password hash is
+    checked all the same)."""
     if request.endpoint == "login.submit":
+        services.accounts.authenticate_user(
+            control_plane().factory, "", request.form.get("password", "")[:1000]
+        )
         return render_template("login.html", error=BAD_LOGIN, next=""), 401
     return Response('{"error": "too many requests"}', 429, mimetype="application/json")
 
