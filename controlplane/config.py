@@ -69,6 +69,9 @@ class DeferWhile(Frozen):
     actions_running: tuple[str, ...] = ()
     # The latest result of any of these probes is not UP, or there is none yet.
     probes_not_up: tuple[str, ...] = ()
+    # The latest result of any of these probes is UP: the probe that owns the judgement (a
+    # primary's grace) says there is nothing to act on yet, whatever an alert from outside says.
+    probes_up: tuple[str, ...] = ()
 
 
 class PolicySpec(Frozen):
@@ -187,11 +190,14 @@ class Settings(Frozen):
             if probe.service not in names:
                 raise ValueError(f"probes[{i}].service: unknown service {probe.service!r}")
         for i, policy in enumerate(self.policies):
-            for name in policy.defer_while.probes_not_up:
-                if name not in probe_names:
-                    raise ValueError(
-                        f"policies[{i}].defer_while.probes_not_up: unknown probe {name!r}"
-                    )
+            defer = policy.defer_while
+            for key, named in (
+                ("probes_not_up", defer.probes_not_up),
+                ("probes_up", defer.probes_up),
+            ):
+                for name in named:
+                    if name not in probe_names:
+                        raise ValueError(f"policies[{i}].defer_while.{key}: unknown probe {name!r}")
             targets = (("target", policy.target), ("match.target", policy.match.get("target")))
             for key, value in targets:
                 if value is not None and value not in names:

@@ -19,7 +19,9 @@ Rules (Nagios and Alertmanager conventions):
   never met by an incident (only the API's requests reach it);
 - a policy's `defer_while` holds its action while a named action is pending or running (on any
   target, or requested in this same cycle) or while a named probe's latest result is not UP:
-  no restore is proposed in the middle of a failover or while the cluster has no primary.
+  no restore is proposed in the middle of a failover or while the cluster has no primary; or
+  while a named probe's latest result is UP: an alert from outside (the shops' "no primary")
+  does not fail over a primary that the primary probe still gives its grace.
 """
 
 from __future__ import annotations
@@ -343,6 +345,10 @@ def deferral(
             return f"deferred: {name} has no result yet"
         if state.recent[-1] is not Health.UP:
             return f"deferred while {name} is {state.recent[-1]}: {state.summary}"
+    for name in policy.defer_while.probes_up:
+        state = latest.get(name)
+        if state is not None and state.recent and state.recent[-1] is Health.UP:
+            return f"deferred while {name} is up: {state.summary}"
     return None
 
 

@@ -317,11 +317,15 @@ def controlplane_targets(
             **failover,
         },
         {
+            # The shops' errors say "no primary" after 2 s: a stall the primary probe still
+            # gives its grace (a failover would cost more than the stall). The alert acts
+            # only when that probe does not say UP (it could not look, or has no result).
             "name": "failover-alert",
             "source": "alert",
             "match": {"alertname": "ShopDatabaseNoPrimary"},
             "target": "shop-db-cluster",
             **failover,
+            "defer_while": {"probes_up": ["shop-db-primary"]},
         },
         {
             # Retried with back-off (1, 2, 4, 8 s between attempts) until redundancy is back,
