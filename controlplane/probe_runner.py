@@ -71,6 +71,13 @@ def crashed(exc: BaseException) -> ProbeResult:
     return ProbeResult(Health.DOWN, f"probe crashed: {type(exc).__name__}: {exc}")
 
 
+def unreachable(probe: Probe) -> Health:
+    """What a run past its timeout says: what the probe itself reports for a target it cannot
+    reach. DOWN for most kinds; UNKNOWN for one that judges data through another service (the
+    invariants behind a hung node: that is no damage, and no reason to propose a restore)."""
+    return probe.unreachable
+
+
 class Recorder:
     """Writes finished runs in one transaction; then the probe metrics, and wakes the loop if
     a probe's health changed. `last_health` is the control plane's (shared with `run_probe`)."""
@@ -315,7 +322,8 @@ class ProbeRunner:
                 result = await check.check_async()
         except TimeoutError:
             result = ProbeResult(
-                Health.DOWN, f"no answer within {slot.spec.timeout_s:g} s (probe gave up)"
+                unreachable(slot.probe),
+                f"no answer within {slot.spec.timeout_s:g} s (probe gave up)",
             )
         except Exception as exc:  # the job's catch-all: a probe bug is recorded as DOWN
             logger.exception("probe %s crashed", slot.spec.name)
@@ -324,9 +332,10 @@ class ProbeRunner:
         return ProbeResult(result.health, result.summary, latency_ms, result.details)
 
     async def _look_in_thread(self, slot: _Slot) -> ProbeResult | None:
-        """A probe ignoring its own timeout is reported DOWN when it runs past it (plus
-        grace); its thread is left to finish, and until it does the probe counts as running
-        (so no second run of it starts beside the first). None: recorded already."""
+        """A probe ignoring its own timeout is reported as a target it cannot reach (DOWN for
+        most kinds) when it runs past it (plus grace); its thread is left to finish, and until
+        it does the probe counts as running (so no second run of it starts beside the first).
+        None: recorded already."""
         assert self.loop is not None
         future = self.loop.run_in_executor(self.pool, run_once, slot.probe)
         done, _ = await asyncio.wait({future}, timeout=slot.spec.timeout_s + OUTER_GRACE_S)
@@ -337,7 +346,7 @@ class ProbeRunner:
             FinishedRun(
                 slot.spec,
                 ProbeResult(
-                    Health.DOWN,
+                    unreachable(slot.probe),
                     f"no answer within {slot.spec.timeout_s:g} s (probe still running)",
                     latency_ms=(slot.spec.timeout_s + OUTER_GRACE_S) * 1000,
                 ),
