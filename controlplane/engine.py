@@ -265,6 +265,7 @@ class ActionEngine:
                 ActionState.SKIPPED,
                 {"precheck": pre.reason},
                 f"precheck declined: {pre.reason}",
+                recovered=pre.healthy,
             )
             return
         retrying = Retrying(
@@ -382,12 +383,22 @@ class ActionEngine:
                 # What the action did (e.g. a restore's measured loss) belongs on the incident.
                 store.add_timeline(s, run.incident_id, "action", f"{run.action}: {message}", now)
 
-    def _finish(self, run_id: int, state: ActionState, output: dict[str, Any], why: str) -> None:
+    def _finish(
+        self,
+        run_id: int,
+        state: ActionState,
+        output: dict[str, Any],
+        why: str,
+        *,
+        recovered: bool = False,
+    ) -> None:
         """running -> `state`, audited; retried on "database is locked" (a run left `running`
-        would hold its target's lock: the reaper's last resort, not the plan)."""
+        would hold its target's lock: the reaper's last resort, not the plan). `recovered`: a
+        run skipped because its target is healthy marks its incident recovered, as a success
+        does (a failure after it is a new one, which gets its own incident and action)."""
         now = self.clock()
         run = store.with_retries(
-            lambda: self._write_finish(run_id, state, output, why, now),
+            lambda: self._write_finish(run_id, state, output, why, now, recovered),
             what=f"finish run {run_id}",
         )
         if run is None:
@@ -403,7 +414,13 @@ class ActionEngine:
             )
 
     def _write_finish(
-        self, run_id: int, state: ActionState, output: dict[str, Any], why: str, now: datetime
+        self,
+        run_id: int,
+        state: ActionState,
+        output: dict[str, Any],
+        why: str,
+        now: datetime,
+        recovered: bool = False,
     ) -> ActionRun | None:
         with store.transaction(self.factory) as s:
             if not store.change_run_state(
@@ -427,7 +444,7 @@ class ActionEngine:
                     state, "escalated"
                 )
                 store.add_timeline(s, run.incident_id, kind, f"{run.action}: {why}", now)
-                if state is ActionState.SUCCEEDED:
+                if state is ActionState.SUCCEEDED or recovered:
                     store.mark_incident(s, run.incident_id, recovered_at=now)
         return run
 

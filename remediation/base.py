@@ -20,6 +20,9 @@ ParamsT = TypeVar("ParamsT", bound=BaseModel)
 class Check:
     ok: bool
     reason: str
+    # A precheck declined because the target is healthy ("nothing to do"): the incident counts
+    # as recovered then, so a failure after it is a new one, with an action of its own.
+    healthy: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,7 @@ class Failover(Action):
         views = self._views(p)
         leader = leader_of(views)
         if leader is not None:
-            return Check(False, f"{leader.name} accepts writes: nothing to fail over")
+            return Check(False, f"{leader.name} accepts writes: nothing to fail over", healthy=True)
         if sum(v.state is NodeState.PRIMARY for v in views) > 1:
             return Check(False, "several writable nodes on one timeline: a human must choose")
         standbys = [v for v in views if v.state is NodeState.STANDBY]

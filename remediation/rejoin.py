@@ -57,7 +57,9 @@ class Rejoin(Action):
             return Check(False, "no leader to rejoin to (a failover's job)")
         missing = [v.name for v in views if v != leader and not follows(v, leader)]
         if not missing and leader.sync_standbys:
-            return Check(False, f"{leader.name} has a synchronous standby: nothing to do")
+            return Check(
+                False, f"{leader.name} has a synchronous standby: nothing to do", healthy=True
+            )
         return Check(True, f"{leader.name} leads; to rejoin: {', '.join(missing) or 'none'}")
 
     def execute(self, ctx: ActionContext) -> Outcome:

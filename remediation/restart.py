@@ -65,7 +65,7 @@ class Restart(Action):
             return Check(False, f"{ctx.target} has no process the executor knows")
         health = ctx.is_healthy()
         if health.ok:
-            return Check(False, f"{ctx.target} is healthy again: nothing to do")
+            return Check(False, f"{ctx.target} is healthy again: nothing to do", healthy=True)
         alive = is_alive(ctx)
         if alive:
             return Check(
