@@ -82,6 +82,9 @@ class NoExecutor:
     def data_dir(self, component: str) -> str:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
+    def log_tail(self, component: str, max_chars: int = 1000) -> str:
+        return ""
+
     def reset_data_dir(self, component: str) -> None:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 

@@ -184,9 +184,15 @@ def _rejoin(
         # A standby that died: started again it replays and streams on, if it still can.
         executor.restart(node)
         try:
-            wait_for(streaming, min(timeout_s, 15), f"{node} streaming again")
+            wait_streaming(executor, node, streaming, min(timeout_s, 15), f"{node} streaming again")
             laps.lap("restarted as it was (a crashed standby), streaming")
             return str(laps)
+        except StoppedAtStart:
+            # Still "in archive recovery", which single-user mode cannot recover (a standby);
+            # and a server that does not stay up (a port taken, a bad setting, a full disk)
+            # is not started by new data either. Its own reason, for the retry, the operator,
+            # or the rebuild that redundancy missing for long enough asks for.
+            raise
         except ActionError:
             executor.stop(node)  # cleanly: "shut down in recovery", which pg_rewind reads
             state = cluster_state(executor, node)
@@ -239,9 +245,34 @@ def _rejoin(
     executor.restart(node)
     executor.set_role(node, "standby")
     laps.lap("started")
-    wait_for(streaming, timeout_s, f"{node} streaming from {leader.name}")
+    wait_streaming(executor, node, streaming, timeout_s, f"{node} streaming from {leader.name}")
     laps.lap("streaming")
     return str(laps)
+
+
+class StoppedAtStart(ActionError):
+    """The server exited right after it was started: waiting for it to stream is in vain."""
+
+
+def wait_streaming(
+    executor: Executor, node: str, streaming: Callable[[], bool], timeout_s: float, what: str
+) -> None:
+    """Wait for a node just started to stream; at once, with the end of its log, if it stops
+    (else a port taken would cost the whole timeout, and read as "not streaming")."""
+
+    gone: list[bool] = []
+
+    def check() -> bool:
+        if streaming():
+            return True
+        # Twice in a row, a look apart: the launcher's child is not yet the server (still
+        # `setsid`) for a moment after the start returns.
+        gone.append(not executor.is_running(node))
+        if gone[-2:] == [True, True]:
+            raise StoppedAtStart(f"{node} stopped right after its start: {executor.log_tail(node)}")
+        return False
+
+    wait_for(check, timeout_s, what)
 
 
 _CHECKPOINTS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pg-checkpoint")

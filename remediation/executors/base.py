@@ -48,6 +48,11 @@ class Executor(Protocol):
 
     def data_dir(self, component: str) -> str: ...
 
+    def log_tail(self, component: str, max_chars: int = 1000) -> str:
+        """The end of its log ("" if it has none): why a server that exits at its start did
+        (a port taken, a bad setting, a full disk), for an action's error."""
+        ...
+
     def reset_data_dir(self, component: str) -> None:
         """Empty its (stopped) data directory, e.g. for a fresh base backup."""
         ...

@@ -226,6 +226,18 @@ class LabExecutor:
             raise ExecutorError(f"{component} has no data directory")
         return str(path)
 
+    def log_tail(self, component: str, max_chars: int = 1000) -> str:
+        log = self._component(component).get("log")
+        if not log:
+            return ""
+        try:
+            with Path(log).open("rb") as fh:
+                fh.seek(max(0, Path(log).stat().st_size - max_chars))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.splitlines()[-6:] if line.strip())
+
     def reset_data_dir(self, component: str) -> None:
         if self.is_running(component):
             raise ExecutorError(f"{component} runs: stop it before emptying its data directory")
