@@ -8,7 +8,8 @@ Between runs it holds a session on the node it last found leading (`watch`): whe
 session drops (the server's processes died: the kernel closes their sockets) or a reconnect
 is refused, it asks for a run at once instead of waiting for the next tick. A hung or
 partitioned node closes nothing and sends nothing, and a reconnect that times out is no
-event: those still wait for the runs and their grace."""
+event: those still wait for their grace, and the watcher asks for a run the moment it ends
+(a scheduled run would come up to one interval and one look's timeout later)."""
 
 from __future__ import annotations
 
@@ -126,6 +127,15 @@ class PgPrimaryProbe(Probe):
             if name is None:  # no leader known: the runs are looking for one
                 stop.wait(WATCH_POLL_S)
                 continue
+            ends = self._grace_ends_at()
+            if ends is not None and ends - time.monotonic() <= self.timeout_s + WATCH_POLL_S:
+                # Too close to the grace's end for another look: wait for it, then a run.
+                stop.wait(max(0.0, ends - time.monotonic()))
+                if not stop.is_set() and self._grace_ends_at() == ends:
+                    logger.info("%s: %s's grace ended: running the probe now", self.name, name)
+                    self._bring_forward(on_event, ends, stop)
+                    stop.wait(EVENT_GAP_S)
+                continue
             event = self._hold_until_event(name, p.nodes[name], stop)
             if event is not None:
                 logger.info("%s: %s: running the probe now", self.name, event)
@@ -135,6 +145,19 @@ class PgPrimaryProbe(Probe):
     def _watched_node(self) -> str | None:
         with self._lock:
             return self._watched
+
+    def _still_watching(self, name: str, stop: threading.Event) -> bool:
+        """Hold the session on `name` while it leads and no run found it silent (then the
+        watcher counts down its grace instead)."""
+        return not stop.is_set() and self._watched_node() == name and self._grace_ends_at() is None
+
+    def _grace_ends_at(self) -> float | None:
+        """When the watched leader's grace ends (monotonic), while a run found it silent."""
+        p: PgPrimaryParams = self.params  # type: ignore[assignment]
+        with self._lock:
+            if self._watched is None or self._unanswered_since is None:
+                return None
+            return self._unanswered_since + p.grace_s
 
     def _hold_until_event(self, name: str, dsn: str, stop: threading.Event) -> str | None:
         """Hold a session on `name` while the runs find it leading. The event, if any: the
@@ -149,9 +172,7 @@ class PgPrimaryProbe(Probe):
         try:
             if not is_writable(conn, self.timeout_s):
                 return f"{name} no longer answers as the primary"
-            dropped = wait_dropped(
-                conn, lambda: not stop.is_set() and self._watched_node() == name, WATCH_POLL_S
-            )
+            dropped = wait_dropped(conn, lambda: self._still_watching(name, stop), WATCH_POLL_S)
             return f"the session on {name} dropped" if dropped else None
         except psycopg.Error:
             return None  # it stopped answering: the runs count its grace

@@ -5,7 +5,10 @@ is back as the synchronous standby, handed over by the failover itself."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,8 @@ def events_api(events: Stack) -> Api:
     return Api(events)
 
 
-@pytest.fixture
-def watching(events: Stack, tmp_path: Path) -> Iterator[ControlPlane]:
+@contextmanager
+def watcher_plane(events: Stack, tmp_path: Path, grace_s: float) -> Iterator[ControlPlane]:
     """A control plane of the test's own, in process, beside the stack's: its one probe is a
     pg_primary probe that runs once (at start) and then only every two minutes, so a run
     within the test can only have been brought forward by its watcher. It acts on nothing."""
@@ -59,7 +62,7 @@ def watching(events: Stack, tmp_path: Path) -> Iterator[ControlPlane]:
                     "failures_to_open": 1,
                     "params": {
                         "nodes": {n: events.dsn(n) for n in ("pg0", "pg1")},
-                        "grace_s": GRACE_S,
+                        "grace_s": grace_s,
                     },
                 }
             ],
@@ -70,6 +73,12 @@ def watching(events: Stack, tmp_path: Path) -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture
+def watching(events: Stack, tmp_path: Path) -> Iterator[ControlPlane]:
+    with watcher_plane(events, tmp_path, GRACE_S) as plane:
+        yield plane
 
 
 def probe_runs(plane: ControlPlane) -> list[tuple[datetime, Health]]:
@@ -149,6 +158,43 @@ def test_a_hung_primarys_open_connection_does_not_trigger_a_failover_before_its_
     assert leader(events) == lead
     assert len(runs_of(events_api, "failover")) == failovers
     assert order(events).status_code == 201
+
+
+def test_a_hung_primarys_grace_ends_in_a_run_at_once_not_at_the_next_tick(
+    events: Stack, events_api: Api, tmp_path: Path
+) -> None:
+    # The test's probe has a grace of 1.5 s; the stack's own (5 s) outlasts the 3 s hang, so
+    # its control plane fails nothing over and the node is silent, not refused, throughout.
+    with watcher_plane(events, tmp_path, grace_s=1.5) as plane:
+        lead = watched_by_both(events, plane)
+        spec = next(p for p in plane.settings.probes if p.name == WATCHED)
+        failovers = len(runs_of(events_api, "failover"))
+        assert plane.run_probe(spec).health is Health.UP  # the leader's last answer: now
+        hang = threading.Thread(
+            target=inject,
+            args=("hang-primary", events.layout.data_dir),
+            kwargs={"duration_s": GRACE_S - 2},
+        )
+        hang.start()
+        try:
+            time.sleep(0.3)
+            seen = plane.run_probe(spec)  # the leader silent, within its grace
+            assert seen.health is Health.UP and "unanswered" in seen.summary, seen.summary
+            # The next tick is two minutes away: a DOWN run before the hang ends came from the
+            # watcher, at the grace's end.
+            wait_until(
+                lambda: probe_runs(plane)[-1][1] is Health.DOWN,
+                timeout_s=GRACE_S - 2,
+                what="a run when the grace ended",
+            )
+            assert hang.is_alive(), "the run came only after the hang"
+            with store.read(plane.factory) as s:
+                [last] = store.recent_probe_runs(s, WATCHED, 1)
+            assert f"no primary: {lead} unanswered for" in last.summary, last.summary
+        finally:
+            hang.join()
+    assert leader(events) == lead
+    assert len(runs_of(events_api, "failover")) == failovers
 
 
 def test_a_primary_hung_past_its_grace_is_failed_over_but_not_before_its_grace(
