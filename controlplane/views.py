@@ -397,9 +397,11 @@ def requestable(cp: ControlPlane) -> dict[str, Any]:
     }
 
 
-def primary_health(cp: ControlPlane) -> tuple[bool, dict[str, Any]]:
-    """Patroni's `GET /primary`: is there a writable primary now (a fresh UP result of a
-    `pg_primary` probe), and which node is it."""
+def primary_health(cp: ControlPlane, node: str | None = None) -> tuple[bool, dict[str, Any]]:
+    """Patroni's `GET /primary`: is there a writable primary now, and which node is it. Only a
+    fresh UP result of a `pg_primary` probe whose leader answered in that very look: a leader
+    silent within its grace is no failover yet, but it takes no write either. With `node`,
+    only that node leading (a load balancer asking about each of its backends)."""
     now = cp.clock()
     with store.read(cp.factory) as s:
         for spec in cp.settings.probes:
@@ -410,10 +412,11 @@ def primary_health(cp: ControlPlane) -> tuple[bool, dict[str, Any]]:
                 return False, {"primary": None, "reason": "no result yet"}
             run = runs[0]
             fresh = now - run.at < timedelta(seconds=max(3 * spec.interval_s, 5))
-            ok = fresh and run.health == Health.UP
-            return ok, {
-                "primary": run.details.get("leader") if ok else None,
-                "reason": run.summary if fresh else f"stale: last result at {iso(run.at)}",
-                "at": iso(run.at),
-            }
+            leader = run.details.get("leader")
+            answered = (run.details.get("nodes") or {}).get(leader, {}).get("state") == "primary"
+            ok = fresh and run.health == Health.UP and answered
+            reason = run.summary if fresh else f"stale: last result at {iso(run.at)}"
+            if ok and node is not None and node != leader:
+                ok, reason = False, f"{node} is not the primary ({leader} is)"
+            return ok, {"primary": leader if ok else None, "reason": reason, "at": iso(run.at)}
     return False, {"primary": None, "reason": "no pg_primary probe is configured"}

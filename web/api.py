@@ -23,6 +23,7 @@ from web.openapi import (
     IncidentsOut,
     IncidentsQuery,
     PrimaryOut,
+    PrimaryQuery,
     RunDetailOut,
     RunsOut,
     SilenceOut,
@@ -160,8 +161,12 @@ def openapi() -> Response:
 
 
 @api.get("/health/database/primary")
-@documented(200, PrimaryOut, errors=(), also=((503, PrimaryOut),), public=True)
+@documented(200, PrimaryOut, query=PrimaryQuery, errors=(400,), also=((503, PrimaryOut),),
+            public=True)  # fmt: skip
 def database_primary() -> tuple[Response, int]:
-    """200 only where a writable primary is (for load balancers, Patroni's GET /primary)"""
-    ok, body = services.views.primary_health(control_plane())
+    """200 only where a writable primary is (for load balancers, Patroni's GET /primary)
+
+    With `node`: 200 only if that node is the writable primary, for a load balancer that asks
+    about each of its backends. A primary silent within its grace is not writable: 503."""
+    ok, body = services.views.primary_health(control_plane(), query(PrimaryQuery).node)
     return jsonify(body), 200 if ok else 503

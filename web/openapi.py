@@ -156,6 +156,10 @@ class IncidentsQuery(BaseModel):
     limit: int = Field(default=50, ge=1, le=500)
 
 
+class PrimaryQuery(BaseModel):
+    node: str | None = Field(default=None, min_length=1, max_length=100)
+
+
 class ActionsQuery(BaseModel):
     action: str | None = Field(default=None, max_length=100)
     limit: int = Field(default=50, ge=1, le=500)
