@@ -407,7 +407,8 @@ class SilenceIn(BaseModel):
     matchers: dict[LabelName, Annotated[Line, StringConstraints(min_length=1)]] = Field(
         min_length=1, max_length=32
     )
-    duration_s: float = Field(gt=0, le=7 * 24 * 3600)
+    # Strict: a JSON `true` is no 1 s silence, nor "60" a number.
+    duration_s: float = Field(gt=0, le=7 * 24 * 3600, strict=True, allow_inf_nan=False)
     comment: Line = ""
 
 

@@ -218,3 +218,33 @@ def test_a_cached_health_answer_is_never_given_to_a_stranger(app: Flask) -> None
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "generated-token"}):
         response = client.get("/api/v1/health", headers=headers)
         assert response.status_code == 401 and set(response.json or {}) == {"error"}
+
+
+# -- silences: types as the document says ---------------------------------------------------------
+@pytest.mark.parametrize("duration", ["60", True, "1e3", None])
+def test_a_silence_duration_is_a_json_number_not_a_string_or_a_boolean(
+    app: Flask, duration: object
+) -> None:
+    response = app.test_client().post(
+        "/api/v1/silences",
+        json={"matchers": {"alertname": "x"}, "duration_s": duration, "comment": "maintenance"},
+        headers={"Authorization": "Bearer generated-token"},
+    )
+    assert response.status_code == 400 and "duration_s" in response.json["error"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("matchers", "minutes"),
+    [("alertname=x\nalertname=y", "20"), ("alertname=x", "nan"), ("alertname=x", "inf")],
+)
+def test_a_silence_form_with_a_label_twice_or_no_real_duration_is_refused(
+    app: Flask, matchers: str, minutes: str
+) -> None:
+    client = app.test_client()
+    log_in(client, "admin", "admin-password")
+    response = client.post(
+        "/dashboard/silences",
+        data={"csrf_token": csrf_of(client, "/dashboard/silences"), "matchers": matchers,
+              "duration_min": minutes, "comment": "maintenance"},
+    )  # fmt: skip
+    assert response.status_code == 400

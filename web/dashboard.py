@@ -4,6 +4,7 @@ Every button writes an intent through `services` (the loop acts); every form car
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, TypeVar
@@ -317,11 +318,15 @@ def silence() -> BaseResponse:
         name, sep, value = line.partition("=")
         if not sep:
             raise InvalidRequest("matchers are lines of label=value")
+        if name.strip() in matchers:
+            raise InvalidRequest(f"label {name.strip()[:100]!r} is matched twice: once each")
         matchers[name.strip()] = value.strip()
     try:
         minutes = float(field("duration_min", 20))
     except ValueError:
         raise InvalidRequest("the duration is a number of minutes") from None
+    if not math.isfinite(minutes):
+        raise InvalidRequest("the duration is a number of minutes")
     body = form_model(
         services.SilenceIn,
         {"matchers": matchers, "duration_s": minutes * 60, "comment": field("comment")},
