@@ -4,6 +4,7 @@ browser next, and cached health answers that must not outlive or cross their ask
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -248,3 +249,40 @@ def test_a_silence_form_with_a_label_twice_or_no_real_duration_is_refused(
               "duration_min": minutes, "comment": "maintenance"},
     )  # fmt: skip
     assert response.status_code == 400
+
+
+# -- ids, numbers and keys written one way --------------------------------------------------------
+@pytest.mark.parametrize("written", ["01", "\u0661", "\uff11", "+1", "1.0"])
+def test_an_id_is_written_one_way_or_it_names_nothing(app: Flask, written: str) -> None:
+    headers = {"Authorization": "Bearer generated-token"}
+    response = app.test_client().get(f"/api/v1/incidents/{written}", headers=headers)
+    assert response.status_code == 404 and "error" in response.json  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("limit", ["0050", "5_0", " 5", "\uff15", "+5", "0", "501"])
+def test_a_limit_is_a_plain_number_within_its_bounds(app: Flask, limit: str) -> None:
+    headers = {"Authorization": "Bearer generated-token"}
+    response = app.test_client().get(
+        "/api/v1/incidents", query_string={"limit": limit}, headers=headers
+    )
+    assert response.status_code == 400 and "limit" in response.json["error"]  # type: ignore[index]
+
+
+def test_a_body_with_a_key_twice_is_refused_not_read_as_its_last(app: Flask) -> None:
+    response = app.test_client().post(
+        "/api/v1/actions",
+        data='{"action": "x", "action": "backup", "target": "svc", "reason": "r"}',
+        content_type="application/json",
+        headers={"Authorization": "Bearer generated-token"},
+    )
+    assert response.status_code == 400 and "twice" in response.json["error"]  # type: ignore[index]
+
+
+def test_a_chunked_body_on_a_reject_is_read_not_skipped(app: Flask) -> None:
+    response = app.test_client().post(
+        "/api/v1/actions/1/reject",
+        input_stream=io.BytesIO(b"not json"),  # no length: sent chunked
+        content_type="text/plain",
+        headers={"Authorization": "Bearer generated-token", "Transfer-Encoding": "chunked"},
+    )
+    assert response.status_code == 415

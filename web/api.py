@@ -11,7 +11,7 @@ from controlplane import services
 from controlplane.errors import InvalidRequest
 from web import shared_reads
 from web.auth import bearer_token, control_plane
-from web.body import json_object
+from web.body import has_body, json_object
 from web.login import csrf, require
 from web.openapi import (
     AcceptedOut,
@@ -132,7 +132,7 @@ def approve(run_id: int) -> tuple[Response, int]:
 @documented(200, AcceptedOut, body=services.RejectIn, body_required=False)
 def reject(run_id: int) -> tuple[Response, int]:
     """Reject a run awaiting approval"""
-    body = parse(services.RejectIn) if request.content_length else services.RejectIn()
+    body = parse(services.RejectIn) if has_body() else services.RejectIn()
     services.reject_action(control_plane(), run_id, actor(), body.comment)
     return jsonify(id=run_id, state="rejected"), 200
 

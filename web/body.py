@@ -17,11 +17,21 @@ MAX_ID = 2**63 - 1  # the state store's integer ids: beyond them, nothing exists
 
 
 class IdConverter(IntegerConverter):
-    """`<id:name>`: a positive integer the state store can hold; anything else does not match
-    the route (404), rather than overflowing the database driver (500)."""
+    """`<id:name>`: a positive integer the state store can hold, written as one (ASCII digits,
+    no leading zero: `01` or another script's digits are no names of incident 1); anything else
+    does not match the route (404), rather than overflowing the database driver (500)."""
+
+    regex = r"[1-9][0-9]*"
 
     def __init__(self, map: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(map, min=1, max=MAX_ID)
+
+
+def has_body() -> bool:
+    """Whether the request sent a body at all: a length, or a chunked one (no length)."""
+    if request.content_length is not None:
+        return request.content_length > 0
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
 
 
 def json_object(what: str = "a JSON object") -> dict[str, Any]:
@@ -34,9 +44,13 @@ def json_object(what: str = "a JSON object") -> dict[str, Any]:
     except RequestEntityTooLarge:
         raise TooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes") from None
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        body = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_twice
+        )
     except RecursionError:
         raise InvalidRequest(f"the body is nested deeper than {MAX_DEPTH} levels") from None
+    except DuplicateKey as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(body, dict):
@@ -47,6 +61,19 @@ def json_object(what: str = "a JSON object") -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is refused: parsers disagree on which one wins (here the last did,
+    so `{"action": "x", "action": "backup"}` was read as a backup)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise DuplicateKey("a key appears twice in one object")
+    return found
 
 
 def check_depth(value: Any) -> None:

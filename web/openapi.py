@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from flask import Flask, current_app, has_app_context
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from spectree import Response as Documented
 from spectree import SecurityScheme, SpecTree
 
@@ -151,9 +151,20 @@ class AlertsAcceptedOut(BaseModel):
     accepted: int
 
 
+def _decimal(value: Any) -> Any:
+    """A number in a query string as one writes it: `50`, not `0050`, ` 50 `, `5_0` or in
+    another script's digits."""
+    if isinstance(value, str) and not re.fullmatch(r"[1-9][0-9]{0,18}", value):
+        raise ValueError("must be a whole number in ASCII digits, such as 50")
+    return value
+
+
+Limit = Annotated[int, Field(ge=1, le=500), BeforeValidator(_decimal)]
+
+
 class IncidentsQuery(BaseModel):
     state: Literal["open", "resolved"] | None = None
-    limit: int = Field(default=50, ge=1, le=500)
+    limit: Limit = 50
 
 
 class PrimaryQuery(BaseModel):
@@ -162,7 +173,7 @@ class PrimaryQuery(BaseModel):
 
 class ActionsQuery(BaseModel):
     action: str | None = Field(default=None, max_length=100)
-    limit: int = Field(default=50, ge=1, le=500)
+    limit: Limit = 50
 
 
 # The document is spectree's, built from the views it decorates (`documented`) and the same
