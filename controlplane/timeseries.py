@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from requests import RequestException
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from controlplane import store
 from controlplane.models import ActionRun, Incident, ProbeRun
@@ -25,6 +26,9 @@ RANGES_S = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600}
 STEP_S = {"15m": 5, "1h": 15, "6h": 60, "24h": 300}
 MAX_LAG_SAMPLES = 2000  # of the probe history drawn in one chart
 RATE = {"15m": "30s", "1h": "1m", "6h": "2m", "24h": "10m"}
+MAX_NOTE_ROWS = 2000  # incidents and runs read per window: the charts draw a summary of them
+QUERY_TIMEOUT_S = 5  # Prometheus's own limit on one range query
+SERIES_DEADLINE_S = 10.0  # all panels together: past it, the rest say so rather than wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +107,20 @@ def series(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
     url = prometheus_url(cp)
     start = now - timedelta(seconds=RANGES_S[range_name])
     out: dict[str, Any] = {}
-    client = PrometheusConnect(url=url, disable_ssl=True) if url else None
+    # The client's own timeout too: a Prometheus that accepts and never answers must not hold
+    # a web thread (and every viewer waiting on that computation) for ever.
+    client = (
+        PrometheusConnect(url=url, disable_ssl=True, timeout=QUERY_TIMEOUT_S + 1) if url else None
+    )
+    deadline = monotonic() + SERIES_DEADLINE_S
     for name, panel in PANELS.items():
         entry: dict[str, Any] = {"title": panel.title, "unit": panel.unit, "lines": []}
         out[name] = entry
         if client is None:
             entry["error"] = "no Prometheus is configured"
+            continue
+        if monotonic() > deadline:
+            entry["error"] = "Prometheus: too slow, not asked"
             continue
         query = panel.query.format(rate=RATE[range_name])
         try:
@@ -117,7 +129,7 @@ def series(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
                 start_time=start,
                 end_time=now,
                 step=str(STEP_S[range_name]),
-                params={"timeout": "5s"},
+                params={"timeout": f"{QUERY_TIMEOUT_S}s"},
             )
         except (PrometheusApiClientException, RequestException, ValueError) as exc:
             entry["error"] = f"Prometheus: {type(exc).__name__}"
@@ -172,26 +184,51 @@ def _number(value: str) -> float | None:
     return None if number != number or number in (float("inf"), float("-inf")) else number
 
 
-def chart_notes(cp: ControlPlane, range_name: str, now: datetime) -> dict[str, Any]:
-    """The incidents open in the window (spans) and the action runs started in it (markers)."""
+def chart_notes(
+    cp: ControlPlane, range_name: str, now: datetime, *, limit: int = MAX_NOTE_ROWS
+) -> dict[str, Any]:
+    """The incidents open in the window (spans) and the action runs started in it (markers),
+    the most recent `limit` of each, with how many of each the window holds in all: an alert
+    storm opens thousands of incidents, and the charts draw a bounded summary of them
+    (web/charts.py), so they are read bounded too."""
     start = now - timedelta(seconds=RANGES_S[range_name])
+    in_window = (
+        or_(Incident.resolved_at.is_(None), Incident.resolved_at >= start),
+        Incident.detected_at <= now,
+    )
     with store.read(cp.factory) as s:
-        incidents = s.scalars(
-            select(Incident).where(
-                or_(Incident.resolved_at.is_(None), Incident.resolved_at >= start),
-                Incident.detected_at <= now,
-            )
-        )
+        spans_total = s.scalar(select(func.count()).select_from(Incident).where(*in_window)) or 0
+        incidents = s.execute(
+            select(Incident.id, Incident.kind, Incident.target, Incident.detected_at,
+                   Incident.resolved_at)
+            .where(*in_window).order_by(Incident.detected_at.desc()).limit(limit)
+        ).all()  # fmt: skip
         spans = [
-            {"start": max(i.detected_at, start).isoformat(),
-             "end": (i.resolved_at or now).isoformat(),
-             "label": f"#{i.id} {i.kind} on {i.target}"}
-            for i in incidents
+            {"start": max(detected_at, start).isoformat(),
+             "end": (resolved_at or now).isoformat(),
+             "label": f"#{id_} {kind} on {target}"}
+            for id_, kind, target, detected_at, resolved_at in reversed(incidents)
         ]  # fmt: skip
-        runs = s.scalars(select(ActionRun).where(ActionRun.created_at >= start))
+        markers_total = (
+            s.scalar(
+                select(func.count()).select_from(ActionRun).where(ActionRun.created_at >= start)
+            )
+            or 0
+        )
+        runs = s.execute(
+            select(ActionRun.id, ActionRun.action, ActionRun.target, ActionRun.state,
+                   ActionRun.requested_by, ActionRun.started_at, ActionRun.created_at)
+            .where(ActionRun.created_at >= start)
+            .order_by(ActionRun.created_at.desc()).limit(limit)
+        ).all()  # fmt: skip
         markers = [
-            {"at": (r.started_at or r.created_at).isoformat(), "action": r.action,
-             "target": r.target, "state": r.state, "who": r.requested_by, "id": r.id}
-            for r in runs
+            {"at": (started_at or created_at).isoformat(), "action": action, "target": target,
+             "state": state, "who": who, "id": id_}
+            for id_, action, target, state, who, started_at, created_at in reversed(runs)
         ]  # fmt: skip
-    return {"spans": spans, "markers": markers}
+    return {
+        "spans": spans,
+        "markers": markers,
+        "spans_total": spans_total,
+        "markers_total": markers_total,
+    }

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from controlplane import accounts, services, store
 from controlplane.config import Settings
 from controlplane.engine import utcnow
-from controlplane.models import ActionRun, ActionState
+from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.runtime import ControlPlane, NoExecutor
 from lab.layout import find_free_base_port
 from web import create_app
@@ -507,9 +507,10 @@ def test_a_chart_draws_lines_incident_spans_and_run_markers() -> None:
         markers=[{"at": "2024-01-01T00:00:20Z", "action": "restart", "target": "shop-1",
                   "state": "succeeded", "who": "otto", "id": 7}],
     )  # fmt: skip
-    assert [t.name for t in fig.data] == ["ok", "actions"]
+    assert [t.name for t in fig.data] == ["ok", "incidents", "actions"]
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].type == "rect"
-    assert fig.data[1].marker.symbol == "triangle-up"
+    assert fig.data[1].text[0] == "#1"  # the span's hover text, on its bar below
+    assert fig.data[2].marker.symbol == "triangle-up"
     assert fig.layout.legend.y <= -0.2  # clear of the date under the time axis
 
 
@@ -660,3 +661,30 @@ def test_a_database_row_carries_its_standbys_lag_and_no_other_wal_senders() -> N
     rows = {r["node"]: r for r in _database_rows({"standby": probe})}
     assert (rows["pg1"]["lag_bytes"], rows["pg1"]["role"]) == (24576, "Sync Standby")
     assert rows["pg0"]["lag_bytes"] is None
+
+
+def test_charts_json_is_a_quick_503_with_retry_after_when_no_thread_may_draw(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from web import shared_reads
+
+    monkeypatch.setattr(shared_reads, "charts", shared_reads.SharedComputation[bytes](5, 0))
+    response = logged_in(app, "vera").get("/dashboard/api/charts.json?range=24h")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+    assert "error" in response.json  # type: ignore[operator]
+
+
+def test_charts_json_draws_an_alert_storm_as_a_bounded_summary(
+    app: Flask, cp: ControlPlane
+) -> None:
+    now = utcnow()
+    with store.transaction(cp.factory) as s:
+        for n in range(300):
+            s.add(Incident(fingerprint=f"storm-{n}", kind="Storm", source="alert",
+                           target=f"svc-{n}", severity="warning", summary="", detected_at=now,
+                           opened_at=now, policy=None))  # fmt: skip
+    figures = logged_in(app, "vera").get("/dashboard/api/charts.json?range=24h").json
+    orders = figures["orders"]  # type: ignore[index]
+    assert len(orders["layout"]["shapes"]) == 1
+    [bar] = [t for t in orders["data"] if t.get("name") == "incidents"]
+    assert bar["text"][0].startswith("300 incidents: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,128 @@ def plain_value(value: Any) -> Any:
     return plain(value) if isinstance(value, str) else value
 
 
+MAX_SPANS = 60  # incident spans drawn per chart, after merging: the most recent
+MAX_MARKERS = 300  # action run markers drawn per chart: the most recent
+MERGE_BINS = 300  # spans closer than the window / this are one span (a pixel or two apart)
+LABELS_PER_SPAN = 5  # incidents named in a merged span's hover text; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
+class Notes:
+    """What is drawn over every panel, bounded whatever the window holds: merged incident
+    spans `{"start", "end", "count", "label"}`, run markers, and how many were left out."""
+
+    spans: tuple[Mapping[str, Any], ...] = ()
+    markers: tuple[Mapping[str, Any], ...] = ()
+    incidents_not_drawn: int = 0
+    runs_not_drawn: int = 0
+
+
+def _at(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def merge_spans(spans: Sequence[Mapping[str, Any]], gap_s: float = 0.0) -> list[dict[str, Any]]:
+    """Overlapping spans, and spans less than `gap_s` apart, as one span each: its extent, the
+    number of incidents in it and a hover text naming the first few. Sorted by start."""
+    merged: list[dict[str, Any]] = []
+    last_end: datetime | None = None
+    for span in sorted(spans, key=lambda sp: _at(sp["start"])):
+        start, end = _at(span["start"]), _at(span["end"])
+        if last_end is not None and (start - last_end).total_seconds() <= gap_s:
+            current = merged[-1]
+            current["count"] += int(span.get("count", 1))
+            current["labels"].append(str(span.get("label", "")))
+            if end > last_end:
+                current["end"], last_end = span["end"], end
+            continue
+        merged.append(
+            {
+                "start": span["start"],
+                "end": span["end"],
+                "count": int(span.get("count", 1)),
+                "labels": [str(span.get("label", ""))],
+            }
+        )
+        last_end = end
+    return [
+        {
+            "start": m["start"],
+            "end": m["end"],
+            "count": m["count"],
+            "label": span_label(m["count"], m["labels"]),
+        }
+        for m in merged
+    ]
+
+
+def span_label(count: int, labels: Sequence[str]) -> str:
+    """`#4 probe on shop-1`, or `37 incidents: #1 …, #2 …, … and 32 more`."""
+    shown = [label for label in labels if label][:LABELS_PER_SPAN]
+    if count == 1 and shown:
+        return shown[0]
+    text = f"{count} incidents: " + ", ".join(shown)
+    return text + (f" and {count - len(shown)} more" if count > len(shown) else "")
+
+
+def bound_notes(
+    notes: Mapping[str, Any],
+    x_range: tuple[str, str] | None = None,
+    *,
+    max_spans: int = MAX_SPANS,
+    max_markers: int = MAX_MARKERS,
+) -> Notes:
+    """The spans and markers of `chart_notes` as drawn: spans merged (those closer than the
+    window over MERGE_BINS become one), then the most recent `max_spans` spans and
+    `max_markers` markers; `spans_total`/`markers_total` (what the window holds, of which
+    `chart_notes` may have read only the latest) count towards what is not drawn."""
+    spans, markers = notes.get("spans") or (), notes.get("markers") or ()
+    gap_s = (_at(x_range[1]) - _at(x_range[0])).total_seconds() / MERGE_BINS if x_range else 0.0
+    merged = merge_spans(spans, gap_s)
+    drawn_spans = sorted(merged, key=lambda sp: _at(sp["end"]))[-max_spans:] if max_spans else []
+    drawn_markers = (
+        sorted(markers, key=lambda m: _at(m["at"]))[-max_markers:] if max_markers else []
+    )
+    incidents = max(int(notes.get("spans_total") or 0), sum(int(s.get("count", 1)) for s in spans))
+    runs = max(int(notes.get("markers_total") or 0), len(markers))
+    return Notes(
+        spans=tuple(sorted(drawn_spans, key=lambda sp: _at(sp["start"]))),
+        markers=tuple(drawn_markers),
+        incidents_not_drawn=incidents - sum(sp["count"] for sp in drawn_spans),
+        runs_not_drawn=runs - len(drawn_markers),
+    )
+
+
+def span_shapes(spans: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One shaded rectangle per span, over both rows (paper height), as one list: Plotly's
+    `add_vrect` re-validates every shape already there on each call (quadratic)."""
+    return [
+        {
+            "type": "rect",
+            "xref": "x",
+            "yref": "paper",
+            "x0": span["start"],
+            "x1": span["end"],
+            "y0": 0,
+            "y1": 1,
+            "fillcolor": SPAN_COLOUR,
+            "opacity": 0.12,
+            "layer": "below",
+            "line": {"width": 0},
+        }
+        for span in spans
+    ]
+
+
+def not_drawn_text(notes: Notes) -> str:
+    parts = [
+        f"{n} more {what} not drawn"
+        for n, what in ((notes.incidents_not_drawn, "incidents"), (notes.runs_not_drawn, "runs"))
+        if n > 0
+    ]
+    return " · ".join(parts)
+
+
 def line_chart(
     title: str,
     lines: Sequence[Mapping[str, Any]],
@@ -36,9 +159,13 @@ def line_chart(
     spans: Sequence[Mapping[str, Any]] = (),
     markers: Sequence[Mapping[str, Any]] = (),
     x_range: tuple[str, str] | None = None,
+    notes: Notes | None = None,
 ) -> go.Figure:
-    """Lines over time; incidents as shaded spans; action runs as markers on a thin strip
-    below (shapes have no hover: markers in a scatter trace do)."""
+    """Lines over time; incidents as shaded spans (merged, bounded: `bound_notes`, or `notes`
+    already bounded) with their hover text on a red bar in the thin strip below; action runs as
+    markers on that strip (shapes have no hover: markers in a scatter trace do)."""
+    if notes is None:
+        notes = bound_notes({"spans": spans, "markers": markers}, x_range)
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, row_heights=[0.85, 0.15], vertical_spacing=0.04
     )
@@ -54,42 +181,15 @@ def line_chart(
             row=1,
             col=1,
         )
-    for span in spans:
-        fig.add_vrect(
-            x0=span["start"],
-            x1=span["end"],
-            fillcolor=SPAN_COLOUR,
-            opacity=0.12,
-            layer="below",
-            line_width=0,
-        )
-    if markers:
-        fig.add_trace(
-            go.Scatter(
-                x=[m["at"] for m in markers],
-                y=[0] * len(markers),
-                mode="markers",
-                name="actions",
-                showlegend=False,
-                marker={
-                    "symbol": "triangle-up",
-                    "size": 11,
-                    "color": [MARKER_COLOUR.get(str(m["state"]), DEFAULT_MARKER) for m in markers],
-                },
-                customdata=[
-                    [plain_value(m[k]) for k in ("action", "target", "state", "who", "id")]
-                    for m in markers
-                ],
-                hovertemplate="run %{customdata[4]}: %{customdata[0]} on %{customdata[1]}<br>"
-                "%{customdata[2]} · by %{customdata[3]}<extra></extra>",
-            ),
-            row=2,
-            col=1,
-        )
+    if notes.spans:
+        fig.add_trace(incident_trace(notes.spans), row=2, col=1)
+    if notes.markers:
+        fig.add_trace(marker_trace(notes.markers), row=2, col=1)
     fig.update_yaxes(visible=False, row=2, col=1, range=[-1, 1])
     fig.update_yaxes(tickformat=TICK_FORMAT.get(unit, ""), rangemode="tozero", row=1, col=1)
     if x_range is not None:
         fig.update_xaxes(range=list(x_range))
+    left_out = not_drawn_text(notes)
     fig.update_layout(
         title={"text": plain(title), "font": {"size": 14}},
         margin={"l": 50, "r": 10, "t": 40, "b": 30},
@@ -100,8 +200,55 @@ def line_chart(
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
         template="plotly_white",
-    )
+        shapes=span_shapes(notes.spans),
+        annotations=[
+            {"text": left_out, "xref": "paper", "yref": "paper", "x": 1, "y": 1,
+             "xanchor": "right", "yanchor": "bottom", "showarrow": False,
+             "font": {"size": 11, "color": SPAN_COLOUR}}
+        ] if left_out else [],
+    )  # fmt: skip
     return fig
+
+
+def incident_trace(spans: Sequence[Mapping[str, Any]]) -> go.Scatter:
+    """The spans as red bars on the strip, one trace: hovering a bar's end names its incidents."""
+    x: list[Any] = []
+    text: list[str | None] = []
+    for span in spans:
+        label = plain(str(span.get("label", "")))
+        x += [span["start"], span["end"], None]
+        text += [label, label, None]
+    return go.Scatter(
+        x=x,
+        y=[0.6, 0.6, None] * len(spans),
+        mode="lines",
+        name="incidents",
+        showlegend=False,
+        line={"width": 5, "color": SPAN_COLOUR},
+        opacity=0.5,
+        text=text,
+        hovertemplate="%{text}<extra></extra>",
+    )
+
+
+def marker_trace(markers: Sequence[Mapping[str, Any]]) -> go.Scatter:
+    return go.Scatter(
+        x=[m["at"] for m in markers],
+        y=[0] * len(markers),
+        mode="markers",
+        name="actions",
+        showlegend=False,
+        marker={
+            "symbol": "triangle-up",
+            "size": 11,
+            "color": [MARKER_COLOUR.get(str(m["state"]), DEFAULT_MARKER) for m in markers],
+        },
+        customdata=[
+            [plain_value(m[k]) for k in ("action", "target", "state", "who", "id")] for m in markers
+        ],
+        hovertemplate="run %{customdata[4]}: %{customdata[0]} on %{customdata[1]}<br>"
+        "%{customdata[2]} · by %{customdata[3]}<extra></extra>",
+    )
 
 
 def lag_lines(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -120,18 +267,18 @@ def lag_lines(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def all_charts(
     series: Mapping[str, Mapping[str, Any]],
-    notes: Mapping[str, Sequence[Mapping[str, Any]]],
+    notes: Mapping[str, Any],
     x_range: tuple[str, str] | None = None,
 ) -> dict[str, go.Figure]:
-    """One figure per panel, each annotated with the same incidents and runs."""
+    """One figure per panel, each annotated with the same incidents and runs (bounded once)."""
+    drawn = bound_notes(notes, x_range)
     return {
         name: line_chart(
             str(panel["title"]) + (f" — {panel['error']}" if panel.get("error") else ""),
             panel["lines"] if "lines" in panel else lag_lines(panel.get("samples", ())),
             unit=str(panel.get("unit", "")),
-            spans=notes.get("spans", ()),
-            markers=notes.get("markers", ()),
             x_range=x_range,
+            notes=drawn,
         )
         for name, panel in series.items()
     }

@@ -101,21 +101,33 @@ def chart_names() -> list[str]:
 
 
 @dashboard.get("/api/charts.json")
-def charts_json() -> Response:
-    """Every panel's Plotly figure for the range, incidents and runs drawn over them."""
+def charts_json() -> Response | tuple[Response, int, dict[str, str]]:
+    """Every panel's Plotly figure for the range, incidents and runs drawn over them: computed
+    once per range per worker every few seconds, however many viewers poll it, and by a bounded
+    number of threads (a quick 503 beyond, with Retry-After, when no earlier answer exists)."""
     cp = control_plane()
     chosen = request.args.get("range", "1h")
     if chosen not in services.timeseries.RANGES_S:
         raise InvalidRequest(f"range must be one of {', '.join(services.timeseries.RANGES_S)}")
+    try:
+        body = shared_reads.charts.get((cp, chosen), lambda: chart_figures(cp, chosen))
+    except shared_reads.Busy as busy:
+        response = as_json({"error": "the charts are being drawn for other viewers: retry"})
+        return response, 503, {"Retry-After": str(busy.retry_after_s)}
+    response = Response(body, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def chart_figures(cp: services.ControlPlane, chosen: str) -> bytes:
+    """The body of charts.json: `{panel: figure}`, as JSON."""
     now = cp.clock()
     data = services.timeseries.series(cp, chosen, now)
     notes = services.timeseries.chart_notes(cp, chosen, now)
     start = now - timedelta(seconds=services.timeseries.RANGES_S[chosen])
     figures = all_charts(data, notes, (start.isoformat(), now.isoformat()))
     body = "{" + ",".join(f"{json.dumps(k)}:{f.to_json()}" for k, f in figures.items()) + "}"
-    response = Response(body, mimetype="application/json")
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    return body.encode()
 
 
 # -- game days (web/gamedays.py) -----------------------------------------------------------------

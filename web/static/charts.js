@@ -27,9 +27,25 @@
       inBrowserZone(fig);
       if (dark) { fig.layout.font = {color: "#e6e8ec"}; fig.layout.template = undefined; }
       Plotly.react(el, fig.data, fig.layout, SG.plotlyConfig);
-      el.dataset.points = fig.data.filter((t) => t.name !== "actions").reduce((n, t) => n + ((t.y || []).filter((v) => v !== null).length), 0);
+      el.dataset.points = fig.data.filter((t) => t.name !== "actions" && t.name !== "incidents").reduce((n, t) => n + ((t.y || []).filter((v) => v !== null).length), 0);
     }
     document.getElementById("charts-updated").textContent = "updated " + new Date().toLocaleTimeString();
   };
-  SG.poll("/dashboard/api/charts.json?range=" + encodeURIComponent(range), draw, 10000);
+  // SG.poll's loop, but a busy server's 503 is retried after its Retry-After (a few seconds,
+  // spread so that a wall of displays does not come back at once), not 10 s later.
+  const url = "/dashboard/api/charts.json?range=" + encodeURIComponent(range);
+  const EVERY_MS = 10000;
+  const run = async () => {
+    let next = EVERY_MS;
+    if (document.visibilityState === "visible") {
+      try {
+        const r = await fetch(url, {headers: {Accept: "application/json"}, credentials: "same-origin"});
+        if (r.status === 401 || r.redirected) { location.reload(); return; }
+        if (r.ok) draw(await r.json());
+        else if (r.status === 503) next = (Number(r.headers.get("Retry-After")) || 2) * 1000 * (1 + Math.random());
+      } catch (e) { /* the next poll tries again */ }
+    }
+    setTimeout(run, next);
+  };
+  run();
 })();
