@@ -286,3 +286,16 @@ def test_a_chunked_body_on_a_reject_is_read_not_skipped(app: Flask) -> None:
         headers={"Authorization": "Bearer generated-token", "Transfer-Encoding": "chunked"},
     )
     assert response.status_code == 415
+
+
+def test_a_bidi_control_in_outside_text_is_shown_not_obeyed(app: Flask) -> None:
+    client = app.test_client()
+    log_in(client, "admin", "admin-password")
+    created = client.post(
+        "/dashboard/silences",
+        data={"csrf_token": csrf_of(client, "/dashboard/silences"), "matchers": "target=shop-1",
+              "duration_min": "5", "comment": "evil\u202e1-pohs"},
+    )  # fmt: skip
+    assert created.status_code == 302
+    page = client.get("/dashboard/silences").text
+    assert "\u202e" not in page and "evil&lt;U+202E&gt;1-pohs" in page

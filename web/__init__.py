@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
+from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
 from controlplane import services
@@ -13,6 +16,19 @@ from controlplane.errors import ControlPlaneError
 from web.body import MAX_BODY_BYTES, IdConverter
 
 logger = logging.getLogger(__name__)
+
+
+# Bidi controls reorder what follows them on screen: in an alert's label they would show one
+# target's name as another's. Pages show them as their code points (web/static/app.js too).
+BIDI = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value: Any) -> Any:
+    """Every `{{ … }}` of the templates: outside text with its bidi controls made visible
+    (markup a filter made, such as `tojson`, is left as it is)."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return BIDI.sub(lambda m: f"<U+{ord(m.group()):04X}>", value)
+    return value
 
 
 def create_app(
@@ -27,6 +43,7 @@ def create_app(
     from web.health import health
 
     app = Flask(__name__)
+    app.jinja_env.finalize = visible
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # 413 beyond it, before it is read
     app.url_map.converters["id"] = IdConverter
     if control_plane is None:

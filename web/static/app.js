@@ -2,7 +2,11 @@
 "use strict";
 const SG = {};
 SG.csrf = document.querySelector('meta[name="csrf-token"]').content;
-SG.esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+// Text from outside, as text: markup escaped, and bidi controls shown as their code points
+// (a U+202E in a label would show another target's name). Same as web/__init__.py's `visible`.
+SG.esc = (s) => String(s ?? "")
+  .replace(/[\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase()}>`)
+  .replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 SG.ago = (iso) => {
   if (!iso) return "—";
   const s = Math.round((Date.now() - new Date(iso).getTime()) / 1000);
