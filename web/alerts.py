@@ -160,7 +160,8 @@ def intake_limit(cp: services.ControlPlane) -> IntakeLimit | SharedIntakeLimit:
 
 
 @alerts.post("/alerts")
-@documented(200, AlertsAcceptedOut, body=services.WebhookIn, errors=(400, 401, 429))
+@documented(200, AlertsAcceptedOut, body=services.WebhookIn, errors=(400, 401, 429),
+            auth="webhook")  # fmt: skip
 def receive() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     """Alertmanager's webhook (v4), with the webhook token"""
     cp = control_plane()

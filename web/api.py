@@ -162,7 +162,7 @@ def openapi() -> Response:
 
 @api.get("/health/database/primary")
 @documented(200, PrimaryOut, query=PrimaryQuery, errors=(400,), also=((503, PrimaryOut),),
-            public=True)  # fmt: skip
+            auth="none")  # fmt: skip
 def database_primary() -> tuple[Response, int]:
     """200 only where a writable primary is (for load balancers, Patroni's GET /primary)
 

@@ -179,7 +179,13 @@ class ActionsQuery(BaseModel):
 # The document is spectree's, built from the views it decorates (`documented`) and the same
 # pydantic models the API validates bodies with. spectree does not validate here (the API's
 # own parser answers bad input with its JSON 4xx, web/body.py): it only describes.
+# The API's token (CP_API_TOKEN or a named one), and Alertmanager's (CP_WEBHOOK_TOKEN): each
+# is refused where the other is asked for.
 BEARER = SecurityScheme.parse_obj({"name": "bearer", "data": {"type": "http", "scheme": "bearer"}})
+WEBHOOK = SecurityScheme.parse_obj(
+    {"name": "webhook", "data": {"type": "http", "scheme": "bearer",
+                                 "description": "the webhook token (CP_WEBHOOK_TOKEN)"}}
+)  # fmt: skip
 spec = SpecTree(
     "flask",
     mode="strict",  # only the decorated views are in it
@@ -189,7 +195,7 @@ spec = SpecTree(
     annotations=False,
     naming_strategy=lambda model: model.__name__,
     nested_naming_strategy=lambda _parent, child: child,
-    security_schemes=[BEARER],
+    security_schemes=[BEARER, WEBHOOK],
     security={"bearer": []},
     # What the API answers to input it refuses (web/body.py, services): spectree's default
     # (422 with its own body) is never sent.
@@ -208,7 +214,7 @@ def documented(
     query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (400, 401, 403, 404, 409),
     also: tuple[tuple[int, type[BaseModel]], ...] = (),
-    public: bool = False,
+    auth: Literal["api", "webhook", "none"] = "api",
     body_required: bool = True,
 ) -> Callable[[F], F]:
     """A view's entry in the document: its answer `ok` with `response`, answers other than
@@ -222,7 +228,7 @@ def documented(
         query=query,
         resp=Documented(**codes),
         skip_validation=True,
-        security={} if public else None,
+        security={"api": None, "webhook": {"webhook": []}, "none": {}}[auth],
     )
 
     def decorate(view: F) -> F:
