@@ -61,24 +61,22 @@ def add(name: str, role: str, targets: Path | None, data_dir: Path | None, passw
     click.echo(f"user {name} ({role}) added")
 
 
-@user.command("disable")
-@click.argument("name")
-@TARGETS
-@DATA_DIR
-def disable(name: str, targets: Path | None, data_dir: Path | None) -> None:
-    """Disable user NAME: its logins fail and its sessions end at once."""
-    in_store(targets, data_dir, lambda f: accounts.set_disabled(f, name, True, "cli", utcnow()))
-    click.echo(f"user {name} disabled")
+def _state_command(verb: str, disabled: bool, doc: str) -> None:
+    """`user disable NAME` and `user enable NAME`: one command each, the same steps."""
+
+    @user.command(verb, help=doc)
+    @click.argument("name")
+    @TARGETS
+    @DATA_DIR
+    def command(name: str, targets: Path | None, data_dir: Path | None) -> None:
+        in_store(
+            targets, data_dir, lambda f: accounts.set_disabled(f, name, disabled, "cli", utcnow())
+        )
+        click.echo(f"user {name} {verb}d")
 
 
-@user.command("enable")
-@click.argument("name")
-@TARGETS
-@DATA_DIR
-def enable(name: str, targets: Path | None, data_dir: Path | None) -> None:
-    """Enable user NAME again."""
-    in_store(targets, data_dir, lambda f: accounts.set_disabled(f, name, False, "cli", utcnow()))
-    click.echo(f"user {name} enabled")
+_state_command("disable", True, "Disable user NAME: its logins fail and its sessions end at once.")
+_state_command("enable", False, "Enable user NAME again.")
 
 
 @user.command("password")
