@@ -60,16 +60,27 @@ def observe(name: str, dsn: str, timeout_s: float) -> NodeView:
         return NodeView(name, NodeState.UNANSWERED, f"no answer within {timeout_s:g}s")
 
 
+def session(
+    dsn: str, timeout_s: float, application_name: str | None = None
+) -> psycopg.Connection[Any]:
+    """An autocommit session whose connect and every statement end within about `timeout_s`
+    (libpq takes whole seconds for the connect, at least one; a server that stops answering
+    once connected needs `deadline` as well). Raises psycopg.Error (`state_of` tells a
+    refusal from no answer)."""
+    return psycopg.connect(
+        dsn,
+        connect_timeout=max(1, round(timeout_s)),
+        autocommit=True,
+        options=f"-c statement_timeout={int(timeout_s * 1000)}",
+        application_name=application_name,  # None: the DSN's, or libpq's default
+    )
+
+
 def _observe(name: str, dsn: str, timeout_s: float) -> NodeView:
     cut = Cut()
     try:
         with (
-            psycopg.connect(
-                dsn,
-                connect_timeout=max(1, round(timeout_s)),
-                autocommit=True,
-                options=f"-c statement_timeout={int(timeout_s * 1000)}",
-            ) as conn,
+            session(dsn, timeout_s) as conn,
             deadline(max(timeout_s, LOOK_DEADLINE_S), conn, cut=cut),
         ):
             return _look(name, conn)
@@ -180,18 +191,6 @@ def follows(view: NodeView, leader: NodeView) -> bool:
         view.state is NodeState.STANDBY
         and view.receiving == "streaming"
         and view.timeline == leader.timeline
-    )
-
-
-def hold(dsn: str, timeout_s: float, application_name: str) -> psycopg.Connection[Any]:
-    """An idle session on the node, held to learn when it drops (`wait_dropped`). Raises
-    psycopg.Error (`state_of` tells a refusal from no answer)."""
-    return psycopg.connect(
-        dsn,
-        connect_timeout=max(1, round(timeout_s)),
-        autocommit=True,
-        application_name=application_name,
-        options=f"-c statement_timeout={int(timeout_s * 1000)}",
     )
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
-import psycopg
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
@@ -85,17 +84,6 @@ def down(summary: str, **details: Any) -> ProbeResult:
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
-
-
-def connect_pg(dsn: str, timeout_s: float) -> psycopg.Connection[Any]:
-    """An autocommit session whose connect and every statement end within about `timeout_s`
-    (libpq takes whole seconds for the connect, at least one)."""
-    return psycopg.connect(
-        dsn,
-        connect_timeout=max(1, round(timeout_s)),
-        autocommit=True,
-        options=f"-c statement_timeout={int(timeout_s * 1000)}",
-    )
 
 
 T = TypeVar("T")

@@ -17,7 +17,8 @@ from pydantic import Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from probes.base import Health, Params, Probe, ProbeResult, connect_pg, describe
+from pgcluster.nodes import session
+from probes.base import Health, Params, Probe, ProbeResult, describe
 
 # The fields of a product only its owner edits (and the shop invalidates on such an edit).
 JUDGED = ("sku", "name", "price_cents")
@@ -113,7 +114,7 @@ class CacheTruthProbe(Probe):
         return cached, garbled
 
     def _truth(self, p: CacheTruthParams, ids: list[int]) -> dict[int, dict[str, Any]]:
-        with connect_pg(p.inventory_dsn, self.timeout_s) as conn:
+        with session(p.inventory_dsn, self.timeout_s) as conn:
             rows = conn.execute(
                 "SELECT id, sku, name, price_cents FROM products WHERE id = ANY(%s)", (ids,)
             ).fetchall()

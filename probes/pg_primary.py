@@ -24,10 +24,10 @@ from pydantic import Field
 
 from pgcluster.nodes import (
     NodeState,
-    hold,
     is_writable,
     leader_of,
     observe_all,
+    session,
     state_of,
     wait_dropped,
 )
@@ -163,7 +163,8 @@ class PgPrimaryProbe(Probe):
         """Hold a session on `name` while the runs find it leading. The event, if any: the
         session dropped, a reconnect was refused, or the node does not answer as a primary."""
         try:
-            conn = hold(dsn, self.timeout_s, f"shopguard-watch/{self.name}")
+            # An idle session, held to learn when it drops (`wait_dropped`).
+            conn = session(dsn, self.timeout_s, f"shopguard-watch/{self.name}")
         except psycopg.Error as exc:
             if state_of(exc) is NodeState.REFUSED:
                 return f"a reconnect to {name} was refused"

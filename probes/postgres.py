@@ -8,7 +8,8 @@ from typing import Any, Literal
 import psycopg
 from pydantic import Field
 
-from probes.base import Health, Params, Probe, ProbeResult, connect_pg, describe, down
+from pgcluster.nodes import session
+from probes.base import Health, Params, Probe, ProbeResult, describe, down
 
 
 class PostgresParams(Params):
@@ -40,7 +41,7 @@ class PostgresProbe(Probe):
     def check(self) -> ProbeResult:
         p: PostgresParams = self.params  # type: ignore[assignment]
         try:
-            with connect_pg(p.dsn, self.timeout_s) as conn:
+            with session(p.dsn, self.timeout_s) as conn:
                 details = self._observe(conn)
         except psycopg.Error as exc:
             return down(describe(exc))
