@@ -71,11 +71,13 @@ def crashed(exc: BaseException) -> ProbeResult:
     return ProbeResult(Health.DOWN, f"probe crashed: {type(exc).__name__}: {exc}")
 
 
-def unreachable(probe: Probe) -> Health:
-    """What a run past its timeout says: what the probe itself reports for a target it cannot
-    reach. DOWN for most kinds; UNKNOWN for one that judges data through another service (the
+def gave_up(spec: ProbeSpec, probe: Probe, how: str, latency_ms: float = 0.0) -> ProbeResult:
+    """A run past its timeout: what the probe itself reports for a target it cannot reach.
+    DOWN for most kinds; UNKNOWN for one that judges data through another service (the
     invariants behind a hung node: that is no damage, and no reason to propose a restore)."""
-    return probe.unreachable
+    return ProbeResult(
+        probe.unreachable, f"no answer within {spec.timeout_s:g} s ({how})", latency_ms
+    )
 
 
 class Recorder:
@@ -105,7 +107,7 @@ class Recorder:
                 "health": r.result.health,
                 "latency_ms": r.result.latency_ms,
                 "summary": r.result.summary,
-                "details": dict(r.result.details),
+                "details": r.result.details,
                 "at": r.at,
             }
             for r in runs
@@ -321,10 +323,7 @@ class ProbeRunner:
             async with asyncio.timeout(slot.spec.timeout_s + OUTER_GRACE_S):
                 result = await check.check_async()
         except TimeoutError:
-            result = ProbeResult(
-                unreachable(slot.probe),
-                f"no answer within {slot.spec.timeout_s:g} s (probe gave up)",
-            )
+            result = gave_up(slot.spec, slot.probe, "probe gave up")
         except Exception as exc:  # the job's catch-all: a probe bug is recorded as DOWN
             logger.exception("probe %s crashed", slot.spec.name)
             result = crashed(exc)
@@ -342,17 +341,9 @@ class ProbeRunner:
         if done:
             return future.result()
         logger.warning("probe %s: still running past its timeout", slot.spec.name)
-        self._enqueue(
-            FinishedRun(
-                slot.spec,
-                ProbeResult(
-                    unreachable(slot.probe),
-                    f"no answer within {slot.spec.timeout_s:g} s (probe still running)",
-                    latency_ms=(slot.spec.timeout_s + OUTER_GRACE_S) * 1000,
-                ),
-                self.clock(),
-            )
-        )
+        waited_ms = (slot.spec.timeout_s + OUTER_GRACE_S) * 1000
+        result = gave_up(slot.spec, slot.probe, "probe still running", waited_ms)
+        self._enqueue(FinishedRun(slot.spec, result, self.clock()))
         await future  # its late answer is not recorded: the DOWN above stands for it
         return None
 

@@ -190,35 +190,9 @@ def _upsert(session: Session) -> Any:
 
 
 # -- probe runs ---------------------------------------------------------------------------------
-def record_probe_run(
-    session: Session,
-    *,
-    probe: str,
-    kind: str,
-    target: str,
-    health: str,
-    latency_ms: float,
-    summary: str,
-    details: Mapping[str, Any],
-    at: datetime,
-) -> None:
-    session.add(
-        ProbeRun(
-            probe=probe,
-            kind=kind,
-            target=target,
-            health=health,
-            latency_ms=latency_ms,
-            summary=summary,
-            details=dict(details),
-            at=at,
-        )
-    )
-
-
 def record_probe_runs(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Many runs in one statement (the probe runner's batch): each row has the keyword
-    arguments of `record_probe_run`."""
+    """Probe runs in one statement (the probe runner's batch): each row a ProbeRun's columns
+    (probe, kind, target, health, latency_ms, summary, details, at)."""
     if rows:
         session.execute(insert(ProbeRun), [{**r, "details": dict(r["details"])} for r in rows])
 

@@ -327,18 +327,14 @@ def test_the_sqlite_state_store_is_migrated_and_keeps_probe_history_bounded(
     now = datetime.now(UTC)
     try:
         with store.transaction(cp.factory) as s:
-            for n in range(25):
-                store.record_probe_run(
-                    s,
-                    probe="p",
-                    kind="tcp",
-                    target="t",
-                    health="up",
-                    latency_ms=1,
-                    summary="ok",
-                    details={},
-                    at=now + timedelta(seconds=n),
-                )
+            store.record_probe_runs(
+                s,
+                [
+                    {"probe": "p", "kind": "tcp", "target": "t", "health": "up", "latency_ms": 1,
+                     "summary": "ok", "details": {}, "at": now + timedelta(seconds=n)}
+                    for n in range(25)
+                ],
+            )  # fmt: skip
         cp.prune()
         with store.transaction(cp.factory) as s:
             kept = store.recent_probe_runs(s, "p", 100)
