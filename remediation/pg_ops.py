@@ -260,15 +260,16 @@ def wait_streaming(
     """Wait for a node just started to stream; at once, with the end of its log, if it stops
     (else a port taken would cost the whole timeout, and read as "not streaming")."""
 
-    gone: list[bool] = []
+    stopped_looks = 0  # in a row
 
     def check() -> bool:
+        nonlocal stopped_looks
         if streaming():
             return True
         # Twice in a row, a look apart: the launcher's child is not yet the server (still
         # `setsid`) for a moment after the start returns.
-        gone.append(not executor.is_running(node))
-        if gone[-2:] == [True, True]:
+        stopped_looks = 0 if executor.is_running(node) else stopped_looks + 1
+        if stopped_looks >= 2:
             raise StoppedAtStart(f"{node} stopped right after its start: {executor.log_tail(node)}")
         return False
 
