@@ -58,6 +58,17 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
+def _user(s: Session, name: str) -> User | None:
+    return s.scalars(select(User).where(User.name == name)).first()
+
+
+def _existing_user(s: Session, name: str) -> User:
+    user = _user(s, name)
+    if user is None:
+        raise NotFound(f"no user {name[:100]!r}")
+    return user
+
+
 def parse_role(role: str) -> Role:
     try:
         return Role(role)
@@ -107,7 +118,7 @@ def ensure_user(
 ) -> None:
     """The user with this password and role, created or updated (the lab's admin)."""
     with store.transaction(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
+        user = _user(s, name)
         if user is not None:
             changed = []
             if not check_password_hash(user.password_hash, password):
@@ -135,7 +146,7 @@ def authenticate_user(factory: sessionmaker[Session], name: str, password: str) 
         check_password_hash(_DUMMY_HASH, password)
         return None
     with store.read(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
+        user = _user(s, name)
     if user is None or user.disabled:
         check_password_hash(_DUMMY_HASH, password)
         return None
@@ -152,7 +163,7 @@ def load_user(
     if not name.isprintable():
         return None
     with store.read(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
+        user = _user(s, name)
     if user is None or user.disabled:
         return None
     cutoff = user.sessions_valid_after
@@ -164,7 +175,7 @@ def load_user(
 def end_sessions(factory: sessionmaker[Session], name: str, now: datetime) -> None:
     """Every session of the user that began up to now is void (log out, everywhere)."""
     with store.transaction(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
+        user = _user(s, name)
         if user is not None:
             user.sessions_valid_after = now
 
@@ -176,9 +187,7 @@ def set_disabled(
     if who == name and disabled:
         raise InvalidRequest("an admin cannot disable itself")
     with store.transaction(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
-        if user is None:
-            raise NotFound(f"no user {name[:100]!r}")
+        user = _existing_user(s, name)
         user.disabled = disabled
         user.sessions_valid_after = now
         verb = "user-disable" if disabled else "user-enable"
@@ -192,9 +201,7 @@ def set_password(
     if len(password) < MIN_PASSWORD:
         raise InvalidRequest(f"a password has at least {MIN_PASSWORD} characters")
     with store.transaction(factory) as s:
-        user = s.scalars(select(User).where(User.name == name)).first()
-        if user is None:
-            raise NotFound(f"no user {name[:100]!r}")
+        user = _existing_user(s, name)
         user.password_hash = generate_password_hash(password, method="scrypt")
         user.sessions_valid_after = now
         store.audit(
