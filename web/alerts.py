@@ -17,12 +17,11 @@ from contextlib import contextmanager
 
 from cachetools import TTLCache
 from flask import Blueprint, Response, current_app, jsonify, request
-from pydantic import ValidationError
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
 from web.auth import control_plane, require_token
-from web.body import json_object
+from web.body import json_object, validated
 from web.openapi import AlertsAcceptedOut, documented
 
 alerts = Blueprint("alerts", __name__)
@@ -167,10 +166,7 @@ def receive() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     cp = control_plane()
     require_token(cp.settings.webhook_token, "webhook")
     body = json_object("a JSON object (Alertmanager webhook v4)")
-    try:
-        payload = services.WebhookIn.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+    payload = validated(services.WebhookIn, body)
     # Firing alerts are what costs (incidents, decisions, actions); a resolution only closes.
     firing = sum(a.status == "firing" for a in payload.alerts)
     wait_s = intake_limit(cp).take(request.remote_addr or "?", firing) if firing else 0.0

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, jsonify, request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from controlplane import services
-from controlplane.errors import InvalidRequest
 from web import shared_reads
 from web.auth import bearer_token, control_plane
-from web.body import has_body, json_object
+from web.body import has_body, json_object, validated
 from web.login import csrf, require
 from web.openapi import (
     AcceptedOut,
@@ -53,19 +52,12 @@ def actor() -> str:
 
 
 def parse(model: type[M]) -> M:
-    body = json_object()
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+    return validated(model, json_object())
 
 
 def query(model: type[M]) -> M:
     """The query string, by the model the document describes it with (each key once)."""
-    try:
-        return model.model_validate(request.args.to_dict())
-    except ValidationError as exc:
-        raise InvalidRequest(services.validation_errors(exc.errors())) from None
+    return validated(model, request.args.to_dict())
 
 
 @api.get("/health")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import request
+from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import IntegerConverter
 
 from controlplane.errors import InvalidRequest, TooLarge, UnsupportedMediaType
+from controlplane.services import validation_errors
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a webhook of 1000 alerts fits; a 50 MB annotation does not
 MAX_DEPTH = 32
@@ -25,6 +27,17 @@ class IdConverter(IntegerConverter):
 
     def __init__(self, map: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(map, min=1, max=MAX_ID)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], values: Any) -> M:
+    """`values` (a body, a form, a query string) as `model`, else a 400 naming each field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_errors(exc.errors())) from None
 
 
 def has_body() -> bool:

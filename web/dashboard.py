@@ -7,22 +7,21 @@ import json
 import math
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
-from pydantic import BaseModel, ValidationError
 from werkzeug.wrappers import Response as BaseResponse
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
 from web import gamedays, shared_reads
 from web.auth import control_plane
+from web.body import validated
 from web.charts import all_charts
 from web.login import principal, require
 
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 Role = services.Role
-M = TypeVar("M", bound=BaseModel)
 
 
 @dashboard.before_request
@@ -32,13 +31,6 @@ def logged_in() -> BaseResponse | None:
     if principal() is None:
         return redirect(url_for("login.form", next=request.full_path.rstrip("?")))
     return None
-
-
-def form_model(model: type[M], values: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        raise InvalidRequest(services.validation_errors(exc.errors())) from None
 
 
 def field(name: str, limit: int = 1000) -> str:
@@ -227,7 +219,7 @@ def request_form() -> tuple[services.ActionRequestIn, dict[str, Any]]:
     if incident and not (incident.isascii() and incident.isdigit()):
         # isdigit() alone takes a superscript two (which int() refuses) and Arabic-Indic digits
         raise InvalidRequest("incident_id must be a whole number (0-9)")
-    body = form_model(
+    body = validated(
         services.ActionRequestIn,
         {
             "action": field("action", 100),
@@ -303,7 +295,7 @@ def start_backup() -> BaseResponse:
     targets = backup_targets(cp)
     if not targets:
         raise InvalidRequest("no operator policy runs a backup: see the targets file")
-    body = form_model(
+    body = validated(
         services.ActionRequestIn,
         {
             "action": "backup",
@@ -339,7 +331,7 @@ def silence() -> BaseResponse:
         raise InvalidRequest("the duration is a number of minutes") from None
     if not math.isfinite(minutes):
         raise InvalidRequest("the duration is a number of minutes")
-    body = form_model(
+    body = validated(
         services.SilenceIn,
         {"matchers": matchers, "duration_s": minutes * 60, "comment": field("comment")},
     )
