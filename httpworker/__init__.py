@@ -104,12 +104,7 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     """gunicorn's own answer to a request its parser refuses (a control character in a
     header, two Content-Lengths, a head too large), in JSON like every other error of the
     services, instead of an HTML page."""
-    body = json.dumps({"error": mesg or reason}).encode()
-    head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    util.write_nonblock(sock, head.encode("latin-1") + body)
+    util.write_nonblock(sock, answer(f"{status_int} {reason}", mesg or reason))
 
 
 class WholeRequestWorker(ThreadWorker):  # type: ignore[misc]
