@@ -72,6 +72,10 @@ class ActionEngine:
         # A run that succeeded, with its last outcome's data: what the control plane keeps of
         # it beyond the audit (e.g. a backup taken by hand goes into the catalog).
         self.on_succeeded: Callable[[str, Mapping[str, Any]], None] = lambda action, data: None
+        # Called with (action, target) as a run starts, before its precheck: work in flight
+        # that must not stand in its way (a backup of a cluster about to fail over) is told
+        # to stop. It must return at once: it never holds the run up.
+        self.on_starting: Callable[[str, str], None] = lambda action, target: None
 
     @property
     def busy(self) -> int:
@@ -254,6 +258,10 @@ class ActionEngine:
             labels=dict(service.labels) if service else {},
             last_good_at=last_good_at,
         )
+        try:
+            self.on_starting(run.action, run.target)
+        except Exception:  # what stands aside is best effort; the run goes on
+            logger.exception("run %d: stopping work in its way failed", run_id)
         try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))
         except ActionError as exc:
