@@ -20,6 +20,11 @@ Mode = Literal["auto", "approval", "dry_run"]
 # Who may make a policy act: its probe's failures, an Alertmanager alert, or an operator's
 # request through the API (never an incident).
 Source = Literal["probe", "alert", "operator"]
+# What a policy's limits (cooldown_s, max_runs per window_s) do once reached. They are there
+# to stop ping-pong between healthy nodes and a restart loop that hides a deeper fault, not to
+# keep a service down: "notify" (the default) acts all the same and tells a human at once;
+# "hold" waits for a human, who is told at once.
+OverLimit = Literal["notify", "hold"]
 # The keys the control plane itself sets on what a policy matches. An alert's labels never
 # stand in for them (decide() drops them from an alert before matching), and a policy may
 # match only those its source can carry.
@@ -99,6 +104,15 @@ class PolicySpec(Frozen):
     run_timeout_s: float = Field(default=600.0, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
     defer_while: DeferWhile = Field(default_factory=DeferWhile)
+    # A run that ends and may be followed by another for the same incident (its precheck said
+    # "not now", or it failed in a way a new start may mend) is tried again after
+    # retry_backoff_s, doubled each try up to retry_backoff_max_s, while the incident is open.
+    retry_backoff_s: float = Field(default=1.0, gt=0)
+    retry_backoff_max_s: float = Field(default=15.0, gt=0)
+    over_limit: OverLimit = "notify"
+    # A critical incident with no successful run of this policy's action this long after it
+    # was detected: a human is told, through every channel (giving up is loud).
+    escalate_after_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def matches_what_its_source_carries(self) -> PolicySpec:

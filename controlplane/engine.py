@@ -29,7 +29,14 @@ from controlplane.config import PolicySpec, Settings
 from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.notify import Notifier
-from remediation.base import Action, ActionContext, ActionError, Check, operator_params
+from remediation.base import (
+    Action,
+    ActionContext,
+    ActionError,
+    Check,
+    Decline,
+    operator_params,
+)
 from remediation.executors.base import Executor, ExecutorError
 from remediation.registry import UnknownAction, action_class, build_action
 
@@ -146,49 +153,51 @@ class ActionEngine:
         )
 
     def _abandon(self, candidates: list[int], now: datetime) -> list[int]:
-        abandoned = []
+        abandoned: list[tuple[int, bool]] = []  # (run, escalated)
         touched: set[str] = set()
         with store.transaction(self.factory) as s:
             for run_id in candidates:
                 run = s.get(ActionRun, run_id)
                 if run is None or run.id in self.in_flight:
                     continue
-                if store.change_run_state(
-                    s, run.id, ActionState.RUNNING, ActionState.ABANDONED, finished_at=now
+                # An action that may start over is tried again for its incident, after the
+                # backoff; any other (a failover, a restore) is a human's to look at.
+                again = run.incident_id is not None and may_start_over(run.action)
+                if not store.change_run_state(
+                    s,
+                    run.id,
+                    ActionState.RUNNING,
+                    ActionState.ABANDONED,
+                    finished_at=now,
+                    retry=again,
                 ):
-                    store.audit(
-                        s,
-                        actor=self.settings.instance_id,
-                        verb="abandon",
-                        at=now,
-                        action_run_id=run.id,
-                        incident_id=run.incident_id,
-                        message=f"{run.owner} stopped during {run.action}: not re-run; "
-                        "a human must check",
+                    continue
+                then = (
+                    "its next try starts over, after a backoff"
+                    if again
+                    else "not re-run; a human must check"
+                )
+                message = f"{run.owner} stopped during {run.action}: {then}"
+                store.audit(
+                    s,
+                    actor=self.settings.instance_id,
+                    verb="abandon",
+                    at=now,
+                    action_run_id=run.id,
+                    incident_id=run.incident_id,
+                    message=message,
+                )
+                if run.incident_id is not None:
+                    kind = "action" if again else "escalated"
+                    store.add_timeline(
+                        s, run.incident_id, kind, f"{run.action} abandoned mid-way: {then}", now
                     )
-                    if run.incident_id is not None:
-                        store.add_timeline(
-                            s,
-                            run.incident_id,
-                            "escalated",
-                            f"{run.action} abandoned mid-way: escalated",
-                            now,
-                        )
-                        if may_start_over(run.action) and store.resolve_incident(
-                            s, run.incident_id, now
-                        ):
-                            store.add_timeline(
-                                s,
-                                run.incident_id,
-                                "closed",
-                                f"closed with its abandoned {run.action}: a failure that "
-                                "persists opens a new incident, and a new run",
-                                now,
-                            )
-                    abandoned.append(run.id)
-                    service = self.settings.service(run.target)
-                    if service is not None and service.component:
-                        touched.add(service.component)
+                    if not again:
+                        store.mark_escalated(s, run.incident_id, now)
+                abandoned.append((run.id, not again))
+                service = self.settings.service(run.target)
+                if service is not None and service.component:
+                    touched.add(service.component)
         for component in sorted(touched):
             # What did the dead run leave? Asking records a process it started unrecorded.
             try:
@@ -199,10 +208,14 @@ class ActionEngine:
             logger.info(
                 "after an abandoned run, %s %s", component, "runs" if running else "is down"
             )
-        for run_id in abandoned:
+        for run_id, escalated in abandoned:
             self.metrics.actions.labels("unknown", ActionState.ABANDONED).inc()
-            self.notifier.notify("escalation", f"action run {run_id} abandoned", {"run": run_id})
-        return abandoned
+            if escalated:
+                self.metrics.escalations.inc()
+                self.notifier.notify(
+                    "escalation", f"action run {run_id} abandoned", {"run": run_id}
+                )
+        return [run_id for run_id, _ in abandoned]
 
     # -- running -------------------------------------------------------------------------------
     def _run_guarded(self, run_id: int) -> None:
@@ -265,16 +278,16 @@ class ActionEngine:
         try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))
         except ActionError as exc:
-            self._finish(run_id, ActionState.FAILED, {"error": str(exc)}, f"precheck: {exc}")
-            return
-        if not pre.ok:
             self._finish(
                 run_id,
-                ActionState.SKIPPED,
-                {"precheck": pre.reason},
-                f"precheck declined: {pre.reason}",
-                recovered=pre.healthy,
+                ActionState.FAILED,
+                {"error": str(exc), "permanent": exc.permanent},
+                f"precheck: {exc}",
+                retry=self._may_retry(run, action, exc),
             )
+            return
+        if not pre.ok:
+            self._decline(run, pre)
             return
         retrying = Retrying(
             stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.run_timeout_s),
@@ -290,11 +303,14 @@ class ActionEngine:
                     tried = attempt.retry_state.attempt_number
                     outcome = self._attempt(run, action, ctx, policy, tried)
         except (NotYetHealthy, ActionError, _Permanent) as exc:
+            again = self._may_retry(run, action, exc)
             self._finish(
                 run_id,
                 ActionState.FAILED,
-                {"error": str(exc), "attempts": tried},
-                f"gave up after {tried} attempt(s): {exc}; escalated",
+                {"error": str(exc), "attempts": tried, "permanent": isinstance(exc, _Permanent)},
+                f"gave up after {tried} attempt(s): {exc}; "
+                + ("tried again with backoff" if again else "escalated"),
+                retry=again,
             )
             return
         self._finish(run_id, ActionState.SUCCEEDED, {}, "verified recovered")
@@ -302,6 +318,39 @@ class ActionEngine:
             self.on_succeeded(run.action, outcome)
         except Exception:  # the run stands; what follows it is logged, not re-run
             logger.exception("after run %d succeeded", run_id)
+
+    @staticmethod
+    def _may_retry(run: ActionRun, action: Action, exc: Exception) -> bool:
+        """A failed run may be followed by a new try for its incident when the action may
+        start over and nothing said the failure is permanent; else it escalates (a failover
+        or a restore left half done is a human's to look at)."""
+        permanent = isinstance(exc, _Permanent) or getattr(exc, "permanent", False)
+        return run.incident_id is not None and action.may_start_over and not permanent
+
+    def _decline(self, run: ActionRun, pre: Check) -> None:
+        """A precheck's no, with its consequence: nothing to do marks the incident recovered;
+        not now is tried again with backoff while the incident lasts (a run for no incident,
+        an operator's, is asked again by the operator); never escalates at once."""
+        kind = pre.decline
+        if kind is None:  # an action that does not say which no: the careful reading
+            logger.error("%s's precheck declined without its kind: treated as never", run.action)
+            kind = Decline.NEVER
+        then = {
+            Decline.NOTHING_TO_DO: "the target is healthy",
+            Decline.NOT_NOW: "tried again with backoff while the incident lasts"
+            if run.incident_id is not None
+            else "not now: ask again later",
+            Decline.NEVER: "unsafe: escalated to a human, not tried again",
+        }[kind]
+        self._finish(
+            run.id,
+            ActionState.SKIPPED,
+            {"precheck": pre.reason, "decline": str(kind)},
+            f"precheck declined ({kind}): {pre.reason}; {then}",
+            recovered=kind is Decline.NOTHING_TO_DO,
+            retry=kind is Decline.NOT_NOW and run.incident_id is not None,
+            escalate=kind is Decline.NEVER,
+        )
 
     def _attempt(
         self, run: ActionRun, action: Action, ctx: ActionContext, policy: PolicySpec, number: int
@@ -399,22 +448,32 @@ class ActionEngine:
         why: str,
         *,
         recovered: bool = False,
+        retry: bool = False,
+        escalate: bool = False,
     ) -> None:
         """running -> `state`, audited; retried on "database is locked" (a run left `running`
         would hold its target's lock: the reaper's last resort, not the plan). `recovered`: a
         run skipped because its target is healthy marks its incident recovered, as a success
-        does (a failure after it is a new one, which gets its own incident and action)."""
+        does (a failure after it is a new one, which gets its own incident and action).
+        `retry`: the incident's next try follows after a backoff (the loop decides when).
+        A failure that is not retried, and `escalate`, tell a human at once."""
         now = self.clock()
+        escalate = escalate or (state is ActionState.FAILED and not retry)
         run = store.with_retries(
-            lambda: self._write_finish(run_id, state, output, why, now, recovered),
+            lambda: self._write_finish(
+                run_id, state, output, why, now, recovered, retry=retry, escalate=escalate
+            ),
             what=f"finish run {run_id}",
         )
         if run is None:
             return
         self.metrics.actions.labels(run.action, state).inc()
-        if state in (ActionState.FAILED,):
+        if escalate:
+            self.metrics.escalations.inc()
             self.notifier.notify(
-                "escalation", f"{run.action} on {run.target} failed", {"run": run_id, "why": why}
+                "escalation",
+                f"{run.action} on {run.target}: {why}",
+                {"run": run_id, "incident": run.incident_id, "why": why},
             )
         elif state is ActionState.SUCCEEDED:
             self.notifier.notify(
@@ -429,10 +488,13 @@ class ActionEngine:
         why: str,
         now: datetime,
         recovered: bool = False,
+        *,
+        retry: bool = False,
+        escalate: bool = False,
     ) -> ActionRun | None:
         with store.transaction(self.factory) as s:
             if not store.change_run_state(
-                s, run_id, ActionState.RUNNING, state, finished_at=now, output=output
+                s, run_id, ActionState.RUNNING, state, finished_at=now, output=output, retry=retry
             ):
                 return None
             run = s.get(ActionRun, run_id)
@@ -448,12 +510,16 @@ class ActionEngine:
                 data=output,
             )
             if run.incident_id is not None:
-                kind = {ActionState.SUCCEEDED: "recovered", ActionState.SKIPPED: "action"}.get(
-                    state, "escalated"
-                )
+                kind = "action"
+                if state is ActionState.SUCCEEDED:
+                    kind = "recovered"
+                elif escalate:
+                    kind = "escalated"
                 store.add_timeline(s, run.incident_id, kind, f"{run.action}: {why}", now)
                 if state is ActionState.SUCCEEDED or recovered:
                     store.mark_incident(s, run.incident_id, recovered_at=now)
+                if escalate:
+                    store.mark_escalated(s, run.incident_id, now)
         return run
 
     def wait_idle(self, timeout_s: float) -> bool:

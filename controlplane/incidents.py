@@ -10,8 +10,18 @@ Rules (Nagios and Alertmanager conventions):
   a resolved alert never leads to an action;
 - a probe incident an action recovered that fails again before it resolves is resolved and
   opened anew (a new failure, not the same one);
-- an action is requested once per incident and policy, never while silenced or flapping,
-  and only within the policy's cooldown and runs-per-window limits;
+- an action is requested for an incident and policy while none of its runs succeeded, one
+  run at a time: a run that ended with `retry` (its precheck said "not now", or it failed in
+  a way a new start may mend) is followed by the next try after a backoff (retry_backoff_s,
+  doubled each try, at most retry_backoff_max_s), for as long as the incident is open; a run
+  that succeeded, escalated, awaits approval or was a dry run is the last;
+- never while silenced or flapping; a policy's cooldown and runs-per-window limits count the
+  runs for other incidents (a retry of one incident is not ping-pong); once reached they
+  either hold the action and tell a human at once (`over_limit = "hold"`), or let it run
+  (`"notify"`, the default: a limit must not keep a service down), saying so in its reason;
+- giving up is loud: a critical incident whose policy's action has not succeeded
+  `escalate_after_s` after it was detected is escalated (once), with one line saying how long
+  and what was tried;
 - who may make it act: a probe incident meets only `source = "probe"` policies, an alert
   incident only `source = "alert"` ones, matched on the alert's labels without the keys the
   control plane sets itself (`probe`, `kind`, `target`, `source`, `request`); an alert policy
@@ -27,7 +37,7 @@ Rules (Nagios and Alertmanager conventions):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 
@@ -69,6 +79,10 @@ class IncidentView:
     labels: Mapping[str, str]
     flapping: bool
     recovered_at: datetime | None = None  # an action verified it recovered
+    severity: str = "warning"
+    summary: str = ""
+    detected_at: datetime | None = None
+    escalated_at: datetime | None = None  # a human was told; told once
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +93,11 @@ class RunView:
     created_at: datetime
     acted: bool = True  # False for a run that did nothing (precheck declined, dry run)
     active: bool = False  # pending or running now
+    succeeded: bool = False
+    retry: bool = False  # ended, and may be followed by the next try
+    try_number: int = 1
+    finished_at: datetime | None = None
+    why: str = ""  # how it ended, in a few words (a decline's reason, a failure's error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +155,7 @@ class RequestAction:
     target: str
     mode: str
     reason: str
+    try_number: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +164,15 @@ class Hold:
     reason: str
 
 
-Decision = Open | Resolve | SetFlapping | RequestAction | Hold
+@dataclass(frozen=True, slots=True)
+class Escalate:
+    """Tell a human, once per incident: healing is held, or has not worked in time."""
+
+    incident_id: int
+    reason: str
+
+
+Decision = Open | Resolve | SetFlapping | RequestAction | Hold | Escalate
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -295,7 +323,54 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                     continue
                 planned.add((d.action, d.target))
             decisions.append(d)
+        if incident is not None and not any(isinstance(d, Escalate) for d in planning):
+            late = _overdue(snapshot, now, incident, (source, kind, target, labels))
+            if late is not None:
+                decisions.append(late)
     return decisions
+
+
+def retry_delay_s(policy: PolicySpec, tries: int) -> float:
+    """How long after the end of try number `tries` the next one starts."""
+    return float(min(policy.retry_backoff_s * 2 ** max(tries - 1, 0), policy.retry_backoff_max_s))
+
+
+def runs_for(snapshot: Snapshot, incident_id: int, action: str) -> list[RunView]:
+    """The runs of `action` for one incident, first try first."""
+    found = [r for r in snapshot.runs if r.incident_id == incident_id and r.action == action]
+    return sorted(found, key=lambda r: (r.try_number, r.created_at))
+
+
+def escalation_line(
+    summary: str, detected_at: datetime | None, now: datetime, action: str, runs: Sequence[RunView]
+) -> str:
+    """One line for a human: how long it lasts and what was tried (the health API, the
+    dashboard's banner and the notification say it the same way)."""
+    lasting = f" for {max(0, (now - detected_at).total_seconds()):.0f} s" if detected_at else ""
+    if not runs:
+        return f"{summary}{lasting}; {action} not tried"
+    tried = f"{action} tried {len(runs)} time{'s' if len(runs) != 1 else ''}"
+    last = runs[-1]
+    state = "running now" if last.active else f"last: {last.why or 'no reason recorded'}"
+    return f"{summary}{lasting}; {tried}, {state}"
+
+
+def _overdue(
+    snapshot: Snapshot, now: datetime, incident: IncidentView, candidate: Candidate
+) -> Escalate | None:
+    """A critical incident that its policy's action has not mended in `escalate_after_s`."""
+    if incident.escalated_at is not None or incident.recovered_at is not None:
+        return None
+    if incident.severity != "critical" or incident.detected_at is None:
+        return None
+    policy = policy_for(snapshot, candidate)
+    if policy is None or now - incident.detected_at < timedelta(seconds=policy.escalate_after_s):
+        return None
+    runs = runs_for(snapshot, incident.id, policy.action)
+    if any(r.succeeded for r in runs):
+        return None
+    line = escalation_line(incident.summary, incident.detected_at, now, policy.action, runs)
+    return Escalate(incident.id, f"no recovery after {policy.escalate_after_s:g} s: {line}")
 
 
 Candidate = tuple[str, str, str, Mapping[str, str]]  # source, kind, target, labels
@@ -367,10 +442,26 @@ def _plan_action(
     if policy is None:
         return []
     target = policy.target or incident_target  # an alert policy acts where it says
-    if incident is not None and any(
-        r.incident_id == incident.id and r.action == policy.action for r in snapshot.runs
-    ):
-        return []  # already requested for this incident: never twice
+    try_number, why_again = 1, ""
+    if incident is not None:
+        tried = runs_for(snapshot, incident.id, policy.action)
+        if tried:
+            last = tried[-1]
+            if any(r.succeeded for r in tried) or last.active or not last.retry:
+                return []  # running, or done for this incident: never after a success
+            due = (last.finished_at or last.created_at) + timedelta(
+                seconds=retry_delay_s(policy, len(tried))
+            )
+            if now < due:
+                return [
+                    Hold(
+                        fp,
+                        f"{policy.action} on {target} tried {len(tried)} time(s), last: "
+                        f"{last.why}; next try at {due:%H:%M:%S}",
+                    )
+                ]
+            try_number = last.try_number + 1
+            why_again = f"; try {try_number}, after: {last.why}"
     if flapping:
         return [Hold(fp, "flapping: actions suppressed until it settles")]
     silence = next(
@@ -386,34 +477,55 @@ def _plan_action(
     deferred = deferral(policy, snapshot, planned)
     if deferred is not None:
         return [Hold(fp, f"{policy.action} on {target} {deferred}")]
-    # Cooldown and runs-per-window count what acted: a declined or dry run changed nothing.
+    request = RequestAction(
+        fingerprint=fp,
+        policy=policy.name,
+        action=policy.action,
+        target=target,
+        mode=policy.mode,
+        reason=f"policy {policy.name}: {kind} on {target}{why_again}",
+        try_number=try_number,
+    )
+    limit = _over_limit(snapshot, now, policy, target, incident)
+    if limit is None:
+        return [request]
+    if policy.over_limit == "notify":
+        # The limit guards against ping-pong, not against the only way back: act, saying so.
+        return [replace(request, reason=f"{request.reason}; {limit}: acting all the same")]
+    held = Hold(fp, f"{limit}: held for a human")
+    if incident is None or incident.escalated_at is not None:
+        return [held]
+    return [held, Escalate(incident.id, f"{policy.action} on {target} held: {limit}")]
+
+
+def _over_limit(
+    snapshot: Snapshot,
+    now: datetime,
+    policy: PolicySpec,
+    target: str,
+    incident: IncidentView | None,
+) -> str | None:
+    """Which of the policy's limits a new run would pass, or None. They count what acted (a
+    declined or dry run changed nothing) for other incidents: the tries for this one are
+    paced by the retry backoff instead."""
     same = [
-        r for r in snapshot.runs if r.action == policy.action and r.target == target and r.acted
+        r
+        for r in snapshot.runs
+        if r.action == policy.action
+        and r.target == target
+        and r.acted
+        and (incident is None or r.incident_id != incident.id)
     ]
-    if same:
-        last = max(r.created_at for r in same)
-        until = last + timedelta(seconds=policy.cooldown_s)
-        if now < until:
-            return [Hold(fp, f"{policy.action} on {target} cooling down until {until:%H:%M:%S}")]
-        in_window = [r for r in same if now - r.created_at < timedelta(seconds=policy.window_s)]
-        if len(in_window) >= policy.max_runs:
-            return [
-                Hold(
-                    fp,
-                    f"{policy.action} on {target} ran {len(in_window)} times in "
-                    f"{policy.window_s:g}s: escalate to a human",
-                )
-            ]
-    return [
-        RequestAction(
-            fingerprint=fp,
-            policy=policy.name,
-            action=policy.action,
-            target=target,
-            mode=policy.mode,
-            reason=f"policy {policy.name}: {kind} on {target}",
-        )
-    ]
+    if not same:
+        return None
+    last = max(r.created_at for r in same)
+    until = last + timedelta(seconds=policy.cooldown_s)
+    if now < until:
+        return f"{policy.action} on {target} cooling down until {until:%H:%M:%S}"
+    in_window = [r for r in same if now - r.created_at < timedelta(seconds=policy.window_s)]
+    if len(in_window) >= policy.max_runs:
+        return f"{policy.action} on {target} ran {len(in_window)} times in {policy.window_s:g}s"
+    return None
 
 
 def describe(decisions: Sequence[Decision]) -> str:
@@ -434,4 +546,6 @@ def describe(decisions: Sequence[Decision]) -> str:
                 parts.append(f"request {d.action} on {d.target} [{d.mode}] ({d.reason})")
             case Hold():
                 parts.append(f"hold {d.fingerprint}: {d.reason}")
+            case Escalate():
+                parts.append(f"escalate incident {d.incident_id} ({d.reason})")
     return "; ".join(parts)

@@ -26,6 +26,7 @@ from controlplane.engine import ActionEngine, utcnow
 from controlplane.incidents import (
     AlertState,
     Decision,
+    Escalate,
     Hold,
     IncidentView,
     Open,
@@ -42,7 +43,7 @@ from controlplane.incidents import (
 )
 from controlplane.logsafe import printable
 from controlplane.metrics import Metrics
-from controlplane.models import UNMATCHED, ActionState, Alert
+from controlplane.models import UNMATCHED, ActionRun, ActionState, Alert
 from controlplane.notify import Notifier
 from probes.base import Health
 
@@ -166,20 +167,14 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple
                 dict(i.labels),
                 i.flapping,
                 i.recovered_at,
+                severity=i.severity,
+                summary=i.summary,
+                detected_at=i.detected_at,
+                escalated_at=i.escalated_at,
             )
             for i in incidents
         ],
-        runs=[
-            RunView(
-                r.incident_id,
-                r.action,
-                r.target,
-                r.created_at,
-                acted=r.state not in NO_EFFECT,
-                active=r.state in ACTIVE,
-            )
-            for r in action_runs.values()
-        ],
+        runs=[run_view(r) for r in action_runs.values()],
         silences=[
             SilenceView(s.id, dict(s.matchers), s.starts_at, s.ends_at)
             for s in store.active_silences(session, now)
@@ -197,6 +192,32 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple
     return snapshot, Seen(matched, more or full)
 
 
+def run_view(r: ActionRun) -> RunView:
+    """What `decide` needs of a run."""
+    return RunView(
+        r.incident_id,
+        r.action,
+        r.target,
+        r.created_at,
+        acted=r.state not in NO_EFFECT,
+        active=r.state in ACTIVE,
+        succeeded=r.state == ActionState.SUCCEEDED,
+        retry=r.retry,
+        try_number=r.try_number,
+        finished_at=r.finished_at,
+        why=why_it_ended(r),
+    )
+
+
+def why_it_ended(r: ActionRun) -> str:
+    """A run's end in a few words: a decline's reason, a failure's error, or its state."""
+    output = r.output or {}
+    for key in ("precheck", "error"):
+        if isinstance(output.get(key), str):
+            return printable(output[key], limit=300)
+    return str(r.state)
+
+
 def _urgency(d: Decision, probe_incidents: set[int], acting: set[str]) -> int:
     """0: what acts on a target (and opening the incident it acts for: `acting`, the
     fingerprints of this cycle's action requests), and every decision about a probe's
@@ -205,7 +226,7 @@ def _urgency(d: Decision, probe_incidents: set[int], acting: set[str]) -> int:
         return 0
     if isinstance(d, Open) and d.fingerprint in acting:
         return 0  # else its request finds no incident yet, and waits a whole loop interval
-    if isinstance(d, Resolve | SetFlapping) and d.incident_id in probe_incidents:
+    if isinstance(d, Resolve | SetFlapping | Escalate) and d.incident_id in probe_incidents:
         return 0
     return 2 if isinstance(d, Open) else 1
 
@@ -412,6 +433,8 @@ class Loop:
                     store.add_timeline(s, d.incident_id, "flapping", message, now)
                 case RequestAction():
                     self._request(s, d, by_fp, now)
+                case Escalate():
+                    self._escalate(s, d, now)
                 case Hold():
                     pass  # said in the cycle's sentence; no row every tick
 
@@ -435,9 +458,10 @@ class Loop:
             reason=d.reason,
             params={"policy": d.policy},
             created_at=now,
+            try_number=d.try_number,
         )
         if run is None:
-            return  # already requested for this incident
+            return  # this try is already requested for this incident
         verb = {ActionState.DRY_RUN: "dry-run", ActionState.AWAITING_APPROVAL: "await-approval"}
         store.audit(
             s,
@@ -447,11 +471,33 @@ class Loop:
             action_run_id=run.id,
             incident_id=incident_id,
             message=f"{d.action} on {d.target}: {d.reason}",
-            data={"policy": d.policy, "mode": d.mode, "target": d.target},
+            data={"policy": d.policy, "mode": d.mode, "target": d.target, "try": d.try_number},
         )
+        again = f", try {d.try_number}" if d.try_number > 1 else ""
         store.add_timeline(
-            s, incident_id, "action", f"{d.action} requested ({d.mode})", now, {"run": run.id}
+            s,
+            incident_id,
+            "action",
+            f"{d.action} requested ({d.mode}{again})",
+            now,
+            {"run": run.id},
         )
+
+    def _escalate(self, s: Session, d: Escalate, now: datetime) -> None:
+        """Tell a human, once per incident (compare-and-set on `escalated_at`)."""
+        if not store.mark_escalated(s, d.incident_id, now):
+            return
+        store.add_timeline(s, d.incident_id, "escalated", d.reason, now)
+        store.audit(
+            s,
+            actor=self.settings.instance_id,
+            verb="escalate",
+            at=now,
+            incident_id=d.incident_id,
+            message=d.reason,
+        )
+        self.metrics.escalations.inc()
+        self.notifier.notify("escalation", d.reason, {"incident": d.incident_id})
 
 
 def _event(

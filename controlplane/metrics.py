@@ -56,6 +56,11 @@ class Metrics:
         self.is_leader = Gauge(
             "cp_leader", "1 while this control plane holds the lease", registry=r
         )
+        self.escalations = Counter(
+            "cp_escalations_total",
+            "Incidents escalated to a human: healing held, unsafe, or not done in time",
+            registry=r,
+        )
         self.notifications = Counter(
             "cp_notifications_total",
             "Notifications by channel and result",

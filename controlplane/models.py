@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -120,6 +121,9 @@ class Incident(Base):
     action_started_at: Mapped[datetime | None]
     recovered_at: Mapped[datetime | None]  # verified recovered
     resolved_at: Mapped[datetime | None]
+    # When a human was told that healing did not work (a limit held it, a precheck found it
+    # unsafe, or nothing succeeded within the policy's `escalate_after_s`): told once.
+    escalated_at: Mapped[datetime | None]
     # The policy that may act on it, matched when it opened: None for none, UNMATCHED until
     # the loop has matched it (the loop reads only open incidents some policy may act on).
     policy: Mapped[str | None] = mapped_column(
@@ -157,9 +161,10 @@ class Alert(Base):
 
 class ActionRun(Base):
     __tablename__ = "action_runs"
-    # Never the same remediation twice for one incident: enforced by the database.
+    # One run per try of a remediation for one incident: enforced by the database, so two
+    # cycles (or two control planes) deciding the same retry write it once.
     __table_args__ = (
-        UniqueConstraint("incident_id", "action", name="uq_action_per_incident"),
+        UniqueConstraint("incident_id", "action", "try_number", name="uq_action_try_per_incident"),
         # One action at a time per target: a lock the database enforces, even across
         # concurrent transactions on PostgreSQL.
         Index(
@@ -186,6 +191,11 @@ class ActionRun(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Which try of this action for its incident (1, 2, ...): a run that ended with `retry`
+    # set (declined "not now", or failed in a way a new start may mend) is followed, after a
+    # backoff and while its incident lasts, by the next try, a run of its own.
+    try_number: Mapped[int] = mapped_column(default=1, server_default="1")
+    retry: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class AuditEntry(Base):

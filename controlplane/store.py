@@ -378,13 +378,15 @@ def incidents_to_plan(
 ) -> tuple[list[Incident], bool]:
     """The open incidents a cycle looks at, and whether `limit` left some out: every probe
     incident; the alert incidents some policy may act on (or not matched yet, at most
-    `limit`) that its policy has not acted on; those of `fingerprints`."""
+    `limit`) that its policy has not acted on, or whose runs all ended to be tried again;
+    those of `fingerprints`."""
     is_open = Incident.state == IncidentState.OPEN
     acted = (
         select(ActionRun.id)
         .where(
             ActionRun.incident_id == Incident.id,
             ActionRun.requested_by == literal("policy:") + Incident.policy,
+            ActionRun.retry.is_(False),
         )
         .exists()
     )
@@ -493,6 +495,20 @@ def resolve_incident(session: Session, incident_id: int, now: datetime) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def mark_escalated(session: Session, incident_id: int, now: datetime) -> bool:
+    """Compare-and-set: True only for the one caller that escalated the open incident first."""
+    result = session.execute(
+        update(Incident)
+        .where(
+            Incident.id == incident_id,
+            Incident.state == IncidentState.OPEN,
+            Incident.escalated_at.is_(None),
+        )
+        .values(escalated_at=now)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def set_flapping(session: Session, incident_id: int, flapping: bool) -> None:
     session.execute(update(Incident).where(Incident.id == incident_id).values(flapping=flapping))
 
@@ -567,6 +583,10 @@ def change_run_state(
         .values(state=new, **values)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def mark_run(session: Session, run_id: int, **values: Any) -> None:
+    session.execute(update(ActionRun).where(ActionRun.id == run_id).values(**values))
 
 
 def claim_run(session: Session, run_id: int, owner: str, now: datetime) -> bool:

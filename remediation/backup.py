@@ -54,8 +54,8 @@ class Backup(Action):
         p = params_of(ctx)
         leader = leader_of(pg_ops.views(p.nodes))
         if leader is None:
-            return Check(False, "no writable leader to back up")
-        return Check(True, f"back up {leader.name}")
+            return Check.not_now("no writable leader to back up")
+        return Check.go(f"back up {leader.name}")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -16,13 +17,50 @@ from remediation.executors.base import Executor
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 
+class Decline(StrEnum):
+    """Why a precheck said no, and so what follows (Patroni re-evaluates every loop while
+    there is no leader: one unlucky look must never end the healing).
+
+    - NOTHING_TO_DO: the target is healthy: the incident counts as recovered, so a failure
+      after it is a new one, with an action of its own.
+    - NOT_NOW: a precondition is missing (no standby answers yet, no leader to rejoin to, a
+      dependency down): the same policy tries again with backoff while the incident is open.
+    - NEVER: acting would be unsafe (a fence cannot be confirmed, acknowledged data would be
+      lost, two writable nodes): a human is told at once, and it is not tried again."""
+
+    NOTHING_TO_DO = "nothing-to-do"
+    NOT_NOW = "not-now"
+    NEVER = "never"
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
+    """A precheck's or a verify's answer. A precheck that says no says which kind of no
+    (`decline`); use the constructors below, which name it."""
+
     ok: bool
     reason: str
-    # A precheck declined because the target is healthy ("nothing to do"): the incident counts
-    # as recovered then, so a failure after it is a new one, with an action of its own.
-    healthy: bool = False
+    decline: Decline | None = None
+
+    @classmethod
+    def go(cls, reason: str) -> Check:
+        return cls(True, reason)
+
+    @classmethod
+    def nothing_to_do(cls, reason: str) -> Check:
+        return cls(False, reason, Decline.NOTHING_TO_DO)
+
+    @classmethod
+    def not_now(cls, reason: str) -> Check:
+        return cls(False, reason, Decline.NOT_NOW)
+
+    @classmethod
+    def never(cls, reason: str) -> Check:
+        return cls(False, reason, Decline.NEVER)
+
+    @property
+    def healthy(self) -> bool:
+        return self.decline is Decline.NOTHING_TO_DO
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,10 +52,10 @@ class CacheFlush(Action):
         try:
             client.ping()
         except redis.RedisError as exc:
-            return Check(False, f"Redis unreachable, nothing to flush: {exc}")
+            return Check.not_now(f"Redis unreachable, nothing to flush yet: {exc}")
         finally:
             client.close()
-        return Check(True, "Redis reachable")
+        return Check.go("Redis reachable")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = self._params(ctx)

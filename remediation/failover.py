@@ -36,6 +36,10 @@ class FailoverParams(BaseModel):
     # How long a node may take to say what it is: a hung one costs this, twice (precheck and
     # execute), on the path of every failover.
     observe_timeout_s: float = Field(default=1.0, gt=0)
+    # The precheck looks again within this budget while no node leads and no standby
+    # answers, each look waiting longer: on a busy machine a standby may take seconds to say
+    # what it is, and one missed look must not decline the only way back.
+    precheck_budget_s: float = Field(default=3.0, gt=0)
     require_synchronous: bool = True
     promote_timeout_s: float = Field(default=30, gt=0)
     # Rejoin the fenced nodes and restore synchronous commits right after the promotion.
@@ -92,24 +96,31 @@ class Failover(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        views = self._views(p)
+        views = pg_ops.views_until(
+            p.nodes,
+            lambda found: (
+                leader_of(found) is not None or any(v.state is NodeState.STANDBY for v in found)
+            ),
+            timeout_s=p.observe_timeout_s,
+            budget_s=p.precheck_budget_s,
+        )
+        self._seen = (time.monotonic(), views)
         leader = leader_of(views)
         if leader is not None:
-            return Check(False, f"{leader.name} accepts writes: nothing to fail over", healthy=True)
+            return Check.nothing_to_do(f"{leader.name} accepts writes: nothing to fail over")
         if sum(v.state is NodeState.PRIMARY for v in views) > 1:
-            return Check(False, "several writable nodes on one timeline: a human must choose")
+            return Check.never("several writable nodes on one timeline: a human must choose")
         standbys = [v for v in views if v.state is NodeState.STANDBY]
         if not standbys:
-            return Check(False, "no standby answers: nothing to promote")
+            return Check.not_now("no standby answers: nothing to promote yet")
         synchronous = ctx.executor.fact(pg_ops.SYNCHRONOUS)
         if p.require_synchronous and synchronous is not True:
-            return Check(
-                False,
+            return Check.never(
                 "commits were not known synchronous when the primary failed: promoting "
                 "could lose acknowledged orders; an operator must decide",
             )
         down = ", ".join(f"{v.name} {v.state}" for v in views if v.state is not NodeState.STANDBY)
-        return Check(True, f"no primary ({down}); {standbys[0].name} can be promoted")
+        return Check.go(f"no primary ({down}); {standbys[0].name} can be promoted")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)

@@ -35,6 +35,8 @@ class InDoubtParams(BaseModel):
 
 class InDoubt(Action):
     kind = "in_doubt"
+    # The decision log decides (the first decision written wins): resolving again is harmless.
+    may_start_over = True
     Params = InDoubtParams
 
     @staticmethod
@@ -70,8 +72,8 @@ class InDoubt(Action):
         found = self._in_doubt(self._params(ctx))
         total = sum(len(g) for g in found.values())
         if not total:
-            return Check(False, "no transaction in doubt")
-        return Check(True, f"{total} prepared transaction(s) in doubt")
+            return Check.nothing_to_do("no transaction in doubt")
+        return Check.go(f"{total} prepared transaction(s) in doubt")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = self._params(ctx)

@@ -289,3 +289,30 @@ def checkpoint_on(name: str, dsn: str) -> None:
 
 def views(nodes: Mapping[str, str], timeout_s: float = 2) -> list[NodeView]:
     return observe_all(nodes, timeout_s)
+
+
+def views_until(
+    nodes: Mapping[str, str],
+    enough: Callable[[list[NodeView]], bool],
+    *,
+    timeout_s: float,
+    budget_s: float,
+) -> list[NodeView]:
+    """Looks at the nodes until `enough(views)` holds or `budget_s` is spent, each look
+    waiting longer than the one before (timeout_s, twice that, ...) within what is left: a
+    node slow for a second on a busy machine is not gone. Returns the last look."""
+    deadline = time.monotonic() + budget_s
+    wait_s = timeout_s
+    while True:
+        looked_at = time.monotonic()
+        found = views(nodes, wait_s)
+        left_s = deadline - time.monotonic()
+        if enough(found) or left_s < 0.05:
+            return found
+        if time.monotonic() - looked_at < LOOK_AGAIN_AFTER_S:  # answered, just not enough
+            time.sleep(min(LOOK_AGAIN_AFTER_S, left_s))
+            left_s = deadline - time.monotonic()
+        wait_s = max(0.05, min(wait_s * 2, left_s))
+
+
+LOOK_AGAIN_AFTER_S = 0.2  # a refused look is quick: the next waits this long

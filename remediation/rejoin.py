@@ -22,6 +22,9 @@ class RejoinParams(BaseModel):
     # How long a node may take to say what it is: a hung one costs this, twice (precheck and
     # execute), on the path of every failover.
     observe_timeout_s: float = Field(default=1.0, gt=0)
+    # The precheck looks again within this budget while no leader answers (a busy leader is
+    # not a missing one).
+    precheck_budget_s: float = Field(default=3.0, gt=0)
     settle_s: float = Field(default=5, ge=0)  # a standby that reconnects within this is left be
     rejoin_timeout_s: float = Field(default=120, gt=0)
     # Skip pg_rewind: a fresh base backup (the action for redundancy missing for too long).
@@ -35,12 +38,16 @@ def params_of(ctx: ActionContext) -> RejoinParams:
 class Rejoin(Action):
     kind = "rejoin"
     Params = RejoinParams
+    # Its precheck re-reads every node, and each step is safe to take again (a rogue node is
+    # fenced again, a rewind that failed falls back to a base backup): a run that died or
+    # failed mid-way may be followed by a new one.
+    may_start_over = True
 
     @classmethod
     def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
         p = RejoinParams.model_validate(dict(params))
         return [
-            "find the leader (none: the run fails, a failover's job)",
+            "find the leader (none: not now, tried again with backoff: a failover's job)",
             "without a synchronous standby, switch the leader to asynchronous commits at once",
             "fence a node that is writable beside the leader",
             f"leave a standby that streams again within {p.settle_s:g} s; bring every other "
@@ -51,16 +58,19 @@ class Rejoin(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
-        views = pg_ops.views(p.nodes, p.observe_timeout_s)
+        views = pg_ops.views_until(
+            p.nodes,
+            lambda found: leader_of(found) is not None,
+            timeout_s=p.observe_timeout_s,
+            budget_s=p.precheck_budget_s,
+        )
         leader = leader_of(views)
         if leader is None:
-            return Check(False, "no leader to rejoin to (a failover's job)")
+            return Check.not_now("no leader to rejoin to yet (a failover's job)")
         missing = [v.name for v in views if v != leader and not follows(v, leader)]
         if not missing and leader.sync_standbys:
-            return Check(
-                False, f"{leader.name} has a synchronous standby: nothing to do", healthy=True
-            )
-        return Check(True, f"{leader.name} leads; to rejoin: {', '.join(missing) or 'none'}")
+            return Check.nothing_to_do(f"{leader.name} has a synchronous standby: nothing to do")
+        return Check.go(f"{leader.name} leads; to rejoin: {', '.join(missing) or 'none'}")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)

@@ -62,18 +62,17 @@ class Restart(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         if ctx.component is None:
-            return Check(False, f"{ctx.target} has no process the executor knows")
+            return Check.never(f"{ctx.target} has no process the executor knows")
         health = ctx.is_healthy()
         if health.ok:
-            return Check(False, f"{ctx.target} is healthy again: nothing to do", healthy=True)
+            return Check.nothing_to_do(f"{ctx.target} is healthy again: nothing to do")
         alive = is_alive(ctx)
         if alive:
-            return Check(
-                False,
+            return Check.not_now(
                 f"{ctx.target} is alive ({alive} answers) but not ready ({health.reason}): "
                 "a dependency's fault, a restart would not help",
             )
-        return Check(True, f"{ctx.target} still unhealthy ({health.reason})")
+        return Check.go(f"{ctx.target} still unhealthy ({health.reason})")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         assert ctx.component is not None

@@ -232,29 +232,28 @@ class Restore(Action):
         p = params_of(ctx)
         leader = leader_of(pg_ops.views(p.nodes))
         if leader is None:
-            return Check(False, "no writable primary: a failover's job, not a restore's")
+            return Check.not_now("no writable primary: a failover's job, not a restore's")
         verdict = verdict_of(p, p.nodes[leader.name])
         if not verdict.readable:
-            return Check(False, f"cannot read the data ({verdict.error}): not a restore")
+            return Check.not_now(f"cannot read the data ({verdict.error}): not a restore")
         if isinstance(p.to, datetime) and p.to >= datetime.now(UTC):
             raise ActionError(
                 f"restore point {p.to.isoformat()} is not in the past", permanent=True
             )
         if p.to is None and verdict.is_sound:
-            return Check(False, "the data is sound: nothing to restore")
+            return Check.nothing_to_do("the data is sound: nothing to restore")
         if p.full:
             proof, scratch = self._prove_in_scratch(ctx, p, leader.name)
             if proof.loss.count != p.accept_loss:
                 pitr.stop_scratch(ctx.executor, scratch)
-                return Check(
-                    False,
+                return Check.never(
                     f"a full restore to {proof.point.label} would now discard "
                     f"{proof.loss.describe()}, not the {p.accept_loss} accepted: refused",
                 )
             self._proven = (proof, scratch, leader.name)
-            return Check(True, f"full restore to {proof.point.label}: {proof.loss.describe()}")
+            return Check.go(f"full restore to {proof.point.label}: {proof.loss.describe()}")
         damage = "; ".join(verdict.problems) or "the operator's point"
-        return Check(True, f"{damage}: find the point, prove it, repair in place")
+        return Check.go(f"{damage}: find the point, prove it, repair in place")
 
     def _proof_now(self, ctx: ActionContext, p: RestoreParams, node: str) -> Proof:
         """The precheck's proof with its loss measured again now (writes kept coming since),

@@ -68,15 +68,15 @@ class Switchover(Action):
         p = params_of(ctx)
         leader = leader_of(pg_ops.views(p.nodes))
         if leader is None:
-            return Check(False, "no leader: that is a failover")
+            return Check.not_now("no leader: that is a failover")
         if p.candidate is not None and p.candidate not in p.nodes:
-            return Check(False, f"unknown candidate {p.candidate!r}")
+            return Check.never(f"unknown candidate {p.candidate!r}")
         if p.candidate == leader.name:
-            return Check(False, f"{leader.name} leads already")
+            return Check.nothing_to_do(f"{leader.name} leads already")
         sync = [n for n in leader.sync_standbys if p.candidate in (None, n)]
         if not sync:
-            return Check(False, "no synchronous standby to switch to: it could lose commits")
-        return Check(True, f"switch {leader.name} -> {sync[0]}")
+            return Check.not_now("no synchronous standby to switch to: it could lose commits")
+        return Check.go(f"switch {leader.name} -> {sync[0]}")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = params_of(ctx)

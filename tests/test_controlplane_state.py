@@ -69,8 +69,9 @@ def test_two_control_planes_on_one_state_store_elect_one_leader(state_url: str) 
         second.stop()
 
 
+@pytest.mark.parametrize("action", ["restart", "failover"])
 def test_a_run_left_running_by_a_dead_control_plane_is_abandoned_not_run_again(
-    state_url: str,
+    state_url: str, action: str
 ) -> None:
     now = datetime.now(UTC)
     seed = ControlPlane(settings(state_url, "cp-dead"))
@@ -91,7 +92,7 @@ def test_a_run_left_running_by_a_dead_control_plane_is_abandoned_not_run_again(
         run = store.create_action_run(
             s,
             incident_id=incident.id,
-            action="restart",
+            action=action,
             target="shop-0",
             mode="auto",
             state=ActionState.RUNNING,
@@ -121,26 +122,31 @@ def test_a_run_left_running_by_a_dead_control_plane_is_abandoned_not_run_again(
             assert closed is not None
             state = closed.state
         assert verbs == ["abandon"]
-        assert "escalated" in timeline
-        # A restart may start over: the incident closed with it, for a new one to retry.
-        assert "closed" in timeline and state == IncidentState.RESOLVED
-        assert len(runs) == 1  # and the unique (incident, action) forbids a second one
+        assert len(runs) == 1 and state == IncidentState.OPEN
+        if action == "restart":
+            # A restart may start over: its incident's next try, a run of its own, after
+            # the backoff; the incident stays open and nobody is paged for it yet.
+            assert runs[0].retry and "escalated" not in timeline
+            assert closed.escalated_at is None
+        else:
+            # A failover left half done is a human's to look at: escalated, never retried.
+            assert not runs[0].retry and "escalated" in timeline
+            assert closed.escalated_at is not None
         with store.transaction(survivor.factory) as s:
-            assert (
-                store.create_action_run(
-                    s,
-                    incident_id=incident_id,
-                    action="restart",
-                    target="shop-0",
-                    mode="auto",
-                    state=ActionState.PENDING,
-                    requested_by="x",
-                    reason="x",
-                    params={},
-                    created_at=now,
-                )
-                is None
+            again = dict(
+                incident_id=incident_id,
+                action=action,
+                target="shop-0",
+                mode="auto",
+                state=ActionState.SKIPPED,
+                requested_by="x",
+                reason="x",
+                params={},
+                created_at=now,
             )
+            # The same try is never written twice (the database refuses it); the next is.
+            assert store.create_action_run(s, **again) is None
+            assert store.create_action_run(s, **again, try_number=2) is not None
     finally:
         survivor.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +11,7 @@ from controlplane.config import DeferWhile, PolicySpec, Settings
 from controlplane.errors import ConfigError
 from controlplane.incidents import (
     AlertState,
+    Escalate,
     Hold,
     IncidentView,
     Open,
@@ -23,6 +25,7 @@ from controlplane.incidents import (
     change_share,
     decide,
     describe,
+    retry_delay_s,
 )
 from probes.base import Health
 
@@ -30,6 +33,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 U, D, G = Health.UP, Health.DOWN, Health.DEGRADED
 RESTART = PolicySpec(name="restart-shop", source="probe", match={"kind": "shop-0-ready"},
                      action="restart", cooldown_s=60, max_runs=2, window_s=600)  # fmt: skip
+RESTART_HOLD = RESTART.model_copy(update={"over_limit": "hold"})
 FLUSH = PolicySpec(name="flush", source="alert", match={"alertname": "CacheStale"},
                    action="cache_flush", target="cache")  # fmt: skip
 
@@ -79,20 +83,55 @@ TABLE = [
     ("a flapping incident that settled is stable again and resolves",
      Snapshot(probes=[probe(D, U, U, U, U, U, U, U, U, U)], incidents=[incident(flapping=True)]),
      ["SetFlapping", "Resolve"]),
-    ("an action already run for this incident is never requested again",
+    ("an action that ended for this incident with no retry is never requested again",
      Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
               runs=[RunView(7, "restart", "shop-0", NOW - timedelta(hours=2))]), []),
-    ("the same action on the same target within its cooldown is held",
+    ("a run declined 'not now' is tried again once its backoff has passed",
      Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
-              runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30))]), ["Hold"]),
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=5), acted=False,
+                            retry=True, finished_at=NOW - timedelta(seconds=2))]),
+     ["RequestAction"]),
+    ("a run declined 'not now' within its backoff waits",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=5), acted=False,
+                            retry=True, finished_at=NOW - timedelta(seconds=0.5))]), ["Hold"]),
+    ("no try follows a run that is still running",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=5), acted=False,
+                            retry=True, finished_at=NOW - timedelta(seconds=4)),
+                    RunView(7, "restart", "shop-0", NOW - timedelta(seconds=2), active=True,
+                            try_number=2)]), []),
+    ("never a try after one succeeded for the incident, whatever came after",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(minutes=5), succeeded=True),
+                    RunView(7, "restart", "shop-0", NOW - timedelta(minutes=1), retry=True,
+                            try_number=2, finished_at=NOW - timedelta(minutes=1))]), []),
+    ("the same action on the same target within its cooldown runs all the same by default",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+              runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30))]),
+     ["RequestAction"]),
+    ("within its cooldown a policy whose limit holds is held, and a human told at once",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART_HOLD],
+              runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30))]),
+     ["Hold", "Escalate"]),
+    ("the incident's own earlier tries count toward no limit",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART_HOLD],
+              runs=[RunView(7, "restart", "shop-0", NOW - timedelta(seconds=30), retry=True,
+                            finished_at=NOW - timedelta(seconds=20))]), ["RequestAction"]),
     ("a run that did nothing (declined by its precheck) does not start a cooldown",
      Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
               runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30), acted=False)]),
      ["RequestAction"]),
-    ("past the cooldown but at max runs in the window it is held for a human",
+    ("past the cooldown but at max runs in the window, a holding limit waits for a human",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART_HOLD],
+              runs=[RunView(5, "restart", "shop-0", NOW - timedelta(seconds=300)),
+                    RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]),
+     ["Hold", "Escalate"]),
+    ("at max runs in the window, a limit that notifies acts all the same",
      Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
               runs=[RunView(5, "restart", "shop-0", NOW - timedelta(seconds=300)),
-                    RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]), ["Hold"]),
+                    RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]),
+     ["RequestAction"]),
     ("a silence matching the incident holds the action",
      Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
               silences=[SilenceView(1, {"service": "shop-0"}, NOW - timedelta(minutes=1),
@@ -410,3 +449,83 @@ def test_a_policy_its_source_cannot_reach_or_with_bad_params_fails_at_start(
             probes=[{"name": "p", "kind": "tcp", "service": "svc"}],
             policies=[{"name": "r", "action": "restart", **policy}],
         )
+
+
+def not_now(at: datetime, try_number: int = 1, why: str = "no standby answers") -> RunView:
+    return RunView(7, "restart", "shop-0", at - timedelta(seconds=1), acted=False, retry=True,
+                   try_number=try_number, finished_at=at, why=why)  # fmt: skip
+
+
+def test_a_retry_is_the_next_try_and_says_why_it_is_tried_again() -> None:
+    snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+                        runs=[not_now(NOW - timedelta(seconds=5))])  # fmt: skip
+    [request] = decide(snapshot, NOW)
+    assert isinstance(request, RequestAction)
+    assert request.try_number == 2
+    assert "try 2, after: no standby answers" in request.reason
+
+
+def test_the_backoff_doubles_with_each_try_up_to_its_cap() -> None:
+    policy = RESTART.model_copy(update={"retry_backoff_s": 1.0, "retry_backoff_max_s": 15.0})
+    assert [retry_delay_s(policy, n) for n in range(1, 7)] == [1, 2, 4, 8, 15, 15]
+    # Five tries so far: the sixth waits the cap, 15 s after the fifth ended.
+    runs = [not_now(NOW - timedelta(seconds=60 - 10 * n), try_number=n) for n in range(1, 6)]
+    last_end = NOW - timedelta(seconds=10)
+    waiting = Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[policy],
+                       runs=runs)  # fmt: skip
+    assert kinds(decide(waiting, last_end + timedelta(seconds=14))) == ["Hold"]
+    assert kinds(decide(waiting, last_end + timedelta(seconds=15))) == ["RequestAction"]
+
+
+def test_tries_go_on_for_as_long_as_the_incident_is_open() -> None:
+    runs = [not_now(NOW - timedelta(minutes=60 - n), try_number=n) for n in range(1, 60)]
+    snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+                        runs=runs)  # fmt: skip
+    [request] = decide(snapshot, NOW)
+    assert isinstance(request, RequestAction) and request.try_number == 60
+
+
+def critical(detected_s_ago: float, **changes: object) -> IncidentView:
+    base = incident()
+    return IncidentView(base.id, base.fingerprint, base.kind, base.source, base.target,
+                        base.labels, False, severity="critical", summary="no writable primary",
+                        detected_at=NOW - timedelta(seconds=detected_s_ago),
+                        **changes)  # type: ignore[arg-type]  # fmt: skip
+
+
+ESCALATING = RESTART.model_copy(update={"escalate_after_s": 30.0})
+
+
+def test_a_critical_incident_not_mended_within_escalate_after_s_is_escalated_once_in_one_line() -> (
+    None
+):
+    runs = [not_now(NOW - timedelta(seconds=20 - 5 * n), try_number=n) for n in range(1, 4)]
+    snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[critical(47)],
+                        policies=[ESCALATING], runs=runs)  # fmt: skip
+    escalations = [d for d in decide(snapshot, NOW) if isinstance(d, Escalate)]
+    assert len(escalations) == 1
+    assert escalations[0].reason == (
+        "no recovery after 30 s: no writable primary for 47 s; restart tried 3 times, "
+        "last: no standby answers"
+    )
+    told = Snapshot(probes=[probe(D, D, D, D)], incidents=[critical(47, escalated_at=NOW)],
+                    policies=[ESCALATING], runs=runs)  # fmt: skip
+    assert not [d for d in decide(told, NOW) if isinstance(d, Escalate)]
+
+
+@pytest.mark.parametrize(
+    ("incident_", "runs"),
+    [
+        (critical(20), []),  # not yet
+        (critical(47, recovered_at=NOW), []),  # mended
+        (critical(47), [RunView(7, "restart", "shop-0", NOW, succeeded=True)]),
+        (replace(critical(47), severity="warning"), []),  # only critical ones
+    ],
+    ids=["within its time", "recovered", "its action succeeded", "a warning"],
+)
+def test_no_escalation_for_an_incident_in_time_mended_or_not_critical(
+    incident_: IncidentView, runs: list[RunView]
+) -> None:
+    snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[incident_],
+                        policies=[ESCALATING], runs=runs)  # fmt: skip
+    assert not [d for d in decide(snapshot, NOW) if isinstance(d, Escalate)]

@@ -28,7 +28,7 @@ class LooksFine(Action):
     kind: ClassVar[str] = "looks_fine"
 
     def precheck(self, ctx: ActionContext) -> Check:
-        return Check(False, f"{ctx.target} looks fine: nothing to do", healthy=True)
+        return Check.nothing_to_do(f"{ctx.target} looks fine: nothing to do")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         raise AssertionError("never executed: its precheck declines")

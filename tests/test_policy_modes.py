@@ -107,23 +107,44 @@ def test_a_dry_run_policy_records_what_it_would_do_and_does_nothing(cp_factory: 
         assert [a.verb for a in store.audit_of_run(s, run.id)] == ["dry-run"]
 
 
-def test_a_restart_that_keeps_failing_escalates_after_its_attempts(cp_factory: Any) -> None:
-    cp = cp_factory(mode="auto", max_attempts=3)
+def runs_of(cp: ControlPlane) -> list[ActionRun]:
+    with store.transaction(cp.factory) as s:
+        return sorted(store.list_runs(s, incident_id=None, limit=50), key=lambda r: r.id)
+
+
+def test_a_restart_that_keeps_failing_is_tried_again_with_backoff_each_try_audited(
+    cp_factory: Any,
+) -> None:
+    cp = cp_factory(mode="auto", max_attempts=3, retry_backoff_s=0.2, retry_backoff_max_s=0.4)
     fail_once_and_decide(cp)
     wait_until(
-        lambda: only_run(cp).state == ActionState.FAILED, timeout_s=20, what="the run escalated"
+        lambda: only_run(cp).state == ActionState.FAILED, timeout_s=20, what="the first try failed"
     )
-    run = only_run(cp)
-    assert run.attempts == 3
+    first = only_run(cp)
+    assert first.attempts == 3 and first.retry  # a restart may start over: not the end
     with store.transaction(cp.factory) as s:
-        verbs = [a.verb for a in store.audit_of_run(s, run.id)]
-        timeline = [e.kind for e in store.incident_timeline(s, run.incident_id or 0)]
+        verbs = [a.verb for a in store.audit_of_run(s, first.id)]
+        timeline = [e.kind for e in store.incident_timeline(s, first.incident_id or 0)]
+        incident = s.get(Incident, first.incident_id)
+        assert incident is not None and incident.escalated_at is None
     assert [v for v in verbs if v.startswith("execute")] == [
         "execute #1",
         "execute #2",
         "execute #3",
     ]
-    assert verbs[-1] == "finish" and "escalated" in timeline
+    assert verbs[-1] == "finish" and "escalated" not in timeline
+
+    def tries() -> int:
+        cp.loop.run_cycle()
+        return len(runs_of(cp))
+
+    wait_until(lambda: tries() >= 3, timeout_s=30, what="a second and a third try")
+    runs = runs_of(cp)
+    assert [r.try_number for r in runs][:3] == [1, 2, 3]
+    assert {r.incident_id for r in runs} == {first.incident_id}  # one incident, its tries
+    with store.transaction(cp.factory) as s:
+        [request] = [a for a in store.audit_of_run(s, runs[1].id) if a.verb == "request"]
+    assert "try 2, after: " in request.message  # why it is tried again
 
 
 def test_a_run_stops_trying_at_its_own_deadline_whatever_attempts_are_left(
