@@ -140,6 +140,7 @@ def incident_json(i: Incident) -> dict[str, Any]:
         "action_started_at": iso(i.action_started_at),
         "recovered_at": iso(i.recovered_at),
         "resolved_at": iso(i.resolved_at),
+        "escalated_at": iso(i.escalated_at),
     }
 
 
@@ -154,6 +155,8 @@ def run_json(r: ActionRun) -> dict[str, Any]:
         "requested_by": r.requested_by,
         "reason": r.reason,
         "attempts": r.attempts,
+        "try_number": r.try_number,
+        "retry": r.retry,
         "output": r.output,
         "created_at": r.created_at.isoformat(),
         "started_at": r.started_at.isoformat() if r.started_at else None,
@@ -245,9 +248,21 @@ def health_summary(cp: ControlPlane) -> dict[str, Any]:
         for incident in store.open_incidents(s):
             if incident.target in services:
                 services[incident.target]["open_incidents"].append(incident.id)
+    # Healing that did not work, said in one line each: on its service, and all together.
+    escalated = views.escalations(cp)
+    for entry in services.values():
+        entry["attention"] = None
+    for found in escalated:
+        entry = services.get(found["target"])
+        if entry is not None and entry["attention"] is None:
+            entry["attention"] = found["line"]
     statuses = [v["status"] for v in services.values() if v["status"] != "unknown"]
     overall = max(statuses, key=lambda h: order.index(Health(h))) if statuses else "unknown"
-    return {"status": overall, "services": services}
+    return {
+        "status": overall,
+        "attention": [found["line"] for found in escalated],
+        "services": services,
+    }
 
 
 def readiness(cp: ControlPlane) -> tuple[bool, dict[str, Any]]:

@@ -367,6 +367,17 @@ def open_incidents(session: Session) -> list[Incident]:
     return list(session.scalars(select(Incident).where(Incident.state == IncidentState.OPEN)))
 
 
+def escalated_incidents(session: Session) -> list[Incident]:
+    """The open incidents a human was told about."""
+    return list(
+        session.scalars(
+            select(Incident).where(
+                Incident.state == IncidentState.OPEN, Incident.escalated_at.is_not(None)
+            )
+        )
+    )
+
+
 def count_open_incidents(session: Session) -> int:
     return int(
         session.scalar(select(func.count()).where(Incident.state == IncidentState.OPEN)) or 0

@@ -4,7 +4,7 @@ incident's timeline and measured times, and a request's preview (read-only: noth
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,8 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from controlplane import store
+from controlplane.incidents import escalation_line
+from controlplane.loop import run_view
 from controlplane.models import ActionRun, ActionState, Alert, AuditEntry, Incident
 from probes.base import Health
 from remediation.base import operator_params
@@ -374,6 +376,34 @@ def audit_log(cp: ControlPlane, limit: int = 200) -> list[dict[str, Any]]:
              "incident": a.incident_id, "message": a.message}
             for a in rows
         ]  # fmt: skip
+
+
+def escalations(cp: ControlPlane, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The open incidents a human was told about (healing held, unsafe, or not done in
+    time), each in one line: how long, what was tried, and how the last try ended."""
+    now = now or datetime.now(UTC)
+    with store.read(cp.factory) as s:
+        escalated = store.escalated_incidents(s)
+        runs = [run_view(r) for r in store.runs_of_incidents(s, [i.id for i in escalated])]
+    found = []
+    for incident in sorted(escalated, key=lambda i: i.detected_at):
+        policy = cp.settings.policy(incident.policy) if incident.policy else None
+        mine = sorted(
+            (r for r in runs if r.incident_id == incident.id),
+            key=lambda r: (r.created_at, r.try_number),
+        )
+        action = policy.action if policy else (mine[-1].action if mine else "no action")
+        mine = [r for r in mine if r.action == action]
+        found.append(
+            {
+                "incident": incident.id,
+                "target": incident.target,
+                "severity": incident.severity,
+                "escalated_at": iso(incident.escalated_at),
+                "line": escalation_line(incident.summary, incident.detected_at, now, action, mine),
+            }
+        )
+    return found
 
 
 def awaiting_count(cp: ControlPlane) -> int:

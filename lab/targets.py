@@ -299,15 +299,20 @@ def controlplane_targets(
             "min_age_s": 10,
         },
     }
+    # The limits guard against ping-pong; over them a failover still runs (no writable
+    # primary and a synchronous standby waiting: holding back would keep the shop down) and
+    # says so. No failover within 30 s of the primary's loss tells a human.
     failover = {
         "action": "failover",
         "mode": "auto",
         "cooldown_s": 30,
         "max_runs": 3,
         "window_s": 600,
+        "over_limit": "notify",
         "max_attempts": 2,
         "verify_timeout_s": 30,
-        "params": {"nodes": nodes, "observe_timeout_s": 0.5},
+        "escalate_after_s": 30,
+        "params": {"nodes": nodes, "observe_timeout_s": 0.5, "precheck_budget_s": 3},
     }
     policies += [
         {
@@ -340,7 +345,8 @@ def controlplane_targets(
             "window_s": 600,
             "max_attempts": 5,
             "verify_timeout_s": 30,
-            "params": {"nodes": nodes, "observe_timeout_s": 0.5},
+            "escalate_after_s": 120,
+            "params": {"nodes": nodes, "observe_timeout_s": 0.5, "precheck_budget_s": 3},
         },
         {
             "name": "rebuild-standby",

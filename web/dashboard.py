@@ -59,7 +59,13 @@ def overview_json() -> Response:
 
 @dashboard.get("/api/badge.json")
 def badge_json() -> Response:
-    return as_json({"awaiting": services.views.awaiting_count(control_plane())})
+    cp = control_plane()
+    return as_json(
+        {
+            "awaiting": services.views.awaiting_count(cp),
+            "escalations": services.views.escalations(cp),
+        }
+    )
 
 
 @dashboard.get("/static/plotly.min.js")

@@ -36,10 +36,15 @@ class ServiceHealthOut(BaseModel):
     status: str
     probes: dict[str, ProbeOut]
     open_incidents: list[int]
+    # Healing that did not work on this service, in one line (held, unsafe, or late).
+    attention: str | None
 
 
 class HealthOut(BaseModel):
     status: str
+    # One line per escalated open incident: "no writable primary for 47 s; failover tried
+    # 3 times, last: no standby answers".
+    attention: list[str]
     services: dict[str, ServiceHealthOut]
 
 
@@ -68,6 +73,7 @@ class IncidentOut(BaseModel):
     action_started_at: str | None
     recovered_at: str | None
     resolved_at: str | None
+    escalated_at: str | None  # when a human was told that healing did not work
 
 
 class IncidentsOut(BaseModel):
@@ -86,6 +92,8 @@ class RunOut(BaseModel):
     requested_by: str
     reason: str
     attempts: int
+    try_number: int  # which try of this action for its incident
+    retry: bool  # it ended, and the incident's next try follows after a backoff
     output: dict[str, Any]
     created_at: str
     started_at: str | None

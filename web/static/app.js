@@ -52,6 +52,18 @@ SG.poll = async (url, onData, everyMs) => {
 document.getElementById("tz") && (document.getElementById("tz").textContent = Intl.DateTimeFormat().resolvedOptions().timeZone);
 setInterval(SG.tick, 1000);
 SG.tick();
-if (document.getElementById("badge") && document.body.dataset.page !== "overview") {
-  SG.poll("/dashboard/api/badge.json", (d) => SG.badge(d.awaiting), 5000);
+// Healing that did not work (held, unsafe, or not done in time), on every page until it is.
+SG.escalations = (items) => {
+  const b = document.getElementById("escalations");
+  if (!b) return;
+  b.hidden = !items.length;
+  b.innerHTML = items.length ? `<span>Needs a human</span><ul>${items.map((e) =>
+    `<li><a href="/dashboard/incidents/${Number(e.incident)}">${SG.esc(e.target)}</a>: ${SG.esc(e.line)}</li>`).join("")}</ul>` : "";
+};
+if (document.getElementById("escalations")) {
+  const overview = document.body.dataset.page === "overview";
+  SG.poll("/dashboard/api/badge.json", (d) => {
+    if (!overview) SG.badge(d.awaiting);
+    SG.escalations(d.escalations || []);
+  }, overview ? 2000 : 5000);
 }
