@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard bench-persist down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -23,7 +23,7 @@ FIGURES ?= bench/out
 bench:
 	@SETUP_BENCH=1 scripts/setup
 	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
-	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard
+	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-persist bench-restore bench-flood bench-scale bench-dashboard
 	.venv/bin/python -m lab.bench_goals $(FIGURES)
 
 bench-flood:
@@ -37,6 +37,9 @@ bench-failover:
 
 bench-hang:
 	.venv/bin/python bench/hang.py --figures $(FIGURES)/hang.json
+
+bench-persist:
+	.venv/bin/python bench/persist.py --trials 3 --kills 5 --every-s 35 --figures $(FIGURES)/persist.json
 
 bench-restore:
 	.venv/bin/python bench/restore.py --trials 5 --figures $(FIGURES)/restore.json

@@ -11,19 +11,16 @@ runs proposed (goal 0) and split-brain samples (two writable nodes at once, goal
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import OrderClients
 from bench.failover import ha_bench_stack, lost_and_twice
 from lab.bench_goals import Figure, save
 from lab.chaos import FaultRecord
@@ -72,40 +69,8 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
     shops = described(stack)["shop"]["instances"]
     restores_before = len(api.get("/actions?action=restore&limit=500")["actions"])
     failovers_before = len(api.get("/actions?action=failover&limit=500")["actions"])
-    acks: list[tuple[float, float, str]] = []  # (sent, acknowledged, id)
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        deadline = time.monotonic() + hang_s + 90
-        with requests.Session() as session:
-            while not stop.is_set() and time.monotonic() < deadline:
-                sent = time.monotonic()
-                try:
-                    r = session.post(
-                        f"{shops[n % len(shops)]}/orders",
-                        json={
-                            "product_id": 1 + (n * 7 + len(acks)) % 50,
-                            "quantity": 1,
-                            "customer": f"hang-{n}",
-                            "address": "1 Road",
-                        },
-                        headers={"Idempotency-Key": str(uuid.uuid4())},
-                        timeout=15,
-                    )
-                except requests.RequestException:
-                    time.sleep(0.05)
-                    continue
-                if r.status_code == 201:
-                    with lock:
-                        acks.append((sent, time.monotonic(), r.json()["id"]))
-                else:
-                    time.sleep(0.05)
-
-    clients = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(CLIENTS)]
-    for t in clients:
-        t.start()
-    wait_until(lambda: len(acks) >= 20, timeout_s=30, what="orders flowing")
+    load = OrderClients(shops, CLIENTS, max_s=hang_s + 90, tag="hang").start()
+    wait_until(lambda: len(load.acks) >= 20, timeout_s=30, what="orders flowing")
     sampler = SplitBrainSampler(view).start()
     # The chaos API's hang: every process of the node SIGSTOPped (the postmaster and each
     # setsid'd backend), woken after `hang_s`, run beside the load and the watcher.
@@ -133,25 +98,17 @@ def trial(stack: Stack, api: Api, role: str, hang_s: float) -> Trial:
     assert record[0].target == node, (record[0].target, node)
     watcher.join(timeout=130)
     time.sleep(2)  # a little load after the recovery: the shops serve the new shape
-    stop.set()
-    for t in clients:
-        t.join(timeout=20)
+    load.stop()
     sampler.stop()
-    with lock:
-        done = sorted(acks, key=lambda a: a[1])
-    after = [a for a in done if a[0] > hung_at]
-    outage = (after[0][1] - hung_at) if after else float("inf")
-    times = [hung_at] + [a[1] for a in done if a[1] > hung_at]
-    gap = max((b - a for a, b in itertools.pairwise(times)), default=float("inf"))
     restores = len(api.get("/actions?action=restore&limit=500")["actions"]) - restores_before
     failovers = len(api.get("/actions?action=failover&limit=500")["actions"]) - failovers_before
     return Trial(
         node=f"{role} {node}",
         hang_s=hang_s,
-        outage_s=outage,
-        longest_gap_s=gap,
+        outage_s=load.outage_after(hung_at),
+        longest_gap_s=load.longest_gap_after(hung_at),
         redundant_s=(redundant_at[0] - hung_at) if redundant_at else float("inf"),
-        acked=[a[2] for a in done],
+        acked=load.ids(),
         restore_runs=restores,
         failover_runs=failovers,
         split_brain=sampler.count_between(hung_at, time.monotonic()),

@@ -23,6 +23,7 @@ BENCHES = (
     "controlplane",
     "failover",
     "hang",
+    "persist",
     "restore",
     "flood",
     "scale",
