@@ -40,7 +40,7 @@ from controlplane.scheduler import LoopThread, make_scheduler
 from probes.base import Health, Probe, ProbeConfigError, ProbeResult
 from probes.registry import build_probe
 from remediation.base import Check
-from remediation.executors.base import Executor, ExecutorError
+from remediation.executors.base import Cancel, Executor, ExecutorError
 from remediation.executors.lab import LabExecutor
 from remediation.registry import ACTIONS
 
@@ -76,6 +76,7 @@ class NoExecutor:
         *,
         stdin: str | None = None,
         timeout_s: float = 300,
+        cancel: Cancel | None = None,
     ) -> str:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
