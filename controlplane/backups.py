@@ -1,7 +1,12 @@
 """Backups as the control plane keeps them: take one from the leader, drill it (restore into a
 scratch instance, replay the archive, check the shop's invariants there), retire old ones.
 Scheduled by the runtime; also run by the `controlplane backup` command. The catalog is in the
-state store; each backup directory describes itself too (see remediation.pitr)."""
+state store; each backup directory describes itself too (see remediation.pitr).
+
+A scheduled job can be stopped (`Backups.cancel`, when a failover or another change of the
+cluster starts): the step under way is undone (its tool killed, its directory removed, a
+scratch instance stopped) and records nothing; what finished before stays (a backup taken
+and checked stays in the catalog, undrilled, for the next drill)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +29,7 @@ from controlplane.engine import utcnow
 from pgcluster.nodes import leader_of, observe_all
 from remediation import pitr
 from remediation.base import ActionError
-from remediation.executors.base import Executor, ExecutorError
+from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +57,25 @@ class Backups:
         factory: sessionmaker[Session],
         *,
         clock: Clock = utcnow,
+        max_rate: str | None = None,
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.factory = factory
         self.clock = clock
+        self.max_rate = max_rate  # pg_basebackup's --max-rate (None: as fast as it goes)
         self.lock = threading.Lock()  # the scheduled jobs one at a time (a drill never races)
+        self.in_flight: Cancel | None = None  # the running scheduled job's token
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the scheduled backup or drill in flight, if there is one; returns at once
+        (whether one was). Its running tool is killed now; the job then removes what it had
+        half made and logs one line with `reason`. The next job runs as usual."""
+        token = self.in_flight
+        if token is None:
+            return False
+        token.cancel(reason)
+        return True
 
     def _leader(self) -> str:
         leader = leader_of(observe_all(self.settings.nodes, 3))
@@ -65,7 +84,9 @@ class Backups:
         return leader.name
 
     # -- take --------------------------------------------------------------------------------
-    def take(self, progress: Progress = pitr.no_progress) -> pitr.BackupInfo:
+    def take(
+        self, progress: Progress = pitr.no_progress, cancel: Cancel | None = None
+    ) -> pitr.BackupInfo:
         node = self._leader()
         try:
             info = pitr.take_base_backup(
@@ -75,6 +96,8 @@ class Backups:
                 self.settings.backups_dir,
                 now=self.clock,
                 progress=progress,
+                cancel=cancel,
+                max_rate=self.max_rate,
             )
         except ActionError as exc:
             raise BackupError(str(exc)) from exc
@@ -83,10 +106,15 @@ class Backups:
         return info
 
     # -- drill -------------------------------------------------------------------------------
-    def drill(self, label: str | None = None, progress: Progress = pitr.no_progress) -> DrillResult:
+    def drill(
+        self,
+        label: str | None = None,
+        progress: Progress = pitr.no_progress,
+        cancel: Cancel | None = None,
+    ) -> DrillResult:
         """Restore a backup (default: the newest) into a scratch instance, replay the WAL
         archive, and check the shop's invariants there; the result goes in the catalog, and
-        a pass marks the backup verified."""
+        a pass marks the backup verified. Cancelled, nothing goes in the catalog."""
         infos = {b.label: b for b in pitr.list_backups(self.settings.backups_dir)}
         if not infos:
             raise BackupError(f"no backup in {self.settings.backups_dir} to drill")
@@ -94,6 +122,8 @@ class Backups:
         if info is None:
             raise BackupError(f"no backup labelled {label!r}")
         node = self._leader()
+        if cancel is not None:
+            cancel.check()
         started = time.monotonic()
         found = pitr.drill_backup(
             self.executor,
@@ -106,6 +136,7 @@ class Backups:
             inventory_db=self.settings.inventory_db,
             timeout_s=self.settings.drill_timeout_s,
             progress=progress,
+            cancel=cancel,
         )
         result = DrillResult(
             info.label, found.passed, found.summary, round(time.monotonic() - started, 3)
@@ -157,10 +188,14 @@ class Backups:
             backup.verified_at = now if result.passed else backup.verified_at
 
     # -- retention ---------------------------------------------------------------------------
-    def apply_retention(self, progress: Progress = pitr.no_progress) -> list[str]:
+    def apply_retention(
+        self, progress: Progress = pitr.no_progress, cancel: Cancel | None = None
+    ) -> list[str]:
         """Keep the newest `keep_count` backups, and any younger than `max_age_s`, and the
         newest verified one whatever its age; delete the rest, and the archived WAL that only
         they needed."""
+        if cancel is not None:
+            cancel.check()
         now = self.clock()
         with store.transaction(self.factory) as s:
             catalog = store.list_backups(s)  # newest first
@@ -181,7 +216,7 @@ class Backups:
         if doomed and remaining:
             try:
                 pitr.prune_archive(
-                    self.executor, self._leader(), self.settings.archive_dir, remaining[0]
+                    self.executor, self._leader(), self.settings.archive_dir, remaining[0], cancel
                 )
                 progress(f"WAL archive pruned up to {remaining[0].start_wal}")
             except (ExecutorError, BackupError) as exc:
@@ -189,24 +224,38 @@ class Backups:
         return doomed
 
     # -- the scheduled job -------------------------------------------------------------------
+    @contextmanager
+    def _job(self, name: str) -> Iterator[Cancel]:
+        """One scheduled job at a time, with a token `cancel` stops it by. Its end is one log
+        line: failed (an error), or cancelled and why (a failure once the cancel has come is
+        its doing: the leader killed under pg_basebackup, say)."""
+        with self.lock:
+            token = Cancel()
+            self.in_flight = token
+            try:
+                yield token
+            except Cancelled as exc:
+                logger.warning("scheduled %s cancelled: %s", name, exc)
+            except BackupError as exc:
+                if token.reason is None:
+                    logger.error("scheduled %s failed: %s", name, exc)
+                else:
+                    logger.warning("scheduled %s cancelled: %s (%s)", name, token.reason, exc)
+            finally:
+                self.in_flight = None
+
     def scheduled_backup(self) -> None:
         """Take, drill, retire: one job, so that a drill never races its own backup."""
-        try:
-            with self.lock:
-                info = self.take()
-                result = self.drill(info.label)
-                if not result.passed:
-                    logger.error("drill of %s failed: %s", info.label, result.summary)
-                self.apply_retention()
-        except BackupError as exc:
-            logger.error("scheduled backup failed: %s", exc)
+        with self._job("backup") as cancel:
+            info = self.take(cancel=cancel)
+            result = self.drill(info.label, cancel=cancel)
+            if not result.passed:
+                logger.error("drill of %s failed: %s", info.label, result.summary)
+            self.apply_retention(cancel=cancel)
 
     def scheduled_drill(self) -> None:
-        try:
-            with self.lock:
-                self.drill()
-        except BackupError as exc:
-            logger.error("scheduled drill failed: %s", exc)
+        with self._job("drill") as cancel:
+            self.drill(cancel=cancel)
 
 
 def catalog_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from controlplane.scheduler import LoopThread, make_scheduler
 from probes.base import Health, Probe, ProbeConfigError, ProbeResult
 from probes.registry import build_probe
 from remediation.base import Check
-from remediation.executors.base import Executor, ExecutorError
+from remediation.executors.base import Cancel, Executor, ExecutorError
 from remediation.executors.lab import LabExecutor
 from remediation.registry import ACTIONS
 
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # What the web workers count of the alerts they take in (or refuse: 429), for /metrics.
 ALERT_COUNTS = ("firing", "resolved", "refused")
+# Actions that change the database cluster: a backup or drill of it in flight stops for them.
+CLUSTER_ACTIONS = frozenset({"failover", "rejoin", "switchover", "restore"})
 
 
 class NoExecutor:
@@ -76,6 +78,7 @@ class NoExecutor:
         *,
         stdin: str | None = None,
         timeout_s: float = 300,
+        cancel: Cancel | None = None,
     ) -> str:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
@@ -124,6 +127,16 @@ def build_probes(settings: Settings) -> dict[str, Probe]:
     return probes
 
 
+def acts_on_nodes(settings: Settings, action: str, target: str, nodes: Mapping[str, str]) -> bool:
+    """Does `action` on `target` act on one of `nodes` (name and DSN)? Its policy, the one a
+    request for it runs with, names the nodes it acts on (`params.nodes`)."""
+    policy = settings.policy_for_request(action, target)
+    acted_on = policy.params.get("nodes") if policy is not None else None
+    if not isinstance(acted_on, Mapping):
+        return False
+    return any(nodes.get(name) == dsn for name, dsn in acted_on.items())
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -167,6 +180,7 @@ class ControlPlane:
         self.loop_thread = LoopThread(self.loop, settings.loop_interval_s)
         self.engine.on_finished = self.loop_thread.wake
         self.engine.on_succeeded = self._after_run
+        self.engine.on_starting = self._before_run
         self.scheduler = make_scheduler(self.metrics)
         self.last_health: dict[str, Health] = {}
         # Writes probe runs (the runner's batches and `run_probe`'s one), keeps the probe
@@ -179,6 +193,17 @@ class ControlPlane:
     def _after_run(self, action: str, data: Mapping[str, Any]) -> None:
         if action == "backup" and self.backups is not None and "label" in data:
             self.backups.catalogue(data)
+
+    def _before_run(self, action: str, target: str) -> None:
+        """A run that changes the cluster the backups are taken from stops the scheduled
+        backup or drill in flight: its tool is killed now, its job cleans up in its own
+        thread. Returns at once (the engine's `on_starting`)."""
+        if self.backups is None or action not in CLUSTER_ACTIONS:
+            return
+        if not acts_on_nodes(self.settings, action, target, self.backups.settings.nodes):
+            return
+        if self.backups.cancel(f"{action} of {target} starting"):
+            logger.info("%s of %s starting: the backup job in flight is stopped", action, target)
 
     # -- probing ------------------------------------------------------------------------------
     def run_probe(self, spec: ProbeSpec) -> ProbeResult:

@@ -25,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 from pgcluster import invariants
 from remediation import pg_ops, restore_point
 from remediation.base import ActionError
-from remediation.executors.base import Executor, ExecutorError
+from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
 
 META_FILE = "controlplane-backup.json"
 # Not copied into a data directory: ours, and pg_basebackup's manifest (meaningless there).
@@ -91,9 +91,13 @@ def take_base_backup(
     *,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     progress: Progress = no_progress,
+    cancel: Cancel | None = None,
+    max_rate: str | None = None,
 ) -> BackupInfo:
     """pg_basebackup of `node` (its WAL streamed in, so the backup restores on its own), then
-    pg_verifybackup against its manifest before it is described as a backup at all."""
+    pg_verifybackup against its manifest before it is described as a backup at all. Failed
+    or cancelled (`Cancelled`, the tool killed), it leaves no directory behind. `max_rate`
+    (pg_basebackup's --max-rate, e.g. "10M") spares the leader's disk."""
     started_at = now()
     label = started_at.strftime("base-%Y%m%dT%H%M%S%fZ")
     dest = backups_dir / label
@@ -113,11 +117,16 @@ def take_base_backup(
                 "-l",
                 label,
                 "--manifest-checksums=SHA256",
+                *([f"--max-rate={max_rate}"] if max_rate else []),
             ],
             timeout_s=3600,
+            cancel=cancel,
         )
         progress("pg_verifybackup: every file against its SHA-256, and the WAL")
-        executor.run_tool(node, "pg_verifybackup", verify_args(dest), timeout_s=3600)
+        executor.run_tool(node, "pg_verifybackup", verify_args(dest), timeout_s=3600, cancel=cancel)
+    except Cancelled:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     except ExecutorError as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise ActionError(f"base backup of {node} failed: {exc}") from exc
@@ -165,13 +174,15 @@ def backup_for(backups_dir: Path, target: datetime | None) -> BackupInfo:
     return usable[-1]
 
 
-def check_backup(executor: Executor, node: str, backup: BackupInfo) -> None:
+def check_backup(
+    executor: Executor, node: str, backup: BackupInfo, cancel: Cancel | None = None
+) -> None:
     """Its manifest is the one cataloged, and every file matches the manifest."""
     path = Path(backup.path)
     if sha256_of(path / "backup_manifest") != backup.checksum:
         raise ActionError(f"{backup.label}: backup_manifest checksum differs", permanent=True)
     try:
-        executor.run_tool(node, "pg_verifybackup", verify_args(path), timeout_s=3600)
+        executor.run_tool(node, "pg_verifybackup", verify_args(path), timeout_s=3600, cancel=cancel)
     except ExecutorError as exc:
         raise ActionError(f"{backup.label} fails verification: {exc}", permanent=True) from exc
 
@@ -265,12 +276,19 @@ def keep_ancestor_wal(dest: Path, backup_path: Path, archive_dir: Path) -> list[
     return kept
 
 
-def wait_promoted(dsn: str, timeout_s: float, alive: Callable[[], bool] | None = None) -> None:
+def wait_promoted(
+    dsn: str,
+    timeout_s: float,
+    alive: Callable[[], bool] | None = None,
+    cancel: Cancel | None = None,
+) -> None:
     """Recovery reached its target (or the archive's end) and the server took the primary's
     role: it accepts connections and is out of recovery. A server that stops meanwhile (e.g.
     "recovery ended before configured recovery target was reached") fails it at once."""
 
     def promoted() -> bool:
+        if cancel is not None:
+            cancel.check()
         if alive is not None and not alive():
             raise ActionError("the server stopped during recovery (see its log)")
         try:
@@ -316,10 +334,11 @@ def start_scratch(
     *,
     timeout_s: float,
     target: Target | None = None,
+    cancel: Cancel | None = None,
 ) -> Scratch:
     """Restore `backup` into `scratch_dir`, replay the archive (to its end, or to `target`),
     promote, and start it on `port` (never archiving: its WAL must not mix with the
-    cluster's)."""
+    cluster's). Cancelled, it stops the instance and removes its directory."""
     extra = {
         "port": str(port),
         "listen_addresses": "127.0.0.1",
@@ -330,6 +349,12 @@ def start_scratch(
     scratch = Scratch(node, scratch_dir, port, dsn_with(node_dsn, host="127.0.0.1", port=port))
     try:
         prepare_recovery(executor, node, scratch_dir, backup, archive_dir, target, extra)
+        if cancel is not None:
+            cancel.check()
+        # The start itself is not cut short: killing pg_ctl leaves its postmaster (a session
+        # of its own), and one that had not written its pid file yet could not be stopped: it
+        # would run on a deleted directory. `pg_ctl -w` returns once recovery is consistent
+        # (seconds); the wait for the promotion below stops at once.
         executor.run_tool(
             node,
             "pg_ctl",
@@ -345,7 +370,10 @@ def start_scratch(
             ],
             timeout_s=timeout_s + 10,
         )
-        wait_promoted(scratch.dsn, timeout_s)
+        wait_promoted(scratch.dsn, timeout_s, cancel=cancel)
+    except Cancelled:
+        stop_scratch(executor, scratch)
+        raise
     except (ExecutorError, ActionError) as exc:
         # pg_ctl says "examine the log output", and the log goes with the scratch directory:
         # its last lines go into the error instead.
@@ -398,13 +426,16 @@ def drill_backup(
     inventory_db: str,
     timeout_s: float,
     progress: Progress = no_progress,
+    cancel: Cancel | None = None,
 ) -> Drill:
     """Check `backup` against its manifest, restore it into a scratch instance on a free port,
     replay the archive to its end, and run the shop's invariants there. Never raises for a
-    failed drill: that is its finding."""
+    failed drill: that is its finding. Cancelled (`Cancelled`), it finds nothing, and leaves
+    no scratch instance or directory behind; an invariants check under way when the cancel
+    comes (seconds at most: its statement timeout) finishes first."""
     progress(f"drill of {backup.label}: verify, restore into {scratch_dir}, replay the archive")
     try:
-        check_backup(executor, node, backup)
+        check_backup(executor, node, backup, cancel)
         scratch = start_scratch(
             executor,
             node,
@@ -414,6 +445,7 @@ def drill_backup(
             scratch_dir,
             free_port(),
             timeout_s=timeout_s,
+            cancel=cancel,
         )
     except (ActionError, ExecutorError) as exc:
         return Drill(backup.label, False, f"restore failed: {exc}", {})
@@ -426,6 +458,8 @@ def drill_backup(
         )
     finally:
         stop_scratch(executor, scratch)
+    if cancel is not None:
+        cancel.check()  # the step under way at the cancel counts for nothing
     if not verdict.readable:
         return Drill(backup.label, False, f"invariants not readable: {verdict.error}", {})
     if verdict.problems:
@@ -435,9 +469,18 @@ def drill_backup(
     )
 
 
-def prune_archive(executor: Executor, node: str, archive_dir: Path, oldest: BackupInfo) -> str:
-    """Drop the archived WAL no remaining backup needs (older than the oldest's start)."""
-    return executor.run_tool(node, "pg_archivecleanup", [str(archive_dir), oldest.start_wal])
+def prune_archive(
+    executor: Executor,
+    node: str,
+    archive_dir: Path,
+    oldest: BackupInfo,
+    cancel: Cancel | None = None,
+) -> str:
+    """Drop the archived WAL no remaining backup needs (older than the oldest's start). Cut
+    short, it has dropped some of it: the rest goes next time."""
+    return executor.run_tool(
+        node, "pg_archivecleanup", [str(archive_dir), oldest.start_wal], cancel=cancel
+    )
 
 
 def free_port() -> int:

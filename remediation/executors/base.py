@@ -2,12 +2,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 
 class ExecutorError(Exception):
     pass
+
+
+class Cancelled(Exception):
+    """The work was stopped on purpose (its `Cancel` was set); the message says why. Not an
+    ExecutorError: no handler of a failed tool takes it for one (a drill that was stopped did
+    not fail)."""
+
+
+class Cancel:
+    """A token for long work (a base backup, a drill) that another thread may stop. `cancel`
+    returns at once: it kills each tool running for the work at that moment (`run_tool`
+    registers one with `on_cancel` while it runs), and the work, between its steps, raises
+    `Cancelled` (`check`) and undoes what it had half made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self._kills: dict[int, Callable[[], None]] = {}
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self._reason is not None:
+                return
+            self._reason = reason
+            kills = list(self._kills.values())
+        for kill in kills:
+            kill()
+
+    def check(self) -> None:
+        """Raise `Cancelled` if the work was told to stop."""
+        if self._reason is not None:
+            raise Cancelled(self._reason)
+
+    @contextmanager
+    def on_cancel(self, kill: Callable[[], None]) -> Iterator[None]:
+        """While inside, `cancel` calls `kill` (at once if it has been called already). `kill`
+        must not block: it signals a process, it does not wait for it."""
+        key = id(kill)
+        with self._lock:
+            self._kills[key] = kill
+            cancelled = self._reason is not None
+        if cancelled:
+            kill()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._kills.pop(key, None)
 
 
 class Executor(Protocol):
@@ -42,8 +96,11 @@ class Executor(Protocol):
         *,
         stdin: str | None = None,
         timeout_s: float = 300,
+        cancel: Cancel | None = None,
     ) -> str:
-        """Run one of the component's server tools (e.g. pg_rewind) as its OS user."""
+        """Run one of the component's server tools (e.g. pg_rewind) as its OS user. With
+        `cancel`: `Cancelled` when it is set, before or during the run (the tool and whatever
+        it started in its process group are killed first)."""
         ...
 
     def data_dir(self, component: str) -> str: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from remediation.executors.base import ExecutorError
+from remediation.executors.base import Cancel, ExecutorError
 from remediation.executors.processes import (
     Finder,
     Proc,
@@ -190,6 +191,7 @@ class LabExecutor:
         *,
         stdin: str | None = None,
         timeout_s: float = 300,
+        cancel: Cancel | None = None,
     ) -> str:
         description = json.loads(self.stack_file.read_text())
         comp = self._component(component)
@@ -201,24 +203,47 @@ class LabExecutor:
         passfile = description.get("postgres", {}).get("passfile")
         if passfile:  # for a tool given no DSN that names it (every lab DSN does)
             env["PGPASSFILE"] = str(passfile)
+        if cancel is not None:
+            cancel.check()
         try:
-            done = subprocess.run(
+            # A session of its own: a cancel kills the tool and what it forked (pg_basebackup's
+            # WAL streamer) as one process group.
+            proc = subprocess.Popen(
                 [str(Path(bin_dir) / tool), *args],
-                input=stdin if stdin is not None else "",
-                capture_output=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
-                timeout=timeout_s,
                 env=env,
                 user=start.get("user"),
                 cwd=start.get("cwd"),
-                check=False,
+                start_new_session=True,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except OSError as exc:
             raise ExecutorError(f"{tool} for {component}: {exc}") from exc
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip()[-1500:]
-            raise ExecutorError(f"{tool} for {component} failed ({done.returncode}): {tail}")
-        return done.stdout + done.stderr
+
+        def kill() -> None:
+            if proc.returncode is None:  # not reaped yet: its pid is still its group's
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        with cancel.on_cancel(kill) if cancel is not None else contextlib.nullcontext():
+            try:
+                stdout, stderr = proc.communicate(stdin or "", timeout=timeout_s)
+            except subprocess.TimeoutExpired as exc:
+                kill()
+                proc.communicate()
+                raise ExecutorError(f"{tool} for {component}: {exc}") from exc
+            except BaseException:  # interrupted: the tool must not outlive its caller
+                kill()
+                proc.wait()
+                raise
+        if cancel is not None:
+            cancel.check()  # killed by it: stopped, not failed
+        if proc.returncode != 0:
+            tail = (stderr or stdout).strip()[-1500:]
+            raise ExecutorError(f"{tool} for {component} failed ({proc.returncode}): {tail}")
+        return stdout + stderr
 
     def data_dir(self, component: str) -> str:
         path = self._component(component).get("data_dir")
