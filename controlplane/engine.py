@@ -37,7 +37,7 @@ from remediation.base import (
     Decline,
     operator_params,
 )
-from remediation.executors.base import Executor, ExecutorError
+from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
 from remediation.registry import UnknownAction, action_class, build_action
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class ActionEngine:
         self.backoff_s = backoff_s
         self.pool = ThreadPoolExecutor(settings.action_workers, thread_name_prefix="action")
         self.in_flight: set[int] = set()
+        self.cancels: dict[int, Cancel] = {}  # each run in flight: how to make it stand aside
         self.lock = threading.Lock()
         self.on_finished: Callable[[], None] = lambda: None
         # A run that succeeded, with its last outcome's data: what the control plane keeps of
@@ -101,6 +102,7 @@ class ActionEngine:
             now = self.clock()
             with store.transaction(self.factory) as s:
                 if not store.claim_run(s, run_id, self.settings.instance_id, now):
+                    self._make_way(s, run_id)
                     continue  # taken by another worker, or its target is busy: later
                 run = s.get(ActionRun, run_id)
                 assert run is not None
@@ -120,10 +122,31 @@ class ActionEngine:
                         incident.action_started_at = now
             with self.lock:
                 self.in_flight.add(run_id)
+                self.cancels[run_id] = Cancel()
                 self.metrics.actions_in_progress.set(len(self.in_flight))
             self.pool.submit(self._run_guarded, run_id)
             started.append(run_id)
         return started
+
+    def _make_way(self, s: Session, run_id: int) -> None:
+        """A pending run whose target is busy: a run in flight there that yields to it (a
+        backup, for a failover) is told to stand aside; it ends at its next step."""
+        waiting = s.get(ActionRun, run_id)
+        if waiting is None or waiting.state != ActionState.PENDING:
+            return
+        for running in store.runs_in_state(s, ActionState.RUNNING):
+            if running.target != waiting.target or running.id == run_id:
+                continue
+            try:
+                yields = waiting.action in action_class(running.action).yields_to
+            except UnknownAction:
+                continue
+            with self.lock:
+                cancel = self.cancels.get(running.id)
+            if yields and cancel is not None and cancel.reason is None:
+                logger.info("run %d (%s) stands aside for %s", running.id, running.action,
+                            waiting.action)  # fmt: skip
+                cancel.cancel(f"{waiting.action} on {waiting.target} waits for it")
 
     def abandon_orphans(
         self, *, owner: str | None = None, older_than_s: float | None = None
@@ -230,6 +253,7 @@ class ActionEngine:
         finally:
             with self.lock:
                 self.in_flight.discard(run_id)
+                self.cancels.pop(run_id, None)
                 self.metrics.actions_in_progress.set(len(self.in_flight))
             self.on_finished()
 
@@ -270,6 +294,7 @@ class ActionEngine:
             is_healthy=lambda: self.health_of(run.target),
             labels=dict(service.labels) if service else {},
             last_good_at=last_good_at,
+            cancel=self.cancels.get(run_id),
         )
         try:
             self.on_starting(run.action, run.target)
@@ -302,6 +327,15 @@ class ActionEngine:
                 with attempt:
                     tried = attempt.retry_state.attempt_number
                     outcome = self._attempt(run, action, ctx, policy, tried)
+        except Cancelled as exc:  # it stood aside for another run: nothing to escalate
+            self._finish(
+                run_id,
+                ActionState.FAILED,
+                {"error": f"cancelled: {exc}", "attempts": tried},
+                f"stood aside: {exc}; nothing of it kept",
+                escalate=False,
+            )
+            return
         except (NotYetHealthy, ActionError, _Permanent) as exc:
             again = self._may_retry(run, action, exc)
             self._finish(
@@ -449,26 +483,26 @@ class ActionEngine:
         *,
         recovered: bool = False,
         retry: bool = False,
-        escalate: bool = False,
+        escalate: bool | None = None,
     ) -> None:
         """running -> `state`, audited; retried on "database is locked" (a run left `running`
         would hold its target's lock: the reaper's last resort, not the plan). `recovered`: a
         run skipped because its target is healthy marks its incident recovered, as a success
         does (a failure after it is a new one, which gets its own incident and action).
         `retry`: the incident's next try follows after a backoff (the loop decides when).
-        A failure that is not retried, and `escalate`, tell a human at once."""
+        `escalate` (by default: a failure that is not retried) tells a human at once."""
         now = self.clock()
-        escalate = escalate or (state is ActionState.FAILED and not retry)
+        loud = (state is ActionState.FAILED and not retry) if escalate is None else escalate
         run = store.with_retries(
             lambda: self._write_finish(
-                run_id, state, output, why, now, recovered, retry=retry, escalate=escalate
+                run_id, state, output, why, now, recovered, retry=retry, escalate=loud
             ),
             what=f"finish run {run_id}",
         )
         if run is None:
             return
         self.metrics.actions.labels(run.action, state).inc()
-        if escalate:
+        if loud:
             self.metrics.escalations.inc()
             self.notifier.notify(
                 "escalation",

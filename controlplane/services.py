@@ -253,9 +253,9 @@ def health_summary(cp: ControlPlane) -> dict[str, Any]:
     for entry in services.values():
         entry["attention"] = None
     for found in escalated:
-        entry = services.get(found["target"])
-        if entry is not None and entry["attention"] is None:
-            entry["attention"] = found["line"]
+        service = services.get(found["target"])
+        if service is not None and service["attention"] is None:
+            service["attention"] = found["line"]
     statuses = [v["status"] for v in services.values() if v["status"] != "unknown"]
     overall = max(statuses, key=lambda h: order.index(Health(h))) if statuses else "unknown"
     return {

@@ -35,6 +35,8 @@ def params_of(ctx: ActionContext) -> BackupParams:
 
 class Backup(Action):
     kind = "backup"
+    # A backup or drill in flight never holds up what changes the cluster: it stops, cleanly.
+    yields_to = frozenset({"failover", "rejoin", "switchover", "restore"})
     Params = BackupParams
 
     def __init__(self) -> None:
@@ -63,7 +65,9 @@ class Backup(Action):
         if leader is None:
             raise ActionError("no writable leader to back up")
         node = leader.name
-        info = pitr.take_base_backup(ctx.executor, node, p.nodes[node], Path(p.backups_dir))
+        info = pitr.take_base_backup(
+            ctx.executor, node, p.nodes[node], Path(p.backups_dir), cancel=ctx.cancel
+        )
         drill = pitr.drill_backup(
             ctx.executor,
             node,
@@ -74,6 +78,7 @@ class Backup(Action):
             orders_db=p.orders_db,
             inventory_db=p.inventory_db,
             timeout_s=p.drill_timeout_s,
+            cancel=ctx.cancel,
         )
         data = {
             **info.to_json(),

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from remediation.executors.base import Executor
+from remediation.executors.base import Cancel, Executor
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
@@ -88,6 +88,9 @@ class ActionContext:
     # For an incident's run: when its probe last passed before the failure (the latest point
     # known good, e.g. the restore point for data damage); None when unknown.
     last_good_at: datetime | None = None
+    # Set when the run must stand aside (an action in `yields_to` waits for its target):
+    # long steps pass it to the executor's tools, which are killed at once.
+    cancel: Cancel | None = None
 
 
 def operator_params(
@@ -132,6 +135,10 @@ class Action(ABC):
     # that persists opens a new one and gets a new run (never a second run for one incident).
     # False (a failover, a restore): the abandoned run is escalated, and a human decides.
     may_start_over: ClassVar[bool] = False
+    # Actions this one stands aside for: when a run of one of them waits for the target this
+    # one runs on, this run is cancelled (`ctx.cancel`) and ends without escalating. A backup
+    # never holds up a failover.
+    yields_to: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def precheck(self, ctx: ActionContext) -> Check:

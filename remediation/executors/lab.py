@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,8 +239,12 @@ class LabExecutor:
                 kill()
                 proc.wait()
                 raise
-        if cancel is not None:
-            cancel.check()  # killed by it: stopped, not failed
+        if cancel is not None and cancel.reason is not None:
+            # Killed by it: stopped, not failed. What the tool forked (pg_basebackup's WAL
+            # streamer) may outlive its parent by a moment: none of it may write after the
+            # caller cleans up, so wait until the whole group is gone.
+            _wait_group_gone(proc.pid)
+            cancel.check()
         if proc.returncode != 0:
             tail = (stderr or stdout).strip()[-1500:]
             raise ExecutorError(f"{tool} for {component} failed ({proc.returncode}): {tail}")
@@ -317,3 +322,16 @@ class LabExecutor:
     def set_role(self, component: str, role: str) -> None:
         with self._locked() as description:
             description["components"][component]["role"] = role
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
+    """Until no process of the group is left (each was sent SIGKILL), within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.01)
