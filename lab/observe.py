@@ -14,6 +14,7 @@ import requests
 from psycopg.conninfo import make_conninfo
 
 from lab.errors import LabError
+from lab.layout import notifications_file
 
 CONNECT_TIMEOUT_S = 2
 
@@ -179,3 +180,14 @@ class StackView:
     def is_whole(self) -> bool:
         """Full redundancy: a synchronous standby again and every shop ready."""
         return self.is_redundant() and self.shops_ready()
+
+
+def notifications(data_dir: Path | str) -> list[dict[str, Any]]:
+    """What the stack's webhook recorder received, oldest first: each `{"received_at",
+    "path", "body"}` (the control plane's notifications have the path `/controlplane`)."""
+    try:
+        text = notifications_file(Path(data_dir)).read_text()
+    except FileNotFoundError:
+        return []
+    # Each record is one write ending in a newline: a line without one is still being written.
+    return [json.loads(line) for line in text.split("\n")[:-1] if line]
