@@ -76,6 +76,12 @@ def judge(kind: str, trials: Sequence[Mapping[str, Any]], goal: Objectives) -> d
         if not (figures[name] < limit if name.endswith("_s") else figures[name] <= limit)
     ]
     failed += [f"trial {i + 1}: {t['error']}" for i, t in enumerate(trials) if t.get("error")]
+    # Whole again only because the game day started what was dead: not healed.
+    failed += [
+        f"trial {i + 1}: healed by the clean-up ({', '.join(t.get('cleaned_up') or [])})"
+        for i, t in enumerate(trials)
+        if t.get("healed_by") == "clean-up"
+    ]
     return {
         "fault": kind,
         "trials": len(trials),
