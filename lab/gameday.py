@@ -29,6 +29,7 @@ from lab.load import CarefulLoad, Ledger, verify_orders
 from lab.observe import StackView
 from lab.process import wait_until
 from lab.settle import (
+    MAX_TRIAL_WAIT_S,
     SETTLE_AFTER_S,
     TRIAL_MARGIN_S,
     StackLostError,
@@ -39,6 +40,7 @@ from lab.settle import (
     stack_at,
     trial_deadline,
 )
+from lab.stress import CpuHogs
 from lab.verdict import Objectives, judge, load_objectives, objectives_for
 
 logger = logging.getLogger(__name__)
@@ -300,12 +302,14 @@ def gameday(
     progress: Progress = lambda line: logger.info("%s", line),
     margin_s: float = TRIAL_MARGIN_S,
     settle_s: float = SETTLE_AFTER_S,
+    stress: bool = False,
 ) -> dict[str, Any]:
     """Every fault `trials` times under load (or, with `soak_s`, random faults at random
-    times for that long); then the whole load verified. Written to DATA_DIR/gamedays/, where
-    the control plane's dashboard shows it (its `gamedays_dir`)."""
+    times for that long); then the whole load verified. With `stress`, beside CPU hogs on
+    every core (lab/stress.py) and judged against the stress objectives. Written to
+    DATA_DIR/gamedays/, where the control plane's dashboard shows it (its `gamedays_dir`)."""
     view = StackView.of(data_dir)
-    goals = objectives if objectives is not None else load_objectives()
+    goals = objectives if objectives is not None else load_objectives(stress=stress)
     unknown = [k for k in faults if k not in FAULTS]
     if unknown:
         raise ValueError(f"unknown faults: {unknown}")
@@ -320,7 +324,10 @@ def gameday(
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in faults}
     plan = _soak_plan(faults, soak_s, rng) if soak_s else (k for _ in range(trials) for k in faults)
     stopped: str | None = None
+    hogs = _hogs(view, len(faults) * trials, soak_s, settle_s) if stress else None
     try:
+        if hogs is not None:
+            hogs.start()
         wait_until(lambda: len(load.acknowledged()) >= 10, timeout_s=60, what="orders flowing")
         for kind in plan:
             try:
@@ -349,6 +356,8 @@ def gameday(
             if soak_s:
                 time.sleep(rng.uniform(0, 10))  # random times: not always right after healing
     finally:
+        if hogs is not None:  # first: a Ctrl-C leaves no hog behind
+            hogs.stop()
         load.stop()
         sampler.stop()
     for trial in (t for ts in results.values() for t in ts):
@@ -373,6 +382,8 @@ def gameday(
         "ended_at": datetime.now(UTC).isoformat(),
         "data_dir": str(view.data_dir),
         "soak_s": soak_s,
+        # Under stress: the hogs, and the machine's load average while they ran.
+        "stress": hogs.report() if hogs is not None else None,
         "load": load.report(),
         "split_brain_samples": sampler.samples,
         "verification": verification,
@@ -392,6 +403,14 @@ def gameday(
     write_report(report, out)
     report["written_to"] = str(out)
     return report
+
+
+def _hogs(view: StackView, trials: int, soak_s: float | None, settle_s: float) -> CpuHogs:
+    """CPU hogs at the control plane's priority, with a deadline of their own past the longest
+    the day can last (they are stopped at its end; this only covers a killed game day)."""
+    longest_s = (soak_s or 0) + trials * (MAX_TRIAL_WAIT_S + settle_s + 120) + 600
+    pid = view.components().get("controlplane", {}).get("pid")
+    return CpuHogs(timeout_s=longest_s, priority_of=pid if isinstance(pid, int) else None)
 
 
 def _verify(
