@@ -149,6 +149,11 @@ def _duration(text: str) -> float:
 )
 @click.option("--soak", default=None, help="random faults at random times for this long: 30m")
 @click.option("--approve", is_flag=True, help="approve the restores data damage proposes")
+@click.option(
+    "--stress",
+    is_flag=True,
+    help="CPU hogs (stress-ng) on every core all along; the objectives' [stress] durations",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write here")
 def gameday_command(
     data_dir: Path | None,
@@ -157,12 +162,13 @@ def gameday_command(
     objectives: Path,
     soak: str | None,
     approve: bool,
+    stress: bool,
     out: Path | None,
 ) -> None:
     """Each fault TRIALS times under load, measured from outside the control plane; a
     PASS/FAIL verdict per fault against OBJECTIVES; the results as JSON."""
     kinds = [k.strip() for k in faults.split(",") if k.strip()]
-    goals = load_objectives(objectives)
+    goals = load_objectives(objectives, stress=stress)
     with _stack(data_dir) as where:
         try:
             report = gameday(
@@ -173,6 +179,7 @@ def gameday_command(
                 soak_s=_duration(soak) if soak else None,
                 approve=approve,
                 progress=lambda line: click.echo(line, err=True),
+                stress=stress,
             )
         except (LabError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
@@ -181,6 +188,14 @@ def gameday_command(
     click.echo(verdict_table(report["verdicts"]))
     click.echo(f"\nload: {json.dumps(report['load'])}")
     click.echo(f"verification: {json.dumps(report['verification'])}")
+    if report["stress"] is not None:
+        hogs = report["stress"]
+        click.echo(
+            f"under stress: {hogs['cpu_workers']} CPU hogs, load average (1 min) "
+            f"{json.dumps(hogs['load_avg_1m'])}"
+        )
+    if report["stopped"]:
+        click.echo(f"stopped early: {report['stopped']}")
     click.echo(f"verdict: {report['verdict']} (written to {report['written_to']})")
     if data_dir is not None:  # a stack of its own is gone by now, and its dashboard with it
         url = _view(data_dir).components().get("controlplane", {}).get("url")

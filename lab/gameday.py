@@ -16,22 +16,36 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import requests
 
 from controlplane.models import ActionState
 from lab.chaos import FaultRecord, fault
-from lab.chaos.base import Fault, Stamp, is_running, start_component
+from lab.chaos.base import Fault, Stamp
 from lab.chaos.registry import FAULTS
+from lab.errors import LabError
 from lab.layout import gamedays_dir
 from lab.load import CarefulLoad, Ledger, verify_orders
 from lab.observe import StackView
 from lab.process import wait_until
+from lab.settle import (
+    MAX_TRIAL_WAIT_S,
+    SETTLE_AFTER_S,
+    TRIAL_MARGIN_S,
+    StackLostError,
+    at_deadline_line,
+    clean_up,
+    is_settled,
+    settle_or_stop,
+    stack_at,
+    trial_deadline,
+)
+from lab.stress import CpuHogs
 from lab.verdict import Objectives, judge, load_objectives, objectives_for
 
 logger = logging.getLogger(__name__)
 
-SETTLE_TIMEOUT_S = 180.0
-RECOVERY_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 180.0  # the day's first look: a stack may still be starting
 AFTER_RECOVERY_S = 2.0  # a little load on the healed stack: the shops serve its new shape
 # The faults a game day runs unless told: the destructive ones need an operator's approval.
 DEFAULT_FAULTS = tuple(k for k in FAULTS if k not in ("delete-orders", "drop-table"))
@@ -105,26 +119,6 @@ class SplitBrainSampler:
             return sum(1 for t in self.splits if start <= t <= end)
 
 
-def is_settled(view: StackView, chosen: Fault | None = None) -> bool:
-    return (
-        view.is_whole()
-        and view.prepared_count() == 0
-        and (chosen is None or chosen.is_recovered(view))
-    )
-
-
-def clean_up(view: StackView) -> list[str]:
-    """Start again what a fault left dead and nothing healed (a policy that failed, or a
-    stack whose targets heal less than the lab's): the next trial starts whole, and the
-    trial says it was the clean-up, not the control plane. Returns what was started."""
-    started = []
-    for name, comp in view.components().items():
-        if "data_dir" not in comp and not is_running(view, name):
-            start_component(view, name)
-            started.append(name)
-    return started
-
-
 def _at(iso: str | None) -> datetime | None:
     return datetime.fromisoformat(iso) if iso else None
 
@@ -183,21 +177,80 @@ def run_trial(
     load: CarefulLoad,
     sampler: SplitBrainSampler,
     *,
+    goal: Objectives,
     duration_s: float | None = None,
     approve: bool = False,
-    recovery_timeout_s: float = RECOVERY_TIMEOUT_S,
+    margin_s: float = TRIAL_MARGIN_S,
+    settle_s: float = SETTLE_AFTER_S,
 ) -> dict[str, Any]:
-    """One fault under the running load: settle, inject, wait for full redundancy, measure."""
+    """One fault under the running load: settle, inject, wait for full redundancy until the
+    trial's deadline, measure. A stack not whole again after it, even once the clean-up has
+    started what was dead, raises StackLostError (with the trial)."""
     chosen = fault(kind)
-    wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
+    settle_or_stop(view, settle_s, f"before {kind}")
     trial_start = time.monotonic()
     record = chosen.run(
         view, duration_s=chosen.default_duration_s if duration_s is None else duration_s
     )
     t0 = record.started.mono
-    whole_at: float | None = None
+    deadline = trial_deadline(record, goal, margin_s)
+    whole_at, proposed = _wait_whole(view, chosen, record, deadline, approve=approve)
+    # Not whole by its deadline (an operator's restore aside): the trial has failed; what is
+    # up and what the control plane holds open then is its report.
+    at_deadline = stack_at(view, t0) if whole_at is None and proposed is None else None
+    if whole_at is not None:
+        time.sleep(AFTER_RECOVERY_S)
+    cleaned = clean_up(view)
+    lost: StackLostError | None = None
+    try:
+        settle_or_stop(view, settle_s, f"after {kind}")
+    except StackLostError as exc:
+        lost = exc
+    acks = load.acknowledged()
+    after = [a for a in acks if a.first_sent > t0]
+    end = time.monotonic()
+    window = [t0, *(a.acked for a in acks if t0 < a.acked <= end), end]
+    mine = [a.order_id for a in acks if a.acked >= trial_start]
+    try:
+        counted = _count_orders(view, mine, record.details.get("deleted_ids", []))
+        seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=False)
+    except (LabError, psycopg.Error, requests.RequestException) as exc:
+        if lost is None:
+            raise
+        # The stack is lost: what could not be read is said, and the trial fails on it.
+        counted = {"lost": 0, "duplicates": 0, "error": f"not measured: {exc}"}
+        seen = _unseen()
+    if proposed is not None:
+        seen["restore_awaiting_approval"] = proposed["restore_awaiting_approval"]
+        seen["approved"] = proposed["approved"]
+    # Drawn once the day is over: the load after the recovery is seen then.
+    recovered = whole_at if whole_at is not None else min(end, deadline)
+    trial = {
+        "_window": ChartWindow(t0 - SERIES_BEFORE_S, recovered + SERIES_AFTER_S, record.started),
+        "fault": record.to_json(),
+        "outage_s": round(after[0].acked - t0, 3) if after else None,
+        "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(window)), 3),
+        "redundancy_s": round(whole_at - t0, 3) if whole_at else None,
+        "healed_by": "clean-up" if cleaned else "control plane" if whole_at else "nobody",
+        "cleaned_up": cleaned,
+        "acknowledged": len(mine),
+        **counted,
+        "split_brain": sampler.count_between(t0, end),
+        **seen,
+    }
+    if at_deadline is not None:
+        trial["at_deadline"] = at_deadline
+    if lost is not None:
+        raise StackLostError(str(lost), trial)
+    return trial
+
+
+def _wait_whole(
+    view: StackView, chosen: Fault, record: FaultRecord, deadline: float, *, approve: bool
+) -> tuple[float | None, dict[str, Any] | None]:
+    """Poll until the stack is whole (when), a destructive fault's restore awaits an operator
+    (what the control plane did), or the deadline."""
     proposed: dict[str, Any] | None = None
-    deadline = record.ended.mono + recovery_timeout_s
     while time.monotonic() < deadline:
         if chosen.destructive and proposed is None:
             seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=approve)
@@ -206,43 +259,33 @@ def run_trial(
                 if not approve:
                     break  # detected and proposed: an operator's move from here
         try:
-            if time.monotonic() > t0 + 1 and is_settled(view, chosen):
-                whole_at = time.monotonic()
-                break
+            if time.monotonic() > record.started.mono + 1 and is_settled(view, chosen):
+                return time.monotonic(), proposed
         except Exception:  # a poll during the outage: "not yet"
             logger.debug("settle poll failed", exc_info=True)
         time.sleep(0.2)
-    time.sleep(AFTER_RECOVERY_S)
-    cleaned = clean_up(view)
-    if cleaned:
-        wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
-    acks = load.acknowledged()
-    after = [a for a in acks if a.first_sent > t0]
-    end = time.monotonic()
-    window = [t0, *(a.acked for a in acks if t0 < a.acked <= end), end]
-    mine = [a for a in acks if a.acked >= trial_start]
-    deleted = record.details.get("deleted_ids", [])
-    present = view.orders_present([a.order_id for a in mine])
-    seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=False)
-    if proposed is not None:
-        seen["restore_awaiting_approval"] = proposed["restore_awaiting_approval"]
-        seen["approved"] = proposed["approved"]
-    # Drawn once the day is over: the load after the recovery is seen then.
-    recovered = whole_at if whole_at is not None else min(end, deadline)
-    chart = ChartWindow(t0 - SERIES_BEFORE_S, recovered + SERIES_AFTER_S, record.started)
+    return None, proposed
+
+
+def _count_orders(view: StackView, mine: list[str], deleted: list[str]) -> dict[str, Any]:
+    present = view.orders_present(mine)
     return {
-        "_window": chart,
-        "fault": record.to_json(),
-        "outage_s": round(after[0].acked - t0, 3) if after else None,
-        "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(window)), 3),
-        "redundancy_s": round(whole_at - t0, 3) if whole_at else None,
-        "healed_by": "clean-up" if cleaned else "control plane" if whole_at else "nobody",
-        "cleaned_up": cleaned,
-        "acknowledged": len(mine),
-        "lost": len({a.order_id for a in mine} - set(present) - set(deleted)),
+        "lost": len(set(mine) - set(present) - set(deleted)),
         "duplicates": sum(c - 1 for c in present.values()),
-        "split_brain": sampler.count_between(t0, end),
-        **seen,
+    }
+
+
+def _unseen() -> dict[str, Any]:
+    return {
+        "detect_s": None,
+        "act_s": None,
+        "incidents": [],
+        "actions": [],
+        "runs": [],
+        "false_actions": 0,
+        "duplicate_actions": 0,
+        "restore_awaiting_approval": [],
+        "approved": [],
     }
 
 
@@ -257,12 +300,16 @@ def gameday(
     approve: bool = False,
     seed: int | None = None,
     progress: Progress = lambda line: logger.info("%s", line),
+    margin_s: float = TRIAL_MARGIN_S,
+    settle_s: float = SETTLE_AFTER_S,
+    stress: bool = False,
 ) -> dict[str, Any]:
     """Every fault `trials` times under load (or, with `soak_s`, random faults at random
-    times for that long); then the whole load verified. Written to DATA_DIR/gamedays/, where
-    the control plane's dashboard shows it (its `gamedays_dir`)."""
+    times for that long); then the whole load verified. With `stress`, beside CPU hogs on
+    every core (lab/stress.py) and judged against the stress objectives. Written to
+    DATA_DIR/gamedays/, where the control plane's dashboard shows it (its `gamedays_dir`)."""
     view = StackView.of(data_dir)
-    goals = objectives if objectives is not None else load_objectives()
+    goals = objectives if objectives is not None else load_objectives(stress=stress)
     unknown = [k for k in faults if k not in FAULTS]
     if unknown:
         raise ValueError(f"unknown faults: {unknown}")
@@ -276,15 +323,31 @@ def gameday(
     rng = random.Random(seed)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in faults}
     plan = _soak_plan(faults, soak_s, rng) if soak_s else (k for _ in range(trials) for k in faults)
+    stopped: str | None = None
+    hogs = _hogs(view, len(faults) * trials, soak_s, settle_s) if stress else None
     try:
+        if hogs is not None:
+            hogs.start()
         wait_until(lambda: len(load.acknowledged()) >= 10, timeout_s=60, what="orders flowing")
         for kind in plan:
             try:
-                # Past its objective the trial has failed: no use waiting much longer.
-                patience_s = objectives_for(kind, goals).redundancy_s + 15
                 trial = run_trial(
-                    view, kind, load, sampler, approve=approve, recovery_timeout_s=patience_s
+                    view,
+                    kind,
+                    load,
+                    sampler,
+                    goal=objectives_for(kind, goals),
+                    approve=approve,
+                    margin_s=margin_s,
+                    settle_s=settle_s,
                 )
+            except StackLostError as exc:  # every later trial would wait and fail: stop
+                stopped = str(exc)
+                if exc.trial is not None:
+                    results[kind].append(exc.trial)
+                    progress(_trial_line(kind, exc.trial))
+                progress(f"stopped: {stopped}")
+                break
             except Exception as exc:  # one failed trial is a FAIL, not the end of the day
                 logger.exception("trial of %s failed", kind)
                 trial = _failed_trial(kind, exc)
@@ -293,38 +356,72 @@ def gameday(
             if soak_s:
                 time.sleep(rng.uniform(0, 10))  # random times: not always right after healing
     finally:
+        if hogs is not None:  # first: a Ctrl-C leaves no hog behind
+            hogs.stop()
         load.stop()
         sampler.stop()
     for trial in (t for ts in results.values() for t in ts):
         window = trial.pop("_window", None)
         trial["series"] = window.series(load) if isinstance(window, ChartWindow) else None
-    wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
     deleted = [
         i
         for ts in results.values()
         for t in ts
         for i in t["fault"]["details"].get("deleted_ids", [])
     ]
-    verification = verify_orders(view, load.acknowledged(), before, deleted=deleted)
+    if stopped is None:
+        try:
+            settle_or_stop(view, settle_s, "after the last trial")
+        except StackLostError as exc:
+            stopped = str(exc)
+    verification = _verify(view, load, before, deleted)
     verdicts = [judge(kind, ts, objectives_for(kind, goals)) for kind, ts in results.items() if ts]
+    not_run = [kind for kind, ts in results.items() if not ts]
     report = {
         "started_at": started_at.isoformat(),
         "ended_at": datetime.now(UTC).isoformat(),
         "data_dir": str(view.data_dir),
         "soak_s": soak_s,
+        # Under stress: the hogs, and the machine's load average while they ran.
+        "stress": hogs.report() if hogs is not None else None,
         "load": load.report(),
         "split_brain_samples": sampler.samples,
         "verification": verification,
         "verdicts": verdicts,
         "trials": results,
+        # Why the day ended before its plan did, and the faults it never ran.
+        "stopped": stopped,
+        "not_run": not_run,
         "verdict": "PASS"
-        if verification["ok"] and all(v["verdict"] == "PASS" for v in verdicts)
+        if stopped is None
+        and verification["ok"]
+        and all(v["verdict"] == "PASS" for v in verdicts)
+        and not not_run
         else "FAIL",
     }
     out = gamedays_dir(view.data_dir) / f"{started_at:%Y%m%dT%H%M%SZ}.json"
     write_report(report, out)
     report["written_to"] = str(out)
     return report
+
+
+def _hogs(view: StackView, trials: int, soak_s: float | None, settle_s: float) -> CpuHogs:
+    """CPU hogs at the control plane's priority, with a deadline of their own past the longest
+    the day can last (they are stopped at its end; this only covers a killed game day)."""
+    longest_s = (soak_s or 0) + trials * (MAX_TRIAL_WAIT_S + settle_s + 120) + 600
+    pid = view.components().get("controlplane", {}).get("pid")
+    return CpuHogs(timeout_s=longest_s, priority_of=pid if isinstance(pid, int) else None)
+
+
+def _verify(
+    view: StackView, load: CarefulLoad, before: Ledger, deleted: list[str]
+) -> dict[str, Any]:
+    """The whole load checked (verify_orders); on a stack with no leader to read, not ok,
+    saying why."""
+    try:
+        return verify_orders(view, load.acknowledged(), before, deleted=deleted)
+    except (LabError, psycopg.Error) as exc:
+        return {"ok": False, "error": f"the orders could not be verified: {exc}"}
 
 
 def _soak_plan(faults: Sequence[str], soak_s: float, rng: random.Random) -> Any:
@@ -356,11 +453,17 @@ def _trial_line(kind: str, t: dict[str, Any]) -> str:
     def s(v: float | None) -> str:
         return "never" if v is None else f"{v:.2f}s"
 
+    stuck = t.get("at_deadline")
     return (
         f"{kind}: detect {s(t['detect_s'])}, act {s(t['act_s'])}, outage {s(t['outage_s'])}, "
         f"redundant {s(t['redundancy_s'])} ({t['healed_by']}), {t['acknowledged']} acked, "
         f"lost {t['lost']}, dup {t['duplicates']}, split {t['split_brain']}, "
         f"actions {t['actions']}"
+        + (
+            f"; not whole at its deadline ({stuck['after_s']:g} s): {at_deadline_line(stuck)}"
+            if stuck
+            else ""
+        )
     )
 
 

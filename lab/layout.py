@@ -46,6 +46,10 @@ class StackLayout:
     def controlplane_port(self) -> int:
         return self.base_port + 5
 
+    @property
+    def receiver_port(self) -> int:
+        return self.base_port + 6
+
     def shop_port(self, index: int) -> int:
         return self.base_port + SHOP_PORT_OFFSET + index
 
@@ -57,6 +61,7 @@ class StackLayout:
             "prometheus": self.prometheus_port,
             "alertmanager": self.alertmanager_port,
             "controlplane": self.controlplane_port,
+            "receiver": self.receiver_port,
         }
         ports.update({f"shop-{i}": self.shop_port(i) for i in range(self.shop_count)})
         return ports
@@ -95,6 +100,11 @@ class StackLayout:
         return self.data_dir / "stack.json"
 
     @property
+    def notifications(self) -> Path:
+        """What the lab's webhook recorder received, one JSON line each (0600)."""
+        return notifications_file(self.data_dir)
+
+    @property
     def gamedays(self) -> Path:
         """Game-day reports, one JSON file per run: the control plane's dashboard reads them."""
         return gamedays_dir(self.data_dir)
@@ -124,3 +134,7 @@ def find_free_base_port(*, low: int = 20000, high: int = 40000, attempts: int = 
 
 def gamedays_dir(data_dir: Path) -> Path:
     return data_dir / "gamedays"
+
+
+def notifications_file(data_dir: Path) -> Path:
+    return data_dir / "notifications.jsonl"

@@ -14,6 +14,8 @@ import requests
 from psycopg.conninfo import make_conninfo
 
 from lab.errors import LabError
+from lab.layout import notifications_file
+from remediation.executors.processes import runs_program
 
 CONNECT_TIMEOUT_S = 2
 
@@ -179,3 +181,52 @@ class StackView:
     def is_whole(self) -> bool:
         """Full redundancy: a synchronous standby again and every shop ready."""
         return self.is_redundant() and self.shops_ready()
+
+    # -- for a report --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What runs and what answers now, for a report of a stack that is not whole: each
+        component's recorded role and whether its recorded process runs (`controlplane
+        status`), each PostgreSQL node's role as it answers ("down" when it does not), each
+        shop's readiness, and the control plane's `synchronous` fact."""
+        description = self.description()
+        components = {
+            name: {
+                "role": comp["role"],
+                "pid": comp.get("pid"),
+                "running": isinstance(comp.get("pid"), int)
+                and runs_program(comp["pid"], comp.get("argv0", "")),
+            }
+            for name, comp in description["components"].items()
+        }
+        nodes = {}
+        for node in self.pg_nodes():
+            role, timeline = self.node_state(node)
+            nodes[node] = {"answers_as": role, "timeline": timeline}
+        return {
+            "components": components,
+            "pg_nodes": nodes,
+            "leader": self.leader(),
+            "redundant": self.is_redundant(),
+            "shops_ready": {url: self.is_shop_ready(url) for url in self.shop_urls()},
+            "facts": description.get("facts", {}),
+        }
+
+    def open_incidents(self) -> list[dict[str, Any]] | str:
+        """The control plane's open incidents, in short; or why they could not be read."""
+        try:
+            found = self.api_get("/incidents?state=open&limit=100")["incidents"]
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            return f"unreadable: {type(exc).__name__}: {exc}"
+        keep = ("id", "kind", "target", "summary", "detected_at", "action_started_at")
+        return [{k: i.get(k) for k in keep} for i in found]
+
+
+def notifications(data_dir: Path | str) -> list[dict[str, Any]]:
+    """What the stack's webhook recorder received, oldest first: each `{"received_at",
+    "path", "body"}` (the control plane's notifications have the path `/controlplane`)."""
+    try:
+        text = notifications_file(Path(data_dir)).read_text()
+    except FileNotFoundError:
+        return []
+    # Each record is one write ending in a newline: a line without one is still being written.
+    return [json.loads(line) for line in text.split("\n")[:-1] if line]

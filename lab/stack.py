@@ -34,6 +34,7 @@ from lab.monitoring import (
     redis_url,
 )
 from lab.process import ServerProcess
+from lab.receiver import CONTROLPLANE_PATH, receiver_server, receiver_url
 from lab.targets import controlplane_targets, write_targets
 from remediation.executors.lab import LabExecutor, stop_signal
 from remediation.executors.processes import (
@@ -58,7 +59,17 @@ STACK_FILE_VERSION = 1
 # Stop order: the control plane first (else it "heals" what is being stopped), clients before
 # the servers they use; the primary before its standby so that
 # the standby receives the primary's shutdown checkpoint.
-STOP_ORDER = ("controlplane", "shop", "prometheus", "alertmanager", "cache", "primary", "standby")
+# The receiver after every sender (its last words are recorded).
+STOP_ORDER = (
+    "controlplane",
+    "shop",
+    "prometheus",
+    "alertmanager",
+    "receiver",
+    "cache",
+    "primary",
+    "standby",
+)
 
 
 @dataclass(slots=True)
@@ -186,6 +197,8 @@ class Stack:
         self.layout.data_dir.chmod(0o711)
         private_dir(self.layout.logs)
         try:
+            # First: whatever tells a human (the control plane's notifications) has a listener.
+            self._add("receiver", "receiver", receiver_server(self.layout)).start()
             self._start_postgres()
             redis = redis_server(self.layout, self.binaries, password=self.redis_password)
             self._add("redis", "cache", redis).start()
@@ -198,6 +211,7 @@ class Stack:
             )
             self._add("alertmanager", "alertmanager", am).start()
             self.processes["redis"].wait_ready()
+            self.processes["receiver"].wait_ready()
             am.wait_ready()
             prometheus = prometheus_server(
                 self.layout,
@@ -248,6 +262,8 @@ class Stack:
                 "CP_WEBHOOK_TOKEN": self.webhook_token,
                 "CP_ADMIN_PASSWORD": self.admin_password,
                 "CP_INSTANCE_ID": "cp-lab",
+                # What the control plane tells a human reaches the lab's recorder.
+                "CP_NOTIFY_WEBHOOK_URL": receiver_url(self.layout, CONTROLPLANE_PATH),
                 **(extra_env or {}),
             },
             log_path=self.layout.logs / "controlplane.log",

@@ -32,8 +32,12 @@ class Objectives:
     duplicate_actions: int = 0
 
 
-def load_objectives(path: Path = DEFAULT_OBJECTIVES) -> dict[str, Objectives]:
-    """{fault kind: its objectives}; the key "*" holds the defaults."""
+def load_objectives(
+    path: Path = DEFAULT_OBJECTIVES, *, stress: bool = False
+) -> dict[str, Objectives]:
+    """{fault kind: its objectives}; the key "*" holds the defaults. With `stress` (a game day
+    beside CPU hogs), the durations of the [stress] section (and [stress.faults.KIND]) apply
+    where they are looser, never tighter; counts are never relaxed."""
     data = tomllib.loads(path.read_text())
     known = {f.name for f in fields(Objectives)}
 
@@ -47,6 +51,23 @@ def load_objectives(path: Path = DEFAULT_OBJECTIVES) -> dict[str, Objectives]:
     found = {"*": defaults}
     for kind, table in data.get("faults", {}).items():
         found[kind] = parse(table, defaults, f"[faults.{kind}]")
+    under = dict(data.get("stress", {}))
+    per_fault: dict[str, dict[str, Any]] = under.pop("faults", {})
+    for where, table in [("[stress]", under)] + [
+        (f"[stress.faults.{k}]", t) for k, t in per_fault.items()
+    ]:
+        counts = sorted(k for k in table if not k.endswith("_s"))
+        if counts:
+            raise ValueError(f"{path}: {where} may relax durations only, not {counts}")
+        parse(table, defaults, where)  # names checked
+    if not stress:
+        return found
+    for kind in set(found) | set(per_fault):
+        normal = found.get(kind, defaults)
+        looser = {**under, **per_fault.get(kind, {})}
+        found[kind] = replace(
+            normal, **{k: max(getattr(normal, k), float(v)) for k, v in looser.items()}
+        )
     return found
 
 
@@ -76,6 +97,12 @@ def judge(kind: str, trials: Sequence[Mapping[str, Any]], goal: Objectives) -> d
         if not (figures[name] < limit if name.endswith("_s") else figures[name] <= limit)
     ]
     failed += [f"trial {i + 1}: {t['error']}" for i, t in enumerate(trials) if t.get("error")]
+    # Whole again only because the game day started what was dead: not healed.
+    failed += [
+        f"trial {i + 1}: healed by the clean-up ({', '.join(t.get('cleaned_up') or [])})"
+        for i, t in enumerate(trials)
+        if t.get("healed_by") == "clean-up"
+    ]
     return {
         "fault": kind,
         "trials": len(trials),

@@ -97,7 +97,7 @@ def gameday_stack() -> Iterator[Stack]:
         yield lab
 
 
-@pytest.mark.timeout(2400)  # 13 faults, each healed and settled before the next: ~10 min
+@pytest.mark.timeout(2400)  # 14 faults, each healed and settled before the next: ~10 min
 def test_a_short_game_day_heals_every_fault_losing_nothing(
     gameday_stack: Stack, tmp_path: Path
 ) -> None:

@@ -78,6 +78,7 @@ def test_stack_json_describes_every_component_for_its_owner_only(stack: Stack) -
         "alertmanager",
         "prometheus",
         "shop",
+        "receiver",
     }
     for name, comp in components.items():
         assert not is_port_free(HOST, comp["port"]), name

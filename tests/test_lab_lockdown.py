@@ -186,6 +186,7 @@ def test_the_state_store_logs_and_secrets_are_their_owners_only(stack: Stack) ->
         data / "alertmanager" / "web.yml",
         data / "prometheus" / "prometheus.yml",
         data / "redis" / "redis.conf",
+        stack.layout.notifications,  # what the stack told a human
     ]
     private += [p for p in (Path(f"{state}-wal"), Path(f"{state}-shm")) if p.exists()]
     logs = sorted(stack.layout.logs.iterdir())

@@ -11,6 +11,7 @@ FAULTS: dict[str, str] = {
     "hang-primary": "lab.chaos.hang_primary.HangPrimary",
     "kill-standby": "lab.chaos.kill_standby.KillStandby",
     "hang-standby": "lab.chaos.hang_standby.HangStandby",
+    "starve-cpu": "lab.chaos.starve_cpu.StarveCpu",
     "kill-shop": "lab.chaos.kill_shop.KillShop",
     "kill-redis": "lab.chaos.kill_redis.KillRedis",
     "hang-redis": "lab.chaos.hang_redis.HangRedis",
