@@ -409,12 +409,19 @@ def test_a_control_plane_killed_mid_action_never_reruns_it_and_heals_by_its_next
     def shop_ready() -> bool:
         return requests.get(f"{shop}/readyz", timeout=2).status_code == 200
 
-    wait_until(shop_ready, timeout_s=60, what="shop-1 healed by the control plane")
-    later = [
-        r
-        for r in api.get("/actions?action=restart&limit=50")["actions"]
-        if r["target"] == "shop-1" and datetime.fromisoformat(r["created_at"]) >= killed_at
-    ]
+    def since_kill() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in api.get("/actions?action=restart&limit=50")["actions"]
+            if r["target"] == "shop-1" and datetime.fromisoformat(r["created_at"]) >= killed_at
+        ]
+
+    wait_until(
+        lambda: shop_ready() and any(r["state"] == "succeeded" for r in since_kill()),
+        timeout_s=60,
+        what="shop-1 healed by the control plane",
+    )
+    later = since_kill()
     tries = sorted(r["try_number"] for r in later if r["incident_id"] == incident_id)
     assert tries == list(range(1, len(tries) + 1)), later  # each try once, in order
     assert any(r["state"] == "succeeded" for r in later), later
