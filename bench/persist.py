@@ -7,6 +7,9 @@ through both shops:
   try promotes. Goal: writes back < 5 s after the standby wakes.
 - `five-kills`: the primary killed five times, 35 s apart. Goal: every kill healed (the
   fourth and fifth pass the policy's limit, which must not keep the shop down).
+- `gameday`: a short game day of the faults that move or stall the cluster, on the same
+  stack and commit, without and then with `--stress` (CPU hogs on every core): write outage
+  per fault both ways; every trial healed by the control plane, nothing lost either way.
 
 Per trial: write outage (fault -> first acknowledged order sent after it), the failover's
 tries, redundancy; over all: orders lost and acknowledged twice, split-brain samples.
@@ -24,6 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,7 +36,7 @@ from bench.failover import lost_and_twice
 from lab.bench_goals import Figure, save
 from lab.chaos import inject
 from lab.chaos.base import continue_processes, stop_component
-from lab.gameday import SplitBrainSampler
+from lab.gameday import SplitBrainSampler, gameday
 from lab.layout import StackLayout, find_free_base_port
 from lab.observe import StackView
 from lab.process import wait_until
@@ -124,7 +128,27 @@ def one_kill(stack: Stack, api: Api, load: OrderClients) -> Trial:
     )
 
 
-def run(args: argparse.Namespace) -> tuple[list[Trial], int, int, int]:
+GAMEDAY_FAULTS = ("kill-primary", "hang-primary", "kill-standby", "starve-cpu")
+
+
+def gamedays(stack: Stack, faults: list[str], trials: int) -> dict[str, dict[str, Any]]:
+    """The same faults without, then with, CPU hogs on every core: per fault, its outages
+    and how its trials were healed; and over the day, what its verification found."""
+    found: dict[str, dict[str, Any]] = {}
+    for stress in (False, True):
+        report = gameday(stack.layout.data_dir, faults=faults, trials=trials, stress=stress,
+                         progress=lambda line: print(line, flush=True))  # fmt: skip
+        found["stress" if stress else "quiet"] = {
+            "trials": report["trials"],
+            "verification": report["verification"],
+            "load_avg": (report.get("stress") or {}).get("load_avg_1m"),
+        }
+    return found
+
+
+def run(
+    args: argparse.Namespace,
+) -> tuple[list[Trial], int, int, int, dict[str, dict[str, Any]]]:
     stack = Stack(
         StackLayout(lab_tmpdir("shop-bench-persist-"), find_free_base_port(), shop_count=2),
         products=50,
@@ -155,7 +179,8 @@ def run(args: argparse.Namespace) -> tuple[list[Trial], int, int, int]:
         sampler.stop()
         split = sampler.count_between(started, time.monotonic())
         lost, twice = lost_and_twice(stack, load.ids())
-        return trials, lost, twice, split
+        days = gamedays(stack, args.gameday_faults.split(","), args.gameday_trials)
+        return trials, lost, twice, split, days
     finally:
         stack.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -168,6 +193,30 @@ def report(t: Trial) -> None:
         f"redundant after {t.redundant_s:.1f}s",
         flush=True,
     )
+
+
+def gameday_figures(days: dict[str, dict[str, Any]]) -> list[Figure]:
+    rows: list[Figure] = []
+    for how, day in days.items():
+        verification = day["verification"]
+        rows.append(
+            Figure("persist", f"game day ({how}): orders lost or twice",
+                   float(verification.get("lost", 0)) + float(verification.get("duplicates", 0)),
+                   "", "0", bool(verification.get("ok"))
+                   and not verification.get("lost") and not verification.get("duplicates"))
+        )  # fmt: skip
+        for kind, trials in day["trials"].items():
+            outages = [t["outage_s"] for t in trials if t.get("outage_s") is not None]
+            healed = sum(t.get("healed_by") == "control plane" for t in trials)
+            expected = kind != "starve-cpu"  # it heals by itself: nothing may act
+            if outages:
+                rows.append(Figure("persist", f"game day ({how}): {kind} write outage, max",
+                                   max(outages), "s", "", None))  # fmt: skip
+            if expected:
+                rows.append(Figure("persist", f"game day ({how}): {kind} healed by the control "
+                                   "plane", healed, "", f"{len(trials)}",
+                                   healed == len(trials)))  # fmt: skip
+    return rows
 
 
 def headline(trials: list[Trial], lost: int, twice: int, split: int) -> list[Figure]:
@@ -211,12 +260,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="standby-stopped trials")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--every-s", type=float, default=35.0)
+    parser.add_argument("--gameday-faults", default=",".join(GAMEDAY_FAULTS))
+    parser.add_argument("--gameday-trials", type=int, default=2)
     parser.add_argument(
         "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
     )
     args = parser.parse_args()
-    trials, lost, twice, split = run(args)
-    figures = headline(trials, lost, twice, split)
+    trials, lost, twice, split, days = run(args)
+    figures = headline(trials, lost, twice, split) + gameday_figures(days)
     print()
     for f in figures:
         print(f"{f.what}: {f.value:.2f} {f.unit} (goal {f.goal or '-'})")

@@ -16,6 +16,7 @@ import pytest
 
 from lab.chaos import inject
 from lab.layout import find_free_base_port
+from lab.observe import notifications
 from lab.process import wait_until
 from lab.stack import Stack
 from remediation import pg_ops
@@ -107,6 +108,45 @@ def test_a_failover_declined_while_the_standby_is_stopped_is_tried_again_and_pro
     assert sum(r["state"] == "succeeded" for r in runs) == 1  # never a second failover
 
 
+def test_no_failover_possible_for_30_s_is_escalated_once_loudly_and_healing_goes_on(
+    lab: Stack, api: Api
+) -> None:
+    old = wait_redundant(lab)
+    standby = other(old)
+    killed_at = datetime.now(UTC)
+
+    def escalations() -> list[dict[str, Any]]:
+        return [
+            n["body"]
+            for n in notifications(lab.layout.data_dir)
+            if n["body"].get("event") == "escalation"
+            and "no recovery after 30 s" in n["body"].get("subject", "")
+            and datetime.fromisoformat(n["received_at"]) >= killed_at
+        ]
+
+    with hung(lab, standby):
+        inject("kill-primary", lab.layout.data_dir)
+        # The lab's failover escalates after 30 s without a success: while the standby stays
+        # stopped, every try says "not now", and a human is told, once, in one line.
+        wait_until(lambda: bool(escalations()), timeout_s=60, what="the escalation after 30 s")
+        line = escalations()[0]["subject"]
+        assert "failover tried" in line and "no standby answers" in line, line
+        attention = api.get("/health")["attention"]
+        assert any("failover tried" in a for a in attention), attention
+    # Giving up is loud, not final: the next try promotes the woken standby.
+    wait_until(lambda: leader(lab) == standby, timeout_s=60, what="the woken standby promoted")
+    wait_redundant(lab, timeout_s=120)
+    by_incident: dict[int, int] = defaultdict(int)
+    for n in escalations():
+        by_incident[n["incident"]] += 1
+    assert set(by_incident.values()) == {1}, by_incident  # once per incident
+    wait_until(
+        lambda: api.get("/health")["attention"] == [],
+        timeout_s=60,
+        what="the incidents resolved, and the banner gone",
+    )
+
+
 def test_five_kills_of_the_primary_under_load_are_each_healed_past_the_policys_limit(
     lab: Stack, api: Api
 ) -> None:
@@ -161,6 +201,18 @@ def test_an_unsafe_failover_is_escalated_at_once_never_retried_and_left_to_an_op
     incident = api.get(f"/incidents/{incident_id}")
     assert incident["escalated_at"] is not None  # a human told at once, not after 30 s
     assert "escalated" in [e["kind"] for e in incident["timeline"]]
+
+    def told() -> list[dict[str, Any]]:
+        return [
+            n["body"]
+            for n in notifications(lab.layout.data_dir)
+            if n["body"].get("event") == "escalation"
+            and n["body"].get("incident") == incident_id
+            and "synchronous" in n["body"].get("subject", "")
+        ]
+
+    # The lab's receiver got it: a human would have been paged, through every channel.
+    wait_until(lambda: bool(told()), timeout_s=15, what="the escalation notified")
     attention = api.get("/health")["attention"]
     assert any("failover tried 1 time, last: commits were not known" in a for a in attention)
     api.wait_cycles(20)  # well past any backoff: nothing tries again on its own
