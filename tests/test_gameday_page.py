@@ -217,6 +217,24 @@ def test_a_run_page_draws_one_chart_per_trial_with_its_fault_and_runs(app: Flask
         assert {t["name"] for t in data} == {"orders/s", "errors/s", "actions"}
 
 
+def test_a_day_under_stress_that_stopped_early_says_so_and_names_the_trial_past_its_deadline(
+    app: Flask, gamedays: Path
+) -> None:
+    stuck = a_trial("kill-standby", redundancy_s=None)
+    stuck["at_deadline"] = {"after_s": 75.0, "stack": {}, "open_incidents": [{"id": 3}]}
+    report = a_report({"kill-standby": [stuck]}, Objectives())
+    report["stopped"] = "stopped after kill-standby: pg1 down, not redundant"
+    report["not_run"] = ["kill-redis"]
+    report["stress"] = {"cpu_workers": 2, "load_avg_1m": {"min": 5.9, "mean": 7.1, "max": 8.0}}
+    run_id = "20261207T080000Z"
+    (gamedays / f"{run_id}.json").write_text(json.dumps(report))
+    page = logged_in(app, "vera").get(f"/dashboard/gamedays/{run_id}").text
+    assert "Stopped early: stopped after kill-standby: pg1 down" in page
+    assert "never ran: kill-redis" in page
+    assert "under stress: 2 CPU hogs, load average 5.9\u20138.0" in page
+    assert "not whole at its deadline</span>: 1 incident(s) open then" in page
+
+
 @pytest.mark.parametrize(
     "path",
     [

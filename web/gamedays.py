@@ -122,6 +122,8 @@ class TrialIn(Loose):
     duplicates: int = 0
     runs: list[RunIn] = Field(default_factory=list, max_length=500)
     series: SeriesIn | None = None
+    # Not whole by its deadline: the stack and the open incidents then (see the report JSON).
+    at_deadline: dict[str, Any] | None = None
 
 
 class VerdictIn(Loose):
@@ -133,6 +135,11 @@ class VerdictIn(Loose):
     verdict: Literal["PASS", "FAIL"]
 
 
+class StressIn(Loose):
+    cpu_workers: int | None = None
+    load_avg_1m: dict[str, float | None] = Field(default_factory=dict)
+
+
 class ReportIn(Loose):
     started_at: UtcTime
     ended_at: UtcTime | None = None
@@ -142,6 +149,11 @@ class ReportIn(Loose):
     trials: Annotated[dict[str, list[TrialIn]], BeforeValidator(_few_trials)]
     load: dict[str, Any] = Field(default_factory=dict)
     verification: dict[str, Any] = Field(default_factory=dict)
+    # A day that stopped early (its stack could not be made whole), and what it never ran.
+    stopped: Text | None = None
+    not_run: list[Text] = Field(default_factory=list, max_length=1000)
+    # Run beside CPU hogs on every core: their count and the load average meanwhile.
+    stress: StressIn | None = None
 
 
 # -- reading --------------------------------------------------------------------------------------
