@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from orders import CpuMeter, parse_wrk  # bench/orders.py, beside this file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.orders import CpuMeter, parse_wrk
 from lab.bench_goals import Figure, save
 from lab.layout import StackLayout, find_free_base_port
 from lab.process import ServerProcess
@@ -42,7 +44,6 @@ from lab.stack import Stack
 
 PRODUCTS = 1000
 HOT_PRODUCTS = 100
-GOAL = 0.7
 
 # wrk script: GET /products/<id>, the id drawn from 1..PRODUCTS (env).
 WRK_PRODUCTS_LUA = """
@@ -224,18 +225,18 @@ def report(figures: dict[str, Any]) -> str:
                 + (f"{ratio:>8.2f}" if case is read else "")
             )
     hit = statistics.median(r[CASES[1].name]["rps"] / r[CASES[0].name]["rps"] for r in runs)
-    verdict = "met" if hit >= GOAL else "not met"
-    lines.append(f"in-process hit / ceiling = {hit:.2f} (goal >= {GOAL}: {verdict})")
+    lines.append(f"in-process hit / ceiling = {hit:.2f} (goal: bench/goals.toml)")
     return "\n".join(lines)
 
 
 def headline(figures: dict[str, Any]) -> list[Figure]:
     runs = figures["runs"]
     hit = statistics.median(r[CASES[1].name]["rps"] / r[CASES[0].name]["rps"] for r in runs)
-    rows = [Figure("catalog", "in-process hit / its ceiling", hit, "x", f">= {GOAL}x", hit >= GOAL)]
+    rows = [Figure("catalog.hit_vs_ceiling", hit, "x", "in-process hit / its ceiling")]
     for read in CASES[1::2]:
         rps = statistics.median(r[read.name]["rps"] for r in runs)
-        rows.append(Figure("catalog", f"{read.name}: reads/s", rps, "/s", "", None))
+        name = read.name.lower().replace("-", "_").replace(" ", "_")
+        rows.append(Figure(f"catalog.{name}_per_s", rps, "/s", f"{read.name}: reads/s"))
     return rows
 
 

@@ -1,10 +1,11 @@
 """Control plane timings on a fresh lab stack, reported as medians over trials:
 
-  1. kill -9 of a shop instance -> incident opened        (goal < 3 s)
-     kill -9 of a shop instance -> verified recovered     (goal < 10 s)
-  2. Alertmanager-style webhook received -> action started (goal < 1 s)
+  1. kill -9 of a shop instance -> incident opened
+     kill -9 of a shop instance -> verified recovered
+  2. Alertmanager-style webhook received -> action started
   3. webhook intake rate with deduplication: concurrent deliveries of many alerts, each
      repeated; alerts/s accepted, and one incident per distinct alert.
+The goals are in bench/goals.toml (`make bench` judges the figures against them).
 
 Usage: python bench/controlplane.py [--kills 6] [--webhooks 10]
 """
@@ -200,15 +201,15 @@ def main() -> None:
     med = statistics.median
     print(
         f"kill -9 shop -> incident opened:     median {med(kills['opened_s']):.2f}s "
-        f"(max {max(kills['opened_s']):.2f}s, {args.kills} trials; goal < 3 s)"
+        f"(max {max(kills['opened_s']):.2f}s, {args.kills} trials)"
     )
     print(
         f"kill -9 shop -> verified recovered:  median {med(kills['recovered_s']):.2f}s "
-        f"(max {max(kills['recovered_s']):.2f}s; goal < 10 s)"
+        f"(max {max(kills['recovered_s']):.2f}s)"
     )
     print(
         f"webhook -> action started:           median {med(hooks):.3f}s "
-        f"(max {max(hooks):.3f}s, {args.webhooks} trials; goal < 1 s)"
+        f"(max {max(hooks):.3f}s, {args.webhooks} trials)"
     )
     print(
         f"webhook intake: {rate['alerts_per_s']:.0f} alerts/s ({rate['deliveries']} deliveries"
@@ -217,38 +218,24 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps({"kills": kills, "webhook_s": hooks, "intake": rate}))
-    opened, recovered, hook = (
-        med(kills["opened_s"]),
-        med(kills["recovered_s"]),
-        med(hooks),
-    )
-    once = rate["incidents"] == rate["distinct"]
-    save(
-        args.figures,
-        [
-            Figure(
-                "controlplane", "shop kill -> incident opened", opened, "s", "< 3 s", opened < 3
-            ),
-            Figure(
-                "controlplane",
-                "shop kill -> verified recovered",
-                recovered,
-                "s",
-                "< 10 s",
-                recovered < 10,
-            ),
-            Figure("controlplane", "webhook -> action started", hook, "s", "< 1 s", hook < 1),
-            Figure("controlplane", "webhook intake", rate["alerts_per_s"], "/s", "", None),
-            Figure(
-                "controlplane",
-                "incidents per distinct alert",
-                rate["incidents"] / rate["distinct"],
-                "",
-                "1",
-                once,
-            ),
-        ],
-    )
+    save(args.figures, headline(kills, hooks, rate))
+
+
+def headline(
+    kills: dict[str, list[float]], hooks: list[float], rate: dict[str, Any]
+) -> list[Figure]:
+    med = statistics.median
+    return [
+        Figure("controlplane.kill_to_incident_s", med(kills["opened_s"]), "s",
+               "shop kill -> incident opened, median"),
+        Figure("controlplane.kill_to_recovered_s", med(kills["recovered_s"]), "s",
+               "shop kill -> verified recovered, median"),
+        Figure("controlplane.webhook_to_action_s", med(hooks), "s",
+               "webhook -> action started, median"),
+        Figure("controlplane.intake_per_s", rate["alerts_per_s"], "/s", "webhook intake"),
+        Figure("controlplane.incidents_per_alert", rate["incidents"] / rate["distinct"], "",
+               "incidents per distinct alert"),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

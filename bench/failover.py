@@ -1,10 +1,12 @@
 """Primary kill -> first acknowledged order, and kill -> full redundancy again (the old
 primary rewound and streaming as the synchronous standby), over N trials on one lab stack
-with its control plane; the acknowledged orders lost. Beside them, the same two measured with
-the control plane paused and the steps run by hand at once (promote, first write; rewind,
+with its control plane, under 4 clients ordering through both shops; p50, p99 and max over
+every trial (none skipped: a kill during the first backup's drill counts). The acknowledged
+orders lost, and the products whose stock does not add up. Beside them, the same two measured
+with the control plane paused and the steps run by hand at once (promote, first write; rewind,
 stream, synchronous): the limit of the steps themselves, with no detection or dispatch.
 
-Goals (issue 11): outage p50 < 0.4 s, p99 < 0.8 s; redundancy p50 < 3 s, max < 6 s; 0 lost.
+Goals: bench/goals.toml (today's, and the next ones set from that limit).
 
     .venv/bin/python bench/failover.py --trials 10 --limit-trials 3
 """
@@ -17,9 +19,7 @@ import shutil
 import signal
 import statistics
 import sys
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,10 +30,12 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import OrderClients
 from lab.bench_goals import Figure, save
 from lab.chaos import inject
 from lab.chaos.base import processes_of
 from lab.layout import StackLayout, find_free_base_port
+from lab.load import Ledger
 from lab.observe import StackView
 from lab.process import wait_until
 from lab.stack import Stack
@@ -56,6 +58,7 @@ BENCH_LIMITS = {
     for name in ("failover-primary", "failover-alert", "rejoin-standby")
 }
 REDUNDANT_WITHIN_S = 60.0
+CLIENTS = 4  # ordering through every shop instance, as hang and persist do
 POLL_S = 0.02
 
 
@@ -68,70 +71,34 @@ class Trial:
 
 
 def trial(stack: Stack) -> Trial:
-    """Kill the leader while one client orders in a loop (until the cluster is redundant
-    again): seconds to the first 201 sent after the kill, and to full redundancy."""
+    """Kill the leader while CLIENTS clients order through every shop (until the cluster is
+    redundant again): seconds to the first acknowledged order sent after the kill, and to
+    full redundancy."""
     leader = wait_redundant(stack, timeout_s=120)
-    shop = described(stack)["shop"]["instances"][0]
-    acked: list[str] = []
-    first_after: list[float] = []
-    killed_at: list[float] = []
-    after: list[tuple[float, str, float]] = []  # (sent after the kill, outcome, seconds taken)
-    stop = threading.Event()
-
-    def client() -> None:
-        deadline = time.monotonic() + REDUNDANT_WITHIN_S + 30
-        with requests.Session() as session:
-            while not stop.is_set() and time.monotonic() < deadline:
-                sent_at = time.monotonic()
-                try:
-                    r = session.post(
-                        f"{shop}/orders",
-                        json={
-                            "product_id": 1 + len(acked) % 50,
-                            "quantity": 1,
-                            "customer": "bench",
-                            "address": "1 Road",
-                        },
-                        headers={"Idempotency-Key": str(uuid.uuid4())},
-                        timeout=15,
-                    )
-                except requests.RequestException as exc:
-                    if killed_at:
-                        after.append(
-                            (sent_at - killed_at[0], type(exc).__name__, time.monotonic() - sent_at)
-                        )
-                    continue
-                if killed_at:
-                    after.append(
-                        (sent_at - killed_at[0], str(r.status_code), time.monotonic() - sent_at)
-                    )
-                if r.status_code == 201:
-                    acked.append(r.json()["id"])
-                    # Only a request sent after the kill shows the new primary took writes:
-                    # one in flight at the kill may have committed on the old one.
-                    if killed_at and sent_at > killed_at[0] and not first_after:
-                        first_after.append(time.monotonic() - killed_at[0])
-
-    thread = threading.Thread(target=client)
-    thread.start()
+    shops = described(stack)["shop"]["instances"]
+    load = OrderClients(shops, CLIENTS, max_s=REDUNDANT_WITHIN_S + 30, tag="failover").start()
     try:
-        wait_until(lambda: len(acked) >= 5, timeout_s=30, what="orders flowing")
+        wait_until(lambda: len(load.acks) >= 20, timeout_s=30, what="orders flowing")
         # The chaos API's kill: every process of the leader at once, as a machine dying would.
         record = inject("kill-primary", stack.layout.data_dir)
         assert record.target == leader, (record.target, leader)
-        killed_at.append(record.started.mono)
-        redundant_s = time_until(lambda: is_redundant(stack), record.started.mono)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    if not first_after:
-        raise RuntimeError("no order acknowledged after the kill")
-    if os.environ.get("BENCH_VERBOSE"):
-        print(
-            "  requests after the kill (sent at, outcome, took):",
-            ", ".join(f"{s:.2f}s {o} {t:.2f}s" for s, o, t in after[:12]),
+        killed_at = record.started.mono
+        redundant_s = time_until(lambda: is_redundant(stack), killed_at)
+        # Only an order sent after the kill shows the new primary took writes: one in flight
+        # at the kill may have committed on the old one.
+        wait_until(
+            lambda: load.outage_after(killed_at) < float("inf"),
+            timeout_s=30,
+            what="an order sent after the kill acknowledged",
         )
-    return Trial(first_after[0], redundant_s, acked, failover_steps(stack, record.started.at))
+    finally:
+        load.stop()
+    return Trial(
+        load.outage_after(killed_at),
+        redundant_s,
+        load.ids(),
+        failover_steps(stack, record.started.at),
+    )
 
 
 def time_until(check: Any, since_mono: float) -> float:
@@ -218,19 +185,6 @@ def limit_trial(stack: Stack) -> tuple[float, float]:
     return write_s, redundant_s
 
 
-def wait_first_drill(stack: Stack, timeout_s: float = 180) -> None:
-    """The control plane takes its first base backup 5 s after it starts, then drills it
-    (restores it into a scratch instance): seconds of heavy I/O. With --after-first-drill the
-    trials begin once that is over, so that they measure failovers, not failovers during a
-    drill."""
-    view = StackView.of(stack.layout.data_dir)
-
-    def drilled() -> bool:
-        return any((b.get("drill") or {}).get("at") for b in view.api_get("/backups")["backups"])
-
-    wait_until(drilled, timeout_s=timeout_s, interval_s=0.5, what="the first backup drilled")
-
-
 def ha_bench_stack(prefix: str) -> Stack:
     """A stack for HA trials: two shops, deep stock, the flapping guard lifted."""
     return Stack(
@@ -241,13 +195,30 @@ def ha_bench_stack(prefix: str) -> Stack:
     )
 
 
-def lost_and_twice(stack: Stack, acknowledged: list[str]) -> tuple[int, int]:
+def lost_and_unbalanced(stack: Stack, acknowledged: list[str], before: Ledger) -> tuple[int, int]:
     """Once the cluster is whole and nothing is in doubt: acknowledged orders missing, and
-    present more than once."""
+    products whose stock does not add up (stock + sold != the stock before, or sold in the
+    inventory != ordered in the orders database: one half of a 2PC without the other).
+    Duplicates are not counted: the orders' primary key and idempotency key are unique, so
+    such a count could never be non-zero."""
     wait_redundant(stack, timeout_s=180)
     wait_until(lambda: prepared_count(stack) == 0, timeout_s=120, what="nothing in doubt")
     present = orders_present(stack, acknowledged)
-    return len(set(acknowledged) - set(present)), sum(1 for c in present.values() if c > 1)
+    view = StackView.of(stack.layout.data_dir)
+    after, initial = Ledger.read(view), before.initial()
+    unbalanced = [
+        p
+        for p in set(after.stock) | set(after.moved) | set(after.ordered)
+        if after.stock.get(p, 0) + after.moved.get(p, 0) != initial.get(p, 0)
+        or after.moved.get(p, 0) != after.ordered.get(p, 0)
+    ]
+    return len(set(acknowledged) - set(present)), len(unbalanced)
+
+
+def ledger_before(stack: Stack) -> Ledger:
+    """The stock before any trial, to check what the trials sold against."""
+    wait_redundant(stack, timeout_s=120)
+    return Ledger.read(StackView.of(stack.layout.data_dir))
 
 
 def p99(values: list[float]) -> float:
@@ -255,10 +226,10 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-def line(what: str, values: list[float], limits: list[float], goal: str) -> str:
+def line(what: str, values: list[float], limits: list[float]) -> str:
     text = (
         f"{what} over {len(values)} trials: p50 {statistics.median(values):.2f}s, "
-        f"p99 {p99(values):.2f}s, max {max(values):.2f}s (goal {goal})"
+        f"p99 {p99(values):.2f}s, max {max(values):.2f}s"
     )
     if limits:
         limit = statistics.median(limits)
@@ -276,11 +247,6 @@ def main() -> None:
     parser.add_argument(
         "--figures", type=Path, help="write the headline figures (lab/bench_goals.py)"
     )
-    parser.add_argument(
-        "--after-first-drill",
-        action="store_true",
-        help="begin once the control plane's first backup and its drill are done",
-    )
     args = parser.parse_args()
     stack = ha_bench_stack("shop-bench-ha-")
     data_dir = stack.layout.data_dir
@@ -288,8 +254,9 @@ def main() -> None:
     limits: list[tuple[float, float]] = []
     try:
         stack.start()
-        if args.after_first_drill:
-            wait_first_drill(stack)
+        before = ledger_before(stack)
+        # Every trial counts, from the first: one during the first backup's drill is a
+        # failover during a drill, and its time a figure to improve.
         for n in range(args.trials):
             t = trial(stack)
             trials.append(t)
@@ -306,7 +273,7 @@ def main() -> None:
                 f"redundant {limits[-1][1]:.2f}s after the kill (by hand)"
             )
         acknowledged = [i for t in trials for i in t.acked]
-        lost, twice = lost_and_twice(stack, acknowledged)
+        lost, unbalanced = lost_and_unbalanced(stack, acknowledged, before)
     finally:
         stack.stop()
         if os.environ.get("BENCH_KEEP_LOGS"):  # for a post-mortem: the servers' own logs
@@ -317,7 +284,6 @@ def main() -> None:
             "kill -> first acknowledged order",
             [t.outage_s for t in trials],
             [w for w, _ in limits],
-            "p50 < 0.4s, p99 < 0.8s",
         )
     )
     print(
@@ -325,35 +291,42 @@ def main() -> None:
             "kill -> redundant (synchronous standby)",
             [t.redundant_s for t in trials],
             [r for _, r in limits],
-            "p50 < 3s, max < 6s",
         )
     )
-    print(f"{len(acknowledged)} acknowledged orders, {lost} lost, {twice} twice")
-    save(args.figures, headline(trials, limits, lost, twice))
+    print(
+        f"{len(acknowledged)} acknowledged orders, {lost} lost; "
+        f"{unbalanced} products whose stock does not add up"
+    )
+    save(args.figures, headline(trials, limits, lost, unbalanced))
 
 
 def headline(
-    trials: list[Trial], limits: list[tuple[float, float]], lost: int, twice: int
+    trials: list[Trial], limits: list[tuple[float, float]], lost: int, unbalanced: int
 ) -> list[Figure]:
+    """p50, p99 and max over every trial; the limit by hand (median) for context."""
     outage = [t.outage_s for t in trials]
     redundant = [t.redundant_s for t in trials]
-    o50, o99 = statistics.median(outage), p99(outage)
-    r50, rmax = statistics.median(redundant), max(redundant)
     figures = [
-        Figure("failover", "kill -> first acknowledged order, p50", o50, "s", "< 0.4 s", o50 < 0.4),
-        Figure("failover", "kill -> first acknowledged order, p99", o99, "s", "< 0.8 s", o99 < 0.8),
-        Figure("failover", "kill -> redundant again, p50", r50, "s", "< 3 s", r50 < 3),
-        Figure("failover", "kill -> redundant again, max", rmax, "s", "< 6 s", rmax < 6),
-        Figure("failover", "acknowledged orders lost", lost, "", "0", lost == 0),
-        Figure("failover", "orders acknowledged twice", twice, "", "0", twice == 0),
-    ]
+        Figure("failover.outage_p50_s", statistics.median(outage), "s",
+               "kill -> first acknowledged order, p50"),
+        Figure("failover.outage_p99_s", p99(outage), "s", "kill -> first acknowledged order, p99"),
+        Figure("failover.outage_max_s", max(outage), "s", "kill -> first acknowledged order, max"),
+        Figure("failover.redundant_p50_s", statistics.median(redundant), "s",
+               "kill -> redundant again, p50"),
+        Figure("failover.redundant_p99_s", p99(redundant), "s", "kill -> redundant again, p99"),
+        Figure("failover.redundant_max_s", max(redundant), "s", "kill -> redundant again, max"),
+        Figure("failover.trials", len(trials), "", "trials (every one counted)"),
+        Figure("failover.lost", lost, "", "acknowledged orders lost"),
+        Figure("failover.unbalanced_products", unbalanced, "",
+               "products whose stock sold differs from their quantity ordered"),
+    ]  # fmt: skip
     if limits:
-        write_limit = statistics.median(w for w, _ in limits)
-        redundant_limit = statistics.median(r for _, r in limits)
         figures += [
-            Figure("failover", "limit: kill -> first write, by hand", write_limit, "s", "", None),
-            Figure("failover", "limit: kill -> redundant, by hand", redundant_limit, "s", "", None),
-        ]
+            Figure("failover.limit_write_s", statistics.median(w for w, _ in limits), "s",
+                   "limit: kill -> first write, by hand"),
+            Figure("failover.limit_redundant_s", statistics.median(r for _, r in limits), "s",
+                   "limit: kill -> redundant, by hand"),
+        ]  # fmt: skip
     return figures
 
 

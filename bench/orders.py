@@ -5,11 +5,13 @@ and the same duration measures, in one run:
   1. the shop: POST /orders over HTTP to both instances (2PC over two databases), driven by
      wrk (a C load generator, as pgbench is a C client), one wrk per instance; the count of
      201s is checked against the rows in the orders table;
-  2. pgbench, the shop's 2PC statements one per round trip, as the goal defines the limit
-     (BEGIN; guarded UPDATE with its movement row; PREPARE; BEGIN; INSERT order; PREPARE;
-     decision row; COMMIT PREPARED twice: bench/pgbench_2pc.sql);
-  3. pgbench, the same statements in the four round trips the shop now sends them in
-     (bench/pgbench_2pc_batched.sql; the shop overlaps the last two, pgbench cannot);
+  2. pgbench, the shop's 2PC statements one per round trip (BEGIN; guarded UPDATE with its
+     movement row; PREPARE; BEGIN; INSERT order; PREPARE; decision row; COMMIT PREPARED
+     twice: bench/pgbench_2pc.sql), for context;
+  3. pgbench, the same statements in the four round trips the shop sends them in
+     (bench/pgbench_2pc_batched.sql; the shop overlaps the last two, pgbench cannot): the
+     limit the goal is stated against (bench/goals.toml), so that what the batching gains on
+     the database's side is not counted as the shop's;
   4. pgbench, the same work as one local transaction (for reference).
 Prints tps, p50/p99 latency and the ratios. The shop's percentiles are the worse of the two
 instances' (wrk reports each; they cannot be merged exactly). With --repeats N the four runs
@@ -336,8 +338,8 @@ def report_run(figures: dict[str, Any]) -> str:
             f"{c['client_ms']:>7.2f}{c['machine_busy_pct']:>7.0f}"
         )
     shop, two_pc, batched, local = (figures[key]["tps"] for key, _ in ROWS)
-    lines.append(f"shop / pgbench 2PC  = {shop / two_pc:.2f}   (goal >= 0.60)")
     lines.append(f"shop / pgbench 2PC in the shop's round trips = {shop / batched:.2f}")
+    lines.append(f"shop / pgbench 2PC one statement per round trip = {shop / two_pc:.2f}")
     lines.append(f"pgbench 2PC / local = {two_pc / local:.2f}")
     shop_fig = figures["shop"]
     lines.append(f"shop errors: {shop_fig['errors']}")
@@ -355,50 +357,47 @@ def report(figures: dict[str, Any]) -> str:
     def median(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(get(run) for run in runs)
 
-    ratio = median(lambda r: r["shop"]["tps"] / r["pgbench_2pc"]["tps"])
+    ratio = median(lambda r: r["shop"]["tps"] / r["pgbench_2pc_batched"]["tps"])
     lines.append(
         f"=== medians over {len(runs)} runs ({figures['clients']} clients, "
         f"{figures['duration_s']} s each): shop {median(lambda r: r['shop']['tps']):.0f} tps, "
         f"p99 {median(lambda r: r['shop']['p99_ms']):.1f} ms; pgbench 2PC "
-        f"{median(lambda r: r['pgbench_2pc']['tps']):.0f} tps; shop / pgbench 2PC = {ratio:.2f}"
-        f" (goal >= 0.60); CPU ms per order: shop "
+        f"{median(lambda r: r['pgbench_2pc_batched']['tps']):.0f} tps in the shop's round trips; "
+        f"shop / pgbench = {ratio:.2f} (goal: bench/goals.toml); CPU ms per order: shop "
         f"{median(lambda r: r['shop']['cpu']['shop_ms']):.2f}, PostgreSQL "
         f"{median(lambda r: r['shop']['cpu']['postgres_ms']):.2f} (pgbench 2PC: PostgreSQL "
-        f"{median(lambda r: r['pgbench_2pc']['cpu']['postgres_ms']):.2f} per transaction)"
+        f"{median(lambda r: r['pgbench_2pc_batched']['cpu']['postgres_ms']):.2f} per transaction)"
     )
     return "\n".join(lines)
 
 
 def headline(figures: dict[str, Any]) -> list[Figure]:
+    """Medians over the repeats. The ratio is against pgbench sending the shop's statements in
+    the shop's own round trips (4, as `shop/sqlbatch.py`); the 9-trip ratio is context."""
     runs = figures["runs"]
 
     def median(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(get(run) for run in runs)
 
-    ratio = median(lambda r: r["shop"]["tps"] / r["pgbench_2pc"]["tps"])
-    p99_ms = median(lambda r: r["shop"]["p99_ms"])
     clients = figures["clients"]
     return [
-        Figure("orders", "shop / pgbench 2PC throughput", ratio, "x", ">= 0.6x", ratio >= 0.6),
-        Figure("orders", f"shop p99 at {clients} clients", p99_ms, "ms", "< 60 ms", p99_ms < 60),
-        Figure("orders", "shop orders/s", median(lambda r: r["shop"]["tps"]), "/s", "", None),
-        Figure(
-            "orders",
-            "CPU per order: shop",
-            median(lambda r: r["shop"]["cpu"]["shop_ms"]),
-            "ms",
-            "",
-            None,
-        ),
-        Figure(
-            "orders",
-            "CPU per order: PostgreSQL",
-            median(lambda r: r["shop"]["cpu"]["postgres_ms"]),
-            "ms",
-            "",
-            None,
-        ),
-    ]
+        Figure("orders.vs_pgbench_own_trips",
+               median(lambda r: r["shop"]["tps"] / r["pgbench_2pc_batched"]["tps"]), "x",
+               "shop / pgbench 2PC in the shop's 4 round trips"),
+        Figure("orders.vs_pgbench_9_trips",
+               median(lambda r: r["shop"]["tps"] / r["pgbench_2pc"]["tps"]), "x",
+               "shop / pgbench 2PC one statement per round trip (9 trips)"),
+        Figure("orders.p99_ms", median(lambda r: r["shop"]["p99_ms"]), "ms",
+               f"shop p99 at {clients} clients"),
+        Figure("orders.per_s", median(lambda r: r["shop"]["tps"]), "/s", "shop orders/s"),
+        Figure("orders.pgbench_own_trips_per_s",
+               median(lambda r: r["pgbench_2pc_batched"]["tps"]), "/s",
+               "pgbench 2PC in 4 round trips: transactions/s"),
+        Figure("orders.cpu_shop_ms", median(lambda r: r["shop"]["cpu"]["shop_ms"]), "ms",
+               "CPU per order: shop"),
+        Figure("orders.cpu_postgres_ms", median(lambda r: r["shop"]["cpu"]["postgres_ms"]),
+               "ms", "CPU per order: PostgreSQL"),
+    ]  # fmt: skip
 
 
 def main() -> None:

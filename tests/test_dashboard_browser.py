@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright
 import pytest
 import requests
 
@@ -23,10 +24,11 @@ from lab.verdict import Objectives
 from tests.conftest import stack_of_its_own
 from tests.test_gameday_page import a_report, a_trial
 
-playwright = pytest.importorskip("playwright.sync_api")
+# Never skipped: scripts/setup installs Debian's Chromium and the dev extras install
+# Playwright (which never downloads a browser here: it is given Debian's). Either missing is
+# a broken setup, and these tests fail loudly rather than pass as skipped.
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", "/tmp/shopguard-test-artifacts"))
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,13 @@ def lab() -> Iterator[Stack]:
         yield stack
 
 
+def test_debians_chromium_is_installed_for_the_browser_tests() -> None:
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/setup (it installs chromium)"
+
+
 @pytest.fixture(scope="module")
 def page(lab: Stack) -> Iterator[Any]:
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/setup (it installs chromium)"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
