@@ -210,12 +210,18 @@ def gameday_figures(days: dict[str, dict[str, Any]]) -> list[Figure]:
                                f"game day ({how}): {kind} write outage, max"))  # fmt: skip
             if kind not in SELF_HEALING:
                 not_healed += sum(t.get("healed_by") != "control plane" for t in trials)
-        rows.append(Figure(f"persist.gameday_{how}.not_healed", not_healed, "",
-                           f"game day ({how}): trials not healed by the control plane"))  # fmt: skip
+        what = f"game day ({how}): trials not healed by the control plane"
+        rows.append(Figure(f"persist.gameday_{how}.not_healed", not_healed, "", what))
     return rows
 
 
-def headline(trials: list[Trial], lost: int, unbalanced: int, split: int) -> list[Figure]:
+def headline(
+    trials: list[Trial],
+    lost: int,
+    unbalanced: int,
+    split: int,
+    days: dict[str, dict[str, Any]] | None = None,
+) -> list[Figure]:
     stopped = [t for t in trials if t.scenario == "standby-stopped"]
     kills = [t for t in trials if t.scenario == "five-kills"]
     rows: list[Figure] = []
@@ -248,7 +254,7 @@ def headline(trials: list[Trial], lost: int, unbalanced: int, split: int) -> lis
                "products whose stock sold differs from their quantity ordered"),
         Figure("persist.split_brain", split, "", "split-brain samples"),
     ]  # fmt: skip
-    return rows
+    return rows + gameday_figures(days or {})
 
 
 def main() -> None:
@@ -263,7 +269,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     trials, lost, unbalanced, split, days = run(args)
-    figures = headline(trials, lost, unbalanced, split) + gameday_figures(days)
+    figures = headline(trials, lost, unbalanced, split, days)
     print()
     for f in figures:
         print(f"{f.what}: {f.value:.2f} {f.unit}")

@@ -244,6 +244,13 @@ HEADLINES: dict[str, Callable[[], list[Figure]]] = {
         0,
         0,
         0,
+        {
+            how: {
+                "trials": {"kill-primary": [{"outage_s": 0.5, "healed_by": "control plane"}]},
+                "verification": {"ok": True, "lost": 0, "duplicates": 0},
+            }
+            for how in ("quiet", "stress")
+        },
     ),
     "restore": lambda: restore.headline(
         [
