@@ -56,19 +56,18 @@ class Trial:
     scenario: str
     outage_s: float  # fault -> first acknowledged order sent after it
     after_wake_s: float | None  # standby woken -> that acknowledgement (standby-stopped only)
-    tries: int  # failover runs for the incident that healed it
+    declined: int  # failover runs since the fault that declined "not now" (and were retried)
     redundant_s: float
 
 
-def failover_tries_since(api: Api, since: datetime) -> int:
-    """The tries of the failover that succeeded after `since` (its incident's runs)."""
-    runs = [
-        r
+def not_now_since(api: Api, since: datetime) -> int:
+    """Failover runs since `since` whose precheck declined "not now": each is followed by a
+    later try (of its incident, or of the other incident about the same fault)."""
+    return sum(
+        r["output"].get("decline") == "not-now"
         for r in api.get("/actions?action=failover&limit=500")["actions"]
         if datetime.fromisoformat(r["created_at"]) >= since
-    ]
-    healed = {r["incident_id"] for r in runs if r["state"] == "succeeded"}
-    return max((sum(r["incident_id"] == i for r in runs) for i in healed), default=0)
+    )
 
 
 def redundant_after(stack: Stack, at: float) -> float:
@@ -103,7 +102,7 @@ def standby_stopped(stack: Stack, api: Api, load: OrderClients) -> Trial:
         "standby-stopped",
         outage,
         killed_at + outage - woke_at,
-        failover_tries_since(api, since),
+        not_now_since(api, since),
         redundant_after(stack, killed_at),
     )
 
@@ -119,12 +118,12 @@ def one_kill(stack: Stack, api: Api, load: OrderClients) -> Trial:
             what="orders acknowledged again",
         )
     except Exception:
-        return Trial("five-kills", float("inf"), None, failover_tries_since(api, since), 0.0)
+        return Trial("five-kills", float("inf"), None, not_now_since(api, since), 0.0)
     return Trial(
         "five-kills",
         load.outage_after(killed_at),
         None,
-        failover_tries_since(api, since),
+        not_now_since(api, since),
         redundant_after(stack, killed_at),
     )
 
@@ -171,7 +170,8 @@ def run(args: argparse.Namespace) -> tuple[list[Trial], int, int, int]:
 def report(t: Trial) -> None:
     wake = f", {t.after_wake_s:.2f}s after the standby woke" if t.after_wake_s is not None else ""
     print(
-        f"{t.scenario}: write outage {t.outage_s:.2f}s{wake}, failover tries {t.tries}, "
+        f"{t.scenario}: write outage {t.outage_s:.2f}s{wake}, "
+        f"failover declines (not now) {t.declined}, "
         f"redundant after {t.redundant_s:.1f}s",
         flush=True,
     )
@@ -233,9 +233,10 @@ def headline(
             Figure("persist.standby_stopped.outage_p50_s",
                    statistics.median(t.outage_s for t in stopped), "s",
                    "standby stopped 6 s at the kill: write outage, p50"),
-            Figure("persist.standby_stopped.not_healed_by_a_later_try",
-                   sum(t.tries <= 1 for t in stopped), "",
-                   "standby stopped 6 s at the kill: trials not healed by a later try"),
+            Figure("persist.standby_stopped.no_not_now_decline",
+                   sum(t.declined == 0 for t in stopped), "",
+                   "standby stopped 6 s at the kill: trials with no 'not now' decline before "
+                   "the healing try"),
             Figure("persist.standby_stopped.trials", len(stopped), "", "standby-stopped trials"),
         ]  # fmt: skip
     if kills:
