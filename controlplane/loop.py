@@ -212,10 +212,20 @@ def run_view(r: ActionRun) -> RunView:
 def why_it_ended(r: ActionRun) -> str:
     """A run's end in a few words: a decline's reason, a failure's error, or its state."""
     output = r.output or {}
-    for key in ("precheck", "error"):
+    for key in ("precheck", "error", "skipped"):
         if isinstance(output.get(key), str):
             return printable(output[key], limit=300)
-    return str(r.state)
+    return STATE_WORDS.get(r.state, str(r.state))
+
+
+STATE_WORDS = {
+    ActionState.AWAITING_APPROVAL: "awaiting an operator's approval",
+    ActionState.PENDING: "waiting for its target",
+    ActionState.RUNNING: "running",
+    ActionState.REJECTED: "rejected by an operator",
+    ActionState.DRY_RUN: "a dry run: nothing done",
+    ActionState.SUCCEEDED: "succeeded",
+}
 
 
 def _urgency(d: Decision, probe_incidents: set[int], acting: set[str]) -> int:

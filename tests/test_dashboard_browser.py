@@ -36,7 +36,9 @@ def lab() -> Iterator[Stack]:
     with stack_of_its_own(
         "dashboard-browser",
         products=50,
-        policy_overrides={"restart-dead-shop": {"mode": "approval"}},
+        # A restart waits for approval, and an incident not mended within 5 s is escalated:
+        # the banner every page shows while healing does not work.
+        policy_overrides={"restart-dead-shop": {"mode": "approval", "escalate_after_s": 5}},
     ) as stack:
         yield stack
 
@@ -96,14 +98,24 @@ def test_a_killed_shop_turns_red_its_approved_restart_turns_it_green(lab: Stack,
     page.screenshot(path=str(ARTIFACTS / "overview-shop-down.png"), full_page=True)
     page.wait_for_selector("#awaiting li[data-run]")
     assert page.inner_text("#badge") != "0"
-    # Approved in a second tab; the first one, never reloaded, turns green by itself.
+    # Not mended within the policy's 5 s: a red banner says so, in one line, on every page.
+    page.wait_for_selector("#escalations li", timeout=60_000)
+    assert "shop-1" in page.inner_text("#escalations") and "restart" in page.inner_text(
+        "#escalations"
+    )
+    page.screenshot(path=str(ARTIFACTS / "overview-escalated.png"), full_page=True)
     review = page.context.new_page()
+    review.goto(f"{cp_url(lab)}/dashboard/charts")
+    review.wait_for_selector("#escalations li")
+    assert "Needs a human" in review.inner_text("#escalations")
+    # Approved in a second tab; the first one, never reloaded, turns green by itself.
     review.goto(cp_url(lab) + page.get_attribute("#awaiting li[data-run] a", "href"))
     review.click("#approve")
     review.wait_for_selector("#run-state")
     review.close()
     service_row(page, "shop-1", "up")
     page.wait_for_selector("#awaiting li.empty")
+    page.wait_for_selector("#escalations", state="hidden", timeout=60_000)  # mended: it goes
     page.remove_listener("framenavigated", navigated)
     assert reloads == []  # red, then green, live: by polling
     page.screenshot(path=str(ARTIFACTS / "overview-healed.png"), full_page=True)
