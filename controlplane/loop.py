@@ -215,10 +215,10 @@ def why_it_ended(r: ActionRun) -> str:
     for key in ("precheck", "error", "skipped"):
         if isinstance(output.get(key), str):
             return printable(output[key], limit=300)
-    return STATE_WORDS.get(r.state, str(r.state))
+    return STATE_WORDS.get(ActionState(r.state), str(r.state))
 
 
-STATE_WORDS = {
+STATE_WORDS: dict[ActionState, str] = {
     ActionState.AWAITING_APPROVAL: "awaiting an operator's approval",
     ActionState.PENDING: "waiting for its target",
     ActionState.RUNNING: "running",
