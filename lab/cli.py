@@ -25,6 +25,8 @@ from lab.stack import (
     ensure_not_running,
     prepare_data_dir,
     read_stack_file,
+    running_components,
+    running_supervisors,
     stop_described,
     wait_forever,
 )
@@ -178,11 +180,14 @@ def down(data_dir: Path) -> None:
 @main.command()
 @data_dir_option
 def status(data_dir: Path) -> None:
-    """Print the running stack's description (stack.json, without its secrets) as JSON."""
+    """Print the stack's description (stack.json, without its secrets) as JSON, each component
+    and supervisor with `"running"`: whether its recorded process is alive now; `"dead"` names
+    those that are not."""
     try:
         description = read_stack_file(data_dir.absolute())
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
+    mark_running(description)
     secrets = description.pop("secrets", {})
     text = json.dumps(description, indent=2)
     # The secrets also sit in URLs and start recipes (the shop's, the control plane's).
@@ -190,3 +195,21 @@ def status(data_dir: Path) -> None:
         if key.endswith(("_password", "_token")) and isinstance(value, str) and value:
             text = text.replace(value, "***")
     click.echo(text)
+
+
+def mark_running(description: dict[str, Any]) -> None:
+    """stack.json says what was started; whether each recorded process still runs is looked up
+    now: `"running"` on each component and supervisor, and `"dead"`, the names of those that
+    do not run."""
+    alive = running_components(description)
+    supervising = running_supervisors(description)
+    dead = []
+    for name, comp in description.get("components", {}).items():
+        comp["running"] = name in alive
+        if not comp["running"]:
+            dead.append(name)
+    for component, entry in description.get("supervisors", {}).items():
+        entry["running"] = component in supervising
+        if not entry["running"]:
+            dead.append(f"supervisor of {component}")
+    description["dead"] = dead

@@ -41,7 +41,14 @@ from lab.settle import (
     trial_deadline,
 )
 from lab.stress import CpuHogs
-from lab.verdict import Objectives, judge, load_objectives, objectives_for
+from lab.verdict import (
+    Objectives,
+    healer,
+    healing_runs,
+    judge,
+    load_objectives,
+    objectives_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +131,17 @@ def _at(iso: str | None) -> datetime | None:
 
 
 def control_plane_view(
-    view: StackView, record: FaultRecord, chosen: Fault, until: datetime, *, approve: bool
+    view: StackView,
+    record: FaultRecord,
+    chosen: Fault,
+    until: datetime,
+    *,
+    approve: bool,
+    whole_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """What the control plane did about the fault: from its API, within the trial's window."""
+    """What the control plane did about the fault: from its API, within the trial's window.
+    Its targets (`Fault.targets`): when an incident on one first opened, and the runs that
+    healed each before the stack was whole again (`whole_at`)."""
     since = record.started.at
     incidents = [
         i
@@ -139,6 +154,8 @@ def control_plane_view(
         if since <= datetime.fromisoformat(r["created_at"]) <= until
     ]
     detected = [d for i in incidents if (d := _at(i["detected_at"]))]
+    targets = chosen.targets(record)
+    on_target = [d for i in incidents if i["target"] in targets and (d := _at(i["detected_at"]))]
     acted = [a for r in runs if (a := _at(r["started_at"]) or _at(r["created_at"]))]
     succeeded = Counter(
         (r["action"], r["target"]) for r in runs if r["state"] == ActionState.SUCCEEDED
@@ -154,6 +171,9 @@ def control_plane_view(
             approved.append({"id": run["id"], "status": response.status_code})
     return {
         "detect_s": (min(detected) - since).total_seconds() if detected else None,
+        "targets": sorted(targets),
+        "target_detect_s": (min(on_target) - since).total_seconds() if on_target else None,
+        "healing_runs": healing_runs(runs, targets, since, whole_at),
         "act_s": (min(acted) - since).total_seconds() if acted else None,
         "incidents": [f"{i['kind']} ({i['state']})" for i in incidents],
         "actions": [f"{r['action']} {r['target']} {r['state']}" for r in runs],
@@ -211,9 +231,12 @@ def run_trial(
     end = time.monotonic()
     window = [t0, *(a.acked for a in acks if t0 < a.acked <= end), end]
     mine = [a.order_id for a in acks if a.acked >= trial_start]
+    whole_wall = _wall(record, whole_at)
     try:
         counted = _count_orders(view, mine, record.details.get("deleted_ids", []))
-        seen = control_plane_view(view, record, chosen, datetime.now(UTC), approve=False)
+        seen = control_plane_view(
+            view, record, chosen, datetime.now(UTC), approve=False, whole_at=whole_wall
+        )
     except (LabError, psycopg.Error, requests.RequestException) as exc:
         if lost is None:
             raise
@@ -231,7 +254,10 @@ def run_trial(
         "outage_s": round(after[0].acked - t0, 3) if after else None,
         "longest_gap_s": round(max(b - a for a, b in itertools.pairwise(window)), 3),
         "redundancy_s": round(whole_at - t0, 3) if whole_at else None,
-        "healed_by": "clean-up" if cleaned else "control plane" if whole_at else "nobody",
+        # The control plane only if a run of its own healed each of the fault's targets.
+        "healed_by": healer(
+            cleaned=bool(cleaned), whole=whole_at is not None, healing=seen["healing_runs"]
+        ),
         "cleaned_up": cleaned,
         "acknowledged": len(mine),
         **counted,
@@ -243,6 +269,13 @@ def run_trial(
     if lost is not None:
         raise StackLostError(str(lost), trial)
     return trial
+
+
+def _wall(record: FaultRecord, mono: float | None) -> datetime | None:
+    """A monotonic instant of this process on the wall clock (the control plane's records')."""
+    if mono is None:
+        return None
+    return record.started.at + timedelta(seconds=mono - record.started.mono)
 
 
 def _wait_whole(
@@ -278,6 +311,9 @@ def _count_orders(view: StackView, mine: list[str], deleted: list[str]) -> dict[
 def _unseen() -> dict[str, Any]:
     return {
         "detect_s": None,
+        "targets": [],
+        "target_detect_s": None,
+        "healing_runs": {},
         "act_s": None,
         "incidents": [],
         "actions": [],
@@ -315,7 +351,13 @@ def gameday(
         raise ValueError(f"unknown faults: {unknown}")
     wait_until(lambda: is_settled(view), timeout_s=SETTLE_TIMEOUT_S, what="a whole stack")
     with view.leader_db("inventory") as conn:
-        products = [int(r[0]) for r in conn.execute("SELECT id FROM products").fetchall()]
+        catalog = [int(r[0]) for r in conn.execute("SELECT id FROM products").fetchall()]
+    # The products a fault keeps for itself (poison-cache's: an order of one would wash its
+    # poison out before the control plane looks) are never ordered.
+    reserved = set().union(*(fault(k).reserved_products for k in faults))
+    products = [p for p in catalog if p not in reserved]
+    if not products:
+        raise ValueError(f"the faults reserve every product of the catalog ({len(catalog)})")
     before = Ledger.read(view)
     started_at = datetime.now(UTC)
     load = CarefulLoad(view.shop_urls(), products, clients=clients, seed=seed).start()
@@ -456,7 +498,8 @@ def _trial_line(kind: str, t: dict[str, Any]) -> str:
     stuck = t.get("at_deadline")
     return (
         f"{kind}: detect {s(t['detect_s'])}, act {s(t['act_s'])}, outage {s(t['outage_s'])}, "
-        f"redundant {s(t['redundancy_s'])} ({t['healed_by']}), {t['acknowledged']} acked, "
+        f"redundant {s(t['redundancy_s'])} (healed by {t['healed_by']}), "
+        f"{t['acknowledged']} acked, "
         f"lost {t['lost']}, dup {t['duplicates']}, split {t['split_brain']}, "
         f"actions {t['actions']}"
         + (

@@ -27,6 +27,10 @@ RULES_FILE = "shop.rules.yml"
 ALERTMANAGER_USER = "prometheus"  # whoever posts alerts: Prometheus, or an operator's amtool
 # Alertmanager checks the hash on each request (and caches a success): Go's default cost.
 BCRYPT_ROUNDS = 10
+# Alerts labelled `audience: operator` (the control plane itself down: it cannot be told of its
+# own death) go to a human instead, in the lab the webhook recorder, on this path of its own.
+OPERATOR_LABEL = 'audience="operator"'
+OPERATOR_PATH = "/alertmanager"
 
 
 def http_ok(url: str, timeout_s: float = 0.5, auth: tuple[str, str] | None = None) -> bool:
@@ -168,20 +172,27 @@ def prometheus_server(
     )
 
 
-def alertmanager_config(webhook_url: str, token: str | None) -> dict[str, Any]:
+def alertmanager_config(
+    webhook_url: str, token: str | None, operator_url: str | None = None
+) -> dict[str, Any]:
+    """Every alert to the control plane's intake, but those for a human (`OPERATOR_LABEL`),
+    which go to `operator_url` only."""
     webhook: dict[str, Any] = {"url": webhook_url, "send_resolved": True, "max_alerts": 0}
     if token:
         webhook["http_config"] = {"authorization": {"type": "Bearer", "credentials": token}}
-    return {
-        "route": {
-            "receiver": "controlplane",
-            "group_by": ["alertname", "instance"],
-            "group_wait": "1s",
-            "group_interval": "5s",
-            "repeat_interval": "1h",
-        },
-        "receivers": [{"name": "controlplane", "webhook_configs": [webhook]}],
+    route: dict[str, Any] = {
+        "receiver": "controlplane",
+        "group_by": ["alertname", "instance"],
+        "group_wait": "1s",
+        "group_interval": "5s",
+        "repeat_interval": "1h",
     }
+    receivers: list[dict[str, Any]] = [{"name": "controlplane", "webhook_configs": [webhook]}]
+    if operator_url:
+        route["routes"] = [{"receiver": "operator", "matchers": [OPERATOR_LABEL]}]
+        operator = {"url": operator_url, "send_resolved": True, "max_alerts": 0}
+        receivers.append({"name": "operator", "webhook_configs": [operator]})
+    return {"route": route, "receivers": receivers}
 
 
 def alertmanager_web_config(password: str) -> dict[str, Any]:
@@ -201,7 +212,10 @@ def alertmanager_server(
     private_dir(workdir / "data")
     config = workdir / "alertmanager.yml"
     webhook_url = f"http://{HOST}:{layout.controlplane_port}/api/v1/alerts"
-    write_private(config, yaml.safe_dump(alertmanager_config(webhook_url, webhook_token)))
+    operator_url = f"http://{HOST}:{layout.receiver_port}{OPERATOR_PATH}"
+    write_private(
+        config, yaml.safe_dump(alertmanager_config(webhook_url, webhook_token, operator_url))
+    )
     web_config = workdir / "web.yml"
     write_private(web_config, yaml.safe_dump(alertmanager_web_config(password)))
     url = f"http://{HOST}:{layout.alertmanager_port}"

@@ -35,6 +35,7 @@ from lab.monitoring import (
 )
 from lab.process import ServerProcess
 from lab.receiver import CONTROLPLANE_PATH, receiver_server, receiver_url
+from lab.supervisor import supervisor_server
 from lab.targets import controlplane_targets, write_targets
 from remediation.executors.lab import LabExecutor, stop_signal
 from remediation.executors.processes import (
@@ -87,6 +88,8 @@ class Stack:
     alertmanager_password: str = field(default_factory=pg.new_password)
     pg_auth: pg.PgAuth = field(init=False)
     processes: dict[str, ServerProcess] = field(default_factory=dict)
+    # What stands in for systemd (lab/supervisor.py): per supervised component, its process.
+    supervisors: dict[str, ServerProcess] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, pg.PgNode] = field(default_factory=dict)
     started_at: str = ""
@@ -232,6 +235,10 @@ class Stack:
             if self.with_controlplane:
                 self._add("controlplane", "controlplane", self.controlplane_server())
                 self.processes["controlplane"].start().wait_ready()
+                # Its supervisor reads the control plane's recipe and pid from stack.json.
+                write_stack_file(self.layout.stack_file, self.describe())
+                supervisor = supervisor_server(self.layout, "controlplane")
+                self.supervisors["controlplane"] = supervisor.start().wait_ready()
         except BaseException:
             self.stop()
             raise
@@ -313,6 +320,8 @@ class Stack:
 
     def restart(self, name: str) -> ServerProcess:
         """Start a stopped or killed component again and record its new pid in stack.json."""
+        if name in self.supervisors:
+            raise LabError(f"{name} has a supervisor: it starts {name} again, nobody else")
         proc = self.processes[name]
         proc.stop()
         proc.start().wait_ready()
@@ -322,6 +331,13 @@ class Stack:
         return proc
 
     def stop(self) -> None:
+        # The supervisors first: else they start again what is being stopped.
+        for proc in self.supervisors.values():
+            try:
+                proc.stop()
+            except Exception:
+                logger.exception("stopping %s failed", proc.name)
+        self._stop_restarted_controlplane()
         for proc in self._in_stop_order():
             try:
                 proc.stop()
@@ -334,6 +350,18 @@ class Stack:
                 stop_described(self.layout.data_dir)
             except LabError:
                 logger.exception("stopping the stack in %s failed", self.layout.data_dir)
+
+    def _stop_restarted_controlplane(self) -> None:
+        """A control plane its supervisor started again is not our child, yet it must stop
+        before anything else (else it "heals" what is being stopped): by its recorded pid."""
+        ours = self.processes.get("controlplane")
+        try:
+            recorded = running_components(read_stack_file(self.layout.data_dir))
+        except (LabError, ValueError):
+            return
+        pid = recorded.get("controlplane")
+        if pid is not None and (ours is None or pid != ours.pid):
+            terminate_pid(pid, timeout_s=15)
 
     def _in_stop_order(self) -> list[ServerProcess]:
         rank = {role: i for i, role in enumerate(STOP_ORDER)}
@@ -376,6 +404,16 @@ class Stack:
             "started_at": self.started_at,
             "supervisor_pid": os.getpid(),
             "components": components,
+            # Not components: nothing of the stack's, the control plane included, acts on them.
+            "supervisors": {
+                component: {
+                    "pid": proc.pid,
+                    "argv0": proc.argv[0],
+                    "argv": list(proc.argv),
+                    "log": str(proc.log_path),
+                }
+                for component, proc in self.supervisors.items()
+            },
             "postgres": {
                 "bin_dir": str(self.binaries.pg_bin),
                 "os_user": pg.pg_os_user(),
@@ -458,6 +496,16 @@ def running_components(description: Mapping[str, Any]) -> dict[str, int]:
     return alive
 
 
+def running_supervisors(description: Mapping[str, Any]) -> dict[str, int]:
+    """Per supervised component, its supervisor's pid, if that process is alive."""
+    alive: dict[str, int] = {}
+    for component, entry in description.get("supervisors", {}).items():
+        pid = entry.get("pid")
+        if isinstance(pid, int) and runs_program(pid, entry.get("argv0", "")):
+            alive[component] = pid
+    return alive
+
+
 def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
     """`controlplane down`: leave nothing of the stack described in DIR/stack.json running,
     whatever its control plane is doing. The control plane first, waited for (its actions end
@@ -466,6 +514,9 @@ def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
     path below it (a PostgreSQL an action was starting, a pg_basebackup). Returns the
     components stopped; raises LabError naming any process that survived SIGKILL."""
     description = read_stack_file(data_dir)
+    # The supervisors first: else they start again what is being stopped.
+    for pid in running_supervisors(description).values():
+        terminate_pid(pid, timeout_s=timeout_s)
     alive = running_components(description)
     # Taken before anything stops: an orphan is re-parented, no longer found from its parent.
     remembered = descendants(alive.values(), process_table())
@@ -523,13 +574,21 @@ def prepare_data_dir(data_dir: Path) -> None:
 
 
 def wait_forever(stack: Stack, *, poll_s: float = 1.0) -> None:
-    """Supervise in the foreground: report components that die, until SIGINT/SIGTERM."""
+    """Stay in the foreground until SIGINT/SIGTERM, saying when a component dies and when it
+    runs again (whoever started it: the control plane, or the control plane's supervisor),
+    as stack.json records them."""
     reported: set[str] = set()
     while True:
-        for name, proc in stack.processes.items():
-            if name not in reported and not proc.is_running():
+        try:
+            description = read_stack_file(stack.layout.data_dir)
+        except (LabError, ValueError):  # being replaced: look again
+            description = {}
+        alive = running_components(description)
+        for name, comp in description.get("components", {}).items():
+            if name not in reported and name not in alive:
                 reported.add(name)
-                logger.error("%s exited (log: %s)", name, proc.log_path)
-            elif name in reported and proc.is_running():
+                logger.error("%s is not running (log: %s)", name, comp.get("log"))
+            elif name in reported and name in alive:
                 reported.discard(name)
+                logger.info("%s runs again (pid %d)", name, alive[name])
         time.sleep(poll_s)

@@ -71,6 +71,9 @@ def controlplane_targets(
         {"name": "shop-db-cluster", "labels": {"service": "shop-db-cluster"}},
         # Backups apart: a stale backup is no reason to doubt a failover or a restore.
         {"name": "shop-db-backups", "labels": {"service": "shop-db-backups"}},
+        # The WAL archive apart too: PostgreSQL retries a failing archive by itself, and no
+        # action of ours frees a disk; its incident tells a human (the notifications).
+        {"name": "shop-db-archive", "labels": {"service": "shop-db-archive"}},
     ]
     probes: list[dict[str, Any]] = [
         {
@@ -215,6 +218,18 @@ def controlplane_targets(
             # The first backup and its drill take a while after start-up.
             "failures_to_open": 8,
             "params": {"database_url": state_db, "max_age_s": 2 * BACKUP_INTERVAL_S + 600},
+        },
+        {
+            # The leader's pg_stat_archiver: a failing archive_command is an incident within
+            # seconds (the archiver itself only retries and logs), the failing segment in it.
+            "name": "shop-db-archive",
+            "kind": "pg_archive",
+            "service": "shop-db-archive",
+            "interval_s": 5,
+            "timeout_s": 2,
+            "failures_to_open": 2,
+            "successes_to_resolve": 2,
+            "params": {"dsn": primary_dsn(layout, "postgres")},
         },
     ]
     # A dead process is started again, at most 3 times in 10 minutes (then a human's turn).

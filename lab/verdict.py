@@ -1,12 +1,15 @@
-"""A game day's objectives (lab/objectives.toml: defaults, then per-fault overrides) and the
-PASS/FAIL verdict of one fault's trials against them."""
+"""A game day's objectives (lab/objectives.toml: defaults, then per-fault overrides), who healed
+a trial (the control plane only when a run of its own on the fault's target healed it), and
+the PASS/FAIL verdict of one fault's trials against them."""
 
 from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,24 @@ from lab.load import percentile
 DEFAULT_OBJECTIVES = Path(__file__).with_name("objectives.toml")
 
 
+# A run's verify polls the target as the game day polls the stack: the two see one recovery a
+# poll apart, so a run that started before "whole again" and succeeded this soon after it
+# healed it (the game day reads the runs only after this much more load).
+ATTRIBUTION_SLACK_S = 2.0
+
+
 class Verdict(StrEnum):
     PASS = "PASS"
     FAIL = "FAIL"
+
+
+class Healer(StrEnum):
+    """Who made the stack whole again after a fault."""
+
+    CONTROL_PLANE = "control plane"  # a run of its own on each of the fault's targets
+    ITSELF = "itself"  # whole again with no such run
+    CLEAN_UP = "clean-up"  # the game day started what was dead: nobody healed it
+    NOBODY = "nobody"  # not whole by the trial's deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +48,28 @@ class Objectives:
     split_brain: int = 0
     false_actions: int = 0
     duplicate_actions: int = 0
+    # Who is to heal it: the control plane, or the fault heals by itself (`why` says how).
+    heals: Healer = Healer.CONTROL_PLANE
+    why: str = ""
+    # An incident on the fault's target within `detect_within_s` of it, in every trial.
+    detect: bool = False
+    detect_within_s: float = 60.0
+
+
+# The objectives that bound a figure of `judge`; the others say what is expected.
+LIMITS = (
+    "outage_p99_s",
+    "redundancy_s",
+    "lost",
+    "duplicates",
+    "split_brain",
+    "false_actions",
+    "duplicate_actions",
+)
+
+
+def limits(goal: Objectives) -> dict[str, float]:
+    return {name: getattr(goal, name) for name in LIMITS}
 
 
 def load_objectives(
@@ -45,7 +85,14 @@ def load_objectives(
         unknown = set(table) - known
         if unknown:
             raise ValueError(f"{path}: unknown objectives in {where}: {sorted(unknown)}")
-        return replace(base, **table)
+        goal = replace(base, **table)
+        expected = (Healer.CONTROL_PLANE, Healer.ITSELF)
+        if goal.heals not in expected:
+            raise ValueError(f"{path}: heals in {where} is one of {[str(h) for h in expected]}")
+        goal = replace(goal, heals=Healer(goal.heals))
+        if goal.heals is Healer.ITSELF and not goal.why:
+            raise ValueError(f"{path}: {where} says the fault heals by itself: say why (`why`)")
+        return goal
 
     defaults = parse(data.get("defaults", {}), Objectives(), "[defaults]")
     found = {"*": defaults}
@@ -75,8 +122,50 @@ def objectives_for(kind: str, objectives: Mapping[str, Objectives]) -> Objective
     return objectives.get(kind) or objectives.get("*") or Objectives()
 
 
+def healing_runs(
+    runs: Sequence[Mapping[str, Any]],
+    targets: Collection[str],
+    fault_at: datetime,
+    whole_at: datetime | None,
+) -> dict[str, list[Any]]:
+    """Per target of the fault, the ids of the control plane's runs that healed it: on that
+    target, started after the fault and before the stack was whole again, succeeded by then
+    (ATTRIBUTION_SLACK_S)."""
+    found: dict[str, list[Any]] = {target: [] for target in sorted(targets)}
+    if whole_at is None:
+        return found
+    for run in runs:
+        started = run.get("started_at") or run.get("created_at")
+        finished = run.get("finished_at")
+        if (
+            run.get("target") in found
+            and run.get("state") == "succeeded"
+            and started
+            and finished
+            and fault_at <= datetime.fromisoformat(started) <= whole_at
+            and datetime.fromisoformat(finished)
+            <= whole_at + timedelta(seconds=ATTRIBUTION_SLACK_S)
+        ):
+            found[run["target"]].append(run.get("id"))
+    return found
+
+
+def healer(*, cleaned: bool, whole: bool, healing: Mapping[str, Sequence[Any]]) -> Healer:
+    """The control plane healed the fault only if a run of its own healed each of its targets
+    (`healing_runs`); whole again without that, the fault healed by itself."""
+    if cleaned:
+        return Healer.CLEAN_UP
+    if not whole:
+        return Healer.NOBODY
+    if healing and all(healing.values()):
+        return Healer.CONTROL_PLANE
+    return Healer.ITSELF
+
+
 def judge(kind: str, trials: Sequence[Mapping[str, Any]], goal: Objectives) -> dict[str, Any]:
-    """One fault's figures over its trials, each against its objective."""
+    """One fault's figures over its trials, each against its objective; and each trial healed
+    as the objectives expect (by the control plane unless the fault heals by itself), and
+    detected on its target if they say so."""
     outages = sorted(_num(t["outage_s"]) for t in trials)
     redundancy = sorted(_num(t["redundancy_s"]) for t in trials)
     figures = {
@@ -93,24 +182,47 @@ def judge(kind: str, trials: Sequence[Mapping[str, Any]], goal: Objectives) -> d
     }
     failed = [
         name
-        for name, limit in asdict(goal).items()
+        for name, limit in limits(goal).items()
         if not (figures[name] < limit if name.endswith("_s") else figures[name] <= limit)
     ]
     failed += [f"trial {i + 1}: {t['error']}" for i, t in enumerate(trials) if t.get("error")]
-    # Whole again only because the game day started what was dead: not healed.
-    failed += [
-        f"trial {i + 1}: healed by the clean-up ({', '.join(t.get('cleaned_up') or [])})"
-        for i, t in enumerate(trials)
-        if t.get("healed_by") == "clean-up"
-    ]
+    failed += [f for i, t in enumerate(trials) if (f := _attribution(i + 1, t, goal))]
     return {
         "fault": kind,
         "trials": len(trials),
         "figures": {k: _round(v) for k, v in figures.items()},
-        "objectives": asdict(goal),
+        "objectives": limits(goal),
+        "expects": {
+            "heals": str(goal.heals),
+            "why": goal.why,
+            "detect": goal.detect,
+            "detect_within_s": goal.detect_within_s,
+        },
+        "healed_by": dict(Counter(str(t.get("healed_by") or "-") for t in trials)),
         "failed": failed,
         "verdict": Verdict.FAIL if failed or not trials else Verdict.PASS,
     }
+
+
+def _attribution(n: int, t: Mapping[str, Any], goal: Objectives) -> str | None:
+    """Why trial `n` was not healed or detected as expected; None when it was (or failed
+    otherwise: an error, or not whole, which its figures already fail)."""
+    on = ", ".join(t.get("targets") or []) or "no target"
+    if t.get("error"):
+        return None
+    # Whole again only because the game day started what was dead: not healed.
+    if t.get("healed_by") == Healer.CLEAN_UP:
+        return f"trial {n}: healed by the clean-up ({', '.join(t.get('cleaned_up') or [])})"
+    if goal.heals is Healer.CONTROL_PLANE and t.get("healed_by") == Healer.ITSELF:
+        return (
+            f"trial {n}: whole again with no run of the control plane's on {on} succeeded: "
+            "not healed by the control plane"
+        )
+    if goal.detect:
+        seen_s = t.get("target_detect_s")
+        if seen_s is None or seen_s >= goal.detect_within_s:
+            return f"trial {n}: no incident on {on} within {goal.detect_within_s:g} s"
+    return None
 
 
 def _num(value: Any) -> float:
@@ -131,17 +243,23 @@ def verdict_table(verdicts: Sequence[Mapping[str, Any]]) -> str:
 
     lines = [
         "| fault | trials | detect p50 | act p50 | outage p50 | outage p99 | redundancy max "
-        "| lost | dup | split | false/dup actions | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lost | dup | split | false/dup actions | healed by | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    itself = []
     for v in verdicts:
         f = v["figures"]
+        expects = v.get("expects", {})
+        healed = ", ".join(f"{by} {n}/{v['trials']}" for by, n in v.get("healed_by", {}).items())
+        if expects.get("heals") == Healer.ITSELF:
+            healed += " (expected: itself)"
+            itself.append(f"- {v['fault']} heals by itself: {expects.get('why')}")
         lines.append(
             f"| {v['fault']} | {v['trials']} | {cell(f['detect_p50_s'])} s | "
             f"{cell(f['act_p50_s'])} s | {cell(f['outage_p50_s'])} s | "
             f"{cell(f['outage_p99_s'])} s (< {v['objectives']['outage_p99_s']:g}) | "
             f"{cell(f['redundancy_s'])} s (< {v['objectives']['redundancy_s']:g}) | "
             f"{f['lost']} | {f['duplicates']} | {f['split_brain']} | "
-            f"{f['false_actions']}/{f['duplicate_actions']} | {v['verdict']} |"
+            f"{f['false_actions']}/{f['duplicate_actions']} | {healed or '-'} | {v['verdict']} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + (["", *itself] if itself else []))

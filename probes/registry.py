@@ -14,6 +14,7 @@ PROBES: dict[str, str] = {
     "postgres": "probes.postgres:PostgresProbe",
     "pg_primary": "probes.pg_primary:PgPrimaryProbe",
     "pg_standby": "probes.pg_standby:PgStandbyProbe",
+    "pg_archive": "probes.pg_archive:PgArchiveProbe",
     "redis": "probes.redis:RedisProbe",
     "prometheus": "probes.prometheus:PrometheusProbe",
     "invariant": "probes.invariant:InvariantProbe",

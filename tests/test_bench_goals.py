@@ -226,6 +226,7 @@ HEADLINES: dict[str, Callable[[], list[Figure]]] = {
         {"opened_s": [1.0], "recovered_s": [2.0]},
         [0.1],
         {"alerts_per_s": 300.0, "incidents": 50, "distinct": 50},
+        [3.0],
     ),
     "failover": lambda: failover.headline([failover.Trial(0.3, 1.2, [], "")], [(0.1, 1.0)], 0, 0),
     "hang": lambda: hang.headline(

@@ -387,7 +387,7 @@ def test_a_control_plane_killed_mid_action_never_reruns_it_and_heals_by_its_next
     assert started is not None and started["incident_id"] is not None
     incident_id = started["incident_id"]
     os.killpg(component_pid(stack, "controlplane"), signal.SIGKILL)  # mid-action
-    stack.restart("controlplane")
+    # Nobody here starts it again: its supervisor does (lab/supervisor.py).
 
     def interrupted() -> dict[str, Any]:
         found: list[dict[str, Any]] = api.get(f"/incidents/{incident_id}")["actions"]

@@ -122,6 +122,8 @@ def test_up_detach_then_down_leaves_nothing_running() -> None:
         assert "shop-0" in up.stdout
         description = json.loads((data_dir / "stack.json").read_text())
         pids = {name: c["pid"] for name, c in description["components"].items()}
+        # ... and what stands in for systemd: the control plane's supervisor.
+        pids["supervisor"] = description["supervisors"]["controlplane"]["pid"]
         assert all(is_pid_alive(pid) for pid in pids.values())
 
         again = run("up", "--data-dir", str(data_dir), "--base-port", str(base), "--detach")

@@ -27,6 +27,7 @@ def params_for(kind: str, port: int) -> dict[str, Any]:
         "postgres": {"dsn": dsn},
         "pg_primary": {"nodes": {"pg0": dsn}},
         "pg_standby": {"nodes": {"pg0": dsn, "pg1": dsn}},
+        "pg_archive": {"dsn": dsn},
         "redis": {"url": f"redis://127.0.0.1:{port}/0"},
         "prometheus": {"url": f"http://127.0.0.1:{port}", "query": "up"},
         "invariant": {"orders_dsn": dsn, "inventory_dsn": dsn},
@@ -233,3 +234,54 @@ def test_backup_is_down_without_a_verified_backup_and_up_with_a_fresh_one(
     assert fresh.health is Health.UP
     assert fresh.details["verified_backups"] == 2
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("archived", "current", "behind"),
+    [
+        ("000000010000000000000003", "000000010000000000000004", 0),
+        ("000000010000000000000003", "00000002000000000000000A", 6),  # across a promotion
+        ("0000000100000000000000FF", "000000010000000100000002", 2),  # the log's next file
+        ("00000002.history", "000000020000000000000004", None),
+        (None, "000000010000000000000004", None),
+    ],
+)
+def test_pg_archive_counts_the_segments_written_but_not_archived(
+    archived: str | None, current: str, behind: int | None
+) -> None:
+    from probes.pg_archive import segments_behind
+
+    assert segments_behind(archived, current, 16 * 1024 * 1024) == behind
+
+
+def test_pg_archive_is_down_naming_the_failing_segment_while_archive_command_fails(
+    stack: Stack,
+) -> None:
+    import psycopg
+
+    from lab.process import wait_until
+    from lab.targets import primary_dsn
+
+    leader = primary_dsn(stack.layout, "postgres")
+    probe = build_probe("pg_archive", "archive", {"dsn": leader}, 2)
+    with psycopg.connect(leader, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+        standby = "pg1" if row == (stack.layout.pg_port(0),) else "pg0"
+        try:
+            conn.execute("ALTER SYSTEM SET archive_command = 'false'")
+            conn.execute("SELECT pg_reload_conf()")
+            # Some WAL, then a switch: a full segment the archiver must try (and fail) at once.
+            conn.execute("SELECT pg_logical_emit_message(false, 'test', 'to archive')")
+            conn.execute("SELECT pg_switch_wal()")
+            wait_until(
+                lambda: probe.run().health is Health.DOWN, timeout_s=30, what="archiving failing"
+            )
+            failing = probe.run()
+            assert failing.summary.startswith("WAL archiving fails: segment "), failing
+            assert failing.details["last_failed_wal"] in failing.summary
+        finally:
+            conn.execute("ALTER SYSTEM RESET archive_command")
+            conn.execute("SELECT pg_reload_conf()")  # wakes the archiver: it tries again
+        wait_until(lambda: probe.run().health is Health.UP, timeout_s=30, what="archiving again")
+    on_standby = build_probe("pg_archive", "s", {"dsn": stack.dsn(standby)}, 2).run()
+    assert on_standby.health is Health.UNKNOWN, on_standby

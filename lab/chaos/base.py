@@ -70,10 +70,19 @@ class Fault(Protocol):
     # Damages data: a restore needing approval follows. Never in a game day unless named.
     destructive: ClassVar[bool]
     default_duration_s: ClassVar[float]
+    # Product ids a game day's load never orders: the fault's own (an order invalidates its
+    # product's cache entry, and would undo the fault before the control plane looks).
+    reserved_products: ClassVar[frozenset[int]]
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord: ...
 
     def is_recovered(self, view: StackView) -> bool: ...
+
+    def targets(self, record: FaultRecord) -> frozenset[str]:
+        """The control plane's targets (services of its targets file) this fault hits: an
+        incident on one of them detects it; a run on each, started after the fault and
+        succeeded before the stack is whole again, heals it (lab/verdict.py `healer`)."""
+        ...
 
 
 class BaseFault:
@@ -81,9 +90,16 @@ class BaseFault:
     expected_actions: ClassVar[frozenset[str]] = frozenset()
     destructive: ClassVar[bool] = False
     default_duration_s: ClassVar[float] = 0.0
+    reserved_products: ClassVar[frozenset[int]] = frozenset()
+    # The control plane's target, when it is not the component the fault hits (a node's
+    # fault is the cluster's: failover and rejoin act on `shop-db-cluster`).
+    target: ClassVar[str] = ""
 
     def is_recovered(self, view: StackView) -> bool:
         return True
+
+    def targets(self, record: FaultRecord) -> frozenset[str]:
+        return frozenset({self.target or record.target})
 
 
 def processes_of(view: StackView, component: str) -> set[Proc]:

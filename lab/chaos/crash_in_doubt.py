@@ -20,6 +20,7 @@ from remediation.executors.processes import instance_processes, kill_tree, spawn
 class CrashInDoubt(BaseFault):
     kind: ClassVar[str] = "crash-in-doubt"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"in_doubt"})
+    target: ClassVar[str] = "shop-db"
     step: str = "after_decision"  # decided commit: the resolver must commit, not abort
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:

@@ -12,6 +12,7 @@ from lab.observe import StackView
 class DeleteOrders(BaseFault):
     kind: ClassVar[str] = "delete-orders"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"restore"})
+    target: ClassVar[str] = "shop-db-cluster"
     destructive: ClassVar[bool] = True
     rows: int = 5
 

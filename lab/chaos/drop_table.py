@@ -14,6 +14,7 @@ TABLES = {"stock_movements": "inventory", "tx_decisions": "orders", "orders": "o
 class DropTable(BaseFault):
     kind: ClassVar[str] = "drop-table"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"restore"})
+    target: ClassVar[str] = "shop-db-cluster"
     destructive: ClassVar[bool] = True
     table: str = "stock_movements"
 

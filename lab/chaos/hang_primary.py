@@ -17,6 +17,7 @@ from lab.observe import StackView
 class HangPrimary(BaseFault):
     kind: ClassVar[str] = "hang-primary"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"failover", "rejoin", "in_doubt"})
+    target: ClassVar[str] = "shop-db-cluster"
     default_duration_s: ClassVar[float] = 15.0
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:

@@ -17,6 +17,7 @@ from lab.observe import StackView
 class HangStandby(BaseFault):
     kind: ClassVar[str] = "hang-standby"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"rejoin"})
+    target: ClassVar[str] = "shop-db-cluster"
     default_duration_s: ClassVar[float] = 15.0
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:

@@ -11,6 +11,7 @@ from lab.observe import StackView
 class KillPrimary(BaseFault):
     kind: ClassVar[str] = "kill-primary"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"failover", "rejoin", "in_doubt"})
+    target: ClassVar[str] = "shop-db-cluster"
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
         leader = view.leader()

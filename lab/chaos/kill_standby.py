@@ -11,6 +11,7 @@ from lab.observe import StackView
 class KillStandby(BaseFault):
     kind: ClassVar[str] = "kill-standby"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"rejoin"})
+    target: ClassVar[str] = "shop-db-cluster"
 
     def run(self, view: StackView, *, duration_s: float) -> FaultRecord:
         standby = view.standby()

@@ -1,5 +1,9 @@
 """poison-cache: wrong prices written into Redis under the shop's own keys and TTL, as a bad
-deploy or a stray script would. Recovered when no shop serves a price the database denies."""
+deploy or a stray script would. The products poisoned are ones the game day's load never
+orders (`reserved_products`): an order invalidates its product's entry, and would wash the
+poison out before anyone looked. So the control plane's `cache_truth` probe is what finds
+them, and its flush policy what drops them. Recovered when no shop serves a price the
+database denies."""
 
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ from shop.cache import KEY_PREFIX
 from shop.config import ShopSettings
 
 POISONED_PRICE_CENTS = 1
+POISONED = frozenset(range(1, 21))  # the catalog's first products (seeded from id 1)
 
 
 class PoisonCache(BaseFault):
     kind: ClassVar[str] = "poison-cache"
     expected_actions: ClassVar[frozenset[str]] = frozenset({"cache_flush"})
-    products: int = 20
+    reserved_products: ClassVar[frozenset[int]] = POISONED
 
     def __init__(self) -> None:
         self.poisoned: list[int] = []
@@ -30,11 +35,14 @@ class PoisonCache(BaseFault):
         client = redis.Redis.from_url(view.redis_url, socket_timeout=2)
         ttl_s = ShopSettings.model_fields["redis_cache_ttl_s"].default
         started = Stamp.now()
-        for product_id in range(1, self.products + 1):
-            product = requests.get(f"{shop}/products/{product_id}", timeout=5).json()
-            product["price_cents"] = POISONED_PRICE_CENTS
-            client.set(KEY_PREFIX + str(product_id), json.dumps(product), ex=ttl_s)
-            self.poisoned.append(product_id)
+        try:
+            for product_id in sorted(self.reserved_products):
+                product = requests.get(f"{shop}/products/{product_id}", timeout=5).json()
+                product["price_cents"] = POISONED_PRICE_CENTS
+                client.set(KEY_PREFIX + str(product_id), json.dumps(product), ex=ttl_s)
+                self.poisoned.append(product_id)
+        finally:
+            client.close()
         ended = Stamp.now()
         return record(self.kind, "redis", started, ended, products=self.poisoned, ttl_s=ttl_s)
 

@@ -72,6 +72,10 @@ class StarveCpu(BaseFault):
             period_ms=round(PERIOD_S * 1000),
         )
 
+    def targets(self, record: FaultRecord) -> frozenset[str]:
+        """None: it heals by itself, and nothing of the control plane's is to act."""
+        return frozenset()
+
 
 def _processes(view: StackView, components: tuple[str, ...]) -> set[Proc]:
     return set().union(*(processes_of(view, name) for name in components))

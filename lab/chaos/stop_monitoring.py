@@ -39,6 +39,10 @@ class StopMonitoring(BaseFault):
             shop_killed_after_s=round(killed_at.mono - started.mono, 3),
         )
 
+    def targets(self, record: FaultRecord) -> frozenset[str]:
+        """The monitoring and the shop that died meanwhile: each the control plane's to start."""
+        return frozenset({self.component, str(record.details["shop_killed"])})
+
     def is_recovered(self, view: StackView) -> bool:
         return LabExecutor(view.stack_file).is_running(self.component)
 
