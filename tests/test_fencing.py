@@ -264,6 +264,13 @@ def test_a_server_the_executor_starts_is_not_in_the_starters_process_tree(tmp_pa
     # host, a chaos fault) must not take the Redis or PostgreSQL it restarted with it.
     pid = spawn_detached(["sleep", "30"], log_path=tmp_path / "sleep.log")
     try:
+        # The launcher returns once it has forked the server, which calls setsid() a moment
+        # later (on a busy machine, a moment that a look can fall into).
+        wait_until(
+            lambda: process_table()[pid].session == pid,
+            timeout_s=10,
+            what="the server in a session of its own",
+        )
         table = process_table()
         assert pid in table and table[pid].ppid != os.getpid()
         assert pid not in {p.pid for p in descendants([os.getpid()], table)}
