@@ -55,7 +55,7 @@ def test_a_game_day_that_cannot_heal_fails_each_trial_at_its_deadline_and_stops(
     assert stuck["stack"]["pg_nodes"][standby]["answers_as"] == "standby"
     assert any(i["target"] == shop for i in stuck["open_incidents"]), stuck
     opened = [r["body"] for r in notifications(unhealed_stack.layout.data_dir)]
-    assert any(b["event"] == "open" and b.get("target") == shop for b in opened), opened
+    assert any(b.get("event") == "open" and b.get("target") == shop for b in opened), opened
     # ... then the clean-up starts it, and the day goes on: a failure all the same.
     assert killed["healed_by"] == "clean-up" and killed["cleaned_up"] == [shop]
 

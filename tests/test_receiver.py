@@ -83,7 +83,7 @@ def test_an_incident_the_control_plane_opens_is_told_to_the_lab_receiver(stack: 
             r["body"]
             for r in notifications(stack.layout.data_dir)
             if r["path"] == CONTROLPLANE_PATH
-            and r["body"]["event"] == event
+            and r["body"].get("event") == event
             and name in str(r["body"])
         ]
 
