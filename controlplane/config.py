@@ -21,10 +21,13 @@ Mode = Literal["auto", "approval", "dry_run"]
 # request through the API (never an incident).
 Source = Literal["probe", "alert", "operator"]
 # What a policy's limits (cooldown_s, max_runs per window_s) do once reached. They are there
-# to stop ping-pong between healthy nodes and a restart loop that hides a deeper fault, not to
-# keep a service down: "notify" (the default) acts all the same and tells a human at once;
-# "hold" waits for a human, who is told at once.
+# to stop ping-pong between healthy nodes and a restart or flush loop that hides a deeper
+# fault (or that a flapping alert drives), not to keep a service down: "hold" waits for a
+# human, who is told at once; "notify" acts all the same and says so. The default is
+# "notify" for the actions that are the only way back to a writable, redundant cluster
+# (NEVER_HELD), "hold" for every other.
 OverLimit = Literal["notify", "hold"]
+NEVER_HELD = frozenset({"failover", "rejoin"})
 # The keys the control plane itself sets on what a policy matches. An alert's labels never
 # stand in for them (decide() drops them from an alert before matching), and a policy may
 # match only those its source can carry.
@@ -109,10 +112,22 @@ class PolicySpec(Frozen):
     # retry_backoff_s, doubled each try up to retry_backoff_max_s, while the incident is open.
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=15.0, gt=0)
-    over_limit: OverLimit = "notify"
+    over_limit: OverLimit = "hold"  # "notify" by default for NEVER_HELD (see below)
     # A critical incident with no successful run of this policy's action this long after it
     # was detected: a human is told, through every channel (giving up is loud).
     escalate_after_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def limit_by_action(cls, values: Any) -> Any:
+        """A failover's or a rejoin's limit notifies unless the policy says hold."""
+        if (
+            isinstance(values, dict)
+            and "over_limit" not in values
+            and values.get("action") in NEVER_HELD
+        ):
+            return {**values, "over_limit": "notify"}
+        return values
 
     @model_validator(mode="after")
     def matches_what_its_source_carries(self) -> PolicySpec:

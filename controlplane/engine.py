@@ -184,8 +184,12 @@ class ActionEngine:
                 if run is None or run.id in self.in_flight:
                     continue
                 # An action that may start over is tried again for its incident, after the
-                # backoff; any other (a failover, a restore) is a human's to look at.
-                again = run.incident_id is not None and may_start_over(run.action)
+                # backoff; so is any run that never began to execute (its precheck only
+                # looked: nothing is half done). Any other (a failover, a restore that began
+                # to act) is a human's to look at.
+                again = run.incident_id is not None and (
+                    may_start_over(run.action) or not run.attempts
+                )
                 if not store.change_run_state(
                     s,
                     run.id,
@@ -236,7 +240,9 @@ class ActionEngine:
             if escalated:
                 self.metrics.escalations.inc()
                 self.notifier.notify(
-                    "escalation", f"action run {run_id} abandoned", {"run": run_id}
+                    "escalation",
+                    f"action run {run_id} abandoned mid-way: a human must check",
+                    {"run": run_id},
                 )
         return [run_id for run_id, _ in abandoned]
 

@@ -19,9 +19,11 @@ Rules (Nagios and Alertmanager conventions):
   runs for other incidents (a retry of one incident is not ping-pong); once reached they
   either hold the action and tell a human at once (`over_limit = "hold"`), or let it run
   (`"notify"`, the default: a limit must not keep a service down), saying so in its reason;
-- giving up is loud: a critical incident whose policy's action has not succeeded
-  `escalate_after_s` after it was detected is escalated (once), with one line saying how long
-  and what was tried;
+- giving up is loud: an incident whose policy's action has not succeeded `escalate_after_s`
+  after it began (a probe's first failure, or the opening of an alert's incident: an alert's
+  own start time comes from outside) is escalated (once), with one line saying how long and
+  what was tried, whatever its severity (a lost standby is a warning, and still the control
+  plane's to mend);
 - who may make it act: a probe incident meets only `source = "probe"` policies, an alert
   incident only `source = "alert"` ones, matched on the alert's labels without the keys the
   control plane sets itself (`probe`, `kind`, `target`, `source`, `request`); an alert policy
@@ -42,6 +44,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 
 from controlplane.config import CONTROL_KEYS, PolicySpec
+from controlplane.logsafe import printable
 from probes.base import Health
 
 
@@ -83,6 +86,14 @@ class IncidentView:
     summary: str = ""
     detected_at: datetime | None = None
     escalated_at: datetime | None = None  # a human was told; told once
+    opened_at: datetime | None = None  # on the control plane's own clock
+
+
+def lasting_since(incident: IncidentView) -> datetime | None:
+    """Since when an incident counts as lasting, on a clock the control plane trusts: a
+    probe's first failure, or when an alert's incident opened (an alert's `startsAt` comes
+    from outside: a sender could backdate it to be escalated at once)."""
+    return incident.detected_at if incident.source == "probe" else incident.opened_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +358,7 @@ def escalation_line(
     """One line for a human: how long it lasts and what was tried (the health API, the
     dashboard's banner and the notification say it the same way)."""
     lasting = f" for {max(0, (now - detected_at).total_seconds()):.0f} s" if detected_at else ""
+    summary = printable(summary, limit=200)  # text from outside (an alert's): one safe line
     if not runs:
         return f"{summary}{lasting}; {action} not tried"
     tried = f"{action} tried {len(runs)} time{'s' if len(runs) != 1 else ''}"
@@ -358,18 +370,17 @@ def escalation_line(
 def _overdue(
     snapshot: Snapshot, now: datetime, incident: IncidentView, candidate: Candidate
 ) -> Escalate | None:
-    """A critical incident that its policy's action has not mended in `escalate_after_s`."""
-    if incident.escalated_at is not None or incident.recovered_at is not None:
-        return None
-    if incident.severity != "critical" or incident.detected_at is None:
+    """An incident that its policy's action has not mended in `escalate_after_s`."""
+    since = lasting_since(incident)
+    if incident.escalated_at is not None or incident.recovered_at is not None or since is None:
         return None
     policy = policy_for(snapshot, candidate)
-    if policy is None or now - incident.detected_at < timedelta(seconds=policy.escalate_after_s):
+    if policy is None or now - since < timedelta(seconds=policy.escalate_after_s):
         return None
     runs = runs_for(snapshot, incident.id, policy.action)
     if any(r.succeeded for r in runs):
         return None
-    line = escalation_line(incident.summary, incident.detected_at, now, policy.action, runs)
+    line = escalation_line(incident.summary, since, now, policy.action, runs)
     return Escalate(incident.id, f"no recovery after {policy.escalate_after_s:g} s: {line}")
 
 

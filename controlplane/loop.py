@@ -171,6 +171,7 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple
                 summary=i.summary,
                 detected_at=i.detected_at,
                 escalated_at=i.escalated_at,
+                opened_at=i.opened_at,
             )
             for i in incidents
         ],

@@ -300,6 +300,19 @@ class ActionRequestIn(BaseModel):
     params: dict[Name, Any] = Field(default_factory=dict, max_length=20)
 
 
+def next_try(s: Any, incident_id: int | None, action: str) -> int:
+    """An operator's run for an incident is its next try (an escalated incident's policy
+    tried and gave up: the operator takes over). A try in flight, or one that succeeded,
+    is a conflict: never two at once, never one after a success."""
+    if incident_id is None:
+        return 1
+    tried = [r for r in store.runs_of_incidents(s, [incident_id]) if r.action == action]
+    busy = (ActionState.PENDING, ActionState.RUNNING, ActionState.AWAITING_APPROVAL)
+    if any(r.state in (*busy, ActionState.SUCCEEDED) for r in tried):
+        raise Conflict(f"{action} was already requested for incident {incident_id}")
+    return max((r.try_number for r in tried), default=0) + 1
+
+
 def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
     """An operator's request: a pending run for the loop to start (202 with its id). Its
     params are only those the action lets an operator supply; the rest is the policy's."""
@@ -331,6 +344,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
                 # Never an action on what is over (as an approval): and the run would hold
                 # that incident's slot for its action, and date a restore's point by it.
                 raise Conflict(f"incident {incident.id} is {incident.state}: no action on it")
+        try_number = next_try(s, body.incident_id, body.action)
         run = store.create_action_run(
             s,
             incident_id=body.incident_id,
@@ -342,6 +356,7 @@ def request_action(cp: ControlPlane, body: ActionRequestIn, who: str) -> int:
             reason=body.reason,
             params={"policy": policy.name, "params": supplied},
             created_at=now,
+            try_number=try_number,
         )
         if run is None:
             raise Conflict(f"{body.action} was already requested for incident {body.incident_id}")

@@ -378,15 +378,22 @@ def audit_log(cp: ControlPlane, limit: int = 200) -> list[dict[str, Any]]:
         ]  # fmt: skip
 
 
+MAX_ESCALATIONS_SHOWN = 20  # the banner and the health API: the oldest, then a count
+
+
 def escalations(cp: ControlPlane, now: datetime | None = None) -> list[dict[str, Any]]:
     """The open incidents a human was told about (healing held, unsafe, or not done in
-    time), each in one line: how long, what was tried, and how the last try ended."""
+    time), each in one line: how long, what was tried, and how the last try ended. At most
+    MAX_ESCALATIONS_SHOWN, the oldest first, then one line counting the rest (a flood of
+    alerts must not make a page or a health answer megabytes long)."""
     now = now or datetime.now(UTC)
     with store.read(cp.factory) as s:
-        escalated = store.escalated_incidents(s)
+        escalated = sorted(store.escalated_incidents(s), key=lambda i: i.opened_at)
+        more = escalated[MAX_ESCALATIONS_SHOWN:]
+        escalated = escalated[:MAX_ESCALATIONS_SHOWN]
         runs = [run_view(r) for r in store.runs_of_incidents(s, [i.id for i in escalated])]
     found = []
-    for incident in sorted(escalated, key=lambda i: i.detected_at):
+    for incident in escalated:
         policy = cp.settings.policy(incident.policy) if incident.policy else None
         mine = sorted(
             (r for r in runs if r.incident_id == incident.id),
@@ -400,7 +407,23 @@ def escalations(cp: ControlPlane, now: datetime | None = None) -> list[dict[str,
                 "target": incident.target,
                 "severity": incident.severity,
                 "escalated_at": iso(incident.escalated_at),
-                "line": escalation_line(incident.summary, incident.detected_at, now, action, mine),
+                "line": escalation_line(
+                    incident.summary,
+                    incident.detected_at if incident.source == "probe" else incident.opened_at,
+                    now,
+                    action,
+                    mine,
+                ),
+            }
+        )
+    if more:
+        found.append(
+            {
+                "incident": more[0].id,
+                "target": "…",
+                "severity": "",
+                "escalated_at": iso(more[0].escalated_at),
+                "line": f"and {len(more)} more escalated incident(s): see Incidents",
             }
         )
     return found

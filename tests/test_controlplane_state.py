@@ -102,6 +102,7 @@ def test_a_run_left_running_by_a_dead_control_plane_is_abandoned_not_run_again(
             created_at=now,
             started_at=now,
             owner="cp-dead",
+            attempts=1,  # it had begun to execute: half done, for a failover
         )
         assert run is not None
         run_id, incident_id = run.id, incident.id

@@ -25,6 +25,7 @@ from controlplane.incidents import (
     change_share,
     decide,
     describe,
+    escalation_line,
     retry_delay_s,
 )
 from probes.base import Health
@@ -34,6 +35,7 @@ U, D, G = Health.UP, Health.DOWN, Health.DEGRADED
 RESTART = PolicySpec(name="restart-shop", source="probe", match={"kind": "shop-0-ready"},
                      action="restart", cooldown_s=60, max_runs=2, window_s=600)  # fmt: skip
 RESTART_HOLD = RESTART.model_copy(update={"over_limit": "hold"})
+RESTART_NOTIFY = RESTART.model_copy(update={"over_limit": "notify"})
 FLUSH = PolicySpec(name="flush", source="alert", match={"alertname": "CacheStale"},
                    action="cache_flush", target="cache")  # fmt: skip
 
@@ -106,8 +108,8 @@ TABLE = [
               runs=[RunView(7, "restart", "shop-0", NOW - timedelta(minutes=5), succeeded=True),
                     RunView(7, "restart", "shop-0", NOW - timedelta(minutes=1), retry=True,
                             try_number=2, finished_at=NOW - timedelta(minutes=1))]), []),
-    ("the same action on the same target within its cooldown runs all the same by default",
-     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+    ("within its cooldown a policy whose limit notifies runs all the same",
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART_NOTIFY],
               runs=[RunView(6, "restart", "shop-0", NOW - timedelta(seconds=30))]),
      ["RequestAction"]),
     ("within its cooldown a policy whose limit holds is held, and a human told at once",
@@ -128,7 +130,7 @@ TABLE = [
                     RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]),
      ["Hold", "Escalate"]),
     ("at max runs in the window, a limit that notifies acts all the same",
-     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART],
+     Snapshot(probes=[probe(D, D, D, D)], incidents=[incident()], policies=[RESTART_NOTIFY],
               runs=[RunView(5, "restart", "shop-0", NOW - timedelta(seconds=300)),
                     RunView(6, "restart", "shop-0", NOW - timedelta(seconds=120))]),
      ["RequestAction"]),
@@ -519,13 +521,35 @@ def test_a_critical_incident_not_mended_within_escalate_after_s_is_escalated_onc
         (critical(20), []),  # not yet
         (critical(47, recovered_at=NOW), []),  # mended
         (critical(47), [RunView(7, "restart", "shop-0", NOW, succeeded=True)]),
-        (replace(critical(47), severity="warning"), []),  # only critical ones
     ],
-    ids=["within its time", "recovered", "its action succeeded", "a warning"],
+    ids=["within its time", "recovered", "its action succeeded"],
 )
-def test_no_escalation_for_an_incident_in_time_mended_or_not_critical(
+def test_no_escalation_for_an_incident_in_time_or_mended(
     incident_: IncidentView, runs: list[RunView]
 ) -> None:
     snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[incident_],
                         policies=[ESCALATING], runs=runs)  # fmt: skip
     assert not [d for d in decide(snapshot, NOW) if isinstance(d, Escalate)]
+
+
+def test_a_warning_its_policy_has_not_mended_in_time_is_escalated_too() -> None:
+    # A lost standby is a warning (the probe says DEGRADED), and still the rejoin's to mend.
+    snapshot = Snapshot(probes=[probe(D, D, D, D)], incidents=[replace(critical(47),
+                        severity="warning")], policies=[ESCALATING])  # fmt: skip
+    assert [d for d in decide(snapshot, NOW) if isinstance(d, Escalate)]
+
+
+def test_a_limit_holds_by_default_except_for_the_way_back_to_a_writable_cluster() -> None:
+    assert RESTART.over_limit == "hold"
+    assert FLUSH.over_limit == "hold"
+    failover = PolicySpec(name="f", source="probe", match={"probe": "p"}, action="failover")
+    rejoin = PolicySpec(name="r", source="probe", match={"probe": "p"}, action="rejoin")
+    assert failover.over_limit == rejoin.over_limit == "notify"
+    held = PolicySpec(name="f", source="probe", match={"probe": "p"}, action="failover",
+                      over_limit="hold")  # fmt: skip
+    assert held.over_limit == "hold"  # said by the policy: kept
+
+
+def test_an_escalation_line_is_one_safe_line_whatever_the_summary() -> None:
+    line = escalation_line("a\nb\u202ec" + "x" * 1000, NOW, NOW, "failover", [])
+    assert "\n" not in line and "\u202e" not in line and len(line) < 300

@@ -222,12 +222,19 @@ def test_an_unsafe_failover_is_escalated_at_once_never_retried_and_left_to_an_op
 
     # The operator decides: commits were synchronous after all (checked by hand), and asks.
     executor.set_fact(pg_ops.SYNCHRONOUS, True)
+    # The operator takes over the escalated incident: the request is its next try.
     response = api.post(
         "/actions",
-        {"action": "failover", "target": "shop-db-cluster", "reason": "checked: synchronous"},
+        {
+            "action": "failover",
+            "target": "shop-db-cluster",
+            "reason": "checked: synchronous",
+            "incident_id": incident_id,
+        },
     )
     assert response.status_code == 202, response.text
     run_id = response.json()["id"]
+    assert api.get(f"/actions/{run_id}")["try_number"] == 2
     wait_until(
         lambda: api.get(f"/actions/{run_id}")["state"] == "succeeded",
         timeout_s=60,
