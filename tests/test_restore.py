@@ -504,7 +504,10 @@ def test_a_full_restore_whose_recovery_fails_puts_the_old_data_directory_back(
     assert taken.is_set(), json.dumps(run, indent=1)[-3000:]
     assert run["state"] == "failed", json.dumps(run, indent=1)[-3000:]
     error = run["output"]["error"]
-    assert "full restore failed" in error and "stopped during recovery" in error, error
+    # The failing recovery is seen either as the server stopping during it, or as the session
+    # that waited on it closed under it (which comes first is the machine's timing).
+    assert "full restore failed" in error, error
+    assert "stopped during recovery" in error or "server closed the connection" in error, error
     assert f"the pre-restore data directory of {name} is back" in error, error
     attempts = [a for a in run["audit"] if a["verb"].startswith("execute")]
     assert len(attempts) == 1 and attempts[0]["data"]["permanent"] is True, attempts  # escalated
