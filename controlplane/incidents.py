@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
+from typing import Protocol
 
 from controlplane.config import CONTROL_KEYS, PolicySpec
 from controlplane.logsafe import printable
@@ -89,7 +90,18 @@ class IncidentView:
     opened_at: datetime | None = None  # on the control plane's own clock
 
 
-def lasting_since(incident: IncidentView) -> datetime | None:
+class Lasting(Protocol):
+    """What `lasting_since` reads: an IncidentView, or the stored incident itself."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def detected_at(self) -> datetime | None: ...
+    @property
+    def opened_at(self) -> datetime | None: ...
+
+
+def lasting_since(incident: Lasting) -> datetime | None:
     """Since when an incident counts as lasting, on a clock the control plane trusts: a
     probe's first failure, or when an alert's incident opened (an alert's `startsAt` comes
     from outside: a sender could backdate it to be escalated at once)."""

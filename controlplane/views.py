@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from controlplane import store
-from controlplane.incidents import escalation_line
+from controlplane.incidents import escalation_line, lasting_since
 from controlplane.loop import run_view
 from controlplane.models import ActionRun, ActionState, Alert, AuditEntry, Incident
 from probes.base import Health
@@ -409,7 +409,7 @@ def escalations(cp: ControlPlane, now: datetime | None = None) -> list[dict[str,
                 "escalated_at": iso(incident.escalated_at),
                 "line": escalation_line(
                     incident.summary,
-                    incident.detected_at if incident.source == "probe" else incident.opened_at,
+                    lasting_since(incident),
                     now,
                     action,
                     mine,
