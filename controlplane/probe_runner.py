@@ -72,12 +72,12 @@ def crashed(exc: BaseException) -> ProbeResult:
 
 
 def gave_up(spec: ProbeSpec, probe: Probe, how: str, latency_ms: float = 0.0) -> ProbeResult:
-    """A run past its timeout: what the probe itself reports for a target it cannot reach.
-    DOWN for most kinds; UNKNOWN for one that judges data through another service (the
-    invariants behind a hung node: that is no damage, and no reason to propose a restore)."""
-    return ProbeResult(
-        probe.unreachable, f"no answer within {spec.timeout_s:g} s ({how})", latency_ms
-    )
+    """A run past its timeout: what the probe itself says of it (`Probe.overran`). DOWN for
+    most kinds; UNKNOWN for one that judges data through another service (the invariants
+    behind a hung node: that is no damage, and no reason to propose a restore); within its
+    grace for the primary probe (a busy machine is no reason to fail over sooner)."""
+    said = probe.overran(f"no answer within {spec.timeout_s:g} s ({how})")
+    return ProbeResult(said.health, said.summary, latency_ms, said.details)
 
 
 class Recorder:

@@ -70,6 +70,12 @@ class Probe(ABC):
         what it reports is the run's to say. The default watches nothing."""
         return
 
+    def overran(self, summary: str) -> ProbeResult:
+        """What a run the runner gave up on (past `timeout_s`: a hung target, or a machine too
+        busy to finish the look) reports. `unreachable` by default; a kind with a grace
+        (pg_primary) counts the overrun as silence within it, never as more."""
+        return ProbeResult(self.unreachable, summary)
+
     def run(self) -> ProbeResult:
         started = time.perf_counter()
         result = self.check()

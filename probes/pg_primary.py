@@ -71,6 +71,31 @@ class PgPrimaryProbe(Probe):
             self._checked_from = max(self._checked_from, asked_at)
         return result
 
+    def overran(self, summary: str) -> ProbeResult:
+        """A run given up on (a busy machine, or the leader hung mid-look) is the leader's
+        silence since its last answer, like a run that found it unanswered: UP within the
+        grace, DOWN after it. Never a failover sooner because the look itself was slow."""
+        p: PgPrimaryParams = self.params  # type: ignore[assignment]
+        with self._lock:
+            last = self._last_leader
+            if last is None or self._answered_at is None:
+                return ProbeResult(self.unreachable, summary)
+            self._unanswered_since = self._unanswered_since or self._answered_at
+            silent_s = time.monotonic() - self._unanswered_since
+            if silent_s < p.grace_s:
+                self._watched = last  # the watcher counts the grace down and asks for a run
+                return ProbeResult(
+                    Health.UP,
+                    f"{last} unanswered for {silent_s:.1f}s (grace {p.grace_s:g}s; {summary})",
+                    details={"leader": last},
+                )
+            self._watched = None
+            return ProbeResult(
+                Health.DOWN,
+                f"no primary: {last} unanswered for {silent_s:.1f}s ({summary})",
+                details={"former_leader": last},
+            )
+
     def _check(self, asked_at: float) -> ProbeResult:
         p: PgPrimaryParams = self.params  # type: ignore[assignment]
         views = observe_all(p.nodes, self.timeout_s)
