@@ -97,7 +97,9 @@ class Goal(BaseModel):
 class GoalsFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    goal: list[Goal]
+    goal: list[Goal] = []
+    # The game days' objectives (lab/verdict.py reads and checks them).
+    gameday: dict[str, Any] = {}
 
 
 def bench_of(figure_id: str) -> str:

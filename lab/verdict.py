@@ -1,6 +1,7 @@
-"""A game day's objectives (lab/objectives.toml: defaults, then per-fault overrides), who healed
-a trial (the control plane only when a run of its own on the fault's target healed it), and
-the PASS/FAIL verdict of one fault's trials against them."""
+"""A game day's objectives (the `[gameday]` tables of bench/goals.toml, beside every
+benchmark's goals: defaults, then per-fault overrides), who healed a trial (the control plane
+only when a run of its own on the fault's target healed it), and the PASS/FAIL verdict of one
+fault's trials against them."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from lab.bench_goals import GOALS_FILE, GoalsFile
 from lab.load import percentile
 
-DEFAULT_OBJECTIVES = Path(__file__).with_name("objectives.toml")
+# Every goal lives in one file: the game days' objectives are its `[gameday]` tables. A file of
+# objectives alone (`gameday --objectives`, an experiment) may hold them at its top level.
+DEFAULT_OBJECTIVES = GOALS_FILE
 
 
 # A run's verify polls the target as the game day polls the stack: the two see one recovery a
@@ -78,7 +82,9 @@ def load_objectives(
     """{fault kind: its objectives}; the key "*" holds the defaults. With `stress` (a game day
     beside CPU hogs), the durations of the [stress] section (and [stress.faults.KIND]) apply
     where they are looser, never tighter; counts are never relaxed."""
-    data = tomllib.loads(path.read_text())
+    whole = tomllib.loads(path.read_text())
+    data = dict(whole.get("gameday", whole))
+    same_measure = data.pop("same_measure", [])
     known = {f.name for f in fields(Objectives)}
 
     def parse(table: Mapping[str, Any], base: Objectives, where: str) -> Objectives:
@@ -107,6 +113,8 @@ def load_objectives(
         if counts:
             raise ValueError(f"{path}: {where} may relax durations only, not {counts}")
         parse(table, defaults, where)  # names checked
+    goals = GoalsFile.model_validate(whole).goal if "gameday" in whole else []
+    _check_same_measures(path, found, same_measure, goals)
     if not stress:
         return found
     for kind in set(found) | set(per_fault):
@@ -116,6 +124,35 @@ def load_objectives(
             normal, **{k: max(getattr(normal, k), float(v)) for k, v in looser.items()}
         )
     return found
+
+
+def _check_same_measures(
+    path: Path,
+    objectives: Mapping[str, Objectives],
+    same_measure: Sequence[Mapping[str, Any]],
+    goals: Sequence[Any],
+) -> None:
+    """A game-day objective and a benchmark goal that bound the same measure (each
+    `[[gameday.same_measure]]`: fault, objective, figure) agree, or the entry says `why` not."""
+    bounds: dict[str, list[float]] = {}
+    for goal in goals:
+        bounds.setdefault(goal.figure, []).append(goal.bound)
+    for entry in same_measure:
+        where = f"[[gameday.same_measure]] {entry.get('fault')}.{entry.get('objective')}"
+        unknown = set(entry) - {"fault", "objective", "figure", "why"}
+        if unknown:
+            raise ValueError(f"{path}: {where}: unknown keys {sorted(unknown)}")
+        fault, objective, figure = entry["fault"], entry["objective"], entry["figure"]
+        if objective not in LIMITS:
+            raise ValueError(f"{path}: {where}: no objective {objective!r}")
+        if figure not in bounds:
+            raise ValueError(f"{path}: {where}: no benchmark goal judges {figure!r}")
+        bound = getattr(objectives_for(fault, objectives), objective)
+        if bound not in bounds[figure] and not str(entry.get("why", "")).strip():
+            raise ValueError(
+                f"{path}: {where} is {bound:g} but the benchmark's goals for {figure} are "
+                f"{', '.join(f'{b:g}' for b in bounds[figure])}: say why they differ (`why`)"
+            )
 
 
 def objectives_for(kind: str, objectives: Mapping[str, Objectives]) -> Objectives:

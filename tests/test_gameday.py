@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lab.bench_goals import GOALS_FILE
 from lab.chaos import inject
 from lab.chaos_cli import GAMEDAY_LIMITS
 from lab.gameday import DEFAULT_FAULTS, gameday
@@ -78,6 +79,35 @@ def test_the_shipped_objectives_give_a_hang_grace_plus_two_seconds() -> None:
     found = load_objectives()
     assert found["*"].outage_p99_s == 3.0 and found["*"].redundancy_s == 30.0
     assert found["hang-primary"].outage_p99_s == 7.0
+
+
+def test_game_day_objectives_live_in_the_goals_file_and_a_difference_from_a_bench_goal_says_why(
+    tmp_path: Path,
+) -> None:
+    shipped = GOALS_FILE.read_text()
+    assert "[gameday.defaults]" in shipped and "[[goal]]" in shipped
+    assert load_objectives() == load_objectives(GOALS_FILE)
+    goal = (
+        '[[goal]]\nid = "failover.p99"\nfigure = "failover.outage_p99_s"\nname = "x"\n'
+        'op = "<"\nbound = 0.8\nunit = "s"\n'
+    )
+    pair = (
+        '[[gameday.same_measure]]\nfault = "kill-primary"\nobjective = "outage_p99_s"\n'
+        'figure = "failover.outage_p99_s"\n'
+    )
+    path = tmp_path / "goals.toml"
+    path.write_text(goal + "[gameday.defaults]\noutage_p99_s = 0.8\n" + pair)
+    assert (
+        objectives_for("kill-primary", load_objectives(path)).outage_p99_s == 0.8
+    )  # the same bound
+    path.write_text(goal + "[gameday.defaults]\noutage_p99_s = 3\n" + pair)
+    with pytest.raises(ValueError, match="say why they differ"):
+        load_objectives(path)
+    path.write_text(goal + "[gameday.defaults]\noutage_p99_s = 3\n" + pair + 'why = "a reason"\n')
+    assert objectives_for("kill-primary", load_objectives(path)).outage_p99_s == 3
+    path.write_text(goal + pair.replace("failover.outage_p99_s", "failover.nothing"))
+    with pytest.raises(ValueError, match="no benchmark goal judges"):
+        load_objectives(path)
 
 
 @pytest.mark.parametrize(

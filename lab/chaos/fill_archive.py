@@ -20,7 +20,7 @@ TMPFS_SIZE = "4m"
 class FillArchive(BaseFault):
     kind: ClassVar[str] = "fill-archive"
     # Detected there (the pg_archive probe); healed by PostgreSQL's archiver once the disk has
-    # room (lab/objectives.toml: heals = "itself"): no action of the control plane's frees it.
+    # room (bench/goals.toml: heals = "itself"): no action of the control plane's frees it.
     target: ClassVar[str] = "shop-db-archive"
     default_duration_s: ClassVar[float] = 15.0
 
