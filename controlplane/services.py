@@ -25,7 +25,6 @@ from controlplane import timeseries as timeseries  # re-exported for web: the ch
 from controlplane import views as views  # re-exported for web: what the dashboard reads
 from controlplane.accounts import Principal as Principal
 from controlplane.backups import catalog_rows
-from controlplane.config import Settings
 from controlplane.errors import Conflict, InvalidRequest, NotFound
 from controlplane.logsafe import printable
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
@@ -485,7 +484,3 @@ def validation_errors(errors: Sequence[Mapping[str, Any]], prefix: str = "") -> 
         return printable(loc, limit=200) or "body"
 
     return "; ".join(f"{where(e)}: {e['msg']}" for e in errors[:10])
-
-
-def start_control_plane(settings: Settings) -> ControlPlane:
-    return ControlPlane(settings).start()

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -22,9 +21,7 @@ from remediation import pg_ops, pitr
 from remediation.base import ActionContext, ActionError, Outcome
 from remediation.executors.base import ExecutorError
 from remediation.in_doubt import InDoubt
-
-if TYPE_CHECKING:
-    from remediation.restore import Proof, RestoreParams
+from remediation.restore_model import Proof, RestoreParams
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def cp(tmp_path: Path) -> Iterator[ControlPlane]:
 
 @pytest.fixture
 def app(cp: ControlPlane) -> Flask:
-    return create_app(cp.settings, control_plane=cp)
+    return create_app(control_plane=cp)
 
 
 def csrf_of(client: FlaskClient, path: str = "/login") -> str:
@@ -552,7 +552,7 @@ def cluster_cp(tmp_path: Path) -> Iterator[ControlPlane]:
 
 
 def test_start_a_backup_requests_a_backup_run_through_the_engine(cluster_cp: ControlPlane) -> None:
-    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    app = create_app(control_plane=cluster_cp)
     otto = logged_in(app, "otto")
     page = otto.get("/dashboard/backups")
     assert "Start a backup" in page.text
@@ -567,7 +567,7 @@ def test_start_a_backup_requests_a_backup_run_through_the_engine(cluster_cp: Con
 
 
 def test_a_viewer_gets_no_backup_button_and_is_refused(cluster_cp: ControlPlane) -> None:
-    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    app = create_app(control_plane=cluster_cp)
     vera = logged_in(app, "vera")
     assert "Start a backup" not in vera.get("/dashboard/backups").text
     token = csrf_of(vera, "/dashboard/")
@@ -580,7 +580,7 @@ def test_no_backup_button_without_an_operator_backup_policy(app: Flask) -> None:
 
 
 def test_the_request_form_offers_the_switchover_candidates(cluster_cp: ControlPlane) -> None:
-    app = create_app(cluster_cp.settings, control_plane=cluster_cp)
+    app = create_app(control_plane=cluster_cp)
     otto = logged_in(app, "otto")
     page = otto.get("/dashboard/actions").text
     assert 'name="candidate"' in page

@@ -174,7 +174,7 @@ def app(tmp_path: Path, gamedays: Path) -> Iterator[Flask]:
 def create_app_for(plane: ControlPlane) -> Flask:
     from web import create_app
 
-    return create_app(plane.settings, control_plane=plane)
+    return create_app(control_plane=plane)
 
 
 def figures_of(page: str) -> list[dict[str, Any]]:

@@ -129,7 +129,7 @@ def pg_app(stack: Stack) -> Iterator[tuple[Flask, ControlPlane]]:
     )  # fmt: skip
     plane = ControlPlane(settings, executor=NoExecutor())
     try:
-        yield create_app(settings, control_plane=plane), plane
+        yield create_app(control_plane=plane), plane
     finally:
         plane.stop()
         with stack.connect("pg0") as conn:
@@ -297,7 +297,7 @@ def two_services(tmp_path: Any) -> Iterator[tuple[Flask, ControlPlane]]:
         ],
     )  # fmt: skip
     plane = ControlPlane(settings, executor=NoExecutor())
-    yield create_app(settings, control_plane=plane), plane
+    yield create_app(control_plane=plane), plane
     plane.stop()
 
 

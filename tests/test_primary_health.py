@@ -41,7 +41,7 @@ def cp(tmp_path: Path) -> Iterator[ControlPlane]:
 
 @pytest.fixture
 def app(cp: ControlPlane) -> Flask:
-    return create_app(cp.settings, control_plane=cp)
+    return create_app(control_plane=cp)
 
 
 def seen(cp: ControlPlane, health: Health, summary: str, details: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     )
     plane = ControlPlane(settings, executor=NoExecutor())
     accounts.add_user(plane.factory, "vera", "viewer", PASSWORD, utcnow())
-    yield create_app(settings, control_plane=plane)
+    yield create_app(control_plane=plane)
     plane.stop()
 
 

@@ -1,4 +1,5 @@
-"""The control plane's web layer: `create_app(settings=None, control_plane=None)`."""
+"""The control plane's web layer: `create_app(control_plane)` for the one a caller started
+(`controlplane serve` does, web/server.py); building the app starts nothing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
 from controlplane import services
-from controlplane.config import Settings
 from controlplane.errors import ControlPlaneError
 from web.body import MAX_BODY_BYTES, IdConverter
 
@@ -31,9 +31,21 @@ def visible(value: Any) -> Any:
     return value
 
 
-def create_app(
-    settings: Settings | None = None, control_plane: services.ControlPlane | None = None
-) -> Flask:
+def api_app() -> Flask:
+    """The JSON API's views on an app of their own, with no control plane behind them: what
+    the OpenAPI document describes outside a request (tests, `schemathesis`)."""
+    from web.alerts import alerts
+    from web.api import api
+
+    app = Flask(__name__)
+    app.url_map.converters["id"] = IdConverter
+    app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(alerts, url_prefix="/api/v1")
+    return app
+
+
+def create_app(*, control_plane: services.ControlPlane) -> Flask:
+    """The web app of a control plane the caller started (and stops)."""
     from flask_limiter.errors import RateLimitExceeded
 
     from web import login
@@ -46,8 +58,6 @@ def create_app(
     app.jinja_env.finalize = visible
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # 413 beyond it, before it is read
     app.url_map.converters["id"] = IdConverter
-    if control_plane is None:
-        control_plane = services.start_control_plane(settings or Settings.load())
     app.extensions["control_plane"] = control_plane
     app.register_blueprint(health)
     app.register_blueprint(api, url_prefix="/api/v1")

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from spectree import Response as Documented
 from spectree import SecurityScheme, SpecTree
@@ -255,10 +255,10 @@ def parameter_of_id(param: dict[str, Any]) -> None:
     param.pop("description", None)
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI document of the app serving the request (or, outside one, of an app with
-    the API's blueprints alone: the same views)."""
-    app = current_app._get_current_object() if has_app_context() else bare_app()  # type: ignore[attr-defined]
+def document(app: Flask | None = None) -> dict[str, Any]:
+    """The OpenAPI document of `app` (default: the app serving the request; `web.api_app()`
+    outside one, the API's views alone)."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     with app.app_context():
         doc: dict[str, Any] = copy.deepcopy(spec.spec)
         optional = {
@@ -275,16 +275,3 @@ def document() -> dict[str, Any]:
             if (path, method) in optional and "requestBody" in op:
                 op["requestBody"]["required"] = False
     return doc
-
-
-def bare_app() -> Flask:
-    """The API's views on an app of their own, for the document outside a request."""
-    from web.alerts import alerts
-    from web.api import api
-    from web.body import IdConverter
-
-    app = Flask(__name__)
-    app.url_map.converters["id"] = IdConverter
-    app.register_blueprint(api, url_prefix="/api/v1")
-    app.register_blueprint(alerts, url_prefix="/api/v1")
-    return app

@@ -61,7 +61,7 @@ class Server(BaseApplication):  # type: ignore[misc]
 
         # A WebControlPlane has what `services` reads of a ControlPlane (duck-typed).
         web = cast(ControlPlane, WebControlPlane(self.settings, self.core))
-        app = create_app(self.settings, control_plane=web)
+        app = create_app(control_plane=web)
         app.config[SHARED_INTAKE] = self.intake
         return app
 
