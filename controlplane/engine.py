@@ -26,6 +26,7 @@ from tenacity import (
 
 from controlplane import store
 from controlplane.config import PolicySpec, Settings
+from controlplane.facts import StoreFacts
 from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, Incident
 from controlplane.notify import Notifier
@@ -301,6 +302,13 @@ class ActionEngine:
             labels=dict(service.labels) if service else {},
             last_good_at=last_good_at,
             cancel=self.cancels.get(run_id),
+            facts=StoreFacts(
+                self.factory,
+                run.target,
+                by=f"run {run_id} ({run.action})",
+                run_id=run_id,
+                clock=self.clock,
+            ),
         )
         try:
             self.on_starting(run.action, run.target)

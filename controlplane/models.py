@@ -233,6 +233,28 @@ class Lease(Base):
     until: Mapped[datetime]
 
 
+class ClusterFacts(Base):
+    """What a safe action on a database cluster depends on, kept as Patroni keeps `/sync`,
+    `/leader` and `/history` in its DCS: whether every acknowledged commit is on a standby
+    (`synchronous`; None: unknown, so no failover may promote), who leads, each node's role,
+    the timeline history and the last primary known good (writable, synchronous). One row per
+    cluster (the actions' target), changed only by compare-and-set on `version`
+    (`store.change_facts`), never through an executor."""
+
+    __tablename__ = "cluster_facts"
+
+    cluster: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[int]
+    synchronous: Mapped[bool | None]
+    leader: Mapped[str | None] = mapped_column(String(100))
+    roles: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # [{"timeline": n, "leader": name, "at": iso time, "why": text}, ...], oldest first
+    history: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    last_good_primary: Mapped[str | None] = mapped_column(String(100))
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
 class Backup(Base):
     """The backup catalog: a backup counts as verified only after a passing restore drill."""
 

@@ -24,14 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from apscheduler.events import EVENT_SCHEDULER_SHUTDOWN, EVENT_SCHEDULER_STARTED, SchedulerEvent
 from prometheus_client import Gauge
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from controlplane import store
+from controlplane import facts, store
 from controlplane.config import ProbeSpec
 from controlplane.metrics import Metrics
 from probes.base import Health, Probe, ProbeResult
@@ -95,6 +96,30 @@ class Recorder:
         self.metrics = metrics
         self.wake = wake
         self.last_health = last_health
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    def _learn_facts(self, run: FinishedRun) -> None:
+        """A run that looked at a cluster's leader (its details' `facts`: pg_primary) tells
+        the cluster facts whether its commits wait for a standby (controlplane/facts.py
+        `observe`: only from a look no action could have raced)."""
+        seen = run.result.details.get("facts")
+        if run.result.health is not Health.UP or not isinstance(seen, dict):
+            return
+        leader, synchronous = seen.get("leader"), seen.get("synchronous")
+        if not isinstance(leader, str) or not isinstance(synchronous, bool):
+            return  # None: commits wait for a standby not there: nothing new
+        try:
+            facts.observe(
+                self.factory,
+                run.spec.service,
+                looked_from=run.at - timedelta(milliseconds=run.result.latency_ms),
+                leader=leader,
+                synchronous=synchronous,
+                by=f"probe {run.spec.name}",
+                now=self.clock(),
+            )
+        except OperationalError as exc:  # the next look tells it again
+            logger.warning("cluster facts of %s not recorded: %s", run.spec.service, exc)
 
     def record(self, runs: Sequence[FinishedRun]) -> None:
         if not runs:
@@ -133,6 +158,7 @@ class Recorder:
             if self.last_health.get(spec.name) is not result.health:
                 self.last_health[spec.name] = result.health
                 changed = True
+            self._learn_facts(r)
         if changed:
             self.wake()
 

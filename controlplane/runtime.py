@@ -101,15 +101,6 @@ class NoExecutor:
     ) -> None:
         raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
-    def fact(self, key: str) -> Any:
-        return None
-
-    def set_fact(self, key: str, value: Any) -> None:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def set_role(self, component: str, role: str) -> None:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
 
 def build_probes(settings: Settings) -> dict[str, Probe]:
     probes = {}
@@ -188,6 +179,7 @@ class ControlPlane:
         self.recorder = Recorder(
             self.factory, self.metrics, self.loop_thread.wake, self.last_health
         )
+        self.recorder.clock = self.clock
         self.started = False
 
     def _after_run(self, action: str, data: Mapping[str, Any]) -> None:

@@ -56,6 +56,7 @@ from controlplane.models import (
     Alert,
     AuditEntry,
     Backup,
+    ClusterFacts,
     Incident,
     IncidentState,
     Lease,
@@ -778,3 +779,60 @@ def backup_by_label(session: Session, label: str) -> Backup | None:
 
 def delete_backup(session: Session, label: str) -> None:
     session.execute(delete(Backup).where(Backup.label == label))
+
+
+# -- cluster facts: changed by compare-and-set only ------------------------------------------
+FACT_FIELDS = frozenset({"synchronous", "leader", "roles", "history", "last_good_primary"})
+
+
+def cluster_facts(session: Session, cluster: str) -> ClusterFacts | None:
+    return session.get(ClusterFacts, cluster)
+
+
+def change_facts(
+    session: Session,
+    cluster: str,
+    *,
+    version: int,
+    changes: Mapping[str, Any],
+    by: str,
+    now: datetime,
+) -> int | None:
+    """Write `changes` if the cluster's facts are still at `version` (0: none recorded yet);
+    returns the new version, or None when someone changed them first (nothing written)."""
+    unknown = set(changes) - FACT_FIELDS
+    if unknown:
+        raise ValueError(f"no such cluster facts: {sorted(unknown)}")
+    values = {**changes, "updated_at": now, "updated_by": by[:200]}
+    if version == 0:
+        try:
+            with session.begin_nested():
+                unset = {f: None for f in ("synchronous", "leader", "last_good_primary")}
+                fresh = {**unset, "roles": {}, "history": [], **values}
+                session.add(ClusterFacts(cluster=cluster, version=1, **fresh))
+        except IntegrityError:
+            return None
+        return 1
+    done = session.execute(
+        update(ClusterFacts)
+        .where(ClusterFacts.cluster == cluster, ClusterFacts.version == version)
+        .values(version=version + 1, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return version + 1 if done.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+def untouched_since(session: Session, target: str, since: datetime) -> bool:
+    """No run on `target` has been running at any moment since `since` (one running now, or
+    one that finished after it, might have changed what a look begun then saw)."""
+    busy = session.execute(
+        select(ActionRun.id)
+        .where(
+            ActionRun.target == target,
+            ActionRun.started_at.is_not(None),
+            (ActionRun.finished_at.is_(None)) | (ActionRun.finished_at >= since),
+            ActionRun.state.not_in([ActionState.SKIPPED, ActionState.DRY_RUN]),
+        )
+        .limit(1)
+    ).first()
+    return busy is None

@@ -17,6 +17,7 @@ import click
 from lab.backup_cli import backup, list_backups, restore
 from lab.chaos_cli import chaos, gameday_command, load
 from lab.errors import LabError
+from lab.facts_cli import facts_command
 from lab.layout import StackLayout
 from lab.load import run_order_load
 from lab.options import base_port_option, data_dir_option
@@ -164,6 +165,7 @@ main.add_command(chaos)
 main.add_command(load)
 main.add_command(gameday_command)
 main.add_command(user)
+main.add_command(facts_command)
 
 
 @main.command()

@@ -12,12 +12,41 @@ from typing import Any
 import psycopg
 import requests
 from psycopg.conninfo import make_conninfo
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
+from controlplane import facts, store
 from lab.errors import LabError
 from lab.layout import notifications_file
 from remediation.executors.processes import runs_program
 
 CONNECT_TIMEOUT_S = 2
+CLUSTER = "shop-db-cluster"  # the lab's cluster target (lab/targets.py)
+_STATE_STORES: dict[Path, sessionmaker[Session]] = {}  # a stack's control plane's, opened once
+
+
+def cluster_facts(data_dir: Path) -> dict[str, Any] | None:
+    """What the stack's control plane knows of its cluster (its state store's facts), or None
+    when it has none (no control plane in this stack, or it never started)."""
+    path = data_dir / "controlplane" / "state.db"
+    if not path.exists():
+        return None
+    factory = _STATE_STORES.get(path)
+    if factory is None:
+        factory = _STATE_STORES[path] = store.session_factory(
+            store.make_engine(f"sqlite:///{path}")
+        )
+    try:
+        found = facts.read(factory, CLUSTER)
+    except SQLAlchemyError:  # not migrated yet, or being written: not known now
+        return {}
+    return {
+        "version": found.version,
+        "synchronous": found.synchronous,
+        "leader": found.leader,
+        "roles": dict(found.roles),
+        "last_good_primary": found.last_good_primary,
+    }
 
 
 class NotALabStackError(LabError):
@@ -127,7 +156,7 @@ class StackView:
 
     def is_redundant(self) -> bool:
         """One primary, the other node streams its timeline synchronously, and the control
-        plane's fact says commits are synchronous again."""
+        plane's facts (its state store) say commits are synchronous again."""
         lead = self.leader()
         other = self.standby()
         if lead is None or other is None:
@@ -143,7 +172,10 @@ class StackView:
                 ).fetchone()
         except psycopg.Error:
             return False
-        return bool(row and row[0]) and self.description()["facts"].get("synchronous") is True
+        if not (row and row[0]):
+            return False
+        known = cluster_facts(self.data_dir)  # no control plane: PostgreSQL's word alone
+        return known is None or known.get("synchronous") is True
 
     def prepared_count(self) -> int:
         lead = self.leader()
@@ -208,7 +240,7 @@ class StackView:
             "leader": self.leader(),
             "redundant": self.is_redundant(),
             "shops_ready": {url: self.is_shop_ready(url) for url in self.shop_urls()},
-            "facts": description.get("facts", {}),
+            "facts": cluster_facts(self.data_dir),
         }
 
     def open_incidents(self) -> list[dict[str, Any]] | str:

@@ -421,8 +421,6 @@ class Stack:
                 "wal_archive": str(self.layout.wal_archive),
                 "databases": list(pg.DATABASES),
             },
-            # Kept by the control plane's actions from here on (Patroni's /sync key).
-            "facts": {"synchronous": True},
             "shop": {
                 "orders_url": self.shop_url("orders"),
                 "inventory_url": self.shop_url("inventory"),

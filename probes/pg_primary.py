@@ -107,10 +107,20 @@ class PgPrimaryProbe(Probe):
                 self._answered_at = time.monotonic()
                 others = [v.name for v in views if v.state is NodeState.PRIMARY and v != leader]
                 extra = f"; {', '.join(others)} writable on an older timeline" if others else ""
+                # Whether its commits wait for a standby streaming now (True), are local
+                # (False), or wait for one that is not there (None: no commit is
+                # acknowledged meanwhile, so nothing new). The cluster facts learn it here.
+                synchronous = (
+                    (True if leader.sync_standbys else None) if leader.sync_names else False
+                )
                 return ProbeResult(
                     Health.UP,
                     f"{leader.name} leads (timeline {leader.timeline}){extra}",
-                    details={"leader": leader.name, "nodes": details},
+                    details={
+                        "leader": leader.name,
+                        "nodes": details,
+                        "facts": {"leader": leader.name, "synchronous": synchronous},
+                    },
                 )
             writable = [v.name for v in views if v.state is NodeState.PRIMARY]
             if len(writable) > 1:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from remediation.executors.base import Cancel, Executor
+from remediation.facts import FactsKeeper, NoFacts
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
@@ -91,6 +92,8 @@ class ActionContext:
     # Set when the run must stand aside (an action in `yields_to` waits for its target):
     # long steps pass it to the executor's tools, which are killed at once.
     cancel: Cancel | None = None
+    # The target cluster's facts (synchronous, leader, roles...), in the state store.
+    facts: FactsKeeper = field(default_factory=NoFacts)
 
 
 def operator_params(

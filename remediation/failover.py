@@ -22,9 +22,10 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgcluster.nodes import NodeState, NodeView, leader_of
-from remediation import pg_ops
+from remediation import facts, pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 from remediation.executors.base import ExecutorError
+from remediation.facts import FactsConflict
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Failover(Action):
         standbys = [v for v in views if v.state is NodeState.STANDBY]
         if not standbys:
             return Check.not_now("no standby answers: nothing to promote yet")
-        synchronous = ctx.executor.fact(pg_ops.SYNCHRONOUS)
+        synchronous = ctx.facts.read().synchronous
         if p.require_synchronous and synchronous is not True:
             return Check.never(
                 "commits were not known synchronous when the primary failed: promoting "
@@ -129,6 +130,11 @@ class Failover(Action):
         if leader is not None:  # a retry after the promotion went through
             return Outcome(f"{leader.name} leads already", {"leader": leader.name})
         laps = pg_ops.Laps()
+        seen = ctx.facts.read()  # what the promotion is decided on: changed meanwhile, no go
+        if p.require_synchronous and seen.synchronous is not True:
+            raise ActionError(
+                "commits are no longer known synchronous: not promoting", permanent=True
+            )
         fenced = [v.name for v in views if v.state is not NodeState.STANDBY]
         for view in views:
             if view.state is not NodeState.STANDBY:
@@ -152,11 +158,16 @@ class Failover(Action):
             raise ActionError("no standby left to promote", permanent=True)
         new = standbys[0]
         laps.lap(f"fenced {', '.join(fenced)}")
-        ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)  # alone now: commits are local
+        try:  # alone now: commits are local (compare-and-set on what was decided on)
+            seen = ctx.facts.change(seen, synchronous=False)
+        except FactsConflict as exc:
+            raise ActionError(
+                f"the cluster's facts changed meanwhile: not promoting ({exc})"
+            ) from exc
         pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s, laps)
-        ctx.executor.set_role(new.name, "primary")
-        for name in fenced:
-            ctx.executor.set_role(name, "standby")  # to be rejoined as one
+        timeline = pg_ops.views({new.name: p.nodes[new.name]}, p.observe_timeout_s)[0].timeline
+        # The others are to be rejoined as standbys.
+        facts.promoted(ctx.facts, seen, new.name, fenced, timeline, "failover")
         promoted = str(laps)
         if not p.rejoin:
             return Outcome(
@@ -185,12 +196,12 @@ class Failover(Action):
                     ctx.executor, name, leader, p.nodes, timeout_s=p.rejoin_timeout_s
                 )
                 steps.append(f"{name} rejoined ({how})")
-            pg_ops.restore_sync(ctx.executor, leader_name, p.nodes[leader_name], p.rejoin_timeout_s)
+            pg_ops.restore_sync(ctx.facts, leader_name, p.nodes[leader_name], p.rejoin_timeout_s)
         except (ActionError, psycopg.Error) as exc:
             logger.warning("rejoin after the failover to %s failed: %s", leader_name, exc)
             try:  # a synchronous setting whose standby never came would hold every commit
-                pg_ops.degrade_to_async(ctx.executor, p.nodes[leader_name])
-            except (ActionError, psycopg.Error, ExecutorError) as again:
+                pg_ops.degrade_to_async(ctx.facts, p.nodes[leader_name])
+            except (ActionError, psycopg.Error, ExecutorError, FactsConflict) as again:
                 logger.warning("%s not made asynchronous again: %s", leader_name, again)
             steps.append(f"commits asynchronous, rejoin left to the rejoin policy: {exc}")
             return steps, False

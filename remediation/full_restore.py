@@ -17,7 +17,7 @@ import psycopg
 
 from pgcluster import invariants
 from pgcluster.nodes import leader_of
-from remediation import pg_ops, pitr
+from remediation import facts, pg_ops, pitr
 from remediation.base import ActionContext, ActionError, Outcome
 from remediation.executors.base import ExecutorError
 from remediation.in_doubt import InDoubt
@@ -56,7 +56,6 @@ def put_back(ctx: ActionContext, p: RestoreParams, target: str, data_dir: Path, 
     shutil.rmtree(data_dir, ignore_errors=True)
     os.rename(aside, data_dir)
     ctx.executor.restart(target)
-    ctx.executor.set_role(target, "primary")
     for name in p.nodes:
         if name != target:
             ctx.executor.restart(name)
@@ -65,7 +64,7 @@ def put_back(ctx: ActionContext, p: RestoreParams, target: str, data_dir: Path, 
         p.restore_timeout_s,
         f"{target} writable again",
     )
-    pg_ops.restore_sync(ctx.executor, target, p.nodes[target], p.restore_timeout_s)
+    pg_ops.restore_sync(ctx.facts, target, p.nodes[target], p.restore_timeout_s)
     return f"the pre-restore data directory of {target} is back"
 
 
@@ -78,7 +77,7 @@ def run(
 ) -> Outcome:
     point, timings = proof.point, {}
     started = time.monotonic()
-    ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)
+    facts.not_synchronous(ctx.facts)
     stop_all(ctx, list(p.nodes))
     data_dir = Path(ctx.executor.data_dir(target))
     aside = data_dir.with_name(f"{data_dir.name}.before-restore")
@@ -89,10 +88,12 @@ def run(
             ctx.executor, target, data_dir, point.backup, Path(p.archive_dir), point.target
         )
         ctx.executor.restart(target)
-        ctx.executor.set_role(target, "primary")
         pitr.wait_promoted(
             p.nodes[target], p.restore_timeout_s, alive=lambda: ctx.executor.is_running(target)
         )
+        timeline = pg_ops.views({target: p.nodes[target]})[0].timeline
+        others = [n for n in p.nodes if n != target]
+        facts.promoted(ctx.facts, ctx.facts.read(), target, others, timeline, "full restore")
         pitr.reset_recovery_settings(p.nodes[target])
         params = {
             "orders_dsn": pitr.dsn_with(p.nodes[target], dbname=p.orders_db),
@@ -128,7 +129,7 @@ def run(
         if name != target
     ]
     if rebuilt:
-        pg_ops.restore_sync(ctx.executor, target, p.nodes[target], p.restore_timeout_s)
+        pg_ops.restore_sync(ctx.facts, target, p.nodes[target], p.restore_timeout_s)
     flushed = flush(ctx, p)
     timings["total_s"] = pitr.elapsed_since(started)
     loss = proof.loss

@@ -18,10 +18,10 @@ import psycopg
 from pgcluster.nodes import NodeState, NodeView, follows, observe, observe_all
 from remediation.base import ActionError
 from remediation.executors.base import Executor, ExecutorError
+from remediation.facts import FactsKeeper, not_synchronous, synchronous_again
 
 logger = logging.getLogger(__name__)
 
-SYNCHRONOUS = "synchronous"
 ANY_STANDBY = "*"  # FIRST 1 of any standby: whichever node is the standby counts
 REWOUND_OR_CLEAN = ("shut down", "shut down in recovery")
 CRASHED_STANDBY = "in archive recovery"  # single-user mode cannot run a standby
@@ -69,12 +69,15 @@ def set_sync_names(dsn: str, names: str) -> None:
         conn.execute("SELECT pg_reload_conf()")
 
 
-def degrade_to_async(executor: Executor, dsn: str) -> None:
-    executor.set_fact(SYNCHRONOUS, False)  # first: from here on a commit may be local only
+def degrade_to_async(facts: FactsKeeper, dsn: str) -> None:
+    not_synchronous(facts)  # first: from here on a commit may be local only
     set_sync_names(dsn, "")
 
 
-def restore_sync(executor: Executor, leader: str, dsn: str, timeout_s: float) -> None:
+def restore_sync(facts: FactsKeeper | None, leader: str, dsn: str, timeout_s: float) -> None:
+    """Synchronous commits on `leader` again, proven by a commit that waited for its standby;
+    then recorded in `facts` (None: by hand, nobody records it, as bench/failover.py's
+    limit does)."""
     set_sync_names(dsn, ANY_STANDBY)
 
     def synchronous() -> bool:
@@ -83,7 +86,8 @@ def restore_sync(executor: Executor, leader: str, dsn: str, timeout_s: float) ->
 
     wait_for(synchronous, timeout_s, f"a synchronous standby of {leader}")
     commit_a_write(dsn)  # this commit waited for the standby: all before it is there too
-    executor.set_fact(SYNCHRONOUS, True)
+    if facts is not None:
+        synchronous_again(facts, leader)
 
 
 def commit_a_write(dsn: str, timeout_s: float = 5) -> None:
@@ -243,7 +247,6 @@ def _rejoin(
         )
         laps.lap(f"base backup (pg_rewind failed: {str(exc)[-200:]})")
     executor.restart(node)
-    executor.set_role(node, "standby")
     laps.lap("started")
     wait_streaming(executor, node, streaming, timeout_s, f"{node} streaming from {leader.name}")
     laps.lap("streaming")

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgcluster.nodes import NodeState, NodeView, follows, leader_of
-from remediation import pg_ops
+from remediation import facts, pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
@@ -81,7 +81,7 @@ class Rejoin(Action):
         steps: list[str] = []
         leader_dsn = p.nodes[leader.name]
         if not leader.sync_standbys and leader.sync_names:
-            pg_ops.degrade_to_async(ctx.executor, leader_dsn)
+            pg_ops.degrade_to_async(ctx.facts, leader_dsn)
             steps.append(f"{leader.name} degraded to asynchronous commits")
         for view in views:
             if view == leader or follows(view, leader):
@@ -99,8 +99,9 @@ class Rejoin(Action):
                 timeout_s=p.rejoin_timeout_s,
                 rebuild=p.rebuild,
             )
+            facts.role_is(ctx.facts, view.name, "standby")
             steps.append(f"{view.name} rejoined ({how})")
-        pg_ops.restore_sync(ctx.executor, leader.name, leader_dsn, p.rejoin_timeout_s)
+        pg_ops.restore_sync(ctx.facts, leader.name, leader_dsn, p.rejoin_timeout_s)
         steps.append(f"{leader.name} synchronous again")
         return Outcome("; ".join(steps), {"leader": leader.name, "steps": steps})
 
@@ -125,6 +126,6 @@ class Rejoin(Action):
             return Check(False, "no leader")
         if not leader.sync_standbys:
             return Check(False, f"{leader.name} has no synchronous standby yet")
-        if ctx.executor.fact(pg_ops.SYNCHRONOUS) is not True:
+        if ctx.facts.read().synchronous is not True:
             return Check(False, "synchronous commits not confirmed yet")
         return Check(True, f"{', '.join(leader.sync_standbys)} streams synchronously")

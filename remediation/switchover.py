@@ -12,7 +12,7 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pgcluster.nodes import NodeState, leader_of
-from remediation import pg_ops
+from remediation import facts, pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
 
@@ -106,17 +106,16 @@ class Switchover(Action):
         except (ActionError, psycopg.Error) as exc:
             ctx.executor.restart(leader.name)  # back as it was: nothing was promoted
             raise ActionError(f"switchover abandoned, {leader.name} restarted: {exc}") from exc
-        ctx.executor.set_fact(pg_ops.SYNCHRONOUS, False)
+        seen = facts.not_synchronous(ctx.facts)
         pg_ops.promote(new, p.nodes[new.name], p.promote_timeout_s)
-        ctx.executor.set_role(new.name, "primary")
-        ctx.executor.set_role(leader.name, "standby")
         promoted = next(v for v in pg_ops.views(p.nodes) if v.name == new.name)
         if promoted.state is not NodeState.PRIMARY:
             raise ActionError(f"{new.name} did not become writable")
+        facts.promoted(ctx.facts, seen, new.name, [leader.name], promoted.timeline, "switchover")
         how = pg_ops.rejoin(
             ctx.executor, leader.name, promoted, p.nodes, timeout_s=p.rejoin_timeout_s
         )
-        pg_ops.restore_sync(ctx.executor, new.name, p.nodes[new.name], p.rejoin_timeout_s)
+        pg_ops.restore_sync(ctx.facts, new.name, p.nodes[new.name], p.rejoin_timeout_s)
         return Outcome(
             f"{new.name} leads; {leader.name} rejoined as its synchronous standby ({how})",
             {"leader": new.name, "standby": leader.name},

@@ -77,7 +77,7 @@ def test_failover_declines_each_kind(stack: Stack) -> None:
     twice = {"a": nodes[lead], "b": nodes[lead]}
     assert precheck("failover", {**base, "nodes": twice}).decline is Decline.NEVER
     # No leader, a standby that could be promoted, and no fact that commits were synchronous
-    # (NoExecutor knows no facts): promoting could lose acknowledged orders.
+    # (NoFacts: none known): promoting could lose acknowledged orders.
     unknown = {"gone": dead_dsn(), standby: nodes[standby]}
     found = precheck("failover", {**base, "nodes": unknown})
     assert found.decline is Decline.NEVER and "synchronous" in found.reason

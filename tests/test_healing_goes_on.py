@@ -5,6 +5,9 @@ and never tried blindly, and an operator then decides."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -13,10 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from controlplane import store
+from controlplane.facts import StoreFacts
 from lab.chaos import inject
+from lab.cli import main
 from lab.layout import find_free_base_port
-from lab.observe import notifications
+from lab.observe import cluster_facts, notifications
 from lab.process import wait_until
 from lab.stack import Stack
 from remediation import pg_ops
@@ -52,6 +59,11 @@ def api(lab: Stack) -> Api:
 
 def failovers_since(api: Api, since: datetime) -> list[dict[str, Any]]:
     return [r for r in runs_of(api, "failover") if datetime.fromisoformat(r["created_at"]) >= since]
+
+
+def state_store(stack: Stack) -> Any:
+    path = stack.layout.data_dir / "controlplane" / "state.db"
+    return store.session_factory(store.make_engine(f"sqlite:///{path}"))
 
 
 def other(node: str) -> str:
@@ -183,9 +195,15 @@ def test_an_unsafe_failover_is_escalated_at_once_never_retried_and_left_to_an_op
 ) -> None:
     old = wait_redundant(lab)
     standby = other(old)
-    executor = LabExecutor(lab.layout.stack_file)
-    # Commits not known synchronous at the failure: promoting could lose acknowledged orders.
-    executor.set_fact(pg_ops.SYNCHRONOUS, False)
+    # Commits made asynchronous on the leader (an operator's own change): the control plane's
+    # facts learn it from its primary probe's look. Then the leader dies: promoting could
+    # lose acknowledged orders.
+    pg_ops.set_sync_names(lab.dsn(old), "")
+    wait_until(
+        lambda: (cluster_facts(lab.layout.data_dir) or {}).get("synchronous") is False,
+        timeout_s=20,
+        what="the facts saying commits are not synchronous",
+    )
     killed_at = datetime.now(UTC)
     inject("kill-primary", lab.layout.data_dir)
 
@@ -220,8 +238,15 @@ def test_an_unsafe_failover_is_escalated_at_once_never_retried_and_left_to_an_op
     assert len(tries) == 1 and not tries[0]["retry"]
     assert leader(lab) is None  # nothing promoted behind the operator's back
 
-    # The operator decides: commits were synchronous after all (checked by hand), and asks.
-    executor.set_fact(pg_ops.SYNCHRONOUS, True)
+    # The operator decides: the standby had every acknowledged commit after all (checked by
+    # hand), says so (audited), and asks.
+    said = CliRunner().invoke(
+        main,
+        ["facts", "shop-db-cluster", "--data-dir", str(lab.layout.data_dir),
+         "--synchronous", "yes", "--reason", "checked: the standby had the old primary's WAL"],
+    )  # fmt: skip
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.output)["synchronous"] is True
     # The operator takes over the escalated incident: the request is its next try.
     response = api.post(
         "/actions",
@@ -258,6 +283,7 @@ def test_a_failover_precheck_looks_again_so_a_standby_slow_for_a_moment_is_not_g
         params=params,
         executor=LabExecutor(lab.layout.stack_file),
         is_healthy=lambda: Check(False, "down"),
+        facts=StoreFacts(state_store(lab), "shop-db-cluster", by="test"),
     )
     found: list[Check] = []
     looking = threading.Thread(target=lambda: found.append(Failover().precheck(ctx)))
@@ -304,4 +330,46 @@ def test_an_operators_backup_in_flight_stands_aside_for_a_failover_and_leaves_no
             if not (p / "controlplane-backup.json").exists()
         ]
         assert half_made == [] and list(lab.layout.scratch.glob("*")) == []
+    wait_redundant(lab, timeout_s=120)
+
+
+def test_a_failover_with_the_stack_file_gone_is_refused_with_its_reason_never_made_unsafe(
+    lab: Stack, api: Api
+) -> None:
+    # What makes a failover safe lives in the state store, not in the lab's stack.json: with
+    # that file gone, the failover still knows commits were synchronous, and it cannot fence
+    # the old primary through the lab's executor, so it promotes nothing and says why.
+    old = wait_redundant(lab)
+    stack_file = lab.layout.stack_file
+    saved = stack_file.read_text()
+    postmaster = json.loads(saved)["components"][old]["pid"]
+    killed_at = datetime.now(UTC)
+    stack_file.unlink()
+    try:
+        os.kill(postmaster, signal.SIGKILL)
+
+        def refused() -> list[dict[str, Any]]:
+            return [
+                r
+                for r in failovers_since(api, killed_at)
+                if r["state"] in ("failed", "skipped") and "no stack described" in str(r)
+            ]
+
+        wait_until(lambda: bool(refused()), timeout_s=60, what="the failover refused")
+        assert leader(lab) is None  # nothing promoted without its fence
+        assert not any(r["state"] == "succeeded" for r in failovers_since(api, killed_at))
+        known = cluster_facts(lab.layout.data_dir) or {}
+        assert known.get("synchronous") is True, known  # the fact outlived the file
+    finally:
+        stack_file.write_text(saved)
+    # With the file back, an operator's request on the incident (its run was escalated, or
+    # another incident's try got there first) heals.
+    incident_id = refused()[0]["incident_id"]
+    response = api.post(
+        "/actions",
+        {"action": "failover", "target": "shop-db-cluster", "reason": "stack file restored",
+         "incident_id": incident_id},
+    )  # fmt: skip
+    assert response.status_code in (202, 409), response.text
+    wait_until(lambda: leader(lab) == other(old), timeout_s=90, what="the failover, at last")
     wait_redundant(lab, timeout_s=120)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
+from lab.observe import StackView, cluster_facts
 from lab.process import wait_until
 from lab.stack import Stack
 from shop.models import Order
@@ -49,9 +50,10 @@ def alertmanager(stack: Stack) -> str:
     return url
 
 
-def roles(stack: Stack) -> dict[str, str]:
-    components = json.loads(stack.layout.stack_file.read_text())["components"]
-    return {name: components[name]["role"] for name in ("pg0", "pg1")}
+def roles(stack: Stack) -> tuple[str | None, Any]:
+    """Who leads, as the nodes answer and as the control plane's facts say."""
+    known = cluster_facts(stack.layout.data_dir) or {}
+    return StackView.of(stack.layout.data_dir).leader(), known.get("leader")
 
 
 def runs_since(api: Api, since: datetime, action: str) -> list[dict[str, Any]]:

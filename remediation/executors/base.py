@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class ExecutorError(Exception):
@@ -126,11 +126,3 @@ class Executor(Protocol):
         while it is stopped) with a copy of `source_dir` and then `files` (name -> text), all
         owned by the component's OS user."""
         ...
-
-    def fact(self, key: str) -> Any:
-        """A fact the actions keep about the cluster (e.g. whether commits are synchronous)."""
-        ...
-
-    def set_fact(self, key: str, value: Any) -> None: ...
-
-    def set_role(self, component: str, role: str) -> None: ...

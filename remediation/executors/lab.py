@@ -67,8 +67,15 @@ class LabExecutor:
                 json.dump(description, fh, indent=2)
             os.replace(tmp, self.stack_file)
 
+    def _description(self) -> dict[str, Any]:
+        try:
+            description: dict[str, Any] = json.loads(self.stack_file.read_text())
+        except FileNotFoundError:
+            raise ExecutorError(f"no stack described at {self.stack_file}") from None
+        return description
+
     def _component(self, component: str) -> dict[str, Any]:
-        description = json.loads(self.stack_file.read_text())
+        description = self._description()
         try:
             comp: dict[str, Any] = description["components"][component]
         except KeyError:
@@ -81,7 +88,7 @@ class LabExecutor:
             description["components"][component]["pid"] = pid
 
     def components(self) -> list[str]:
-        return sorted(json.loads(self.stack_file.read_text())["components"])
+        return sorted(self._description()["components"])
 
     def is_running(self, component: str) -> bool:
         return self._adopt(component) is not None
@@ -194,7 +201,7 @@ class LabExecutor:
         timeout_s: float = 300,
         cancel: Cancel | None = None,
     ) -> str:
-        description = json.loads(self.stack_file.read_text())
+        description = self._description()
         comp = self._component(component)
         bin_dir = description.get("postgres", {}).get("bin_dir")
         if not bin_dir or "/" in tool:
@@ -311,17 +318,6 @@ class LabExecutor:
         for name, text in (files or {}).items():
             (dest / name).write_text(text)
             os.chown(dest / name, owner.st_uid, owner.st_gid)
-
-    def fact(self, key: str) -> Any:
-        return json.loads(self.stack_file.read_text()).get("facts", {}).get(key)
-
-    def set_fact(self, key: str, value: Any) -> None:
-        with self._locked() as description:
-            description.setdefault("facts", {})[key] = value
-
-    def set_role(self, component: str, role: str) -> None:
-        with self._locked() as description:
-            description["components"][component]["role"] = role
 
 
 def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
