@@ -46,6 +46,7 @@ from typing import Protocol
 
 from controlplane.config import CONTROL_KEYS, PolicySpec
 from controlplane.logsafe import printable
+from controlplane.sources import AlertStatus, Source, of_alert, of_probe, source_of
 from probes.base import Health
 
 
@@ -105,7 +106,7 @@ def lasting_since(incident: Lasting) -> datetime | None:
     """Since when an incident counts as lasting, on a clock the control plane trusts: a
     probe's first failure, or when an alert's incident opened (an alert's `startsAt` comes
     from outside: a sender could backdate it to be escalated at once)."""
-    return incident.detected_at if incident.source == "probe" else incident.opened_at
+    return incident.detected_at if incident.source == Source.PROBE else incident.opened_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,7 @@ def match_subject(source: str, kind: str, target: str, labels: Mapping[str, str]
     """What a policy of `source` is matched against. A probe's labels are the control plane's
     own (its service's configured labels, `probe`, `service`); an alert's come from outside,
     so the keys the control plane sets are dropped from them and set from what it knows."""
-    if source == "alert":
+    if source == Source.ALERT:
         outside = {k: v for k, v in labels.items() if k not in CONTROL_KEYS}
         return {**outside, "alertname": kind, "kind": kind, "target": target}
     return incident_labels(kind, target, labels)
@@ -248,7 +249,9 @@ def match_subject(source: str, kind: str, target: str, labels: Mapping[str, str]
 def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     decisions: list[Decision] = []
     open_by_fp = {i.fingerprint: i for i in snapshot.incidents}
-    firing_alerts = {f"alert:{a.fingerprint}" for a in snapshot.alerts if a.status == "firing"}
+    firing_alerts = {
+        of_alert(a.fingerprint) for a in snapshot.alerts if a.status == AlertStatus.FIRING
+    }
     resolving: set[str] = set()
     flapping: dict[str, bool] = {fp: i.flapping for fp, i in open_by_fp.items()}
     candidates: dict[str, Candidate] = {
@@ -256,7 +259,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     }
 
     for probe in snapshot.probes:
-        fp = f"probe:{probe.probe}"
+        fp = of_probe(probe.probe)
         incident = open_by_fp.get(fp)
         recent = known(probe.recent)
         failing = trailing(recent, failing=True)
@@ -283,7 +286,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                     Open(
                         fingerprint=fp,
                         kind=probe.probe,
-                        source="probe",
+                        source=Source.PROBE,
                         target=probe.service,
                         severity="critical" if worst is Health.DOWN else "warning",
                         summary=f"{probe.probe}: {probe.summary}",
@@ -304,15 +307,15 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
             resolving.add(fp)
 
     for alert in snapshot.alerts:
-        fp = f"alert:{alert.fingerprint}"
+        fp = of_alert(alert.fingerprint)
         incident = open_by_fp.get(fp)
-        if alert.status == "firing" and incident is None:
+        if alert.status == AlertStatus.FIRING and incident is None:
             alert_labels = dict(alert.labels)
             decisions.append(
                 Open(
                     fingerprint=fp,
                     kind=alert.alertname,
-                    source="alert",
+                    source=Source.ALERT,
                     target=alert.service,
                     severity=alert_labels.get("severity", "warning"),
                     summary=alert.summary,
@@ -321,7 +324,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
                 )
             )
             candidates[fp] = ("alert", alert.alertname, alert.service, alert_labels)
-        elif alert.status == "resolved" and incident is not None:
+        elif alert.status == AlertStatus.RESOLVED and incident is not None:
             decisions.append(Resolve(incident.id, "Alertmanager resolved the alert"))
             resolving.add(fp)
 
@@ -331,7 +334,7 @@ def decide(snapshot: Snapshot, now: datetime) -> list[Decision]:
     for fp, (source, kind, target, labels) in ordered:
         if fp in resolving:
             continue
-        if fp.startswith("alert:") and fp not in firing_alerts:
+        if source_of(fp) is Source.ALERT and fp not in firing_alerts:
             continue  # never act on an alert that is not firing now
         incident = open_by_fp.get(fp)
         flaps = flapping.get(fp)
@@ -397,11 +400,6 @@ def _overdue(
 
 
 Candidate = tuple[str, str, str, Mapping[str, str]]  # source, kind, target, labels
-
-
-def source_of(fingerprint: str) -> str:
-    """An incident's source, from its fingerprint: `probe:<name>` or `alert:<fingerprint>`."""
-    return "probe" if fingerprint.startswith("probe:") else "alert"
 
 
 def policy_for(snapshot: Snapshot, candidate: Candidate) -> PolicySpec | None:

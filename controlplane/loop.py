@@ -45,6 +45,7 @@ from controlplane.logsafe import printable
 from controlplane.metrics import Metrics
 from controlplane.models import UNMATCHED, ActionRun, ActionState, Alert
 from controlplane.notify import Notifier
+from controlplane.sources import AlertStatus, alert_of, of_alert
 from probes.base import Health
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ def build_snapshot(session: Session, settings: Settings, now: datetime) -> tuple
     to_open = store.alerts_to_open(session, ALERT_BATCH)
     to_close = store.alerts_to_close(session, now - RECENT_ALERTS, ALERT_BATCH)
     rows = {a.fingerprint: a for a in [*to_open, *to_close]}
-    incidents, more = store.incidents_to_plan(session, [f"alert:{fp}" for fp in rows], ALERT_BATCH)
-    planned = [i.fingerprint.removeprefix("alert:") for i in incidents if i.source == "alert"]
+    incidents, more = store.incidents_to_plan(session, [of_alert(fp) for fp in rows], ALERT_BATCH)
+    planned = [fp for i in incidents if (fp := alert_of(i.fingerprint)) is not None]
     rows.update(
         {
             a.fingerprint: a
@@ -453,9 +454,9 @@ class Loop:
         incident_id = by_fp.get(d.fingerprint)
         if incident_id is None:
             return  # not opened (yet): planned again next cycle
-        if d.fingerprint.startswith("alert:"):
-            alert = s.get(Alert, d.fingerprint.removeprefix("alert:"))
-            if alert is None or alert.status != "firing":
+        if (fingerprint := alert_of(d.fingerprint)) is not None:
+            alert = s.get(Alert, fingerprint)
+            if alert is None or alert.status != AlertStatus.FIRING:
                 return  # never an action on a resolved alert
         state = MODE_STATE[d.mode]
         run = store.create_action_run(

@@ -64,6 +64,8 @@ from controlplane.models import (
     Silence,
     TimelineEvent,
 )
+from controlplane.sources import ALERT_PREFIX, AlertStatus, Source
+from probes.base import Health
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -222,14 +224,14 @@ def last_good_before_incident(session: Session, incident_id: int | None) -> date
     if incident is None:
         return None
     # An alert on a probe's metric (cp_probe_up) carries the probe's name as a label.
-    probe = incident.kind if incident.source == "probe" else incident.labels.get("probe")
+    probe = incident.kind if incident.source == Source.PROBE else incident.labels.get("probe")
     if not probe:
         return None
     run = session.scalars(
         select(ProbeRun)
         .where(
             ProbeRun.probe == probe,
-            ProbeRun.health == "up",
+            ProbeRun.health == Health.UP,
             ProbeRun.at < incident.detected_at,
         )
         .order_by(ProbeRun.at.desc())
@@ -301,7 +303,7 @@ def _alert_upsert(dialect: str) -> Any:
 
 
 def _incident_of(alert: Any) -> Any:
-    return Incident.fingerprint == literal("alert:") + alert.fingerprint
+    return Incident.fingerprint == literal(ALERT_PREFIX) + alert.fingerprint
 
 
 def _with_open_incident() -> Any:
@@ -326,7 +328,7 @@ def alerts_to_open(session: Session, limit: int) -> list[Row[Any]]:
     """Firing alerts without an open incident (at most `limit`): what a cycle may open."""
     query = (
         select(*ALERT_COLUMNS)
-        .where(Alert.status == "firing", ~_with_open_incident())
+        .where(Alert.status == AlertStatus.FIRING, ~_with_open_incident())
         .order_by(Alert.received_at)
         .limit(limit)
     )
@@ -337,15 +339,15 @@ def alerts_to_close(session: Session, since: datetime, limit: int) -> list[Row[A
     """Alerts resolved since `since` whose incident is still open (at most `limit`). Walked
     from the open alert incidents (by the alerts' key), not from the resolved alerts: a flood
     of resolutions for alerts never opened costs nothing here."""
-    prefix = len("alert:") + 1
+    prefix = len(ALERT_PREFIX) + 1
     query = (
         select(*ALERT_COLUMNS)
         .select_from(Incident)
         .join(Alert, Alert.fingerprint == func.substr(Incident.fingerprint, prefix))
         .where(
             Incident.state == IncidentState.OPEN,
-            Incident.source == "alert",
-            Alert.status == "resolved",
+            Incident.source == Source.ALERT,
+            Alert.status == AlertStatus.RESOLVED,
             Alert.received_at >= since,
         )
         .limit(limit)
@@ -409,7 +411,7 @@ def incidents_to_plan(
     matched = session.scalars(
         select(Incident).where(
             is_open,
-            Incident.source == "alert",
+            Incident.source == Source.ALERT,
             Incident.policy.is_not(None),
             Incident.policy != UNMATCHED,
             ~acted,
@@ -419,7 +421,7 @@ def incidents_to_plan(
     unmatched = list(
         session.scalars(
             select(Incident)
-            .where(is_open, Incident.source == "alert", Incident.policy == UNMATCHED)
+            .where(is_open, Incident.source == Source.ALERT, Incident.policy == UNMATCHED)
             .limit(limit)
         )
     )

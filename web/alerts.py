@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from controlplane import services
 from controlplane.errors import InvalidRequest
+from controlplane.sources import AlertStatus
 from web.auth import control_plane, require_token
 from web.body import json_object, validated
 from web.openapi import AlertsAcceptedOut, documented
@@ -168,7 +169,7 @@ def receive() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
     body = json_object("a JSON object (Alertmanager webhook v4)")
     payload = validated(services.WebhookIn, body)
     # Firing alerts are what costs (incidents, decisions, actions); a resolution only closes.
-    firing = sum(a.status == "firing" for a in payload.alerts)
+    firing = sum(a.status == AlertStatus.FIRING for a in payload.alerts)
     wait_s = intake_limit(cp).take(request.remote_addr or "?", firing) if firing else 0.0
     if wait_s:
         cp.metrics.alerts_received.labels("refused").inc(len(payload.alerts))
