@@ -1,9 +1,10 @@
 """InDoubt: finish the shop's two-phase commits left prepared by a crash or a failover.
 
-The shop's protocol, spoken over SQL (the control plane never imports the shop): each
-prepared transaction `<txid>:<database>` is committed if the decision log (`tx_decisions` in
-the orders database) says commit; otherwise 'abort' is recorded first (the first decision
-written wins, so a slow coordinator cannot commit it later) and it is rolled back."""
+The shop's protocol, resolved by the one implementation the shop uses too (`twophase`; the
+control plane never imports the shop): each prepared transaction `<txid>:<database>` is
+committed if the decision log (`tx_decisions` in the orders database) says commit; otherwise
+'abort' is recorded first (the first decision written wins, so a slow coordinator cannot
+commit it later) and it is rolled back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,8 @@ import psycopg
 import psycopg.errors
 from pydantic import BaseModel, ConfigDict, Field
 
+import twophase
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
-
-IN_DOUBT = (
-    "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE %s"
-    " AND prepared <= now() - make_interval(secs => %s) ORDER BY prepared"
-)
 
 
 class InDoubtParams(BaseModel):
@@ -53,8 +50,7 @@ class InDoubt(Action):
         found = {}
         for name, dsn in (("inventory", p.inventory_dsn), ("orders", p.orders_dsn)):
             with self._connect(dsn, p) as conn:
-                rows = conn.execute(IN_DOUBT, (p.gid_prefix + "%", p.min_age_s)).fetchall()
-                found[name] = [r[0] for r in rows]
+                found[name] = twophase.in_doubt(conn, p.gid_prefix + "%", p.min_age_s)
         return found
 
     @classmethod
@@ -83,27 +79,9 @@ class InDoubt(Action):
                 dsn = p.orders_dsn if database == "orders" else p.inventory_dsn
                 with self._connect(dsn, p) as conn:
                     for gid in gids:
-                        txid = gid.rsplit(":", 1)[0]
-                        log.execute(
-                            "INSERT INTO tx_decisions (gid, decision, decided_by)"
-                            " VALUES (%s, 'abort', 'controlplane') ON CONFLICT (gid) DO NOTHING",
-                            (txid,),
-                        )
-                        row = log.execute(
-                            "SELECT decision FROM tx_decisions WHERE gid = %s", (txid,)
-                        ).fetchone()
-                        decision = str(row[0]) if row else "abort"
-                        conn.autocommit = False  # tpc_* on a connection outside a transaction
-                        try:
-                            if decision == "commit":
-                                conn.tpc_commit(gid)
-                            else:
-                                conn.tpc_rollback(gid)
-                        except psycopg.errors.UndefinedObject:
-                            continue  # someone (the shop restarting) finished it first
-                        finally:
-                            conn.autocommit = True
-                        decided[decision].append(gid)
+                        decision = twophase.resolve(log, conn, gid, "controlplane")
+                        if decision is not None:  # else the shop, restarting, finished it
+                            decided[decision].append(gid)
         return Outcome(
             f"committed {len(decided['commit'])}, rolled back {len(decided['abort'])}",
             decided,

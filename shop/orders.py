@@ -38,6 +38,7 @@ from tenacity import (
     wait_exponential,
 )
 
+import twophase
 from shop.db import forget_connections, is_busy, is_connection_lost, is_transient, raw_connection
 from shop.errors import Busy, IdempotencyKeyReused, OutOfStock, ProductNotFound, Unavailable
 from shop.sqlbatch import Literals, commit_prepared, load_value, results_of, run_batch
@@ -201,7 +202,10 @@ class OrderCoordinator:
         order_id = uuid.uuid4()
         # One transaction id, one prepared gid per participant (gids are unique per cluster).
         txid = f"{GID_PREFIX}{self.instance_id}:{order_id.hex}"
-        inv_gid, ord_gid = participant_gid(txid, "inventory"), participant_gid(txid, "orders")
+        inv_gid, ord_gid = (
+            twophase.participant_gid(txid, "inventory"),
+            twophase.participant_gid(txid, "orders"),
+        )
         # Listed before the PREPARE is sent: if the connection dies meanwhile, whether it took
         # is unknown, and rolling back a gid that was never prepared is harmless.
         prepared: list[tuple[Engine, str]] = []
@@ -389,41 +393,18 @@ class OrderCoordinator:
         resolutions: list[Resolution] = []
         for database, engine in (("inventory", self.inventory), ("orders", self.orders)):
             with raw_connection(engine, autocommit=True) as conn:
-                gids = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
-                        " AND gid LIKE %s AND prepared <= now() - make_interval(secs => %s)"
-                        " ORDER BY prepared",
-                        (pattern, min_age_s),
-                    )
-                ]
+                gids = twophase.in_doubt(conn, pattern, min_age_s)
             for gid in gids:
-                txid = gid.rsplit(":", 1)[0]
-                decision = self._decision_or_abort(txid, decided_by or self.instance_id)
-                with raw_connection(engine) as conn:
-                    try:
-                        if decision == "commit":
-                            conn.tpc_commit(gid)
-                        else:
-                            conn.tpc_rollback(gid)
-                    except psycopg.errors.UndefinedObject:
-                        continue  # another resolver finished it first
+                with (
+                    raw_connection(self.orders, autocommit=True) as log,
+                    raw_connection(engine) as conn,
+                ):
+                    decision = twophase.resolve(log, conn, gid, decided_by or self.instance_id)
+                if decision is None:
+                    continue  # another resolver finished it first
                 logger.warning("in-doubt %s on %s resolved: %s", gid, database, decision)
                 resolutions.append(Resolution(database, gid, decision))
         return resolutions
-
-    def _decision_or_abort(self, txid: str, decided_by: str) -> str:
-        with raw_connection(self.orders, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO tx_decisions (gid, decision, decided_by) VALUES (%s, 'abort', %s)"
-                " ON CONFLICT (gid) DO NOTHING",
-                (txid, decided_by),
-            )
-            row = conn.execute("SELECT decision FROM tx_decisions WHERE gid = %s", (txid,))
-            found = row.fetchone()
-        assert found is not None, "a decision row exists after the insert"
-        return str(found[0])
 
     def count_in_doubt(self, *, min_age_s: float) -> int:
         total = 0
@@ -436,10 +417,6 @@ class OrderCoordinator:
                 ).fetchone()
             total += int(row[0]) if row else 0
         return total
-
-
-def participant_gid(txid: str, database: str) -> str:
-    return f"{txid}:{database}"
 
 
 class _DecidedButUnfinished(Exception):
