@@ -44,12 +44,22 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ExecutorSpec(Frozen):
+    """How actions reach a service's processes: a kind of remediation/executors/registry.py
+    (`lab`, `none`) and its params."""
+
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class ServiceSpec(Frozen):
     """Something the control plane watches and may act on."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     labels: dict[str, str] = Field(default_factory=dict)
     component: str | None = None  # the executor's name for its process, if it has one
+    # Which of `executors` acts on it (None: the only one there is, if there is one).
+    executor: str | None = None
 
 
 class ProbeSpec(Frozen):
@@ -170,6 +180,8 @@ class BackupSettings(Frozen):
     orders_db: str = "orders"
     inventory_db: str = "inventory"
     drill_timeout_s: float = Field(default=600, gt=0)
+    # The cluster's service: its executor runs the backup tools (None: the only executor).
+    service: str | None = None
 
 
 class Settings(Frozen):
@@ -183,7 +195,8 @@ class Settings(Frozen):
     # Signs the dashboard's session cookies: the same in every web worker (empty: derived from
     # the tokens above, which the lab generates).
     secret_key: str = ""
-    stack_file: Path | None = None  # the lab executor's process table
+    # Named executors (`[executors.NAME]`); a service names its own (`executor`).
+    executors: dict[str, ExecutorSpec] = Field(default_factory=dict)
     # Game-day reports (JSON, one file a run) the dashboard's Game days page shows; read only.
     gamedays_dir: Path | None = None
     notify_webhook_url: str = ""
@@ -218,6 +231,11 @@ class Settings(Frozen):
         for i, probe in enumerate(self.probes):
             if probe.service not in names:
                 raise ValueError(f"probes[{i}].service: unknown service {probe.service!r}")
+        for i, service in enumerate(self.services):
+            if service.executor is not None and service.executor not in self.executors:
+                raise ValueError(f"services[{i}].executor: unknown executor {service.executor!r}")
+        if self.backups and self.backups.service and self.backups.service not in names:
+            raise ValueError(f"backups.service: unknown service {self.backups.service!r}")
         for i, policy in enumerate(self.policies):
             defer = policy.defer_while
             for key, named in (
@@ -241,6 +259,13 @@ class Settings(Frozen):
             if problem is not None:
                 raise ValueError(f"policies[{i}].{problem}")
         return self
+
+    def executor_of(self, service: str | None) -> str | None:
+        """The name of the executor that acts on `service`: its own, else the only one."""
+        spec = self.service(service) if service else None
+        if spec is not None and spec.executor is not None:
+            return spec.executor
+        return next(iter(self.executors)) if len(self.executors) == 1 else None
 
     def service(self, name: str) -> ServiceSpec | None:
         return next((s for s in self.services if s.name == name), None)
@@ -309,7 +334,13 @@ class Settings(Frozen):
             values.update(read_targets(path))
         for name in cls.model_fields:
             key = ENV_PREFIX + name.upper()
-            if key in environ and name not in ("services", "probes", "policies", "backups"):
+            if key in environ and name not in (
+                "executors",
+                "services",
+                "probes",
+                "policies",
+                "backups",
+            ):
                 values[name] = environ[key]
         values.update(overrides)
         try:
@@ -343,7 +374,7 @@ def read_targets(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"targets file {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = dict(data.pop("controlplane", {}))
-    for section in ("services", "probes", "policies", "backups"):
+    for section in ("executors", "services", "probes", "policies", "backups"):
         if section in data:
             values[section] = data.pop(section)
     if data:

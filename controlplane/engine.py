@@ -57,7 +57,7 @@ class ActionEngine:
         self,
         settings: Settings,
         factory: sessionmaker[Session],
-        executor: Executor,
+        executor_of: Callable[[str | None], Executor],
         health_of: Callable[[str], Check],
         notifier: Notifier,
         metrics: Metrics,
@@ -67,7 +67,7 @@ class ActionEngine:
     ) -> None:
         self.settings = settings
         self.factory = factory
-        self.executor = executor
+        self.executor_of = executor_of  # each target's (controlplane/executors.py)
         self.health_of = health_of
         self.notifier = notifier
         self.metrics = metrics
@@ -178,7 +178,7 @@ class ActionEngine:
 
     def _abandon(self, candidates: list[int], now: datetime) -> list[int]:
         abandoned: list[tuple[int, bool]] = []  # (run, escalated)
-        touched: set[str] = set()
+        touched: set[tuple[str, str]] = set()
         with store.transaction(self.factory) as s:
             for run_id in candidates:
                 run = s.get(ActionRun, run_id)
@@ -225,11 +225,11 @@ class ActionEngine:
                 abandoned.append((run.id, not again))
                 service = self.settings.service(run.target)
                 if service is not None and service.component:
-                    touched.add(service.component)
-        for component in sorted(touched):
+                    touched.add((service.name, service.component))
+        for name, component in sorted(touched):
             # What did the dead run leave? Asking records a process it started unrecorded.
             try:
-                running = self.executor.is_running(component)
+                running = self.executor_of(name).is_running(component)
             except ExecutorError as exc:
                 logger.warning("cannot tell whether %s runs: %s", component, exc)
                 continue
@@ -297,7 +297,7 @@ class ActionEngine:
             target=run.target,
             component=service.component if service else None,
             params=params,
-            executor=self.executor,
+            executor=self.executor_of(run.target),
             is_healthy=lambda: self.health_of(run.target),
             labels=dict(service.labels) if service else {},
             last_good_at=last_good_at,

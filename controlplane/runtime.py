@@ -15,11 +15,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from apscheduler.triggers.interval import IntervalTrigger
@@ -32,6 +31,7 @@ from controlplane.backups import Backups
 from controlplane.config import ProbeSpec, Settings
 from controlplane.engine import ActionEngine, utcnow
 from controlplane.errors import ConfigError
+from controlplane.executors import Executors
 from controlplane.loop import Loop
 from controlplane.metrics import Metrics
 from controlplane.notify import Notifier
@@ -40,8 +40,7 @@ from controlplane.scheduler import LoopThread, make_scheduler
 from probes.base import Health, Probe, ProbeConfigError, ProbeResult
 from probes.registry import build_probe
 from remediation.base import Check
-from remediation.executors.base import Cancel, Executor, ExecutorError
-from remediation.executors.lab import LabExecutor
+from remediation.executors.base import Executor
 from remediation.registry import ACTIONS
 
 logger = logging.getLogger(__name__)
@@ -50,56 +49,6 @@ logger = logging.getLogger(__name__)
 ALERT_COUNTS = ("firing", "resolved", "refused")
 # Actions that change the database cluster: a backup or drill of it in flight stops for them.
 CLUSTER_ACTIONS = frozenset({"failover", "rejoin", "switchover", "restore"})
-
-
-class NoExecutor:
-    """Used when no process table is configured: every process action fails, clearly."""
-
-    def is_running(self, component: str) -> bool:
-        return False
-
-    def restart(self, component: str) -> int:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def components(self) -> list[str]:
-        return []
-
-    def fence(self, component: str) -> bool:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def stop(self, component: str, timeout_s: float = 30) -> None:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def run_tool(
-        self,
-        component: str,
-        tool: str,
-        args: Sequence[str],
-        *,
-        stdin: str | None = None,
-        timeout_s: float = 300,
-        cancel: Cancel | None = None,
-    ) -> str:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def data_dir(self, component: str) -> str:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def log_tail(self, component: str, max_chars: int = 1000) -> str:
-        return ""
-
-    def reset_data_dir(self, component: str) -> None:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
-
-    def put_files(
-        self,
-        component: str,
-        dest_dir: str,
-        *,
-        source_dir: str | None = None,
-        files: Mapping[str, str] | None = None,
-    ) -> None:
-        raise ExecutorError("no executor configured (set CP_STACK_FILE)")
 
 
 def build_probes(settings: Settings) -> dict[str, Probe]:
@@ -145,20 +94,21 @@ class ControlPlane:
         self.factory = store.session_factory(self.db)
         self.metrics = Metrics()
         self.notifier = Notifier(settings, self.metrics)
-        if executor is None:
-            executor = (
-                LabExecutor(Path(settings.stack_file)) if settings.stack_file else NoExecutor()
-            )
-        self.executor = executor
+        self.executors = Executors(settings, only=executor)
         self.backups = (
-            Backups(settings.backups, executor, self.factory, clock=clock)
+            Backups(
+                settings.backups,
+                self.executors.of(settings.backups.service),
+                self.factory,
+                clock=clock,
+            )
             if settings.backups
             else None
         )
         self.engine = ActionEngine(
             settings,
             self.factory,
-            executor,
+            self.executors.of,
             self.health_of,
             self.notifier,
             self.metrics,

@@ -20,10 +20,10 @@ from controlplane.backups import BackupError, Backups, Clock, catalog_rows
 from controlplane.config import Settings
 from controlplane.engine import utcnow
 from controlplane.errors import ConfigError
+from controlplane.executors import Executors
 from lab.errors import LabError
 from lab.options import data_dir_option
 from lab.stack import read_stack_file
-from remediation.executors.lab import LabExecutor
 
 RESTORE_TARGET = "shop-db-cluster"
 
@@ -43,14 +43,16 @@ def open_backups(data_dir: Path, *, clock: Clock = utcnow, **changes: Any) -> Ba
     """The stack's backups as its control plane keeps them (its settings, `changes` applied,
     and its catalog)."""
     settings = _settings(data_dir)
-    if settings.stack_file is None:
-        raise click.ClickException("the control plane's settings name no stack file")
     engine = store.make_engine(settings.database_url)
     store.migrate(engine)
     assert settings.backups is not None
+    try:
+        executor = Executors(settings).of(settings.backups.service)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     return Backups(
         settings.backups.model_copy(update=changes),
-        LabExecutor(settings.stack_file),
+        executor,
         store.session_factory(engine),
         clock=clock,
     )

@@ -463,14 +463,16 @@ def controlplane_targets(
             "database_url": state_db,
             "listen_host": HOST,
             "listen_port": layout.controlplane_port,
-            "stack_file": str(layout.stack_file),
             "gamedays_dir": str(layout.gamedays),
             "loop_interval_s": 0.5,
         },
+        # One executor acts on every service of the lab: its processes on this host.
+        "executors": {"lab": {"kind": "lab", "params": {"stack_file": str(layout.stack_file)}}},
         "services": services,
         "probes": probes,
         "policies": policies,
         "backups": {
+            "service": "shop-db-cluster",
             "nodes": nodes,
             "backups_dir": str(layout.backups),
             "archive_dir": str(layout.wal_archive),

@@ -23,10 +23,11 @@ from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.models import ActionRun, ActionState, AuditEntry, Incident, IncidentState
 from controlplane.notify import Notifier
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
 from lab.process import wait_until
 from lab.stack import Stack
+from remediation.executors.none import NoExecutor
 
 
 @pytest.fixture

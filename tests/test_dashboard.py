@@ -16,8 +16,9 @@ from controlplane import accounts, services, store
 from controlplane.config import Settings
 from controlplane.engine import utcnow
 from controlplane.models import ActionRun, ActionState, Incident
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
+from remediation.executors.none import NoExecutor
 from web import create_app
 from web.charts import all_charts, lag_lines, line_chart
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from controlplane.runtime import NoExecutor
 from lab.layout import find_free_base_port
 from lab.stack import Stack
 from remediation.base import ActionContext, ActionError, Check, Decline
 from remediation.executors.base import Executor
 from remediation.executors.lab import LabExecutor
+from remediation.executors.none import NoExecutor
 from remediation.registry import build_action
 from tests.test_failover import leader
 

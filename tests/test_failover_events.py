@@ -17,11 +17,12 @@ import pytest
 
 from controlplane import store
 from controlplane.config import Settings
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.chaos import inject
 from lab.process import wait_until
 from lab.stack import Stack
 from probes.base import Health
+from remediation.executors.none import NoExecutor
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
 from tests.test_failover import leader, node_state, order, runs_of, view, wait_redundant

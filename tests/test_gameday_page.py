@@ -24,11 +24,12 @@ from flask import Flask
 from controlplane import accounts
 from controlplane.config import Settings
 from controlplane.engine import utcnow
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.chaos.base import Stamp
 from lab.gameday import MAX_SERIES_S, ChartWindow
 from lab.load import Ack, CarefulLoad, per_second
 from lab.verdict import Objectives, judge
+from remediation.executors.none import NoExecutor
 from tests.test_dashboard import PASSWORD, logged_in
 from web.charts import MIN_FAULT_SPAN_S, gameday_chart, series_lines
 

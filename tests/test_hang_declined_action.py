@@ -15,10 +15,11 @@ import pytest
 from controlplane import store
 from controlplane.config import Settings
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
 from lab.process import wait_until
 from remediation.base import Action, ActionContext, Check, Outcome
+from remediation.executors.none import NoExecutor
 from remediation.registry import ACTIONS
 
 

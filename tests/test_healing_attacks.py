@@ -20,8 +20,9 @@ from controlplane.incidents import (
     decide,
 )
 from controlplane.models import ActionRun, ActionState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from probes.base import Health
+from remediation.executors.none import NoExecutor
 
 NOW = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 

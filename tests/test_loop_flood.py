@@ -18,8 +18,9 @@ from controlplane import store
 from controlplane.config import Settings
 from controlplane.loop import ALERT_BATCH, Loop
 from controlplane.models import UNMATCHED, ActionRun, ActionState, Incident
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
+from remediation.executors.none import NoExecutor
 
 FLOOD = 3 * ALERT_BATCH
 

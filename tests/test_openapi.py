@@ -20,8 +20,9 @@ from schemathesis.checks import (
 from controlplane import store
 from controlplane.config import Settings
 from controlplane.models import ActionState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
+from remediation.executors.none import NoExecutor
 from web import api_app, create_app
 from web.openapi import IncidentDetailOut, RunDetailOut, document
 

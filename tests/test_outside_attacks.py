@@ -22,8 +22,9 @@ from controlplane import accounts, services, store
 from controlplane.config import Settings
 from controlplane.engine import utcnow
 from controlplane.models import ActionRun, AuditEntry, Incident, IncidentState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.stack import Stack
+from remediation.executors.none import NoExecutor
 from tests.test_dashboard import app as app  # fixtures, as they are there
 from tests.test_dashboard import awaiting_run, csrf_of, logged_in
 from tests.test_dashboard import cp as cp

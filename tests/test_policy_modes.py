@@ -14,9 +14,10 @@ from controlplane import services, store
 from controlplane.config import Settings
 from controlplane.errors import Conflict
 from controlplane.models import ActionRun, ActionState, Incident, IncidentState
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from lab.layout import find_free_base_port
 from lab.process import wait_until
+from remediation.executors.none import NoExecutor
 
 
 def build(tmp_path: Path, **policy: Any) -> ControlPlane:

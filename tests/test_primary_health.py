@@ -13,8 +13,9 @@ from flask import Flask
 
 from controlplane.config import Settings
 from controlplane.probe_runner import FinishedRun
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
 from probes.base import Health, ProbeResult
+from remediation.executors.none import NoExecutor
 from web import create_app
 
 PRIMARY = "/api/v1/health/database/primary"

@@ -18,7 +18,8 @@ from flask.testing import FlaskClient
 from controlplane import accounts
 from controlplane.config import Settings
 from controlplane.engine import utcnow
-from controlplane.runtime import ControlPlane, NoExecutor
+from controlplane.runtime import ControlPlane
+from remediation.executors.none import NoExecutor
 from tests.test_dashboard import PASSWORD, csrf_of
 from web import create_app
 from web.alerts import IntakeLimit, SharedIntakeLimit

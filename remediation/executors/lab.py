@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from remediation.executors.base import Cancel, ExecutorError
+from remediation.executors.params import LabParams
 from remediation.executors.processes import (
     Finder,
     Proc,
@@ -47,8 +48,14 @@ def restart_stop_timeout_s(role: str) -> float:
 
 
 class LabExecutor:
+    Params = LabParams
+
     def __init__(self, stack_file: Path) -> None:
         self.stack_file = stack_file
+
+    @classmethod
+    def from_params(cls, params: LabParams) -> LabExecutor:
+        return cls(params.stack_file)
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:

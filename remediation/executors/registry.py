@@ -1,0 +1,41 @@
+"""Executor kinds by name (the targets file's `[executors.NAME] kind = ...`), imported only
+when used, as probes and actions are. `lab` acts on the local processes a lab's stack.json
+describes; `none` refuses every process action. The next kinds (`ssh`, `systemd`) go here."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, cast
+
+from pydantic import BaseModel, ValidationError
+
+from remediation.executors.base import Executor
+
+EXECUTORS: dict[str, str] = {
+    "lab": "remediation.executors.lab:LabExecutor",
+    "none": "remediation.executors.none:NoExecutor",
+}
+
+
+class ExecutorConfigError(ValueError):
+    """An executor's kind or params do not fit; the message names the param."""
+
+
+def build_executor(name: str, kind: str, params: Mapping[str, Any]) -> Executor:
+    try:
+        module_name, _, class_name = EXECUTORS[kind].partition(":")
+    except KeyError:
+        raise ExecutorConfigError(
+            f"executor {name!r}: unknown kind {kind!r} (known: {', '.join(sorted(EXECUTORS))})"
+        ) from None
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model: type[BaseModel] = cls.Params
+    try:
+        parsed = model.model_validate(dict(params))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ExecutorConfigError(f"executor {name!r} ({kind}): {problems}") from None
+    return cast(Executor, cls.from_params(parsed))
