@@ -26,6 +26,7 @@ from lab.layout import find_free_base_port
 from lab.observe import cluster_facts, notifications
 from lab.process import wait_until
 from lab.stack import Stack
+from pgcluster.nodes import leader_of
 from remediation import pg_ops
 from remediation.base import ActionContext, Check
 from remediation.executors.lab import LabExecutor
@@ -356,7 +357,9 @@ def test_a_failover_with_the_stack_file_gone_is_refused_with_its_reason_never_ma
             ]
 
         wait_until(lambda: bool(refused()), timeout_s=60, what="the failover refused")
-        assert leader(lab) is None  # nothing promoted without its fence
+        # Nothing promoted without its fence (asked of the nodes: the lab's view needs the file).
+        nodes = {n: lab.dsn(n) for n in (old, other(old))}
+        assert leader_of(pg_ops.views(nodes, 2)) is None
         assert not any(r["state"] == "succeeded" for r in failovers_since(api, killed_at))
         known = cluster_facts(lab.layout.data_dir) or {}
         assert known.get("synchronous") is True, known  # the fact outlived the file
