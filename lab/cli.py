@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from controlplane.check_config import check_config_command
 from lab.backup_cli import backup, list_backups, restore
 from lab.chaos_cli import chaos, gameday_command, load
 from lab.errors import LabError
@@ -166,6 +167,7 @@ main.add_command(load)
 main.add_command(gameday_command)
 main.add_command(user)
 main.add_command(facts_command)
+main.add_command(check_config_command)
 
 
 @main.command()

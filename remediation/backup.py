@@ -35,6 +35,7 @@ def params_of(ctx: ActionContext) -> BackupParams:
 
 class Backup(Action):
     kind = "backup"
+    needs = frozenset({"executor"})
     # A backup or drill in flight never holds up what changes the cluster: it stops, cleanly.
     yields_to = frozenset({"failover", "rejoin", "switchover", "restore"})
     Params = BackupParams

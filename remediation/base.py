@@ -142,6 +142,10 @@ class Action(ABC):
     # one runs on, this run is cancelled (`ctx.cancel`) and ends without escalating. A backup
     # never holds up a failover.
     yields_to: ClassVar[frozenset[str]] = frozenset()
+    # What it needs of its target beyond the network: "executor" (it starts, stops or fences
+    # processes, or runs their tools), "component" (the executor's name for the target's
+    # process). `controlplane check-config` names a policy whose target lacks one.
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def precheck(self, ctx: ActionContext) -> Check:

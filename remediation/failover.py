@@ -59,6 +59,7 @@ FRESH_S = 1.0
 
 class Failover(Action):
     kind = "failover"
+    needs = frozenset({"executor"})
     Params = FailoverParams
 
     def __init__(self) -> None:

@@ -37,6 +37,7 @@ def params_of(ctx: ActionContext) -> RejoinParams:
 
 class Rejoin(Action):
     kind = "rejoin"
+    needs = frozenset({"executor"})
     Params = RejoinParams
     # Its precheck re-reads every node, and each step is safe to take again (a rogue node is
     # fenced again, a rewind that failed falls back to a base backup): a run that died or

@@ -41,6 +41,7 @@ def is_alive(ctx: ActionContext) -> str | None:
 
 class Restart(Action):
     kind = "restart"
+    needs = frozenset({"executor", "component"})
     may_start_over = True
     Params = RestartParams
 

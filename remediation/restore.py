@@ -97,6 +97,7 @@ def choose_point(ctx: ActionContext, p: RestoreParams, node: str, end: str) -> P
 
 class Restore(Action):
     kind = "restore"
+    needs = frozenset({"executor"})
     Params = RestoreParams
     OperatorParams = RestoreOperatorParams
 

@@ -47,6 +47,7 @@ def params_of(ctx: ActionContext) -> SwitchoverParams:
 
 class Switchover(Action):
     kind = "switchover"
+    needs = frozenset({"executor"})
     Params = SwitchoverParams
     OperatorParams = SwitchoverOperatorParams
 

@@ -1,0 +1,96 @@
+"""`controlplane check-config FILE`: the lab's own targets file passes; a wrong key or type is
+named with its line; a policy that can never act where it points is named; `--probe` runs
+each probe once; and it never acts (no state store is made)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomli_w
+from click.testing import CliRunner
+
+from lab.cli import main
+from lab.layout import StackLayout
+from lab.targets import controlplane_targets, write_targets
+
+
+def lab_targets(tmp_path: Path) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    layout = StackLayout(tmp_path / "stack", 30000)
+    targets = controlplane_targets(layout, shop_admin_token="t", redis_password="p")
+    path = tmp_path / "targets.toml"
+    write_targets(path, targets)
+    return path, targets
+
+
+def check(path: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["check-config", str(path), *args])
+    return result.exit_code, result.output
+
+
+def test_the_labs_own_targets_file_passes_and_nothing_is_made(tmp_path: Path) -> None:
+    path, _ = lab_targets(tmp_path)
+    code, out = check(path)
+    assert code == 0, out
+    assert "ok (" in out and "policies" in out
+    assert not (tmp_path / "stack" / "controlplane" / "state.db").exists()
+
+
+def test_a_wrong_key_or_type_is_named_with_its_line(tmp_path: Path) -> None:
+    path, targets = lab_targets(tmp_path)
+    targets["policies"][3]["cooldown_s"] = "soon"
+    targets["probes"][1]["intervl_s"] = 2
+    write_targets(path, targets)
+    code, out = check(path)
+    assert code == 1
+    lines = path.read_text().splitlines()
+    for where, key in (
+        ("policies[3].cooldown_s", "cooldown_s"),
+        ("probes[1].intervl_s", "intervl_s"),
+    ):
+        [said] = [line for line in out.splitlines() if where in line]
+        number = int(said.split(":")[0].removeprefix("line "))
+        assert lines[number - 1].strip().startswith(key), (said, lines[number - 1])
+
+
+def test_a_policy_that_cannot_act_where_it_points_is_named(tmp_path: Path) -> None:
+    path, targets = lab_targets(tmp_path)
+    targets["executors"] = {}  # nothing can start, stop or fence a process any more
+    flush = next(p for p in targets["policies"] if p["action"] == "cache_flush")
+    targets["policies"].append(
+        {**flush, "name": "ghost", "source": "probe", "match": {"probe": "no-such-probe"}}
+    )
+    path.write_text(tomli_w.dumps(targets))
+    code, out = check(path)
+    assert code == 1
+    assert "'ghost' matches no probe" in out
+    assert "'failover-primary' (failover) cannot reach shop-db-cluster: no executor" in out
+    assert "(restart) cannot reach shop-0: no executor" in out
+    assert "cache_flush" not in out.replace("'ghost'", "")  # it talks to Redis, needs none
+
+
+def test_with_probe_each_probe_runs_once_and_says_what_it_sees(tmp_path: Path) -> None:
+    path, targets = lab_targets(tmp_path)
+    targets["probes"] = [p for p in targets["probes"] if p["kind"] == "tcp"][:2] or [
+        {"name": "db-port", "kind": "tcp", "service": "shop-db-cluster",
+         "params": {"host": "127.0.0.1", "port": 1}}
+    ]  # fmt: skip
+    names = {p["name"] for p in targets["probes"]}
+    targets["policies"] = []  # the probes' policies go with them
+    path.write_text(tomli_w.dumps(targets))
+    code, out = check(path, "--probe")
+    assert code == 0, out
+    for name in names:
+        assert f"probe {name}: down" in out  # nothing listens on the lab's ports here
+
+
+def test_a_problem_across_keys_is_named_with_its_line_too(tmp_path: Path) -> None:
+    path, targets = lab_targets(tmp_path)
+    i = next(i for i, p in enumerate(targets["policies"]) if p["source"] == "alert")
+    targets["policies"][i]["target"] = "no-such-service"
+    write_targets(path, targets)
+    code, out = check(path)
+    assert code == 1
+    [said] = [line for line in out.splitlines() if "unknown service" in line]
+    assert said.startswith("line ") and f"policies[{i}].target" in said, said
+    number = int(said.split(":")[0].removeprefix("line "))
+    assert path.read_text().splitlines()[number - 1].strip().startswith("target"), said
