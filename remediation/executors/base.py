@@ -71,8 +71,6 @@ class Executor(Protocol):
         """Stop what is left of it, start it again; returns the new pid."""
         ...
 
-    def components(self) -> list[str]: ...
-
     def fence(self, component: str) -> bool:
         """SIGKILL every process of it, stopped (SIGSTOP) ones too: the main process, its
         descendants, and whatever works in its data directory (PostgreSQL's backends, each in

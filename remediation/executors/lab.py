@@ -94,9 +94,6 @@ class LabExecutor:
         with self._locked() as description:
             description["components"][component]["pid"] = pid
 
-    def components(self) -> list[str]:
-        return sorted(self._description()["components"])
-
     def is_running(self, component: str) -> bool:
         return self._adopt(component) is not None
 

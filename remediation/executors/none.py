@@ -23,9 +23,6 @@ class NoExecutor:
     def is_running(self, component: str) -> bool:
         return False
 
-    def components(self) -> list[str]:
-        return []
-
     def log_tail(self, component: str, max_chars: int = 1000) -> str:
         return ""
 
