@@ -13,6 +13,8 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+import kinds
+
 
 class Health(StrEnum):
     UP = "up"
@@ -54,9 +56,7 @@ class Probe(ABC):
         try:
             self.params = self.Params.model_validate(dict(params))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
+            problems = kinds.params_problems(exc)
             raise ProbeConfigError(f"probe {name!r} ({self.kind}): {problems}") from None
 
     @abstractmethod

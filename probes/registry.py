@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
+import kinds
 from probes.base import Probe, ProbeConfigError
 
 PROBES: dict[str, str] = {
@@ -25,12 +25,9 @@ PROBES: dict[str, str] = {
 
 def probe_class(kind: str) -> type[Probe]:
     try:
-        module_name, _, class_name = PROBES[kind].partition(":")
-    except KeyError:
-        raise ProbeConfigError(
-            f"unknown probe kind {kind!r} (known: {', '.join(sorted(PROBES))})"
-        ) from None
-    cls: type[Probe] = getattr(importlib.import_module(module_name), class_name)
+        cls: type[Probe] = kinds.load(PROBES, kind, "probe kind")
+    except KeyError as exc:
+        raise ProbeConfigError(exc.args[0]) from None
     return cls
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+import kinds
 from remediation.base import Action
 
 ACTIONS: dict[str, str] = {
@@ -25,12 +24,9 @@ class UnknownAction(ValueError):
 def action_class(kind: str) -> type[Action]:
     """The class of an action kind: its `Params` and `OperatorParams`, without building it."""
     try:
-        module_name, _, class_name = ACTIONS[kind].partition(":")
-    except KeyError:
-        raise UnknownAction(
-            f"unknown action {kind!r} (known: {', '.join(sorted(ACTIONS))})"
-        ) from None
-    cls: type[Action] = getattr(importlib.import_module(module_name), class_name)
+        cls: type[Action] = kinds.load(ACTIONS, kind, "action")
+    except KeyError as exc:
+        raise UnknownAction(exc.args[0]) from None
     return cls
 
 

@@ -4,12 +4,12 @@ describes; `none` refuses every process action. The next kinds (`ssh`, `systemd`
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 
+import kinds
 from remediation.executors.base import Executor
 
 EXECUTORS: dict[str, str] = {
@@ -24,18 +24,13 @@ class ExecutorConfigError(ValueError):
 
 def build_executor(name: str, kind: str, params: Mapping[str, Any]) -> Executor:
     try:
-        module_name, _, class_name = EXECUTORS[kind].partition(":")
-    except KeyError:
-        raise ExecutorConfigError(
-            f"executor {name!r}: unknown kind {kind!r} (known: {', '.join(sorted(EXECUTORS))})"
-        ) from None
-    cls = getattr(importlib.import_module(module_name), class_name)
+        cls: Any = kinds.load(EXECUTORS, kind, "kind")
+    except KeyError as exc:
+        raise ExecutorConfigError(f"executor {name!r}: {exc.args[0]}") from None
     model: type[BaseModel] = cls.Params
     try:
         parsed = model.model_validate(dict(params))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = kinds.params_problems(exc)
         raise ExecutorConfigError(f"executor {name!r} ({kind}): {problems}") from None
     return cast(Executor, cls.from_params(parsed))
