@@ -30,11 +30,11 @@ from controlplane.runtime import (
     STATUS_TTL_S,
     ControlPlane,
     CoreAddress,
-    NoExecutor,
     WebControlPlane,
 )
 from lab.process import wait_until
 from lab.stack import Stack
+from remediation.executors.none import NoExecutor
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api, kill_shop, webhook
 from web.alerts import IntakeLimit, SharedIntakeLimit
