@@ -48,7 +48,7 @@ bench-restore:
 	.venv/bin/python bench/restore.py --trials 5 --figures $(FIGURES)/restore.json
 
 bench-scale:
-	.venv/bin/python bench/scale.py --sizes 10,100,1000 --runner asyncio,apscheduler --figures $(FIGURES)/scale.json
+	.venv/bin/python bench/scale.py --sizes 10,100,1000 --runner asyncio,apscheduler --figures $(FIGURES)/scale.json --html $(FIGURES)/scale.html
 
 bench-orders:
 	.venv/bin/python bench/orders.py --clients 16 --duration-s 20 --repeats 3 --figures $(FIGURES)/orders.json
