@@ -58,6 +58,7 @@ BENCH_LIMITS = {
     for name in ("failover-primary", "failover-alert", "rejoin-standby")
 }
 REDUNDANT_WITHIN_S = 60.0
+SLOW_TRIAL_S = 1.0  # a trial this slow prints the control plane's steps, whatever the flags
 CLIENTS = 4  # ordering through every shop instance, as hang and persist do
 POLL_S = 0.02
 
@@ -119,11 +120,14 @@ def failover_steps(stack: Stack, since: datetime) -> str:
     the kill, and its output (the rejoin's laps)."""
     view = StackView.of(stack.layout.data_dir)
     try:
-        runs = [
-            r
-            for r in view.api_get("/actions?action=failover&limit=50")["actions"]
-            if datetime.fromisoformat(r["created_at"]) >= since
-        ]
+        runs = sorted(  # oldest first: the last is the one that acted (or the latest try)
+            (
+                r
+                for r in view.api_get("/actions?action=failover&limit=50")["actions"]
+                if datetime.fromisoformat(r["created_at"]) >= since
+            ),
+            key=lambda r: int(r["id"]),
+        )
         if not runs:
             return "no failover run"
         run = view.api_get(f"/actions/{runs[-1]['id']}")
@@ -139,6 +143,12 @@ def failover_steps(stack: Stack, since: datetime) -> str:
         if i.get("detected_at") and datetime.fromisoformat(i["detected_at"]) >= since
     )
     parts = [f"incident at {after(detected[0])}"] if detected else []
+    if len(runs) > 1:  # tries before the last: declined, failed or stood aside, and why
+        parts += [
+            f"run {r['id']} {r['state']} (created {after(r['created_at'])}): "
+            f"{str(r.get('reason', ''))[:120]}"
+            for r in runs[:-1]
+        ]
     parts.append(f"run created {after(runs[-1]['created_at'])}")
     for e in run["audit"]:
         took = f" ({e['duration_ms']:.0f} ms)" if e.get("duration_ms") is not None else ""
@@ -262,8 +272,8 @@ def main() -> None:
                 f"trial {n + 1}: first acknowledged order {t.outage_s:.2f}s, "
                 f"redundant {t.redundant_s:.2f}s after the kill"
             )
-            if os.environ.get("BENCH_VERBOSE"):
-                print(f"  failover: {t.where}")
+            if os.environ.get("BENCH_VERBOSE") or t.outage_s > SLOW_TRIAL_S:
+                print(f"  failover: {t.where}")  # a slow trial always says where time went
         for n in range(args.limit_trials):
             limits.append(limit_trial(stack))
             print(
