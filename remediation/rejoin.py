@@ -59,9 +59,15 @@ class Rejoin(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = params_of(ctx)
+        # Looks again only while a node is slow to answer (it may be the leader, on a busy
+        # machine). A leader that is gone (refused) is a failover's job: the rejoin says "not
+        # now" at once and frees the cluster for it (held 3 s, it held up a failover 3 s).
         views = pg_ops.views_until(
             p.nodes,
-            lambda found: leader_of(found) is not None,
+            lambda found: (
+                leader_of(found) is not None
+                or all(v.state is not NodeState.UNANSWERED for v in found)
+            ),
             timeout_s=p.observe_timeout_s,
             budget_s=p.precheck_budget_s,
         )

@@ -13,6 +13,7 @@ import pytest
 
 from lab.layout import find_free_base_port
 from lab.stack import Stack
+from remediation import pg_ops
 from remediation.base import ActionContext, ActionError, Check, Decline
 from remediation.executors.base import Executor
 from remediation.executors.lab import LabExecutor
@@ -88,6 +89,27 @@ def test_rejoin_declines_each_kind(stack: Stack) -> None:
     assert precheck("rejoin", base).decline is Decline.NOTHING_TO_DO
     dead = {"a": dead_dsn(), "b": dead_dsn()}
     assert precheck("rejoin", {**base, "nodes": dead}).decline is Decline.NOT_NOW
+
+
+def test_rejoin_with_the_leader_gone_says_not_now_after_one_look_and_frees_the_cluster(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A leader that refuses (killed) is a failover's job: the rejoin must not hold the
+    # cluster for its look budget while the failover waits behind it (it held it 3 s).
+    nodes, _, standby = nodes_of(stack)
+    base = {**policy_params(stack, "rejoin-standby"), "precheck_budget_s": 3.0}
+    looks: list[int] = []
+    real_views = pg_ops.views
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        looks.append(1)
+        return real_views(*args, **kwargs)
+
+    monkeypatch.setattr(pg_ops, "views", counted)
+    gone = {"gone": dead_dsn(), standby: nodes[standby]}
+    found = precheck("rejoin", {**base, "nodes": gone})
+    assert found.decline is Decline.NOT_NOW and "a failover's job" in found.reason
+    assert len(looks) == 1, looks
 
 
 def test_switchover_declines_each_kind(stack: Stack) -> None:
