@@ -819,8 +819,7 @@ def change_facts(
         update(ClusterFacts)
         .where(ClusterFacts.cluster == cluster, ClusterFacts.version == version)
         .values(version=version + 1, **values)
-        .execution_options(synchronize_session=False)
-    )
+    )  # the session's copy of the row, if it holds one, is brought up to date too
     return version + 1 if done.rowcount == 1 else None  # type: ignore[attr-defined]
 
 

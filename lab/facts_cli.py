@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from controlplane import facts, store
+from controlplane import facts
 from controlplane.engine import utcnow
 from lab.user_cli import DATA_DIR, TARGETS, in_store
+from remediation.facts import FactsConflict
 
 
 @click.command("facts")
@@ -39,17 +40,13 @@ def facts_command(
 
     def show(factory: sessionmaker[Session]) -> None:
         if synchronous is not None:
-            with store.transaction(factory) as s:
-                seen = facts.as_facts(cluster, store.cluster_facts(s, cluster))
-                done = facts.write(
-                    s,
-                    seen,
-                    {"synchronous": synchronous == "yes"},
-                    by=f"operator (cli): {reason.strip()}"[:200],
-                    now=utcnow(),
-                )
-            if done is None:
-                raise click.ClickException("the facts changed meanwhile: look again")
+            keeper = facts.StoreFacts(
+                factory, cluster, by=f"operator (cli): {reason.strip()}"[:200], clock=utcnow
+            )
+            try:
+                keeper.change(keeper.read(), synchronous=synchronous == "yes")
+            except FactsConflict:
+                raise click.ClickException("the facts changed meanwhile: look again") from None
         found = facts.read(factory, cluster)
         click.echo(json.dumps(dataclasses.asdict(found), indent=2, default=str))
 

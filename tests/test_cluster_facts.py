@@ -123,7 +123,9 @@ def test_a_look_begun_before_the_facts_last_changed_writes_nothing(
     k.change(k.read(), synchronous=False, leader="pg0")  # an action degraded commits at T0+5
     assert look(factory, T0 + timedelta(seconds=4), synchronous=True) is None
     assert keeper(factory).read().synchronous is False
-    assert look(factory, T0 + timedelta(seconds=6), synchronous=True) is not None
+    written = look(factory, T0 + timedelta(seconds=6), synchronous=True)
+    assert isinstance(written, cluster.Facts)  # what was written, not the row as it was read
+    assert (written.synchronous, written.version) == (True, 2)
 
 
 def test_a_look_while_a_run_on_the_cluster_was_running_writes_nothing(
