@@ -122,11 +122,37 @@ class StackLayout:
             )
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports(path: Path = EPHEMERAL_RANGE_FILE) -> range:
+    """The ports the kernel hands out to outgoing connections. A server whose port lies in it
+    can lose that port while it is down (restarted, failed over) to any client's connect(),
+    and then fails to start: "could not bind ... Address already in use"."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def find_free_base_port(*, low: int = 20000, high: int = 40000, attempts: int = 200) -> int:
-    """A base port whose whole block of PORTS_PER_STACK ports is free right now."""
+    """A base port whose whole block of PORTS_PER_STACK ports is free right now, and outside
+    the kernel's ephemeral range (`ephemeral_ports`)."""
     rng = random.Random()
+    ephemeral = ephemeral_ports()
+    bases = [
+        base
+        for base in range(low, high - PORTS_PER_STACK + 1, PORTS_PER_STACK)
+        if base + PORTS_PER_STACK - 1 < ephemeral.start or base > ephemeral.stop - 1
+    ]
+    if not bases:
+        raise PortInUseError(
+            f"every port between {low} and {high} is in the kernel's ephemeral range "
+            f"({ephemeral.start}-{ephemeral.stop - 1})"
+        )
     for _ in range(attempts):
-        base = rng.randrange(low, high, PORTS_PER_STACK)
+        base = rng.choice(bases)
         if all(is_port_free(HOST, base + i) for i in range(PORTS_PER_STACK)):
             return base
     raise PortInUseError(f"no free block of {PORTS_PER_STACK} ports between {low} and {high}")

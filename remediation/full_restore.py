@@ -88,9 +88,13 @@ def run(
             ctx.executor, target, data_dir, point.backup, Path(p.archive_dir), point.target
         )
         ctx.executor.restart(target)
-        pitr.wait_promoted(
-            p.nodes[target], p.restore_timeout_s, alive=lambda: ctx.executor.is_running(target)
-        )
+        try:
+            pitr.wait_promoted(
+                p.nodes[target], p.restore_timeout_s, alive=lambda: ctx.executor.is_running(target)
+            )
+        except ActionError as exc:
+            # "See its log" helps nobody once the log is gone with the stack: its last lines.
+            raise ActionError(f"{exc}: {ctx.executor.log_tail(target)}") from exc
         timeline = pg_ops.views({target: p.nodes[target]})[0].timeline
         others = [n for n in p.nodes if n != target]
         facts.promoted(ctx.facts, ctx.facts.read(), target, others, timeline, "full restore")

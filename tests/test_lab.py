@@ -18,7 +18,7 @@ from prometheus_api_client import PrometheusConnect
 
 from lab.binaries import find_binaries, find_postgres_bin
 from lab.errors import MissingBinaryError, PortInUseError
-from lab.layout import HOST, StackLayout, find_free_base_port
+from lab.layout import HOST, StackLayout, ephemeral_ports, find_free_base_port
 from lab.monitoring import check_rules, rules_path
 from lab.postgres import replication_state
 from lab.process import is_port_free, wait_until
@@ -98,6 +98,23 @@ def test_a_taken_port_is_reported_with_its_role(tmp_path: Path) -> None:
         squatter.listen()
         with pytest.raises(PortInUseError, match=rf"redis \({base + 2}\)"):
             StackLayout(tmp_path, base).check_ports_free()
+
+
+def test_a_stack_never_takes_ports_the_kernel_may_give_an_outgoing_connection() -> None:
+    # A server down for a moment (restarted, restored) on such a port can find it taken by a
+    # client's connect() and fail to start: a full restore failed so in CI once.
+    ephemeral = ephemeral_ports()
+    for _ in range(200):
+        base = find_free_base_port()
+        block = range(base, base + 20)
+        assert block.stop <= ephemeral.start or block.start >= ephemeral.stop, (base, ephemeral)
+
+
+def test_the_ephemeral_range_is_read_from_the_kernels_setting(tmp_path: Path) -> None:
+    setting = tmp_path / "ip_local_port_range"
+    setting.write_text("40000\t50000\n")
+    assert ephemeral_ports(setting) == range(40000, 50001)
+    assert ephemeral_ports(tmp_path / "absent") == range(32768, 61000)
 
 
 def test_a_missing_postgres_names_the_package_to_install(tmp_path: Path) -> None:
