@@ -102,7 +102,7 @@ def test_a_taken_port_is_reported_with_its_role(tmp_path: Path) -> None:
 
 def test_a_stack_never_takes_ports_the_kernel_may_give_an_outgoing_connection() -> None:
     # A server down for a moment (restarted, restored) on such a port can find it taken by a
-    # client's connect() and fail to start: a full restore failed so in CI once.
+    # client's connect() and fail to start.
     ephemeral = ephemeral_ports()
     for _ in range(200):
         base = find_free_base_port()

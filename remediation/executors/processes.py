@@ -169,7 +169,17 @@ def spawn_detached(
     text = said.decode(errors="replace").strip()
     if launcher.returncode != 0 or not text.isdigit():
         raise OSError(f"could not start {argv[0]}: {text or launcher.returncode}")
-    return int(text)
+    pid = int(text)
+    # `$!` is the shell's child before it has exec'd setsid and then the server: on a busy
+    # machine it may still be `sh` or `setsid` when the launcher returns, and whoever asks
+    # "does it run?" (`runs_program`) would hear no. The pid is returned once it runs the
+    # server's program (or is gone: a server that failed at once).
+    deadline = time.monotonic() + timeout_s
+    while not runs_program(pid, argv[0]) and is_pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise OSError(f"{argv[0]} (pid {pid}) did not start within {timeout_s:g}s")
+        time.sleep(0.005)
+    return pid
 
 
 # -- every process of an instance --------------------------------------------------------------
