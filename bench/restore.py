@@ -30,9 +30,6 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.failover import paused_controlplane
-from controlplane.backups import Backups
-from controlplane.config import Settings
-from controlplane.store import make_engine, migrate, session_factory
 from lab import postgres as pg
 from lab.bench_goals import Figure, save
 from lab.errors import NotReadyError
@@ -40,7 +37,6 @@ from lab.layout import StackLayout, find_free_base_port
 from lab.observe import StackView
 from lab.process import wait_until
 from lab.stack import Stack
-from lab.targets import controlplane_targets
 from remediation import pitr
 from remediation.executors.lab import LabExecutor
 from remediation.executors.processes import signal_all
@@ -99,18 +95,29 @@ def new_stack() -> Stack:
 
 
 def take_backup(stack: Stack) -> pitr.BackupInfo:
-    targets = controlplane_targets(
-        stack.layout, shop_admin_token=stack.admin_token, redis_password=stack.redis_password
-    )
-    settings = Settings.model_validate({**targets.pop("controlplane"), **targets})
-    assert settings.backups is not None
-    (stack.layout.data_dir / "controlplane").mkdir(exist_ok=True)
-    engine = make_engine(settings.database_url)
-    migrate(engine)
-    backups = Backups(
-        settings.backups, LabExecutor(stack.layout.stack_file), session_factory(engine)
-    )
-    return backups.take()
+    """A backup as an operator asks for one: the control plane's `backup` run (taken,
+    verified, drilled), before the timed part."""
+    info = described(stack)
+    url = info["components"]["controlplane"]["url"] + "/api/v1"
+    headers = {"Authorization": f"Bearer {stack.api_token}"}
+    body = {"action": "backup", "target": "shop-db-cluster", "reason": "bench"}
+    response = requests.post(f"{url}/actions", json=body, headers=headers, timeout=10)
+    response.raise_for_status()
+    run_id = response.json()["id"]
+
+    def run() -> dict[str, Any]:
+        found: dict[str, Any] = requests.get(
+            f"{url}/actions/{run_id}", headers=headers, timeout=10
+        ).json()
+        return found
+
+    wait_until(lambda: run()["state"] in ("succeeded", "failed", "skipped"), timeout_s=600,
+               what="the backup run")  # fmt: skip
+    done = run()
+    if done["state"] != "succeeded":
+        raise RuntimeError(f"the backup run {done['state']}: {done.get('output')}")
+    label = next(a["data"]["label"] for a in done["audit"] if a["verb"] == "output")
+    return next(b for b in pitr.list_backups(stack.layout.backups) if b.label == label)
 
 
 def drilled(stack: Stack) -> bool:

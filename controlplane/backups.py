@@ -1,261 +1,106 @@
-"""Backups as the control plane keeps them: take one from the leader, drill it (restore into a
-scratch instance, replay the archive, check the shop's invariants there), retire old ones.
-Scheduled by the runtime; also run by the `controlplane backup` command. The catalog is in the
-state store; each backup directory describes itself too (see remediation.pitr).
-
-A scheduled job can be stopped (`Backups.cancel`, when a failover or another change of the
-cluster starts): the step under way is undone (its tool killed, its directory removed, a
-scratch instance stopped) and records nothing; what finished before stays (a backup taken
-and checked stays in the catalog, undrilled, for the next drill)."""
+"""The backup catalog and schedule. Backups, drills and retention run as actions through the
+engine (`remediation.backup`, `drill`, `prune_backups`): claimed by compare-and-set, one run
+at a time on the cluster's service, audited, standing aside for a failover. The schedule only
+requests those runs; the catalog in the state store mirrors the backup directories, which
+describe themselves (`remediation.pitr`), after each of those runs ends."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
 from controlplane.config import BackupSettings
-from controlplane.engine import utcnow
-from pgcluster.nodes import leader_of, observe_all
+from controlplane.models import ActionState
 from remediation import pitr
-from remediation.base import ActionError
-from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
-Clock = Callable[[], datetime]
+# The action kinds that change what the backup directory holds.
+BACKUP_ACTIONS = frozenset({"backup", "drill", "prune-backups"})
+POLICY_OF = {"backup": "scheduled-backup", "drill": "scheduled-drill",
+             "prune-backups": "backup-retention"}  # fmt: skip
+SCHEDULE = "schedule"  # who requests the scheduled runs, in the audit
 
 
-class BackupError(Exception):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class DrillResult:
-    label: str
-    passed: bool
-    summary: str
-    duration_s: float
-
-
-class Backups:
-    def __init__(
-        self,
-        settings: BackupSettings,
-        executor: Executor,
-        factory: sessionmaker[Session],
-        *,
-        clock: Clock = utcnow,
-        max_rate: str | None = None,
-    ) -> None:
-        self.settings = settings
-        self.executor = executor
-        self.factory = factory
-        self.clock = clock
-        self.max_rate = max_rate  # pg_basebackup's --max-rate (None: as fast as it goes)
-        self.lock = threading.Lock()  # the scheduled jobs one at a time (a drill never races)
-        self.in_flight: Cancel | None = None  # the running scheduled job's token
-
-    def cancel(self, reason: str) -> bool:
-        """Stop the scheduled backup or drill in flight, if there is one; returns at once
-        (whether one was). Its running tool is killed now; the job then removes what it had
-        half made and logs one line with `reason`. The next job runs as usual."""
-        token = self.in_flight
-        if token is None:
-            return False
-        token.cancel(reason)
-        return True
-
-    def _leader(self) -> str:
-        leader = leader_of(observe_all(self.settings.nodes, 3))
-        if leader is None:
-            raise BackupError("no writable leader to back up")
-        return leader.name
-
-    # -- take --------------------------------------------------------------------------------
-    def take(
-        self, progress: Progress = pitr.no_progress, cancel: Cancel | None = None
-    ) -> pitr.BackupInfo:
-        node = self._leader()
-        try:
-            info = pitr.take_base_backup(
-                self.executor,
-                node,
-                self.settings.nodes[node],
-                self.settings.backups_dir,
-                now=self.clock,
-                progress=progress,
-                cancel=cancel,
-                max_rate=self.max_rate,
+def sync_catalog(factory: sessionmaker[Session], backups_dir: Path) -> None:
+    """The catalog made to match the backup directories: each backup in it, with its last
+    drill's verdict (verified when a drill passed); a backup whose directory is gone, out."""
+    found = {b.label: b for b in pitr.list_backups(backups_dir)}
+    with store.transaction(factory) as s:
+        for row in store.list_backups(s):
+            if row.label not in found:
+                store.delete_backup(s, row.label)
+        for label, info in found.items():
+            row = store.backup_by_label(s, label) or store.add_backup(
+                s,
+                label=label,
+                path=info.path,
+                started_at=info.started_at,
+                finished_at=info.finished_at,
+                size_bytes=info.size_bytes,
+                checksum=info.checksum,
+                drill={"source": info.source, "start_wal": info.start_wal},
             )
-        except ActionError as exc:
-            raise BackupError(str(exc)) from exc
-        self._add(info)
-        logger.info("backup %s of %s taken (%d bytes)", info.label, node, info.size_bytes)
-        return info
-
-    # -- drill -------------------------------------------------------------------------------
-    def drill(
-        self,
-        label: str | None = None,
-        progress: Progress = pitr.no_progress,
-        cancel: Cancel | None = None,
-    ) -> DrillResult:
-        """Restore a backup (default: the newest) into a scratch instance, replay the WAL
-        archive, and check the shop's invariants there; the result goes in the catalog, and
-        a pass marks the backup verified. Cancelled, nothing goes in the catalog."""
-        infos = {b.label: b for b in pitr.list_backups(self.settings.backups_dir)}
-        if not infos:
-            raise BackupError(f"no backup in {self.settings.backups_dir} to drill")
-        info = infos.get(label) if label else list(infos.values())[-1]
-        if info is None:
-            raise BackupError(f"no backup labelled {label!r}")
-        node = self._leader()
-        if cancel is not None:
-            cancel.check()
-        started = time.monotonic()
-        found = pitr.drill_backup(
-            self.executor,
-            node,
-            self.settings.nodes[node],
-            info,
-            self.settings.archive_dir,
-            self.settings.scratch_dir / f"drill-{info.label}-{os.getpid()}",
-            orders_db=self.settings.orders_db,
-            inventory_db=self.settings.inventory_db,
-            timeout_s=self.settings.drill_timeout_s,
-            progress=progress,
-            cancel=cancel,
-        )
-        result = DrillResult(
-            info.label, found.passed, found.summary, round(time.monotonic() - started, 3)
-        )
-        self._record_drill(result, found.details)
-        verdict = "passed" if found.passed else "FAILED"
-        progress(f"drill {verdict} in {result.duration_s:.1f}s: {found.summary}")
-        return result
-
-    def catalogue(self, taken: Mapping[str, Any]) -> None:
-        """A backup taken and drilled outside the schedule (the `backup` action, from the
-        dashboard or the API): into the catalog, verified when its drill passed."""
-        info = pitr.BackupInfo.from_json({k: v for k, v in taken.items() if k != "drill"})
-        drill = taken.get("drill") or {}
-        self._add(info)
-        self._record_drill(
-            DrillResult(info.label, bool(drill.get("passed")), str(drill.get("summary", "")), 0.0),
-            {},
-        )
-
-    def _add(self, info: pitr.BackupInfo) -> None:
-        with store.transaction(self.factory) as s:
-            if store.backup_by_label(s, info.label) is None:
-                store.add_backup(
-                    s,
-                    label=info.label,
-                    path=info.path,
-                    started_at=info.started_at,
-                    finished_at=info.finished_at,
-                    size_bytes=info.size_bytes,
-                    checksum=info.checksum,
-                    drill={"source": info.source, "start_wal": info.start_wal},
-                )
-
-    def _record_drill(self, result: DrillResult, details: dict[str, Any]) -> None:
-        now = self.clock()
-        with store.transaction(self.factory) as s:
-            backup = store.backup_by_label(s, result.label)
-            if backup is None:
-                return
-            backup.drill = {
-                **backup.drill,
-                "at": now.isoformat(),
-                "passed": result.passed,
-                "summary": result.summary,
-                "duration_s": result.duration_s,
-                "orders": details.get("orders"),
+            verdict = pitr.drill_of(info)
+            if not verdict:
+                continue
+            verified = verdict.get("verified_at")
+            row.drill = {
+                "source": info.source,
+                "start_wal": info.start_wal,
+                **{k: v for k, v in verdict.items() if k != "verified_at"},
             }
-            backup.verified_at = now if result.passed else backup.verified_at
+            row.verified_at = datetime.fromisoformat(verified) if verified else None
 
-    # -- retention ---------------------------------------------------------------------------
-    def apply_retention(
-        self, progress: Progress = pitr.no_progress, cancel: Cancel | None = None
-    ) -> list[str]:
-        """Keep the newest `keep_count` backups, and any younger than `max_age_s`, and the
-        newest verified one whatever its age; delete the rest, and the archived WAL that only
-        they needed."""
-        if cancel is not None:
-            cancel.check()
-        now = self.clock()
-        with store.transaction(self.factory) as s:
-            catalog = store.list_backups(s)  # newest first
-            verified = next((b.label for b in catalog if b.verified_at is not None), None)
-            doomed = [
-                b.label
-                for i, b in enumerate(catalog)
-                if i >= self.settings.keep_count
-                and now - b.started_at > timedelta(seconds=self.settings.max_age_s)
-                and b.label != verified
-            ]
-            for label in doomed:
-                store.delete_backup(s, label)
-        for label in doomed:
-            shutil.rmtree(self.settings.backups_dir / label, ignore_errors=True)
-            progress(f"deleted {label}")
-        remaining = pitr.list_backups(self.settings.backups_dir)
-        if doomed and remaining:
-            try:
-                pitr.prune_archive(
-                    self.executor, self._leader(), self.settings.archive_dir, remaining[0], cancel
-                )
-                progress(f"WAL archive pruned up to {remaining[0].start_wal}")
-            except (ExecutorError, BackupError) as exc:
-                logger.warning("WAL archive not pruned: %s", exc)
-        return doomed
 
-    # -- the scheduled job -------------------------------------------------------------------
-    @contextmanager
-    def _job(self, name: str) -> Iterator[Cancel]:
-        """One scheduled job at a time, with a token `cancel` stops it by. Its end is one log
-        line: failed (an error), or cancelled and why (a failure once the cancel has come is
-        its doing: the leader killed under pg_basebackup, say)."""
-        with self.lock:
-            token = Cancel()
-            self.in_flight = token
-            try:
-                yield token
-            except Cancelled as exc:
-                logger.warning("scheduled %s cancelled: %s", name, exc)
-            except BackupError as exc:
-                if token.reason is None:
-                    logger.error("scheduled %s failed: %s", name, exc)
-                else:
-                    logger.warning("scheduled %s cancelled: %s (%s)", name, token.reason, exc)
-            finally:
-                self.in_flight = None
-
-    def scheduled_backup(self) -> None:
-        """Take, drill, retire: one job, so that a drill never races its own backup."""
-        with self._job("backup") as cancel:
-            info = self.take(cancel=cancel)
-            result = self.drill(info.label, cancel=cancel)
-            if not result.passed:
-                logger.error("drill of %s failed: %s", info.label, result.summary)
-            self.apply_retention(cancel=cancel)
-
-    def scheduled_drill(self) -> None:
-        with self._job("drill") as cancel:
-            self.drill(cancel=cancel)
+def request_scheduled(
+    factory: sessionmaker[Session], settings: BackupSettings, actions: list[str], now: datetime
+) -> list[int]:
+    """Pending runs of `actions` on the cluster's service, in that order (the engine runs
+    them one after the other), each under its policy; none for an action that is already
+    pending or running there (a slow backup is not queued up behind itself)."""
+    created = []
+    with store.transaction(factory) as s:
+        busy = {
+            r.action
+            for state in (ActionState.PENDING, ActionState.RUNNING)
+            for r in store.runs_in_state(s, state)
+            if r.target == settings.service
+        }
+        for action in actions:
+            if action in busy:
+                logger.info("scheduled %s skipped: one is pending or running", action)
+                continue
+            run = store.create_action_run(
+                s,
+                incident_id=None,
+                action=action,
+                target=settings.service,
+                mode="auto",
+                state=ActionState.PENDING,
+                requested_by=SCHEDULE,
+                reason=f"scheduled ({POLICY_OF[action]})",
+                params={"policy": POLICY_OF[action], "params": {}},
+                created_at=now,
+                try_number=1,
+            )
+            assert run is not None  # no incident: nothing to collide with
+            store.audit(
+                s,
+                actor=SCHEDULE,
+                verb="request",
+                at=now,
+                action_run_id=run.id,
+                message=f"{action} on {settings.service}: scheduled",
+                data={"policy": POLICY_OF[action]},
+            )
+            created.append(run.id)
+    return created
 
 
 def catalog_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:

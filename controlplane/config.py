@@ -180,8 +180,43 @@ class BackupSettings(Frozen):
     orders_db: str = "orders"
     inventory_db: str = "inventory"
     drill_timeout_s: float = Field(default=600, gt=0)
-    # The cluster's service: its executor runs the backup tools (None: the only executor).
-    service: str | None = None
+    max_rate: str | None = Field(default=None, pattern=r"^[0-9]+[kM]?$")  # pg_basebackup's
+    # The cluster's service. Backups, drills and retention run on it as actions (the
+    # policies below), one at a time with its failovers, through its executor.
+    service: str
+
+    def policies(self) -> list[dict[str, Any]]:
+        """The policies the schedule requests runs under (an operator may ask for them too):
+        `scheduled-backup`, `scheduled-drill`, `backup-retention`. A policy of the targets
+        file with the same name replaces one."""
+        where = {
+            "nodes": dict(self.nodes),
+            "backups_dir": str(self.backups_dir),
+            "archive_dir": str(self.archive_dir),
+        }
+        drills = {
+            **where,
+            "scratch_dir": str(self.scratch_dir),
+            "orders_db": self.orders_db,
+            "inventory_db": self.inventory_db,
+            "drill_timeout_s": self.drill_timeout_s,
+        }
+        common = {
+            "source": "operator",
+            "match": {"target": self.service},
+            "mode": "auto",
+            "cooldown_s": 0,
+            "max_attempts": 1,
+            "verify_timeout_s": 10,
+            "run_timeout_s": 3600 + self.drill_timeout_s,
+        }
+        return [
+            {**common, "name": "scheduled-backup", "action": "backup",
+             "params": {**drills, "max_rate": self.max_rate}},
+            {**common, "name": "scheduled-drill", "action": "drill", "params": drills},
+            {**common, "name": "backup-retention", "action": "prune-backups",
+             "params": {**where, "keep_count": self.keep_count, "max_age_s": self.max_age_s}},
+        ]  # fmt: skip
 
 
 class Settings(Frozen):
@@ -219,6 +254,24 @@ class Settings(Frozen):
     probes: tuple[ProbeSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()
     backups: BackupSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def with_backup_policies(cls, values: Any) -> Any:
+        """`[backups]` brings its policies (`BackupSettings.policies`), unless the targets
+        file declares one of the same name."""
+        if not isinstance(values, dict) or not values.get("backups"):
+            return values
+        raw = values["backups"]
+        try:
+            backups = raw if isinstance(raw, BackupSettings) else BackupSettings.model_validate(raw)
+        except ValidationError:
+            return values  # reported with its key by the field's own validation
+        declared = list(values.get("policies") or ())
+        names = {p.get("name") if isinstance(p, dict) else getattr(p, "name", None)
+                 for p in declared}  # fmt: skip
+        derived = [p for p in backups.policies() if p["name"] not in names]
+        return {**values, "policies": [*declared, *derived]}
 
     @model_validator(mode="after")
     def references_resolve(self) -> Settings:

@@ -77,14 +77,9 @@ class ActionEngine:
         self.in_flight: set[int] = set()
         self.cancels: dict[int, Cancel] = {}  # each run in flight: how to make it stand aside
         self.lock = threading.Lock()
-        self.on_finished: Callable[[], None] = lambda: None
-        # A run that succeeded, with its last outcome's data: what the control plane keeps of
-        # it beyond the audit (e.g. a backup taken by hand goes into the catalog).
-        self.on_succeeded: Callable[[str, Mapping[str, Any]], None] = lambda action, data: None
-        # Called with (action, target) as a run starts, before its precheck: work in flight
-        # that must not stand in its way (a backup of a cluster about to fail over) is told
-        # to stop. It must return at once: it never holds the run up.
-        self.on_starting: Callable[[str, str], None] = lambda action, target: None
+        # Called with the run's action kind when a run ends, however it ended (the loop looks
+        # again; a backup run's directory goes into the catalog).
+        self.on_finished: Callable[[str], None] = lambda action: None
 
     @property
     def busy(self) -> int:
@@ -97,7 +92,8 @@ class ActionEngine:
         # Read, not write: a cycle with nothing to start waits for no writer (the claim below
         # is a compare-and-set, in a write transaction of its own).
         with store.read(self.factory) as s:
-            pending = [r.id for r in store.runs_in_state(s, ActionState.PENDING)]
+            waiting = store.runs_in_state(s, ActionState.PENDING)
+            pending = [r.id for r in waiting if not self._would_yield(r, waiting)]
         started = []
         for run_id in pending:
             now = self.clock()
@@ -107,6 +103,7 @@ class ActionEngine:
                     continue  # taken by another worker, or its target is busy: later
                 run = s.get(ActionRun, run_id)
                 assert run is not None
+                action = run.action
                 store.audit(
                     s,
                     actor=self.settings.instance_id,
@@ -125,9 +122,19 @@ class ActionEngine:
                 self.in_flight.add(run_id)
                 self.cancels[run_id] = Cancel()
                 self.metrics.actions_in_progress.set(len(self.in_flight))
-            self.pool.submit(self._run_guarded, run_id)
+            self.pool.submit(self._run_guarded, run_id, action)
             started.append(run_id)
         return started
+
+    @staticmethod
+    def _would_yield(run: ActionRun, waiting: list[ActionRun]) -> bool:
+        """A run that would stand aside for another one waiting for its target is not started
+        before it (a retention run queued before a failover would only be cancelled)."""
+        try:
+            yields_to = action_class(run.action).yields_to
+        except UnknownAction:
+            return False
+        return any(w.target == run.target and w.action in yields_to for w in waiting)
 
     def _make_way(self, s: Session, run_id: int) -> None:
         """A pending run whose target is busy: a run in flight there that yields to it (a
@@ -248,7 +255,7 @@ class ActionEngine:
         return [run_id for run_id, _ in abandoned]
 
     # -- running -------------------------------------------------------------------------------
-    def _run_guarded(self, run_id: int) -> None:
+    def _run_guarded(self, run_id: int, action: str) -> None:
         try:
             self._run(run_id)
         except Exception as exc:  # the job's catch-all: record, escalate, go on
@@ -262,7 +269,7 @@ class ActionEngine:
                 self.in_flight.discard(run_id)
                 self.cancels.pop(run_id, None)
                 self.metrics.actions_in_progress.set(len(self.in_flight))
-            self.on_finished()
+            self.on_finished(action)
 
     def _policy(self, run: ActionRun) -> PolicySpec:
         """The run's policy (named when it was requested); else the one an operator's request
@@ -311,10 +318,6 @@ class ActionEngine:
             ),
         )
         try:
-            self.on_starting(run.action, run.target)
-        except Exception:  # what stands aside is best effort; the run goes on
-            logger.exception("run %d: stopping work in its way failed", run_id)
-        try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))
         except ActionError as exc:
             self._finish(
@@ -335,12 +338,11 @@ class ActionEngine:
             reraise=True,
         )
         tried = 0
-        outcome: Mapping[str, Any] = {}
         try:
             for attempt in retrying:
                 with attempt:
                     tried = attempt.retry_state.attempt_number
-                    outcome = self._attempt(run, action, ctx, policy, tried)
+                    self._attempt(run, action, ctx, policy, tried)
         except Cancelled as exc:  # it stood aside for another run: nothing to escalate
             self._finish(
                 run_id,
@@ -362,10 +364,6 @@ class ActionEngine:
             )
             return
         self._finish(run_id, ActionState.SUCCEEDED, {}, "verified recovered")
-        try:
-            self.on_succeeded(run.action, outcome)
-        except Exception:  # the run stands; what follows it is logged, not re-run
-            logger.exception("after run %d succeeded", run_id)
 
     @staticmethod
     def _may_retry(run: ActionRun, action: Action, exc: Exception) -> bool:

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,9 +25,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane import store
-from controlplane.backups import Backups
+from controlplane.backups import BACKUP_ACTIONS, request_scheduled, sync_catalog
 from controlplane.config import ProbeSpec, Settings
 from controlplane.engine import ActionEngine, utcnow
 from controlplane.errors import ConfigError
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 # What the web workers count of the alerts they take in (or refuse: 429), for /metrics.
 ALERT_COUNTS = ("firing", "resolved", "refused")
-# Actions that change the database cluster: a backup or drill of it in flight stops for them.
-CLUSTER_ACTIONS = frozenset({"failover", "rejoin", "switchover", "restore"})
 
 
 def build_probes(settings: Settings) -> dict[str, Probe]:
@@ -65,16 +64,6 @@ def build_probes(settings: Settings) -> dict[str, Probe]:
                 f"(known: {', '.join(sorted(ACTIONS))})"
             )
     return probes
-
-
-def acts_on_nodes(settings: Settings, action: str, target: str, nodes: Mapping[str, str]) -> bool:
-    """Does `action` on `target` act on one of `nodes` (name and DSN)? Its policy, the one a
-    request for it runs with, names the nodes it acts on (`params.nodes`)."""
-    policy = settings.policy_for_request(action, target)
-    acted_on = policy.params.get("nodes") if policy is not None else None
-    if not isinstance(acted_on, Mapping):
-        return False
-    return any(nodes.get(name) == dsn for name, dsn in acted_on.items())
 
 
 class ControlPlane:
@@ -95,16 +84,6 @@ class ControlPlane:
         self.metrics = Metrics()
         self.notifier = Notifier(settings, self.metrics)
         self.executors = Executors(settings, only=executor)
-        self.backups = (
-            Backups(
-                settings.backups,
-                self.executors.of(settings.backups.service),
-                self.factory,
-                clock=clock,
-            )
-            if settings.backups
-            else None
-        )
         self.engine = ActionEngine(
             settings,
             self.factory,
@@ -119,9 +98,7 @@ class ControlPlane:
             settings, self.factory, self.engine, self.notifier, self.metrics, clock=clock
         )
         self.loop_thread = LoopThread(self.loop, settings.loop_interval_s)
-        self.engine.on_finished = self.loop_thread.wake
-        self.engine.on_succeeded = self._after_run
-        self.engine.on_starting = self._before_run
+        self.engine.on_finished = self._after_run
         self.scheduler = make_scheduler(self.metrics)
         self.last_health: dict[str, Health] = {}
         # Writes probe runs (the runner's batches and `run_probe`'s one), keeps the probe
@@ -132,20 +109,27 @@ class ControlPlane:
         self.recorder.clock = self.clock
         self.started = False
 
-    def _after_run(self, action: str, data: Mapping[str, Any]) -> None:
-        if action == "backup" and self.backups is not None and "label" in data:
-            self.backups.catalogue(data)
+    def _after_run(self, action: str) -> None:
+        """A run ended: the loop looks again at once; a backup, drill or retention run
+        changed the backup directory, and the catalog follows it."""
+        self.loop_thread.wake()
+        if action in BACKUP_ACTIONS:
+            self.sync_backups()
 
-    def _before_run(self, action: str, target: str) -> None:
-        """A run that changes the cluster the backups are taken from stops the scheduled
-        backup or drill in flight: its tool is killed now, its job cleans up in its own
-        thread. Returns at once (the engine's `on_starting`)."""
-        if self.backups is None or action not in CLUSTER_ACTIONS:
+    def sync_backups(self) -> None:
+        if self.settings.backups is None:
             return
-        if not acts_on_nodes(self.settings, action, target, self.backups.settings.nodes):
+        try:
+            sync_catalog(self.factory, self.settings.backups.backups_dir)
+        except (OSError, SQLAlchemyError):
+            logger.exception("the backup catalog could not follow the backup directory")
+
+    def schedule_backups(self, *actions: str) -> None:
+        """The schedule's tick: runs requested, the engine does the rest."""
+        if self.settings.backups is None:
             return
-        if self.backups.cancel(f"{action} of {target} starting"):
-            logger.info("%s of %s starting: the backup job in flight is stopped", action, target)
+        if request_scheduled(self.factory, self.settings.backups, list(actions), self.clock()):
+            self.wake()
 
     # -- probing ------------------------------------------------------------------------------
     def run_probe(self, spec: ProbeSpec) -> ProbeResult:
@@ -185,20 +169,22 @@ class ControlPlane:
             self.probe_runner.add(spec)
         self.probe_runner.follow(self.scheduler)
         self.scheduler.add_job(self.prune, IntervalTrigger(seconds=60), id="prune")
-        if self.backups is not None:
-            b = self.settings.backups
-            assert b is not None
+        b = self.settings.backups
+        if b is not None:
+            self.sync_backups()
             self.scheduler.add_job(
-                self.backups.scheduled_backup,
+                self.schedule_backups,
                 IntervalTrigger(seconds=b.interval_s),
+                args=("backup", "prune-backups"),  # retention after the backup, in turn
                 id="backup",
-                name="base backup, drill, retention",
+                name="base backup and drill, then retention",
                 next_run_time=self.clock() + timedelta(seconds=b.first_after_s),
                 misfire_grace_time=None,
             )
             self.scheduler.add_job(
-                self.backups.scheduled_drill,
+                self.schedule_backups,
                 IntervalTrigger(seconds=b.drill_interval_s),
+                args=("drill",),
                 id="drill",
                 name="restore drill",
             )

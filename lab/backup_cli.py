@@ -1,8 +1,8 @@
 """`controlplane backup`, `backups` and `restore --to TIME` for a lab stack's control plane.
 
-A backup is taken here, in this process, with the control plane's own settings and catalog
-(as `pg_basebackup` would be run by hand); a restore is asked of the running control plane,
-which runs it as a guarded, audited action, and this command follows its progress."""
+A backup and a restore are asked of the running control plane, which runs them as guarded,
+audited actions (one at a time on the cluster, a backup standing aside for a failover), and
+the command follows the run's progress; `backups` reads the catalog in its state store."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from typing import Any
 
 import click
 import requests
+from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
-from controlplane.backups import BackupError, Backups, Clock, catalog_rows
+from controlplane.backups import catalog_rows
 from controlplane.config import Settings
-from controlplane.engine import utcnow
 from controlplane.errors import ConfigError
-from controlplane.executors import Executors
 from lab.errors import LabError
 from lab.options import data_dir_option
 from lab.stack import read_stack_file
@@ -39,23 +38,11 @@ def _settings(data_dir: Path) -> Settings:
     return settings
 
 
-def open_backups(data_dir: Path, *, clock: Clock = utcnow, **changes: Any) -> Backups:
-    """The stack's backups as its control plane keeps them (its settings, `changes` applied,
-    and its catalog)."""
-    settings = _settings(data_dir)
-    engine = store.make_engine(settings.database_url)
+def open_catalog(data_dir: Path) -> sessionmaker[Session]:
+    """The stack's control plane's state store, where its backup catalog is."""
+    engine = store.make_engine(_settings(data_dir).database_url)
     store.migrate(engine)
-    assert settings.backups is not None
-    try:
-        executor = Executors(settings).of(settings.backups.service)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    return Backups(
-        settings.backups.model_copy(update=changes),
-        executor,
-        store.session_factory(engine),
-        clock=clock,
-    )
+    return store.session_factory(engine)
 
 
 def echo_step(message: str) -> None:
@@ -64,20 +51,16 @@ def echo_step(message: str) -> None:
 
 @click.command()
 @data_dir_option
-@click.option("--no-drill", is_flag=True, help="skip the restore drill that verifies it")
-def backup(data_dir: Path, no_drill: bool) -> None:
-    """Take a base backup of the leader now, verify it, and drill it (restore + invariants)."""
-    backups = open_backups(data_dir)
-    try:
-        info = backups.take(progress=echo_step)
-        if not no_drill:
-            result = backups.drill(info.label, progress=echo_step)
-            if not result.passed:
-                raise click.ClickException(f"the drill of {info.label} failed: {result.summary}")
-        backups.apply_retention(progress=echo_step)
-    except BackupError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(info.label)
+@click.option("--timeout-s", type=float, default=900, show_default=True)
+def backup(data_dir: Path, timeout_s: float) -> None:
+    """Take a base backup of the leader now, verify it, and drill it (restore + invariants):
+    the control plane's `backup` action, as the schedule runs it. Prints its label last."""
+    body = {"action": "backup", "target": RESTORE_TARGET, "reason": "operator: backup command"}
+    run = request_and_follow(data_dir, body, "backup", timeout_s)
+    output: dict[str, Any] = next((a["data"] for a in run["audit"] if a["verb"] == "output"), {})
+    if run["state"] != "succeeded" or "label" not in output:
+        raise click.ClickException(f"backup {run['state']}: {run.get('output')}")
+    click.echo(output["label"])
 
 
 @click.command(name="backups")
@@ -85,7 +68,7 @@ def backup(data_dir: Path, no_drill: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="the catalog as JSON")
 def list_backups(data_dir: Path, as_json: bool) -> None:
     """The backup catalog, newest first: size, checksum, and the last drill's result."""
-    rows = catalog_rows(open_backups(data_dir).factory)
+    rows = catalog_rows(open_catalog(data_dir))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -133,22 +116,30 @@ def restore(data_dir: Path, to: str, reason: str, timeout_s: float) -> None:
     """Restore the whole PostgreSQL cluster to TIME (every write after it is discarded), then
     rebuild the standby and flush the caches. Runs as the control plane's `restore` action."""
     point = parse_time(to)
-    base, headers = _api(data_dir)
     body = {
         "action": "restore",
         "target": RESTORE_TARGET,
         "reason": reason,
         "params": {"to": point.isoformat()},
     }
+    run = request_and_follow(data_dir, body, f"restore to {point.isoformat()}", timeout_s)
+    if run["state"] != "succeeded":
+        raise click.ClickException(f"restore {run['state']}: {run.get('output')}")
+    echo_step("restore verified")
+
+
+def request_and_follow(
+    data_dir: Path, body: dict[str, Any], what: str, timeout_s: float
+) -> dict[str, Any]:
+    """Ask the stack's control plane for a run (an operator's request), print its steps as
+    they happen, and return it ended."""
+    base, headers = _api(data_dir)
     response = requests.post(f"{base}/actions", json=body, headers=headers, timeout=10)
     if response.status_code != 202:
         raise click.ClickException(f"refused ({response.status_code}): {response.text.strip()}")
     run_id = response.json()["id"]
-    echo_step(f"restore to {point.isoformat()} requested: action run {run_id}")
-    run = follow(base, headers, run_id, timeout_s)
-    if run["state"] != "succeeded":
-        raise click.ClickException(f"restore {run['state']}: {run.get('output')}")
-    echo_step("restore verified")
+    echo_step(f"{what} requested: action run {run_id}")
+    return follow(base, headers, run_id, timeout_s)
 
 
 def follow(base: str, headers: dict[str, str], run_id: int, timeout_s: float) -> dict[str, Any]:

@@ -388,24 +388,6 @@ def controlplane_targets(
             "verify_timeout_s": 30,
             "params": {"nodes": nodes},
         },
-        {
-            # "Start a backup" (the dashboard's Backups page, or POST /api/v1/actions): a base
-            # backup of the leader, verified and drilled, as the scheduled ones are.
-            "name": "backup",
-            "source": "operator",
-            "match": {"target": "shop-db-cluster"},
-            "action": "backup",
-            "mode": "auto",
-            "cooldown_s": 0,
-            "max_attempts": 1,
-            "verify_timeout_s": 10,
-            "params": {
-                "nodes": nodes,
-                "backups_dir": str(layout.backups),
-                "archive_dir": str(layout.wal_archive),
-                "scratch_dir": str(layout.scratch),
-            },
-        },
     ]
     policies.append(
         {
@@ -471,6 +453,8 @@ def controlplane_targets(
         "services": services,
         "probes": probes,
         "policies": policies,
+        # Brings its policies: scheduled-backup (also "Start a backup" on the dashboard's
+        # Backups page, or POST /api/v1/actions), scheduled-drill and backup-retention.
         "backups": {
             "service": "shop-db-cluster",
             "nodes": nodes,

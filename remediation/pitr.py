@@ -28,8 +28,11 @@ from remediation.base import ActionError
 from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
 
 META_FILE = "controlplane-backup.json"
+# The last drill's verdict, beside the backup it judged: the backup directory describes
+# itself whole, and the control plane's catalog mirrors it (controlplane.backups).
+DRILL_FILE = "controlplane-drill.json"
 # Not copied into a data directory: ours, and pg_basebackup's manifest (meaningless there).
-NOT_DATA = (META_FILE, "backup_manifest")
+NOT_DATA = (META_FILE, DRILL_FILE, "backup_manifest")
 START_WAL = re.compile(r"^START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)", re.M)
 
 Progress = Callable[[str], None]
@@ -80,7 +83,7 @@ def size_of(path: Path) -> int:
 
 
 def verify_args(path: Path) -> list[str]:
-    return ["--ignore", META_FILE, str(path)]
+    return ["--ignore", META_FILE, "--ignore", DRILL_FILE, str(path)]
 
 
 def take_base_backup(
@@ -467,6 +470,50 @@ def drill_backup(
     return Drill(
         backup.label, True, f"{verdict.details['orders']} orders consistent", verdict.details
     )
+
+
+def record_drill(
+    backup: BackupInfo, drill: Drill, at: datetime, duration_s: float
+) -> dict[str, Any]:
+    """Write the drill's verdict beside the backup; returns it. A pass verifies the backup; a
+    failure takes an earlier verification back (whatever made it fail, it is not restorable
+    now, and the backup probe must not count it)."""
+    verified_at = at.isoformat() if drill.passed else None
+    verdict = {
+        "at": at.isoformat(),
+        "passed": drill.passed,
+        "summary": drill.summary,
+        "duration_s": duration_s,
+        "orders": drill.details.get("orders"),
+        "verified_at": verified_at,
+    }
+    (Path(backup.path) / DRILL_FILE).write_text(json.dumps(verdict, indent=2))
+    return verdict
+
+
+def drill_of(backup: BackupInfo) -> dict[str, Any]:
+    """The backup's last drill verdict ({} when it was never drilled)."""
+    try:
+        verdict = json.loads((Path(backup.path) / DRILL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return verdict if isinstance(verdict, dict) else {}
+
+
+def past_retention(
+    backups: list[BackupInfo], now: datetime, keep_count: int, max_age_s: float
+) -> list[BackupInfo]:
+    """What retention deletes: beyond the newest `keep_count`, those older than `max_age_s`,
+    except the newest verified one whatever its age (a restore needs one proven good)."""
+    newest_first = sorted(backups, key=lambda b: b.finished_at, reverse=True)
+    verified = next((b.label for b in newest_first if drill_of(b).get("verified_at")), None)
+    return [
+        b
+        for i, b in enumerate(newest_first)
+        if i >= keep_count
+        and (now - b.started_at).total_seconds() > max_age_s
+        and b.label != verified
+    ]
 
 
 def prune_archive(

@@ -14,6 +14,8 @@ ACTIONS: dict[str, str] = {
     "switchover": "remediation.switchover:Switchover",
     "restore": "remediation.restore:Restore",
     "backup": "remediation.backup:Backup",
+    "drill": "remediation.drill:Drill",
+    "prune-backups": "remediation.prune_backups:PruneBackups",
 }
 
 

@@ -1,22 +1,25 @@
-"""Work in flight during a failover (issue 18), on a stack of its own (its primary is killed):
-a scheduled base backup or drill that is told to stop ends at once, its tool killed, with no
+"""Work in flight during a change of the cluster (issues 18 and 20), on a stack of its own:
+a backup or drill run that is told to stand aside ends at once, its tool killed, with no
 partial directory, no scratch instance and nothing half made in the catalog; a later backup
-works as usual; and a failover that starts while one runs stops it and is not held up."""
+works as usual; a failover that starts while one runs stops it and is not held up; and a
+backup and a switchover requested together never run at the same time, whichever came first."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import store
-from controlplane.backups import Backups
+from controlplane.backups import sync_catalog
 from controlplane.config import Settings
-from controlplane.runtime import CLUSTER_ACTIONS, ControlPlane, acts_on_nodes
+from controlplane.models import ActionRun
+from controlplane.runtime import ControlPlane
+from controlplane.services import ActionRequestIn, request_action
 from lab.chaos import inject
 from lab.layout import StackLayout, find_free_base_port
 from lab.load import CarefulLoad, Ledger, verify_orders
@@ -24,19 +27,23 @@ from lab.process import wait_until
 from lab.stack import Stack
 from lab.targets import controlplane_targets, write_targets
 from remediation import pitr
+from remediation.backup import Backup
+from remediation.base import ActionContext, Check
+from remediation.drill import Drill
 from remediation.executors.base import Cancel, Cancelled
 from remediation.executors.lab import LabExecutor
 from remediation.executors.processes import process_table, under_directory
+from remediation.registry import action_class
 from tests.conftest import stack_of_its_own
 from tests.test_failover import view, wait_redundant
 
-CANCELLED = "scheduled backup cancelled"
+CLUSTER_CHANGES = ("failover", "rejoin", "switchover", "restore")
 
 
 @pytest.fixture(scope="module")
 def bc() -> Iterator[Stack]:
     # No control plane of the stack's own: each test runs the one it needs, in process, so
-    # that it can watch the backup job it stops.
+    # that it can watch the runs it stops.
     with stack_of_its_own(
         "shop-backup-cancel", products=50, stock=100_000, with_controlplane=False
     ) as lab:
@@ -74,22 +81,19 @@ def settings_of(
     )
 
 
-@pytest.fixture
-def catalog_store(bc: Stack, tmp_path: Path) -> Iterator[tuple[Settings, sessionmaker[Session]]]:
-    settings = lab_settings(bc, tmp_path, first_backup_after_s=3600)
-    engine = store.make_engine(settings.database_url)
-    store.migrate(engine)
-    yield settings, store.session_factory(engine)
-    engine.dispose()
-
-
-def backups_of(
-    stack: Stack, catalog: tuple[Settings, sessionmaker[Session]], max_rate: str | None = None
-) -> Backups:
-    settings, factory = catalog
-    assert settings.backups is not None
-    return Backups(
-        settings.backups, LabExecutor(stack.layout.stack_file), factory, max_rate=max_rate
+def context(
+    stack: Stack, settings: Settings, policy: str, cancel: Cancel | None = None, **params: Any
+) -> ActionContext:
+    """A run's context as the engine builds it, for the policy `[backups]` brings."""
+    spec = settings.policy(policy)
+    assert spec is not None
+    return ActionContext(
+        target="shop-db-cluster",
+        component=None,
+        params={**spec.params, **params},
+        executor=LabExecutor(stack.layout.stack_file),
+        is_healthy=lambda: Check.go("n/a"),
+        cancel=cancel,
     )
 
 
@@ -108,31 +112,34 @@ def processes_under(directory: Path) -> set[int]:
     return {p.pid for p in under_directory(directory)(process_table())}
 
 
-def cancelled_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "controlplane.backups" and r.getMessage().startswith(CANCELLED)
-    ]
+def in_thread(call: Any) -> tuple[threading.Thread, list[BaseException]]:
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # what the engine would see
+            raised.append(exc)
+
+    job = threading.Thread(target=run, name="backup run")
+    job.start()
+    return job, raised
 
 
-def backup_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "controlplane.backups" and r.levelno >= logging.ERROR
-    ]
-
-
-def test_only_a_change_of_the_backed_up_cluster_stops_its_backups(tmp_path: Path) -> None:
+def test_backup_drill_and_retention_runs_stand_aside_for_every_change_of_the_cluster(
+    tmp_path: Path,
+) -> None:
     layout = StackLayout(tmp_path, find_free_base_port())
     settings = settings_of(layout, tmp_path, shop_admin_token="t", redis_password="p")
-    assert settings.backups is not None
-    nodes = settings.backups.nodes
-    for action in CLUSTER_ACTIONS:
-        assert acts_on_nodes(settings, action, "shop-db-cluster", nodes), action
-    assert not acts_on_nodes(settings, "failover", "shop-0", nodes)  # no such policy there
-    assert not acts_on_nodes(settings, "failover", "shop-db-cluster", {"pg0": "host=elsewhere"})
+    for kind, policy in (("backup", "scheduled-backup"), ("drill", "scheduled-drill"),
+                         ("prune-backups", "backup-retention")):  # fmt: skip
+        assert set(CLUSTER_CHANGES) <= action_class(kind).yields_to, kind
+        spec = settings.policy(policy)
+        assert spec is not None and spec.action == kind
+        # ... and they run on the cluster's service, where its failovers run: one at a time.
+        assert settings.targets_of(spec) == frozenset({"shop-db-cluster"}), policy
+    failover = next(p for p in settings.policies if p.action == "failover")
+    assert settings.targets_of(failover) == frozenset({"shop-db-cluster"})
 
 
 def test_a_cancel_kills_what_runs_for_the_work_then_and_every_later_step_refuses() -> None:
@@ -151,94 +158,94 @@ def test_a_cancel_kills_what_runs_for_the_work_then_and_every_later_step_refuses
 
 
 def test_a_backup_cancelled_while_pg_basebackup_runs_stops_and_leaves_nothing_behind(
-    bc: Stack,
-    catalog_store: tuple[Settings, sessionmaker[Session]],
-    caplog: pytest.LogCaptureFixture,
+    bc: Stack, tmp_path: Path
 ) -> None:
-    caplog.set_level(logging.INFO)
+    settings = lab_settings(bc, tmp_path, first_backup_after_s=3600)
     backups_dir = bc.layout.backups
     before = entries(backups_dir)
+    token = Cancel()
     # Rate-limited to a crawl: it is still copying when it is cancelled.
-    slow = backups_of(bc, catalog_store, max_rate="1M")
-    job = threading.Thread(target=slow.scheduled_backup, name="backup job")
-    job.start()
+    slow = context(bc, settings, "scheduled-backup", token, max_rate="1M")
+    job, raised = in_thread(lambda: Backup().execute(slow))
     wait_until(
         lambda: bool(entries(backups_dir) - before) and bool(processes_under(backups_dir)),
         timeout_s=30,
         what="pg_basebackup copying into a new backup directory",
     )
 
-    assert slow.cancel("a failover of the cluster starting")
-    wait_until(lambda: not job.is_alive(), timeout_s=30, what="the cancelled job ended")
+    token.cancel("a failover of the cluster starting")
+    wait_until(lambda: not job.is_alive(), timeout_s=30, what="the cancelled run ended")
 
+    assert [type(e) for e in raised] == [Cancelled], raised
+    assert str(raised[0]) == "a failover of the cluster starting"
     assert entries(backups_dir) == before  # the partial backup directory is gone
     assert processes_under(backups_dir) == set()  # pg_basebackup and its WAL streamer too
-    with store.read(catalog_store[1]) as s:
-        assert store.list_backups(s) == []
-    assert cancelled_lines(caplog) == [f"{CANCELLED}: a failover of the cluster starting"]
-    assert backup_errors(caplog) == []
-    assert slow.in_flight is None
-    assert not slow.cancel("nothing runs now")
 
     # The next backup, as the next schedule would take it, is whole and verified.
-    backups_of(bc, catalog_store).scheduled_backup()
-    with store.read(catalog_store[1]) as s:
-        [taken] = store.list_backups(s)
+    outcome = Backup().execute(context(bc, settings, "scheduled-backup"))
+    db = store.make_engine(settings.database_url)
+    store.migrate(db)
+    factory = store.session_factory(db)
+    sync_catalog(factory, backups_dir)
+    with store.read(factory) as s:
+        [taken] = [b for b in store.list_backups(s) if b.label == outcome.data["label"]]
         assert taken.verified_at is not None and taken.drill["passed"] is True
     assert partial_backups(backups_dir) == []
 
 
 def test_a_backup_cancelled_during_its_drill_stops_the_scratch_instance_and_records_no_drill(
-    bc: Stack,
-    catalog_store: tuple[Settings, sessionmaker[Session]],
-    caplog: pytest.LogCaptureFixture,
+    bc: Stack, tmp_path: Path
 ) -> None:
-    caplog.set_level(logging.INFO)
-    backups = backups_of(bc, catalog_store)
-    assert backups.settings.scratch_dir == bc.layout.scratch
+    settings = lab_settings(bc, tmp_path, first_backup_after_s=3600)
     scratch = bc.layout.scratch
-    job = threading.Thread(target=backups.scheduled_backup, name="backup job")
-    job.start()
+    before = {b.label for b in pitr.list_backups(bc.layout.backups)}
+    token = Cancel()
+    job, raised = in_thread(
+        lambda: Backup().execute(context(bc, settings, "scheduled-backup", token))
+    )
     wait_until(
         lambda: any(p.name.startswith("drill-") for p in scratch.iterdir()),
         timeout_s=60,
         what="the drill restoring into its scratch directory",
     )
 
-    assert backups.cancel("a switchover of the cluster starting")
-    wait_until(lambda: not job.is_alive(), timeout_s=30, what="the cancelled job ended")
+    token.cancel("a switchover of the cluster starting")
+    wait_until(lambda: not job.is_alive(), timeout_s=30, what="the cancelled run ended")
 
+    assert [type(e) for e in raised] == [Cancelled], raised
     assert entries(scratch) == set()  # no scratch directory left
     assert processes_under(scratch) == set()  # and no scratch instance
-    assert cancelled_lines(caplog) == [f"{CANCELLED}: a switchover of the cluster starting"]
-    assert backup_errors(caplog) == []
-    # The backup had been taken and checked before the drill began: it stays, whole and in
-    # the catalog, with no drill recorded (not a failed one): the next drill takes it.
-    with store.read(catalog_store[1]) as s:
-        [taken] = store.list_backups(s)
-        assert taken.verified_at is None and "passed" not in taken.drill
-        assert Path(taken.path, pitr.META_FILE).exists()
+    # The backup had been taken and checked before the drill began: it stays, whole, with no
+    # drill recorded (not a failed one): the next drill takes it.
+    [taken] = [b for b in pitr.list_backups(bc.layout.backups) if b.label not in before]
+    assert pitr.drill_of(taken) == {}
     assert partial_backups(bc.layout.backups) == []
-    assert backups.drill().passed
+    assert Drill().execute(context(bc, settings, "scheduled-drill")).data["label"] == taken.label
+    assert pitr.drill_of(taken)["passed"] is True
 
 
-def drill_in_flight(plane: ControlPlane) -> bool:
-    """The scheduled job has taken its backup (it is in the catalog) and drills it now."""
-    if plane.backups is None or plane.backups.in_flight is None:
-        return False
+def runs(plane: ControlPlane, action: str) -> list[ActionRun]:
     with store.read(plane.factory) as s:
-        return any("at" not in b.drill for b in store.list_backups(s))
+        found = store.list_runs(s, incident_id=None, limit=20, action=action)
+        for run in found:
+            s.expunge(run)
+        return found
 
 
-def failovers(plane: ControlPlane) -> list[str]:
-    with store.read(plane.factory) as s:
-        return [r.state for r in store.list_runs(s, incident_id=None, limit=10, action="failover")]
+def states(plane: ControlPlane, action: str) -> list[str]:
+    return [r.state for r in runs(plane, action)]
+
+
+def drill_in_flight(plane: ControlPlane, scratch: Path) -> bool:
+    """The scheduled backup run has taken its backup and drills it now."""
+    return "running" in states(plane, "backup") and any(
+        p.name.startswith("drill-") for p in scratch.iterdir()
+    )
 
 
 def test_a_scheduled_backup_running_when_the_primary_dies_is_cancelled_and_the_failover_succeeds(
-    bc: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    bc: Stack, tmp_path: Path
 ) -> None:
-    caplog.set_level(logging.INFO)
     old = wait_redundant(bc)
     stack = view(bc)
     before = Ledger.read(stack)
@@ -250,32 +257,88 @@ def test_a_scheduled_backup_running_when_the_primary_dies_is_cancelled_and_the_f
     try:
         wait_until(lambda: len(load.acknowledged()) >= 10, timeout_s=60, what="orders flowing")
         plane.start()
-        wait_until(lambda: drill_in_flight(plane), timeout_s=120, what="the backup's drill")
+        wait_until(
+            lambda: drill_in_flight(plane, bc.layout.scratch),
+            timeout_s=120,
+            what="the backup's drill",
+        )
         inject("kill-primary", bc.layout.data_dir)  # every process of it, as a dying machine
 
         wait_until(
-            lambda: "succeeded" in failovers(plane), timeout_s=120, what="a failover succeeded"
+            lambda: "succeeded" in states(plane, "failover"),
+            timeout_s=120,
+            what="a failover succeeded",
         )
-        assert plane.backups is not None
         wait_until(
-            lambda: plane.backups is not None and plane.backups.in_flight is None,
+            lambda: "running" not in states(plane, "backup"),
             timeout_s=60,
-            what="the backup job ended",
+            what="the backup run ended",
         )
         assert wait_redundant(bc, timeout_s=120) != old
     finally:
         load.stop()
         plane.stop()
 
-    assert failovers(plane) == ["succeeded"]
-    assert cancelled_lines(caplog) == [f"{CANCELLED}: failover of shop-db-cluster starting"]
-    assert backup_errors(caplog) == []
+    assert states(plane, "failover") == ["succeeded"]
+    [backup] = runs(plane, "backup")
+    assert backup.state == "failed" and "cancelled: failover on shop-db-cluster waits for it" in (
+        backup.output.get("error", "")
+    ), backup.output
+    with store.read(plane.factory) as s:
+        said = [a.message for a in store.audit_of_run(s, backup.id)]
+    assert any("stood aside" in m for m in said) and not any("escalated" in m for m in said), said
     assert entries(bc.layout.scratch) == set()  # the drill's scratch directory is gone
     assert processes_under(bc.layout.scratch) == set()  # and its instance
     assert partial_backups(bc.layout.backups) == []
-    with store.read(plane.factory) as s:
-        assert all("passed" not in b.drill for b in store.list_backups(s))  # no drill recorded
     wait_until(lambda: stack.prepared_count() == 0, timeout_s=90, what="no transaction in doubt")
     verified = verify_orders(stack, load.acknowledged(), before)
     assert verified["acknowledged"] > 10
     assert verified["lost"] == 0 and verified["duplicates"] == 0, verified
+
+
+def span(run: ActionRun) -> tuple[datetime, datetime]:
+    assert run.started_at is not None and run.finished_at is not None, run.state
+    return run.started_at, run.finished_at
+
+
+@pytest.mark.parametrize("first", ["backup", "switchover"])
+def test_a_backup_and_a_switchover_requested_together_never_run_at_once(
+    bc: Stack, tmp_path: Path, first: str
+) -> None:
+    wait_redundant(bc, timeout_s=120)
+    settings = lab_settings(bc, tmp_path, first_backup_after_s=3600)
+    plane = ControlPlane(settings, executor=LabExecutor(bc.layout.stack_file))
+    plane.start()
+    try:
+        switchover = ActionRequestIn(
+            action="switchover", target="shop-db-cluster", reason="test: the other one first"
+        )
+        if first == "backup":
+            plane.schedule_backups("backup")
+            wait_until(lambda: "running" in states(plane, "backup"), timeout_s=30,
+                       what="the backup running")  # fmt: skip
+            request_action(plane, switchover, "test")
+        else:
+            request_action(plane, switchover, "test")
+            plane.schedule_backups("backup")
+        wait_until(
+            lambda: all(
+                st in ("succeeded", "failed") for a in ("backup", "switchover")
+                for st in states(plane, a)
+            ) and bool(states(plane, "backup")) and bool(states(plane, "switchover")),
+            timeout_s=300,
+            what="both runs ended",
+        )  # fmt: skip
+    finally:
+        plane.stop()
+    [backup] = runs(plane, "backup")
+    [moved] = runs(plane, "switchover")
+    assert moved.state == "succeeded", moved.output
+    b, m = span(backup), span(moved)
+    assert b[1] <= m[0] or m[1] <= b[0], (b, m)  # never both at once
+    if first == "backup":  # it stood aside: the switchover did not wait for the whole backup
+        assert backup.state == "failed" and "cancelled" in backup.output.get("error", "")
+    else:  # it waited, then ran
+        assert backup.state == "succeeded", backup.output
+        assert m[1] <= b[0]
+    wait_redundant(bc, timeout_s=120)

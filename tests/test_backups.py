@@ -12,17 +12,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controlplane import store
-from controlplane.backups import Backups
-from lab.backup_cli import open_backups
+from controlplane.backups import sync_catalog
+from controlplane.config import Settings
+from lab.backup_cli import open_catalog
 from lab.process import wait_until
 from lab.stack import Stack
+from remediation import pitr
+from remediation.base import ActionContext, Check
+from remediation.executors.lab import LabExecutor
+from remediation.prune_backups import PruneBackups
 from tests.conftest import stack_of_its_own
 from tests.test_controlplane import Api
 from tests.test_failover import (
@@ -140,36 +143,71 @@ def test_the_backup_command_reports_progress_and_catalogs_a_verified_backup(bk: 
     assert Api(bk).get("/backups")["backups"] == catalog(bk)  # API clients see the catalog
 
 
-def test_a_corrupted_backup_fails_its_drill_and_is_not_verified(bk: Stack) -> None:
-    backups = backups_of(bk)
-    info = backups.take()
+def take_undrilled(stack: Stack) -> pitr.BackupInfo:
+    """A base backup taken as the backup action takes it, without its drill."""
+    settings = Settings.load(environ={}, targets_file=stack.targets_file)
+    assert settings.backups is not None
+    name = leader(stack)
+    assert name is not None
+    return pitr.take_base_backup(
+        LabExecutor(stack.layout.stack_file),
+        name,
+        settings.backups.nodes[name],
+        settings.backups.backups_dir,
+    )
+
+
+def requested(api: Api, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An operator's run of `action` on the cluster, finished."""
+    body = {"action": action, "target": "shop-db-cluster", "reason": "test", "params": params or {}}
+    response = api.post("/actions", body)
+    assert response.status_code == 202, response.text
+    run_id = response.json()["id"]
+    wait_until(
+        lambda: api.get(f"/actions/{run_id}")["state"] in ("succeeded", "failed", "skipped"),
+        timeout_s=300,
+        what=f"the {action} run finished",
+    )
+    run: dict[str, Any] = api.get(f"/actions/{run_id}")
+    return run
+
+
+def test_a_corrupted_backup_fails_its_drill_and_is_not_verified(bk: Stack, bk_api: Api) -> None:
+    info = take_undrilled(bk)
     victim = next(p for p in sorted(Path(info.path, "base").rglob("*")) if p.is_file())
     victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, other bytes
-    result = backups.drill(info.label)
-    assert not result.passed
-    assert "verification" in result.summary
+    run = requested(bk_api, "drill", {"label": info.label})
+    assert run["state"] == "failed", run
+    assert "verification" in run["output"]["error"], run["output"]
     row = next(r for r in catalog(bk) if r["label"] == info.label)
     assert row["verified_at"] is None and row["drill"]["passed"] is False
     shutil.rmtree(info.path)
-    with store.transaction(backups.factory) as s:
-        store.delete_backup(s, info.label)
-
-
-def backups_of(stack: Stack, **changes: Any) -> Backups:
-    return open_backups(
-        stack.layout.data_dir, clock=lambda: datetime.now(UTC) + timedelta(days=30), **changes
-    )
+    sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
 
 
 def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_needed(
     bk: Stack,
 ) -> None:
     while len(catalog(bk)) < 2:
-        backups_of(bk).take()
+        take_undrilled(bk)
+        sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
     rows = catalog(bk)
     newest = rows[0]
-    deleted = backups_of(bk, keep_count=1, max_age_s=3600).apply_retention()
+    # The retention run's own code, with a tighter policy than the stack's: keep one, of any age.
+    policy = Settings.load(environ={}, targets_file=bk.targets_file).policy("backup-retention")
+    assert policy is not None
+    action = PruneBackups()
+    ctx = ActionContext(
+        target="shop-db-cluster",
+        component=None,
+        params={**policy.params, "keep_count": 1, "max_age_s": 0},
+        executor=LabExecutor(bk.layout.stack_file),
+        is_healthy=lambda: Check.go("n/a"),
+    )
+    assert action.precheck(ctx).ok
+    deleted = action.execute(ctx).data["deleted"]
     assert sorted(deleted) == sorted(r["label"] for r in rows[1:])
+    sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
     assert [r["label"] for r in catalog(bk)] == [newest["label"]]
     assert not any(Path(r["path"]).exists() for r in rows[1:])
     start_wal = json.loads((Path(newest["path"]) / "controlplane-backup.json").read_text())[

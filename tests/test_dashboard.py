@@ -282,11 +282,16 @@ DRY_RUN_PARAMS: dict[str, dict[str, Any]] = {
                 "accept_loss": 3},
     "backup": {"nodes": {"pg-a": "dbname=a"}, "backups_dir": "/b", "archive_dir": "/w",
                "scratch_dir": "/s"},
+    "drill": {"nodes": {"pg-a": "dbname=a"}, "backups_dir": "/b", "archive_dir": "/w",
+              "scratch_dir": "/s", "label": "base-1"},
+    "prune-backups": {"nodes": {"pg-a": "dbname=a"}, "backups_dir": "/b", "archive_dir": "/w",
+                      "keep_count": 2},
 }  # fmt: skip
 DRY_RUN_SAYS = {"restart": "http://{instance}/healthz", "cache_flush": "http://s0, http://s1",
                 "in_doubt": "over 7 s", "failover": "pg-a, pg-b", "rejoin": "rebuilt",
                 "switchover": "promote pg-b", "restore": "exactly 3 order(s)",
-                "backup": "pg_verifybackup"}  # fmt: skip
+                "backup": "pg_verifybackup", "drill": "check base-1",
+                "prune-backups": "newest 2"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", sorted(DRY_RUN_PARAMS))

@@ -5,12 +5,12 @@ from the stack's targets file, pointed at dead ports or doubled nodes where a ca
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
+from controlplane.config import Settings
 from lab.layout import find_free_base_port
 from lab.stack import Stack
 from remediation import pg_ops
@@ -26,10 +26,9 @@ HEALTHY = Check(True, "probe says up")
 
 
 def policy_params(stack: Stack, name: str) -> dict[str, Any]:
-    targets = tomllib.loads(stack.targets_file.read_text())
-    [policy] = [p for p in targets["policies"] if p["name"] == name]
-    params: dict[str, Any] = policy["params"]
-    return params
+    policy = Settings.load(environ={}, targets_file=stack.targets_file).policy(name)
+    assert policy is not None, name
+    return dict(policy.params)
 
 
 def dead_dsn() -> str:
@@ -163,6 +162,6 @@ def test_restore_declines_each_kind(stack: Stack) -> None:
 
 
 def test_backup_says_not_now_without_a_writable_leader(stack: Stack) -> None:
-    params = policy_params(stack, "backup")
+    params = policy_params(stack, "scheduled-backup")
     dead = {**params, "nodes": {"a": dead_dsn(), "b": dead_dsn()}}
     assert precheck("backup", dead).decline is Decline.NOT_NOW
