@@ -30,6 +30,9 @@ SCHEDULE = "schedule"  # who requests the scheduled runs, in the audit
 def sync_catalog(factory: sessionmaker[Session], backups_dir: Path) -> None:
     """The catalog made to match the backup directories: each backup in it, with its last
     drill's verdict (verified when a drill passed); a backup whose directory is gone, out."""
+    if not backups_dir.is_dir():  # unmounted, say: that is no reason to forget every backup
+        logger.warning("backup directory %s missing: the catalog is left as it is", backups_dir)
+        return
     found = {b.label: b for b in pitr.list_backups(backups_dir)}
     with store.transaction(factory) as s:
         for row in store.list_backups(s):

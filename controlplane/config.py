@@ -311,7 +311,31 @@ class Settings(Frozen):
             problem = policy_params_problem(policy)
             if problem is not None:
                 raise ValueError(f"policies[{i}].{problem}")
+        self._cluster_changes_on_the_backups_service()
         return self
+
+    def _cluster_changes_on_the_backups_service(self) -> None:
+        """A backup stands aside for a change of its cluster only when both run on one target
+        (the engine's one run per target): a failover, rejoin, switchover or restore of the
+        backed-up nodes must act on `[backups].service`, nowhere else."""
+        if self.backups is None:
+            return
+        changes = action_class("backup").yields_to
+        dsns = set(self.backups.nodes.values())
+        for i, policy in enumerate(self.policies):
+            nodes = policy.params.get("nodes")
+            if policy.action not in changes or not isinstance(nodes, Mapping):
+                continue
+            if dsns.isdisjoint(nodes.values()):
+                continue
+            targets = self.targets_of(policy)
+            if targets is None or targets != {self.backups.service}:
+                where = "any service" if targets is None else ", ".join(sorted(targets)) or "none"
+                raise ValueError(
+                    f"policies[{i}]: {policy.action} acts on the backed-up nodes but on {where}, "
+                    f"not on backups.service {self.backups.service!r}: it could run beside a "
+                    "backup of them"
+                )
 
     def executor_of(self, service: str | None) -> str | None:
         """The name of the executor that acts on `service`: its own, else the only one."""

@@ -25,7 +25,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane import store
 from controlplane.backups import BACKUP_ACTIONS, request_scheduled, sync_catalog
@@ -121,12 +120,13 @@ class ControlPlane:
             return
         try:
             sync_catalog(self.factory, self.settings.backups.backups_dir)
-        except (OSError, SQLAlchemyError):
+        except Exception:  # never stops a start or a worker: the next run's end tries again
             logger.exception("the backup catalog could not follow the backup directory")
 
     def schedule_backups(self, *actions: str) -> None:
-        """The schedule's tick: runs requested, the engine does the rest."""
-        if self.settings.backups is None:
+        """The schedule's tick: runs requested, the engine does the rest. Only the control
+        plane that holds the lease asks (two would ask twice)."""
+        if self.settings.backups is None or not self.loop.is_leader:
             return
         if request_scheduled(self.factory, self.settings.backups, list(actions), self.clock()):
             self.wake()

@@ -55,7 +55,9 @@ def echo_step(message: str) -> None:
 def backup(data_dir: Path, timeout_s: float) -> None:
     """Take a base backup of the leader now, verify it, and drill it (restore + invariants):
     the control plane's `backup` action, as the schedule runs it. Prints its label last."""
-    body = {"action": "backup", "target": RESTORE_TARGET, "reason": "operator: backup command"}
+    backups = _settings(data_dir).backups
+    assert backups is not None  # _settings refuses a targets file without
+    body = {"action": "backup", "target": backups.service, "reason": "operator: backup command"}
     run = request_and_follow(data_dir, body, "backup", timeout_s)
     output: dict[str, Any] = next((a["data"] for a in run["audit"] if a["verb"] == "output"), {})
     if run["state"] != "succeeded" or "label" not in output:

@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from remediation import pitr
+from pgcluster.nodes import leader_of
+from remediation import pg_ops, pitr
 from remediation.backup import CLUSTER_CHANGES, BackupParams, drill, leader_name
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
 
@@ -36,7 +37,7 @@ class Drill(Action):
     OperatorParams = DrillOperatorParams
 
     def __init__(self) -> None:
-        self.passed: str | None = None
+        self.drilled: str | None = None  # the label of the backup that passed
 
     @classmethod
     def plan(cls, target: str, params: Mapping[str, Any]) -> list[str]:
@@ -63,6 +64,8 @@ class Drill(Action):
         p = parse_params(DrillParams, ctx, "drill")
         if not pitr.list_backups(Path(p.backups_dir)):
             return Check.nothing_to_do(f"no backup in {p.backups_dir} to drill yet")
+        if leader_of(pg_ops.views(p.nodes)) is None:
+            return Check.not_now("no writable leader: its tools drill, its archive is replayed")
         return Check.go(f"drill {self._backup(p).label}")
 
     def execute(self, ctx: ActionContext) -> Outcome:
@@ -71,11 +74,11 @@ class Drill(Action):
         found = drill(ctx, p, leader_name(p.nodes), info)
         if not found.passed:
             raise ActionError(f"drill of {info.label} FAILED: {found.summary}", permanent=True)
-        self.passed = info.label
+        self.drilled = info.label
         return Outcome(
             f"drill of {info.label} passed: {found.summary}",
             {"label": info.label, "passed": True, "summary": found.summary},
         )
 
     def verify(self, ctx: ActionContext) -> Check:
-        return Check(self.passed is not None, f"{self.passed} drilled")
+        return Check(self.drilled is not None, f"{self.drilled} drilled")

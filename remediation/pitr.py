@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from pgcluster import invariants
 from remediation import pg_ops, restore_point
 from remediation.base import ActionError
 from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
+
+logger = logging.getLogger(__name__)
 
 META_FILE = "controlplane-backup.json"
 # The last drill's verdict, beside the backup it judged: the backup directory describes
@@ -152,13 +155,22 @@ def take_base_backup(
 
 
 def list_backups(backups_dir: Path) -> list[BackupInfo]:
-    """The finished backups in the directory, oldest first (a half-written one has no meta)."""
+    """The finished backups in the directory, oldest first (a half-written one has no meta).
+    A backup is the directory its description is in, whatever path the description names
+    (retention deletes it, a drill writes beside it); a description that does not read, or
+    whose label is not its directory's name, or whose times have no zone, is skipped."""
     found = []
     for meta in backups_dir.glob(f"*/{META_FILE}"):
         try:
-            found.append(BackupInfo.from_json(json.loads(meta.read_text())))
-        except (ValueError, TypeError, KeyError):
+            info = BackupInfo.from_json(json.loads(meta.read_text()))
+            if info.label != meta.parent.name:
+                raise ValueError(f"labelled {info.label!r}")
+            if info.started_at.tzinfo is None or info.finished_at.tzinfo is None:
+                raise ValueError("times without a zone")
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("%s is not a backup description, skipped: %s", meta, exc)
             continue
+        found.append(replace(info, path=str(meta.parent)))
     return sorted(found, key=lambda b: b.finished_at)
 
 
@@ -492,12 +504,18 @@ def record_drill(
 
 
 def drill_of(backup: BackupInfo) -> dict[str, Any]:
-    """The backup's last drill verdict ({} when it was never drilled)."""
+    """The backup's last drill verdict ({} when it was never drilled, or the file does not
+    read as one)."""
     try:
         verdict = json.loads((Path(backup.path) / DRILL_FILE).read_text())
-    except (OSError, ValueError):
+        if not isinstance(verdict, dict) or not isinstance(verdict.get("passed"), bool):
+            return {}
+        verified = verdict.get("verified_at")
+        if verified is not None and datetime.fromisoformat(verified).tzinfo is None:
+            return {}
+    except (OSError, ValueError, TypeError):
         return {}
-    return verdict if isinstance(verdict, dict) else {}
+    return verdict
 
 
 def past_retention(

@@ -25,7 +25,7 @@ class PruneParams(BaseModel):
     backups_dir: str
     archive_dir: str
     keep_count: int = Field(default=3, ge=1)
-    max_age_s: float = Field(default=7 * 24 * 3600, ge=0)
+    max_age_s: float = Field(default=7 * 24 * 3600, ge=0)  # 0: by count alone
 
 
 class PruneBackups(Action):

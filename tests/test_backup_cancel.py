@@ -6,9 +6,10 @@ backup and a switchover requested together never run at the same time, whichever
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from controlplane import store
 from controlplane.backups import sync_catalog
 from controlplane.config import Settings
+from controlplane.errors import ConfigError
 from controlplane.models import ActionRun
 from controlplane.runtime import ControlPlane
 from controlplane.services import ActionRequestIn, request_action
@@ -140,6 +142,40 @@ def test_backup_drill_and_retention_runs_stand_aside_for_every_change_of_the_clu
         assert settings.targets_of(spec) == frozenset({"shop-db-cluster"}), policy
     failover = next(p for p in settings.policies if p.action == "failover")
     assert settings.targets_of(failover) == frozenset({"shop-db-cluster"})
+
+
+def test_a_change_of_the_backed_up_nodes_on_another_service_is_refused_at_load(
+    tmp_path: Path,
+) -> None:
+    # The engine's one run per target is what keeps a backup from running beside a failover:
+    # a failover of the same nodes on another service would escape it.
+    layout = StackLayout(tmp_path, find_free_base_port())
+    targets = controlplane_targets(layout, shop_admin_token="t", redis_password="p")
+    failover = next(p for p in targets["policies"] if p["action"] == "failover")
+    failover["source"], failover["target"] = "alert", "shop-db"
+    failover["match"] = {"alertname": "PrimaryDown"}
+    path = tmp_path / "targets.toml"
+    write_targets(path, targets)
+    with pytest.raises(ConfigError, match=r"failover acts on the backed-up nodes but on shop-db"):
+        Settings.load(environ={}, targets_file=path)
+
+
+def test_junk_in_the_backup_directory_is_skipped_never_trusted(tmp_path: Path) -> None:
+    real = pitr.BackupInfo("base-1", "/srv", "pg0", datetime.now(UTC), datetime.now(UTC),
+                           "000000010000000000000002", "0" * 64, 1)  # fmt: skip
+    for name, text in (
+        ("base-1", json.dumps(real.to_json())),  # names another path: it is this directory
+        ("base-2", json.dumps({**real.to_json(), "label": "base-9"})),  # not its directory
+        ("base-3", "{not json"),
+        ("base-4", json.dumps({**real.to_json(), "label": "base-4",
+                               "started_at": "2026-01-01T00:00:00"})),  # no zone
+    ):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / pitr.META_FILE).write_text(text)
+    [found] = pitr.list_backups(tmp_path)
+    assert (found.label, found.path) == ("base-1", str(tmp_path / "base-1"))
+    (tmp_path / "base-1" / pitr.DRILL_FILE).write_text('{"passed": "yes"}')
+    assert pitr.drill_of(found) == {}  # not a verdict: never drilled, so never verified
 
 
 def test_a_cancel_kills_what_runs_for_the_work_then_and_every_later_step_refuses() -> None:
@@ -310,6 +346,8 @@ def test_a_backup_and_a_switchover_requested_together_never_run_at_once(
     plane = ControlPlane(settings, executor=LabExecutor(bc.layout.stack_file))
     plane.start()
     try:
+        # Only the control plane holding the lease schedules backups.
+        wait_until(lambda: plane.loop.is_leader, timeout_s=30, what="the lease held")
         switchover = ActionRequestIn(
             action="switchover", target="shop-db-cluster", reason="test: the other one first"
         )
