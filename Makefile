@@ -8,10 +8,10 @@ setup:
 	@scripts/setup
 
 demo: setup
-	.venv/bin/controlplane demo --data-dir $(DATA_DIR) --base-port $(BASE_PORT)
+	.venv/bin/shoplab demo --data-dir $(DATA_DIR) --base-port $(BASE_PORT)
 
 down:
-	.venv/bin/controlplane down --data-dir $(DATA_DIR)
+	.venv/bin/shoplab down --data-dir $(DATA_DIR)
 
 test: setup
 	scripts/check

@@ -1,4 +1,4 @@
-"""`python -m lab ...`: the same commands as the `controlplane` console script."""
+"""`python -m lab ...`: the same commands as the `shoplab` console script."""
 
 from lab.cli import main
 

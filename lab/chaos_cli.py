@@ -1,4 +1,4 @@
-"""The `controlplane chaos`, `load` and `gameday` commands."""
+"""The `shoplab chaos`, `load` and `gameday` commands."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The `controlplane` command: `up`, `demo`, `down` and `status` for a lab stack (and, from
-chaos_cli, `chaos`, `load` and `gameday`)."""
+"""The `shoplab` command: `up`, `demo`, `down` and `status` for a lab stack (and, from
+chaos_cli, `chaos`, `load` and `gameday`). The product's own commands are `controlplane`'s
+(`web.cli`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,8 @@ from typing import Any
 
 import click
 
-from controlplane.check_config import check_config_command
-from lab.backup_cli import backup, list_backups, restore
 from lab.chaos_cli import chaos, gameday_command, load
 from lab.errors import LabError
-from lab.facts_cli import facts_command
 from lab.layout import StackLayout
 from lab.load import run_order_load
 from lab.options import base_port_option, data_dir_option
@@ -32,8 +30,6 @@ from lab.stack import (
     stop_described,
     wait_forever,
 )
-from lab.user_cli import user
-from web.server import serve
 
 logger = logging.getLogger("lab")
 
@@ -41,7 +37,7 @@ logger = logging.getLogger("lab")
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="log debug details")
 def main(verbose: bool) -> None:
-    """Self-healing control plane for a transactional shop, and the lab that runs it."""
+    """The lab: a shop and its control plane on loopback, faults, load and game days."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -104,7 +100,7 @@ def up(data_dir: Path, base_port: int, shops: int, products: int, detach: bool) 
     """Start PostgreSQL primary + standby, Redis, Alertmanager, Prometheus and the shop."""
     stack, _ = _start(data_dir, base_port, shops, products)
     if detach:
-        click.echo(f"detached; stop it with: controlplane down --data-dir {data_dir}")
+        click.echo(f"detached; stop it with: shoplab down --data-dir {data_dir}")
         return
     click.echo("running; Ctrl-C stops everything")
     _supervise(stack)
@@ -158,16 +154,9 @@ def demo(data_dir: Path, base_port: int, load_s: float) -> None:
     _supervise(stack, before_stop=stop_load.set)
 
 
-main.add_command(serve)
-main.add_command(backup)
-main.add_command(list_backups)
-main.add_command(restore)
 main.add_command(chaos)
 main.add_command(load)
 main.add_command(gameday_command)
-main.add_command(user)
-main.add_command(facts_command)
-main.add_command(check_config_command)
 
 
 @main.command()

@@ -87,7 +87,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         try:
-            # A new session: the server outlives a detached `controlplane up`, and a Ctrl-C
+            # A new session: the server outlives a detached `shoplab up`, and a Ctrl-C
             # in the terminal reaches only the supervisor, which stops servers in order.
             self.popen = spawn(
                 self.argv,

@@ -251,19 +251,19 @@ class Stack:
         return self.layout.data_dir / "controlplane" / "targets.toml"
 
     def controlplane_server(self, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
-        write_targets(
-            self.targets_file,
-            controlplane_targets(
-                self.layout,
-                shop_admin_token=self.admin_token,
-                redis_password=self.redis_password,
-                policy_overrides=self.policy_overrides,
-            ),
+        targets = controlplane_targets(
+            self.layout,
+            shop_admin_token=self.admin_token,
+            redis_password=self.redis_password,
+            policy_overrides=self.policy_overrides,
         )
+        # The product's commands (`controlplane backup --data-dir DIR`) reach its API with it.
+        targets["controlplane"]["api_token"] = self.api_token
+        write_targets(self.targets_file, targets)
         url = f"http://{HOST}:{self.layout.controlplane_port}"
         return ServerProcess(
             name="controlplane",
-            argv=[sys.executable, "-m", "lab", "serve", "--targets", str(self.targets_file)],
+            argv=[sys.executable, "-m", "web.cli", "serve", "--targets", str(self.targets_file)],
             env_overrides={
                 "CP_API_TOKEN": self.api_token,
                 "CP_WEBHOOK_TOKEN": self.webhook_token,
@@ -398,7 +398,7 @@ class Stack:
             components[name] = entry
         return {
             "version": STACK_FILE_VERSION,
-            "lab": True,  # made by the lab: `controlplane chaos` refuses any other stack
+            "lab": True,  # made by the lab: `shoplab chaos` refuses any other stack
             "data_dir": str(self.layout.data_dir),
             "base_port": self.layout.base_port,
             "started_at": self.started_at,
@@ -505,7 +505,7 @@ def running_supervisors(description: Mapping[str, Any]) -> dict[str, int]:
 
 
 def stop_described(data_dir: Path, *, timeout_s: float = 20) -> list[str]:
-    """`controlplane down`: leave nothing of the stack described in DIR/stack.json running,
+    """`shoplab down`: leave nothing of the stack described in DIR/stack.json running,
     whatever its control plane is doing. The control plane first, waited for (its actions end
     with it); then every recorded component, cleanly, in order; then whatever is left is
     killed: what the recorded processes started, and every process working in DIR or naming a
@@ -556,7 +556,7 @@ def ensure_not_running(data_dir: Path) -> None:
         if alive:
             raise LabError(
                 f"a stack is already running in {data_dir} ({', '.join(sorted(alive))}): "
-                f"run `controlplane down --data-dir {data_dir}` first"
+                f"run `shoplab down --data-dir {data_dir}` first"
             )
 
 

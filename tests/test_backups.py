@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from controlplane.backups import sync_catalog
+from controlplane.cli import open_catalog
 from controlplane.config import Settings
-from lab.backup_cli import open_catalog
 from lab.process import wait_until
 from lab.stack import Stack
 from remediation import pitr
@@ -54,7 +54,7 @@ def bk_api(bk: Stack) -> Api:
 
 def cli(stack: Stack, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lab", *args, "--data-dir", str(stack.layout.data_dir)],
+        [sys.executable, "-m", "web.cli", *args, "--data-dir", str(stack.layout.data_dir)],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -182,7 +182,7 @@ def test_a_corrupted_backup_fails_its_drill_and_is_not_verified(bk: Stack, bk_ap
     row = next(r for r in catalog(bk) if r["label"] == info.label)
     assert row["verified_at"] is None and row["drill"]["passed"] is False
     shutil.rmtree(info.path)
-    sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
+    sync_catalog(open_catalog(None, bk.layout.data_dir), bk.layout.backups)
 
 
 def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_needed(
@@ -190,7 +190,7 @@ def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_nee
 ) -> None:
     while len(catalog(bk)) < 2:
         take_undrilled(bk)
-        sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
+        sync_catalog(open_catalog(None, bk.layout.data_dir), bk.layout.backups)
     rows = catalog(bk)
     newest = rows[0]
     # The retention run's own code, with a tighter policy than the stack's: keep one, of any age.
@@ -207,7 +207,7 @@ def test_retention_keeps_the_newest_backups_and_prunes_the_wal_only_old_ones_nee
     assert action.precheck(ctx).ok
     deleted = action.execute(ctx).data["deleted"]
     assert sorted(deleted) == sorted(r["label"] for r in rows[1:])
-    sync_catalog(open_catalog(bk.layout.data_dir), bk.layout.backups)
+    sync_catalog(open_catalog(None, bk.layout.data_dir), bk.layout.backups)
     assert [r["label"] for r in catalog(bk)] == [newest["label"]]
     assert not any(Path(r["path"]).exists() for r in rows[1:])
     start_wal = json.loads((Path(newest["path"]) / "controlplane-backup.json").read_text())[

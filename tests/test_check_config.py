@@ -9,9 +9,9 @@ from pathlib import Path
 import tomli_w
 from click.testing import CliRunner
 
-from lab.cli import main
 from lab.layout import StackLayout
 from lab.targets import controlplane_targets, write_targets
+from web.cli import main
 
 
 def lab_targets(tmp_path: Path) -> tuple[Path, dict]:  # type: ignore[type-arg]
@@ -94,3 +94,28 @@ def test_a_problem_across_keys_is_named_with_its_line_too(tmp_path: Path) -> Non
     assert said.startswith("line ") and f"policies[{i}].target" in said, said
     number = int(said.split(":")[0].removeprefix("line "))
     assert path.read_text().splitlines()[number - 1].strip().startswith("target"), said
+
+
+def commands_of(group: object) -> set[str]:
+    import click
+
+    assert isinstance(group, click.Group)
+    return set(group.commands)
+
+
+def test_the_products_command_lists_only_its_own_and_the_labs_only_the_labs() -> None:
+    from lab.cli import main as shoplab
+
+    product = {"serve", "check-config", "user", "facts", "backup", "backups", "restore"}
+    lab = {"up", "down", "status", "demo", "chaos", "load", "gameday"}
+    assert commands_of(main) == product
+    assert commands_of(shoplab) == lab
+    said = CliRunner().invoke(main, ["--help"]).output
+    assert all(name in said for name in product) and "gameday" not in said
+
+
+def test_a_backup_asked_without_an_api_token_says_how_to_give_one(tmp_path: Path) -> None:
+    path, _ = lab_targets(tmp_path)
+    result = CliRunner().invoke(main, ["backup", "--targets", str(path)], env={"CP_API_TOKEN": ""})
+    assert result.exit_code != 0
+    assert "no API token: set CP_API_TOKEN" in result.output, result.output

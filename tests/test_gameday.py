@@ -35,7 +35,7 @@ from web.gamedays import read_report
 # One trial of each fault the control plane heals by itself: every fault but the data damage,
 # whose restore awaits an operator's approval (tests/test_restore.py approves them).
 CI_FAULTS = DEFAULT_FAULTS
-# Timing objectives are the bench's to judge (`controlplane gameday`, bench/RESULTS.md): on a
+# Timing objectives are the bench's to judge (`shoplab gameday`, bench/RESULTS.md): on a
 # shared CI machine a test asserts what must never happen, whatever the timing.
 TIMING = {"outage_p99_s", "redundancy_s"}
 

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from controlplane import store
 from controlplane.facts import StoreFacts
 from lab.chaos import inject
-from lab.cli import main
 from lab.layout import find_free_base_port
 from lab.observe import cluster_facts, notifications
 from lab.process import wait_until
@@ -42,6 +41,7 @@ from tests.test_failover import (
     runs_of,
     wait_redundant,
 )
+from web.cli import main
 
 STANDBY_STOPPED_S = 6.0  # the scenario: the standby stopped for 6 s at the kill
 KILLS_APART_S = 35.0  # the rhythm: past the 30 s cooldown, 5 within 10 minutes

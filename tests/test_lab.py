@@ -125,7 +125,7 @@ def test_a_missing_postgres_names_the_package_to_install(tmp_path: Path) -> None
 def test_up_detach_then_down_leaves_nothing_running() -> None:
     data_dir = lab_tmpdir("shop-cli-")
     base = find_free_base_port()
-    cli = [str(Path(sys.executable).parent / "controlplane")]
+    cli = [str(Path(sys.executable).parent / "shoplab")]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

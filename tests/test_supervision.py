@@ -1,6 +1,6 @@
 """Who heals the healer, in the lab: the control plane killed from outside any tool is started
 again by its supervisor (what systemd's Restart=always is on a host), Prometheus tells a human
-(Alertmanager's second receiver, never the control plane itself), and `controlplane status`
+(Alertmanager's second receiver, never the control plane itself), and `shoplab status`
 shows what is dead as dead."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Game days pages: the reports `controlplane gameday` writes (one JSON file a run, named by
+"""The Game days pages: the reports `shoplab gameday` writes (one JSON file a run, named by
 its start, in `gamedays_dir`), listed with their verdicts, and one chart per fault trial.
 
 A report is a file on disk, not a request: it is read bounded (size, shape) and a bad one is

@@ -288,7 +288,7 @@ def _is_path_under(arg: str, root: str, cwd: str | None) -> bool:
 def under_directory(root: str | Path, *, spare: Collection[int] = ()) -> Finder:
     """A finder of the processes that work in `root` or below it, or name a path below it on
     their command line (a `postgres -D ROOT/pg/pg0`); never this process, its ancestors (the
-    shell that runs `controlplane down --data-dir ROOT`) or the pids in `spare`."""
+    shell that runs `shoplab down --data-dir ROOT`) or the pids in `spare`."""
     tops = {os.path.realpath(root), os.path.normpath(os.path.abspath(root))}
     if os.sep in tops:
         raise ValueError("refusing to look for processes under /")
