@@ -37,7 +37,8 @@ from lab.process import ServerProcess
 from lab.receiver import CONTROLPLANE_PATH, receiver_server, receiver_url
 from lab.supervisor import supervisor_server
 from lab.targets import controlplane_targets, write_targets
-from remediation.executors.lab import LabExecutor, stop_signal
+from remediation.executors.lab import LabExecutor
+from remediation.executors.local import stop_signal
 from remediation.executors.processes import (
     descendants,
     describe_processes,

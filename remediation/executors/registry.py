@@ -1,6 +1,7 @@
 """Executor kinds by name (the targets file's `[executors.NAME] kind = ...`), imported only
-when used, as probes and actions are. `lab` acts on the local processes a lab's stack.json
-describes; `none` refuses every process action. The next kinds (`ssh`, `systemd`) go here."""
+when used, as probes and actions are. `local` acts on processes of this host started from
+recipes in its params; `lab` is the same for a lab stack (recipes and pids in its stack.json);
+`none` refuses every process action. The next kinds (`ssh`, `systemd`) go here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import kinds
 from remediation.executors.base import Executor
 
 EXECUTORS: dict[str, str] = {
+    "local": "remediation.executors.local:LocalExecutor",
     "lab": "remediation.executors.lab:LabExecutor",
     "none": "remediation.executors.none:NoExecutor",
 }
