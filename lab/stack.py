@@ -36,7 +36,7 @@ from lab.monitoring import (
 from lab.process import ServerProcess
 from lab.receiver import CONTROLPLANE_PATH, receiver_server, receiver_url
 from lab.supervisor import supervisor_server
-from lab.targets import controlplane_targets, write_targets
+from lab.targets import controlplane_targets, render_targets, write_targets
 from remediation.executors.lab import LabExecutor
 from remediation.executors.local import stop_signal
 from remediation.executors.processes import (
@@ -252,15 +252,18 @@ class Stack:
         return self.layout.data_dir / "controlplane" / "targets.toml"
 
     def controlplane_server(self, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
-        targets = controlplane_targets(
-            self.layout,
-            shop_admin_token=self.admin_token,
-            redis_password=self.redis_password,
-            policy_overrides=self.policy_overrides,
-        )
-        # The product's commands (`controlplane backup --data-dir DIR`) reach its API with it.
-        targets["controlplane"]["api_token"] = self.api_token
-        write_targets(self.targets_file, targets)
+        secrets = {"shop_admin_token": self.admin_token, "redis_password": self.redis_password}
+        if self.policy_overrides:  # a test's or a game day's limits: the table, changed
+            targets = controlplane_targets(
+                self.layout, **secrets, policy_overrides=self.policy_overrides
+            )
+            targets["controlplane"]["api_token"] = self.api_token
+            write_targets(self.targets_file, targets)
+        else:  # the rendered file itself, its comments kept
+            write_targets(
+                self.targets_file,
+                render_targets(self.layout, **secrets, api_token=self.api_token),
+            )
         url = f"http://{HOST}:{self.layout.controlplane_port}"
         return ServerProcess(
             name="controlplane",

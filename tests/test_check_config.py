@@ -119,3 +119,16 @@ def test_a_backup_asked_without_an_api_token_says_how_to_give_one(tmp_path: Path
     result = CliRunner().invoke(main, ["backup", "--targets", str(path)], env={"CP_API_TOKEN": ""})
     assert result.exit_code != 0
     assert "no API token: set CP_API_TOKEN" in result.output, result.output
+
+
+def test_the_labs_template_renders_a_plain_commented_file_that_passes(tmp_path: Path) -> None:
+    from lab.targets import render_targets
+
+    layout = StackLayout(tmp_path / "a stack", 30000, shop_count=3)
+    text = render_targets(layout, shop_admin_token='t"\\', redis_password="p@/", api_token="k")
+    assert text.count("\n# ") > 20  # the reasons stay with the values
+    path = tmp_path / "targets.toml"
+    write_targets(path, text)
+    code, out = check(path)
+    assert code == 0, out
+    assert all(f'name = "shop-{i}-ready"' in text for i in range(3))
