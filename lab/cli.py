@@ -30,18 +30,16 @@ from lab.stack import (
     stop_described,
     wait_forever,
 )
+from web.cli import VERBOSE, log_to_stderr
 
 logger = logging.getLogger("lab")
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="log debug details")
+@VERBOSE
 def main(verbose: bool) -> None:
     """The lab: a shop and its control plane on loopback, faults, load and game days."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_to_stderr(verbose)
 
 
 def print_urls(description: dict[str, Any]) -> None:

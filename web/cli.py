@@ -11,15 +11,21 @@ import click
 from controlplane.cli import COMMANDS
 from web.server import serve
 
+VERBOSE = click.option("-v", "--verbose", is_flag=True, help="log debug details")
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="log debug details")
-def main(verbose: bool) -> None:
-    """Self-healing control plane for a transactional shop."""
+
+def log_to_stderr(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+@click.group()
+@VERBOSE
+def main(verbose: bool) -> None:
+    """Self-healing control plane for a transactional shop."""
+    log_to_stderr(verbose)
 
 
 main.add_command(serve)
