@@ -111,8 +111,8 @@ def take_backup(stack: Stack) -> pitr.BackupInfo:
         ).json()
         return found
 
-    wait_until(lambda: run()["state"] in ("succeeded", "failed", "skipped"), timeout_s=600,
-               what="the backup run")  # fmt: skip
+    ended = ("succeeded", "failed", "skipped", "abandoned")
+    wait_until(lambda: run()["state"] in ended, timeout_s=600, what="the backup run")
     done = run()
     if done["state"] != "succeeded":
         raise RuntimeError(f"the backup run {done['state']}: {done.get('output')}")
