@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,11 +157,12 @@ def _reach(settings: Settings, text: str) -> list[Problem]:
 def check(path: Path) -> tuple[Settings | None, list[Problem]]:
     """The settings the file gives (None if it gives none) and every problem found."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         return None, [Problem("", None, f"cannot read {path}: {exc.strerror}")]
+    except UnicodeDecodeError as exc:
+        return None, [Problem("", None, f"{path} is not UTF-8 text (byte {exc.start})")]
     try:
-        tomllib.loads(text)
         values = read_targets(path)
     except ConfigError as exc:
         return None, [Problem("", None, str(exc))]

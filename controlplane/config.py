@@ -445,9 +445,13 @@ def policy_params_problem(policy: PolicySpec) -> str | None:
 
 def read_targets(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"targets file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"targets file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"targets file {path} is not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"targets file {path} is not valid TOML: {exc}") from None
     values: dict[str, Any] = dict(data.pop("controlplane", {}))

@@ -34,8 +34,11 @@ META_FILE = "controlplane-backup.json"
 # The last drill's verdict, beside the backup it judged: the backup directory describes
 # itself whole, and the control plane's catalog mirrors it (controlplane.backups).
 DRILL_FILE = "controlplane-drill.json"
+DRILL_TMP = f".{DRILL_FILE}.tmp"  # written first, renamed over it
 # Not copied into a data directory: ours, and pg_basebackup's manifest (meaningless there).
 NOT_DATA = (META_FILE, DRILL_FILE, "backup_manifest")
+LABEL = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+WAL_NAME = re.compile(r"[0-9A-F]{24}")
 START_WAL = re.compile(r"^START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)", re.M)
 
 Progress = Callable[[str], None]
@@ -64,13 +67,26 @@ class BackupInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BackupInfo:
-        return cls(
+        """Raises ValueError (TypeError, KeyError) for a description that is not one: the
+        file is outside input (whoever writes in the backup directory wrote it)."""
+        info = cls(
             **{
                 **data,
                 "started_at": datetime.fromisoformat(data["started_at"]),
                 "finished_at": datetime.fromisoformat(data["finished_at"]),
             }
         )
+        texts = (info.label, info.path, info.source, info.start_wal, info.checksum)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("a text field is not text")
+        if not LABEL.fullmatch(info.label) or not WAL_NAME.fullmatch(info.start_wal):
+            raise ValueError(f"label {info.label!r} or start WAL {info.start_wal!r} malformed")
+        if not re.fullmatch(r"[0-9a-f]{64}", info.checksum):
+            raise ValueError("checksum is not a SHA-256")
+        size = info.size_bytes
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**62:
+            raise ValueError(f"size_bytes {size!r} out of range")
+        return info
 
 
 def sha256_of(path: Path) -> str:
@@ -86,7 +102,9 @@ def size_of(path: Path) -> int:
 
 
 def verify_args(path: Path) -> list[str]:
-    return ["--ignore", META_FILE, "--ignore", DRILL_FILE, str(path)]
+    """pg_verifybackup's: every file but the control plane's own, which no manifest lists."""
+    ours = (META_FILE, DRILL_FILE, DRILL_TMP)
+    return [arg for name in ours for arg in ("--ignore", name)] + [str(path)]
 
 
 def take_base_backup(
@@ -162,6 +180,10 @@ def list_backups(backups_dir: Path) -> list[BackupInfo]:
     found = []
     for meta in backups_dir.glob(f"*/{META_FILE}"):
         try:
+            # The control plane (root, often) deletes and writes in these directories: a link
+            # planted there would aim that elsewhere. Only real directories and files count.
+            if meta.parent.is_symlink() or meta.is_symlink():
+                raise ValueError("a symbolic link")
             info = BackupInfo.from_json(json.loads(meta.read_text()))
             if info.label != meta.parent.name:
                 raise ValueError(f"labelled {info.label!r}")
@@ -499,15 +521,30 @@ def record_drill(
         "orders": drill.details.get("orders"),
         "verified_at": verified_at,
     }
-    (Path(backup.path) / DRILL_FILE).write_text(json.dumps(verdict, indent=2))
+    write_no_follow(Path(backup.path) / DRILL_FILE, json.dumps(verdict, indent=2))
     return verdict
+
+
+def write_no_follow(path: Path, text: str) -> None:
+    """Replace `path` with `text` without following a link planted at its name (or at its
+    temporary's): written beside it, then renamed over it (a rename replaces a link, never
+    its target)."""
+    tmp = path.with_name(DRILL_TMP if path.name == DRILL_FILE else f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def drill_of(backup: BackupInfo) -> dict[str, Any]:
     """The backup's last drill verdict ({} when it was never drilled, or the file does not
     read as one)."""
+    path = Path(backup.path) / DRILL_FILE
+    if path.is_symlink():
+        return {}
     try:
-        verdict = json.loads((Path(backup.path) / DRILL_FILE).read_text())
+        verdict = json.loads(path.read_text())
         if not isinstance(verdict, dict) or not isinstance(verdict.get("passed"), bool):
             return {}
         verified = verdict.get("verified_at")

@@ -65,8 +65,12 @@ class PruneBackups(Action):
             if ctx.cancel is not None:
                 ctx.cancel.check()
             # Its description first: half deleted, it is no longer a backup anybody restores.
+            # (list_backups gave only real directories under backups_dir, no link.)
             (Path(backup.path) / pitr.META_FILE).unlink(missing_ok=True)
-            shutil.rmtree(backup.path, ignore_errors=True)
+            try:
+                shutil.rmtree(backup.path)
+            except OSError as exc:
+                raise ActionError(f"{backup.label} could not be deleted whole: {exc}") from exc
         remaining = pitr.list_backups(backups_dir)
         pruned = "the WAL archive untouched"
         if doomed and remaining:

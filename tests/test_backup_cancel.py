@@ -169,13 +169,31 @@ def test_junk_in_the_backup_directory_is_skipped_never_trusted(tmp_path: Path) -
         ("base-3", "{not json"),
         ("base-4", json.dumps({**real.to_json(), "label": "base-4",
                                "started_at": "2026-01-01T00:00:00"})),  # no zone
+        ("base-5", json.dumps({**real.to_json(), "label": "base-5", "size_bytes": "abc"})),
+        ("base-6", json.dumps({**real.to_json(), "label": "base-6", "size_bytes": 10**30})),
     ):  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / pitr.META_FILE).write_text(text)
+    # A link planted as a backup, to a directory that describes itself as one: never taken
+    # (retention would delete through it, a drill write through it).
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / pitr.META_FILE).write_text(json.dumps({**real.to_json(), "label": "base-7"}))
+    (tmp_path / "base-7").symlink_to(elsewhere)
     [found] = pitr.list_backups(tmp_path)
     assert (found.label, found.path) == ("base-1", str(tmp_path / "base-1"))
     (tmp_path / "base-1" / pitr.DRILL_FILE).write_text('{"passed": "yes"}')
     assert pitr.drill_of(found) == {}  # not a verdict: never drilled, so never verified
+    # A verdict written never follows a link planted at its name.
+    victim = elsewhere / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / "base-1" / pitr.DRILL_FILE).unlink()
+    (tmp_path / "base-1" / pitr.DRILL_FILE).symlink_to(victim)
+    assert pitr.drill_of(found) == {}
+    drill = pitr.Drill("base-1", True, "1 orders consistent", {"orders": 1})
+    pitr.record_drill(found, drill, datetime.now(UTC), 1.0)
+    assert victim.read_text() == "mine"
+    assert pitr.drill_of(found)["passed"] is True
 
 
 def test_a_cancel_kills_what_runs_for_the_work_then_and_every_later_step_refuses() -> None:
