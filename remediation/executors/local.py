@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -38,16 +39,37 @@ from remediation.executors.processes import (
 logger = logging.getLogger(__name__)
 
 
+POSTGRES_ROLES = ("primary", "standby")
+
+
+def instance_dir(comp: Mapping[str, Any]) -> str | None:
+    """The directory whose every process belongs to the component (it is killed with it): a
+    PostgreSQL node's data directory (its backends each call setsid(): no process tree or
+    group holds them). For any other role, none: a shared working directory is no proof."""
+    data_dir = comp.get("data_dir")
+    return str(data_dir) if data_dir and comp.get("role") in POSTGRES_ROLES else None
+
+
+def uid_of(user: str | None) -> int:
+    """The uid a component runs as: its recipe's user, else this process's."""
+    if user is None:
+        return os.geteuid()
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ExecutorError(f"no OS user {user!r} on this host") from None
+
+
 def stop_signal(role: str) -> int:
     """PostgreSQL stops "fast" on SIGINT (SIGTERM would be "smart": wait for every client)."""
-    return signal.SIGINT if role in ("primary", "standby") else signal.SIGTERM
+    return signal.SIGINT if role in POSTGRES_ROLES else signal.SIGTERM
 
 
 def restart_stop_timeout_s(role: str) -> float:
     """How long a restart waits for a clean stop before SIGKILL. What is restarted does not
     serve (it may hang: a SIGSTOPped gunicorn), so not long; PostgreSQL longer, as its fast
     shutdown writes a checkpoint and a SIGKILL costs a crash recovery."""
-    return 10.0 if role in ("primary", "standby") else 3.0
+    return 10.0 if role in POSTGRES_ROLES else 3.0
 
 
 class LocalExecutor:
@@ -111,8 +133,9 @@ class LocalExecutor:
         pid = comp.get("pid")
         if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
             return pid
-        argv = comp.get("start", {}).get("argv")
-        found = started_as(argv) if argv else []
+        start = comp.get("start", {})
+        argv = start.get("argv")
+        found = started_as(argv, uid=uid_of(start.get("user"))) if argv else []
         if len(found) != 1:
             return None
         logger.warning("%s runs as pid %d, which was never recorded: adopted", component, found[0])
@@ -125,8 +148,9 @@ class LocalExecutor:
         comp = self._component(component)
         if "start" not in comp:
             raise ExecutorError(f"no start recipe for {component!r}")
-        self.stop(component, timeout_s=restart_stop_timeout_s(comp["role"]))
         start = comp["start"]
+        uid_of(start.get("user"))  # a recipe that cannot start stops nothing first
+        self.stop(component, timeout_s=restart_stop_timeout_s(comp["role"]))
         try:
             pid = spawn_detached(
                 start["argv"],
@@ -143,7 +167,7 @@ class LocalExecutor:
     def fence(self, component: str) -> bool:
         pid = self._adopt(component)
         comp = self._component(component)
-        data_dir = comp.get("data_dir")
+        data_dir = instance_dir(comp)
         # Found before any is killed: once the postmaster is dead, its backends (each in a
         # session of its own, so no process group holds them) are found by their directory.
         found = instance_processes(pid, data_dir)
@@ -157,7 +181,7 @@ class LocalExecutor:
 
     @staticmethod
     def _finder(comp: dict[str, Any]) -> Finder | None:
-        data_dir = comp.get("data_dir")
+        data_dir = instance_dir(comp)
         return in_directory(data_dir) if data_dir else None
 
     @staticmethod
@@ -191,11 +215,11 @@ class LocalExecutor:
                 pid,
                 sig=stop_signal(comp["role"]),
                 timeout_s=timeout_s,
-                data_dir=comp.get("data_dir"),
+                data_dir=instance_dir(comp),
             )
         else:  # nothing to stop cleanly; what a dead postmaster left in its directory goes
             survivors = kill_tree(
-                instance_processes(None, comp.get("data_dir")), find=self._finder(comp)
+                instance_processes(None, instance_dir(comp)), find=self._finder(comp)
             )
         self._verify_gone(component, survivors)
         self._clear_stale_pid_file(comp)

@@ -53,9 +53,11 @@ def runs_program(pid: int, program: str) -> bool:
     return not program or Path(raw.split(" ", 1)[0]).name == Path(program).name
 
 
-def started_as(argv: Sequence[str]) -> list[int]:
+def started_as(argv: Sequence[str], uid: int | None = None) -> list[int]:
     """Live processes that lead their own process group (as `spawn` starts them) and whose
-    command line is exactly `argv`: a server someone started but nobody recorded."""
+    command line is exactly `argv` (and, given `uid`, that run as that user): a server
+    someone started but nobody recorded. Anyone may run a process with a given command line:
+    the owner tells the component's from another user's."""
     want = [a.encode() for a in argv]
     found = []
     for entry in Path("/proc").iterdir():
@@ -67,6 +69,8 @@ def started_as(argv: Sequence[str]) -> list[int]:
                 continue
             if os.getpgid(pid) != pid:
                 continue  # a worker forked by the server, not the server
+            if uid is not None and entry.stat().st_uid != uid:
+                continue
         except (OSError, ProcessLookupError):
             continue
         found.append(pid)
