@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 import requests
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane import accounts, facts, store
@@ -34,6 +35,7 @@ from remediation.facts import FactsConflict
 
 TARGETS = click.option(
     "--targets",
+    envvar="CP_TARGETS_FILE",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     help="the control plane's targets file; or CP_TARGETS_FILE",
 )
@@ -45,26 +47,41 @@ DATA_DIR = click.option(
 
 
 def load_settings(targets: Path | None, data_dir: Path | None) -> Settings:
+    """The control plane's settings, from its targets file: never the defaults alone (they
+    would name a fresh state store in the current directory, and act on it)."""
     if targets is None and data_dir is not None:
         targets = data_dir.absolute() / "controlplane" / "targets.toml"
         if not targets.exists():
             raise click.ClickException(f"no {targets} (is a stack running in {data_dir}?)")
+    if targets is None:
+        raise click.ClickException("which control plane? give --targets FILE (or CP_TARGETS_FILE)")
     try:
         return Settings.load(targets_file=targets)
     except ControlPlaneError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def in_store(
-    targets: Path | None, data_dir: Path | None, change: Callable[[sessionmaker[Session]], None]
-) -> None:
-    settings = load_settings(targets, data_dir)
+def open_store(settings: Settings) -> sessionmaker[Session]:
     try:
         db = store.make_engine(settings.database_url)
         store.migrate(db)
-        change(store.session_factory(db))
+    except (SQLAlchemyError, ArgumentError, OSError) as exc:
+        why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise click.ClickException(f"the state store cannot be opened: {why}") from None
+    return store.session_factory(db)
+
+
+def in_store(
+    targets: Path | None, data_dir: Path | None, change: Callable[[sessionmaker[Session]], None]
+) -> None:
+    factory = open_store(load_settings(targets, data_dir))
+    try:
+        change(factory)
     except ControlPlaneError as exc:
         raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:
+        why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise click.ClickException(f"the state store failed: {why}") from None
 
 
 # -- user ------------------------------------------------------------------------------------
@@ -153,9 +170,7 @@ def facts_command(
 # -- backups and restore ---------------------------------------------------------------------
 def open_catalog(targets: Path | None, data_dir: Path | None) -> sessionmaker[Session]:
     """The control plane's state store, where its backup catalog is."""
-    engine = store.make_engine(load_settings(targets, data_dir).database_url)
-    store.migrate(engine)
-    return store.session_factory(engine)
+    return open_store(load_settings(targets, data_dir))
 
 
 def the_cluster(settings: Settings) -> str:
@@ -170,7 +185,11 @@ def api_of(settings: Settings) -> tuple[str, dict[str, str]]:
         raise click.ClickException(
             "no API token: set CP_API_TOKEN (or api_token in the targets file's [controlplane])"
         )
-    base = f"http://{settings.listen_host}:{settings.listen_port}/api/v1"
+    host = settings.listen_host
+    if host in ("0.0.0.0", "::"):  # listening everywhere: loopback reaches it
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    netloc = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    base = f"http://{netloc}:{settings.listen_port}/api/v1"
     return base, {"Authorization": f"Bearer {settings.api_token}"}
 
 
@@ -277,11 +296,15 @@ def follow(base: str, headers: dict[str, str], run_id: int, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            run: dict[str, Any] = requests.get(
-                f"{base}/actions/{run_id}", headers=headers, timeout=10
-            ).json()
-        except requests.RequestException as exc:
+            response = requests.get(f"{base}/actions/{run_id}", headers=headers, timeout=10)
+            run: dict[str, Any] = response.json()
+        except (requests.RequestException, ValueError) as exc:
             echo_step(f"(control plane unreachable: {exc}; retrying)")
+            time.sleep(1)
+            continue
+        if response.status_code != 200 or not isinstance(run.get("audit"), list):
+            said = run.get("error") if isinstance(run, dict) else None
+            echo_step(f"(control plane answered {response.status_code}: {said}; retrying)")
             time.sleep(1)
             continue
         for entry in run["audit"][seen:]:

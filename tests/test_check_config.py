@@ -132,3 +132,20 @@ def test_the_labs_template_renders_a_plain_commented_file_that_passes(tmp_path: 
     code, out = check(path)
     assert code == 0, out
     assert all(f'name = "shop-{i}-ready"' in text for i in range(3))
+
+
+def test_a_command_given_no_targets_file_names_what_is_missing_and_makes_no_store(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (["backups"], ["facts", "shop-db-cluster"], ["user", "disable", "x"]):
+            result = CliRunner().invoke(main, args, env={"CP_TARGETS_FILE": ""})
+            assert result.exit_code != 0, args
+            assert "give --targets FILE" in result.output, result.output
+    finally:
+        os.chdir(here)
+    assert list(tmp_path.iterdir()) == []  # no state store made where it was run
