@@ -124,7 +124,7 @@ def test_a_backup_asked_without_an_api_token_says_how_to_give_one(tmp_path: Path
 def test_the_labs_template_renders_a_plain_commented_file_that_passes(tmp_path: Path) -> None:
     from lab.targets import render_targets
 
-    layout = StackLayout(tmp_path / "a stack", 30000, shop_count=3)
+    layout = StackLayout(tmp_path / "a stack 😀", 30000, shop_count=3)  # beyond the BMP too
     text = render_targets(layout, shop_admin_token='t"\\', redis_password="p@/", api_token="k")
     assert text.count("\n# ") > 20  # the reasons stay with the values
     path = tmp_path / "targets.toml"
