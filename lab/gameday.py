@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import requests
 
+from controlplane.backups import SCHEDULE
 from controlplane.models import ActionState
 from lab.chaos import FaultRecord, fault
 from lab.chaos.base import Fault, Stamp
@@ -148,10 +149,12 @@ def control_plane_view(
         for i in view.api_get("/incidents?limit=500")["incidents"]
         if (d := _at(i["detected_at"])) is not None and since <= d <= until
     ]
+    # The schedule's backups, drills and retention are no answer to the fault: not counted.
     runs = [
         r
         for r in view.api_get("/actions?limit=500")["actions"]
         if since <= datetime.fromisoformat(r["created_at"]) <= until
+        and r.get("requested_by") != SCHEDULE
     ]
     detected = [d for i in incidents if (d := _at(i["detected_at"]))]
     targets = chosen.targets(record)
