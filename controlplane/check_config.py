@@ -25,6 +25,7 @@ from controlplane.errors import ConfigError
 from controlplane.logsafe import printable
 from probes.base import ProbeResult
 from probes.registry import build_probe
+from remediation.executors.base import Executor
 from remediation.executors.registry import ExecutorConfigError, build_executor
 from remediation.registry import ACTIONS, action_class
 
@@ -176,13 +177,24 @@ def check(path: Path) -> tuple[Settings | None, list[Problem]]:
             build_probe(spec.kind, spec.name, spec.params, spec.timeout_s)
         except (ValueError, KeyError) as exc:
             problems.append(Problem(f"probes[{i}]", line_of(text, ["probes", i]), str(exc)))
+    built: dict[str, Executor] = {}
     for name, executor in settings.executors.items():
         try:
-            build_executor(name, executor.kind, executor.params)  # its params; connects nowhere
+            # its params; connects nowhere
+            built[name] = build_executor(name, executor.kind, executor.params)
         except ExecutorConfigError as exc:
             problems.append(
                 Problem(f"executors.{name}", line_of(text, ["executors", name]), str(exc))
             )
+    for i, service in enumerate(settings.services):
+        acting = built.get(settings.executor_of(service.name) or "")
+        knows = getattr(acting, "knows", None)  # an executor that lists its components
+        if service.component and knows is not None and not knows(service.component):
+            problems.append(Problem(
+                f"services[{i}].component", line_of(text, ["services", i]),
+                f"{service.component!r} is none of its executor's components: no action on "
+                f"{service.name} can start, stop or fence it",
+            ))  # fmt: skip
     problems += _reach(settings, text)
     return settings, problems
 

@@ -149,3 +149,16 @@ def test_a_command_given_no_targets_file_names_what_is_missing_and_makes_no_stor
     finally:
         os.chdir(here)
     assert list(tmp_path.iterdir()) == []  # no state store made where it was run
+
+
+def test_a_service_whose_component_its_local_executor_lacks_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "targets.toml"
+    recipe = {"argv": ["sleep", "30"], "log": str(tmp_path / "web.log")}
+    path.write_text(tomli_w.dumps({
+        "executors": {"host": {"kind": "local", "params": {"components": {"web": recipe}}}},
+        "services": [{"name": "shop", "component": "web"}, {"name": "db", "component": "pg"}],
+    }))  # fmt: skip
+    code, out = check(path)
+    assert code == 1, out
+    assert "services[1].component" in out and "'pg' is none of its executor's components" in out
+    assert "services[0]" not in out

@@ -63,6 +63,13 @@ class LabExecutor(LocalExecutor):
         with self._locked() as description:
             description["components"][component]["pid"] = pid
 
+    def knows(self, component: str) -> bool:
+        """A stack not started yet describes nothing: every component may be its."""
+        try:
+            return component in self._description().get("components", {})
+        except ExecutorError:
+            return True
+
     def _tools(self) -> tuple[str | None, str | None]:
         postgres = self._description().get("postgres", {})
         return postgres.get("bin_dir"), postgres.get("passfile")

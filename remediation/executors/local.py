@@ -108,6 +108,10 @@ class LocalExecutor:
             "data_dir": str(recipe.data_dir) if recipe.data_dir else None,
         }
 
+    def knows(self, component: str) -> bool:
+        """Is `component` one of its recipes? (`check-config` asks.)"""
+        return component in self.params.components
+
     def record_pid(self, component: str, pid: int) -> None:
         with self._pids_lock:
             self._pids[component] = pid
