@@ -1,12 +1,15 @@
 """Notifications on open / action / escalation / resolve: an outgoing webhook and SMTP e-mail.
 
 Sent from a small thread pool so that a slow receiver never holds up the loop; a failure is
-logged and counted, never raised."""
+logged and counted, never raised. At most MAX_PENDING wait to be sent: beyond that (a
+receiver hanging through a storm of incidents), a new one is dropped, counted and logged,
+instead of memory growing without bound."""
 
 from __future__ import annotations
 
 import logging
 import smtplib
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from email.message import EmailMessage
@@ -20,20 +23,54 @@ from controlplane.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+MAX_PENDING = 1000  # notifications waiting for a sender, across channels
+
 
 class Notifier:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, max_pending: int = MAX_PENDING):
         self.settings = settings
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="notify")
+        self.max_pending = max_pending
+        self._pending = 0
+        self._lock = threading.Lock()
 
     def notify(self, event: str, subject: str, body: Mapping[str, Any]) -> list[Future[None]]:
         futures = []
         if self.settings.notify_webhook_url:
-            futures.append(self.pool.submit(self._webhook, event, subject, body))
+            futures += self._submit("webhook", self._webhook, event, subject, body)
         if self.settings.smtp_host and self.settings.smtp_to:
-            futures.append(self.pool.submit(self._email, event, subject, body))
+            futures += self._submit("email", self._email, event, subject, body)
         return futures
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    def _submit(
+        self, channel: str, send: Any, event: str, subject: str, body: Mapping[str, Any]
+    ) -> list[Future[None]]:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                full = True
+            else:
+                full = False
+                self._pending += 1
+        if full:
+            self.metrics.notifications.labels(channel, "dropped").inc()
+            logger.error(
+                "notification %s dropped (%s): %d already wait for a %s receiver that is slow "
+                "or hanging", event, printable(subject, limit=120), self.max_pending, channel,
+            )  # fmt: skip
+            return []
+        future: Future[None] = self.pool.submit(send, event, subject, body)
+        future.add_done_callback(self._sent)
+        return [future]
+
+    def _sent(self, _: Future[None]) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _webhook(self, event: str, subject: str, body: Mapping[str, Any]) -> None:
         try:

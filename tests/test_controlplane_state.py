@@ -385,3 +385,32 @@ def test_one_action_at_a_time_per_target(state_url: str) -> None:
             assert store.claim_run(s, ids[1], "w2", now)  # free again
     finally:
         cp.stop()
+
+
+def test_notifications_to_a_hanging_receiver_queue_boundedly_and_the_rest_drop_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    # A receiver that takes the connection and never answers (each send waits its 5 s).
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(100)
+        config = Settings.model_validate({
+            "database_url": "sqlite://",
+            "notify_webhook_url": f"http://127.0.0.1:{hung.getsockname()[1]}/hook",
+        })  # fmt: skip
+        metrics = Metrics()
+        notifier = Notifier(config, metrics, max_pending=5)
+        try:
+            accepted = [f for i in range(50) for f in notifier.notify("open", f"i{i}", {})]
+            assert len(accepted) <= 5 and notifier.pending <= 5
+            dropped = metrics.registry.get_sample_value(
+                "cp_notifications_total", {"channel": "webhook", "result": "dropped"}
+            )
+            assert dropped is not None and dropped >= 45
+            assert any("notification open dropped" in r.getMessage() for r in caplog.records)
+        finally:
+            hung.close()  # the waiting sends fail at once now
+            notifier.shutdown()
+    assert notifier.pending == 0
