@@ -37,8 +37,9 @@ from lab.process import ServerProcess
 from lab.receiver import CONTROLPLANE_PATH, receiver_server, receiver_url
 from lab.supervisor import supervisor_server
 from lab.targets import controlplane_targets, render_targets, write_targets
+from remediation.executors.base import ExecutorError
 from remediation.executors.lab import LabExecutor
-from remediation.executors.local import stop_signal
+from remediation.executors.local import stop_signal, uid_of
 from remediation.executors.processes import (
     descendants,
     describe_processes,
@@ -47,6 +48,7 @@ from remediation.executors.processes import (
     kill_tree,
     process_table,
     runs_program,
+    started_as,
     stop_tree,
     terminate_pid,
     under_directory,
@@ -489,12 +491,25 @@ def read_stack_file(data_dir: Path) -> dict[str, Any]:
 
 
 def running_components(description: Mapping[str, Any]) -> dict[str, int]:
-    """Components whose recorded pid is alive and still runs the recorded program."""
+    """Components whose recorded pid is alive and still runs the recorded program; else the
+    one process started from the component's own command line by its user, if there is one:
+    a control plane that keeps its own recipes (the `local` executor) restarts a component
+    without recording it here, and `down` must stop it all the same."""
     alive: dict[str, int] = {}
     for name, comp in description.get("components", {}).items():
         pid = comp.get("pid")
         if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
             alive[name] = pid
+            continue
+        start = comp.get("start") or {}
+        if not start.get("argv"):
+            continue
+        try:
+            found = started_as(start["argv"], uid=uid_of(start.get("user")))
+        except ExecutorError:  # its user is gone: nothing of it can run as that user
+            continue
+        if len(found) == 1:
+            alive[name] = found[0]
     return alive
 
 

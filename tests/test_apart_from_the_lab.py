@@ -19,9 +19,14 @@ import pytest
 import requests
 
 from lab.process import wait_until
-from lab.stack import Stack
+from lab.stack import Stack, stop_described
 from lab.targets import controlplane_targets, write_targets
-from remediation.executors.processes import instance_processes, is_pid_alive, kill_tree
+from remediation.executors.processes import (
+    instance_processes,
+    is_pid_alive,
+    kill_tree,
+    started_as,
+)
 from tests.conftest import stack_of_its_own
 
 
@@ -150,3 +155,8 @@ def test_a_control_plane_from_a_targets_file_alone_heals_a_killed_shop_and_a_kil
         except subprocess.TimeoutExpired:
             plane.kill()
             plane.wait()
+    # The lab's `down` stops what that control plane restarted, unrecorded in stack.json (it
+    # leaked a shop instance per run before).
+    stop_described(apart.layout.data_dir)
+    for name, comp in comps.items():
+        assert started_as(comp["start"]["argv"]) == [], f"{name} outlived `down`"
