@@ -334,7 +334,9 @@ class Loop:
         took.lap("dispatch")
         self.backlog = 0
         for start in range(urgent, len(decisions), APPLY_BATCH):
-            if time.monotonic() - started > APPLY_BUDGET_S:
+            # One batch at least, whatever the time: on a busy machine the snapshot alone can
+            # spend the budget, and a cycle that applied nothing would do so again and again.
+            if start > urgent and time.monotonic() - started > APPLY_BUDGET_S:
                 self.backlog = len(decisions) - start
                 break
             try:
