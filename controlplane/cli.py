@@ -61,13 +61,17 @@ def load_settings(targets: Path | None, data_dir: Path | None) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
+def why(exc: Exception) -> str:
+    """A database error's first line: the driver's own message, not SQLAlchemy's wrapping."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
 def open_store(settings: Settings) -> sessionmaker[Session]:
     try:
         db = store.make_engine(settings.database_url)
         store.migrate(db)
     except (SQLAlchemyError, ArgumentError, OSError) as exc:
-        why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise click.ClickException(f"the state store cannot be opened: {why}") from None
+        raise click.ClickException(f"the state store cannot be opened: {why(exc)}") from None
     return store.session_factory(db)
 
 
@@ -80,8 +84,7 @@ def in_store(
     except ControlPlaneError as exc:
         raise click.ClickException(str(exc)) from None
     except SQLAlchemyError as exc:
-        why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise click.ClickException(f"the state store failed: {why}") from None
+        raise click.ClickException(f"the state store failed: {why(exc)}") from None
 
 
 # -- user ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from lab.supervisor import supervisor_server
 from lab.targets import controlplane_targets, render_targets, write_targets
 from remediation.executors.base import ExecutorError
 from remediation.executors.lab import LabExecutor
-from remediation.executors.local import stop_signal, uid_of
+from remediation.executors.local import running_pid, stop_signal
 from remediation.executors.processes import (
     descendants,
     describe_processes,
@@ -48,7 +48,6 @@ from remediation.executors.processes import (
     kill_tree,
     process_table,
     runs_program,
-    started_as,
     stop_tree,
     terminate_pid,
     under_directory,
@@ -497,19 +496,12 @@ def running_components(description: Mapping[str, Any]) -> dict[str, int]:
     without recording it here, and `down` must stop it all the same."""
     alive: dict[str, int] = {}
     for name, comp in description.get("components", {}).items():
-        pid = comp.get("pid")
-        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
-            alive[name] = pid
-            continue
-        start = comp.get("start") or {}
-        if not start.get("argv"):
-            continue
         try:
-            found = started_as(start["argv"], uid=uid_of(start.get("user")))
+            pid = running_pid(comp)
         except ExecutorError:  # its user is gone: nothing of it can run as that user
             continue
-        if len(found) == 1:
-            alive[name] = found[0]
+        if pid is not None:
+            alive[name] = pid
     return alive
 
 

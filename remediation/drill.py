@@ -51,8 +51,10 @@ class Drill(Action):
         ]
 
     @staticmethod
-    def _backup(p: DrillParams) -> pitr.BackupInfo:
-        backups = {b.label: b for b in pitr.list_backups(Path(p.backups_dir))}
+    def _backup(p: DrillParams, found: list[pitr.BackupInfo] | None = None) -> pitr.BackupInfo:
+        """The backup to drill, of `found` (default: the backups directory, listed now)."""
+        listed = pitr.list_backups(Path(p.backups_dir)) if found is None else found
+        backups = {b.label: b for b in listed}
         if not backups:
             raise ActionError(f"no backup in {p.backups_dir} to drill", permanent=True)
         info = backups.get(p.label) if p.label else list(backups.values())[-1]
@@ -62,11 +64,12 @@ class Drill(Action):
 
     def precheck(self, ctx: ActionContext) -> Check:
         p = parse_params(DrillParams, ctx, "drill")
-        if not pitr.list_backups(Path(p.backups_dir)):
+        found = pitr.list_backups(Path(p.backups_dir))
+        if not found:
             return Check.nothing_to_do(f"no backup in {p.backups_dir} to drill yet")
         if leader_of(pg_ops.views(p.nodes)) is None:
             return Check.not_now("no writable leader: its tools drill, its archive is replayed")
-        return Check.go(f"drill {self._backup(p).label}")
+        return Check.go(f"drill {self._backup(p, found).label}")
 
     def execute(self, ctx: ActionContext) -> Outcome:
         p = parse_params(DrillParams, ctx, "drill")

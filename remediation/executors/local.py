@@ -60,6 +60,19 @@ def uid_of(user: str | None) -> int:
         raise ExecutorError(f"no OS user {user!r} on this host") from None
 
 
+def running_pid(comp: Mapping[str, Any]) -> int | None:
+    """A component's live pid: the recorded one if it still runs the recorded program, else
+    the one process started from the component's own command line by its user (started but
+    never recorded here); None when neither runs. ExecutorError if its user is gone."""
+    pid = comp.get("pid")
+    if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
+        return pid
+    start = comp.get("start") or {}
+    argv = start.get("argv")
+    found = started_as(argv, uid=uid_of(start.get("user"))) if argv else []
+    return found[0] if len(found) == 1 else None
+
+
 def stop_signal(role: str) -> int:
     """PostgreSQL stops "fast" on SIGINT (SIGTERM would be "smart": wait for every client)."""
     return signal.SIGINT if role in POSTGRES_ROLES else signal.SIGTERM
@@ -134,17 +147,12 @@ class LocalExecutor:
         and recording it), that one is recorded: else it would serve unseen, and outlive the
         stack."""
         comp = self._component(component)
-        pid = comp.get("pid")
-        if isinstance(pid, int) and runs_program(pid, comp.get("argv0", "")):
+        pid = running_pid(comp)
+        if pid is None or pid == comp.get("pid"):
             return pid
-        start = comp.get("start", {})
-        argv = start.get("argv")
-        found = started_as(argv, uid=uid_of(start.get("user"))) if argv else []
-        if len(found) != 1:
-            return None
-        logger.warning("%s runs as pid %d, which was never recorded: adopted", component, found[0])
-        self.record_pid(component, found[0])
-        return found[0]
+        logger.warning("%s runs as pid %d, which was never recorded: adopted", component, pid)
+        self.record_pid(component, pid)
+        return pid
 
     def restart(self, component: str) -> int:
         # Outside the lock: a shop's graceful stop takes seconds, and a fence must not wait.
