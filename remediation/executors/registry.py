@@ -1,7 +1,8 @@
 """Executor kinds by name (the targets file's `[executors.NAME] kind = ...`), imported only
 when used, as probes and actions are. `local` acts on processes of this host started from
 recipes in its params; `lab` is the same for a lab stack (recipes and pids in its stack.json);
-`none` refuses every process action. The next kinds (`ssh`, `systemd`) go here."""
+`none` refuses every process action; `systemd` acts on units (here, or on other hosts over
+SSH), and `ssh` is the same where every component is on another host."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ EXECUTORS: dict[str, str] = {
     "local": "remediation.executors.local:LocalExecutor",
     "lab": "remediation.executors.lab:LabExecutor",
     "none": "remediation.executors.none:NoExecutor",
+    "systemd": "remediation.executors.systemd:SystemdExecutor",
+    "ssh": "remediation.executors.systemd:SshExecutor",
 }
 
 
