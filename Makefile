@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard bench-persist down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard bench-persist bench-ssh down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -26,7 +26,7 @@ bench:
 	@SETUP_BENCH=1 scripts/setup
 	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
 	.venv/bin/python -m lab.bench_goals --start $(FIGURES)
-	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-persist bench-restore bench-flood bench-scale bench-dashboard
+	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-persist bench-restore bench-flood bench-scale bench-dashboard bench-ssh
 	.venv/bin/python -m lab.bench_goals $(FIGURES)
 
 bench-flood:
@@ -55,6 +55,9 @@ bench-orders:
 
 bench-dashboard:
 	.venv/bin/python bench/dashboard.py --clients 50 --figures $(FIGURES)/dashboard.json
+
+bench-ssh:
+	.venv/bin/python bench/ssh.py --steps 200 --figures $(FIGURES)/ssh.json
 
 bench-catalog:
 	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3 --figures $(FIGURES)/catalog.json

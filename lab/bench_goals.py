@@ -49,6 +49,7 @@ BENCHES = (
     "flood",
     "scale",
     "dashboard",
+    "ssh",
 )
 
 

@@ -22,6 +22,7 @@ from bench import (
     persist,
     restore,
     scale,
+    ssh,
 )
 from lab.bench_goals import (
     BENCHES,
@@ -270,6 +271,7 @@ HEADLINES: dict[str, Callable[[], list[Figure]]] = {
         "closed loop",
     ),
     "scale": lambda: scale.headline(A_SCALE_RESULT),
+    "ssh": lambda: ssh.headline(120.0, [3.0, 3.5, 4.0], [70.0, 75.0], [230.0], 3.0),
     "dashboard": lambda: dashboard.headline(
         {name: [0.01, 0.02] for name in dashboard.ENDPOINTS},
         dict.fromkeys(dashboard.ENDPOINTS, 0),
