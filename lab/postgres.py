@@ -81,6 +81,15 @@ host replication all 127.0.0.1/32 scram-sha-256
 """
 
 
+def hba(networks: tuple[str, ...]) -> str:
+    """HBA, and the same rules for each of `networks` (the multi-host lab's subnet)."""
+    return HBA + "".join(
+        f"host all all {net} scram-sha-256\nhost replication all {net} scram-sha-256\n"
+        for net in networks
+        if net != "127.0.0.1/32"
+    )
+
+
 def new_password() -> str:
     return secrets.token_hex(24)  # hex: nothing to escape in a URL, a conninfo or pgpass
 
@@ -100,9 +109,10 @@ class PgAuth:
         return cls(passfile, new_password(), new_password(), new_password())
 
     def pgpass(self) -> str:
-        # Any port: a scratch instance restored from a backup keeps the same roles.
+        # Any port: a scratch instance restored from a backup keeps the same roles; any host:
+        # the multi-host lab's nodes each have an address of their own.
         return "".join(
-            f"{HOST}:*:*:{user}:{password}\n"
+            f"*:*:*:{user}:{password}\n"
             for user, password in (
                 (SUPERUSER, self.superuser_password),
                 (SHOP_ROLE, self.shop_password),
@@ -166,16 +176,19 @@ def chown_to(path: Path, user: str | None) -> None:
 
 
 def connect(
-    port: int, dbname: str = "postgres", *, passfile: Path, **kwargs: Any
+    port: int, dbname: str = "postgres", *, passfile: Path, host: str = HOST, **kwargs: Any
 ) -> psycopg.Connection[Any]:
     return psycopg.connect(
-        dsn(port, dbname, passfile=passfile), connect_timeout=2, autocommit=True, **kwargs
+        dsn(port, dbname, passfile=passfile, host=host),
+        connect_timeout=2,
+        autocommit=True,
+        **kwargs,
     )
 
 
-def is_accepting(port: int, passfile: Path) -> bool:
+def is_accepting(port: int, passfile: Path, host: str = HOST) -> bool:
     try:
-        with connect(port, passfile=passfile) as conn:
+        with connect(port, passfile=passfile, host=host) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError:
         return False
@@ -199,6 +212,8 @@ class PgNode:
     binaries: Binaries
     os_user: str | None
     passfile: Path
+    host: str = HOST  # the address it listens on (a host's, in the multi-host lab)
+    hba_networks: tuple[str, ...] = ("127.0.0.1/32",)  # whom it lets in (with a password)
 
     def run_tool(self, tool: str, *args: str, timeout_s: float = 120) -> str:
         argv = [self.binaries.pg(tool), *args]
@@ -260,13 +275,15 @@ class PgNode:
         with conf.open("a") as fh:
             fh.write("\ninclude 'lab.conf'\n")
         (self.data_dir / "lab.conf").write_text(
-            LAB_CONF.format(host=HOST, archive_command=ARCHIVE_COMMAND.format(archive=archive_dir))
+            LAB_CONF.format(
+                host=self.host, archive_command=ARCHIVE_COMMAND.format(archive=archive_dir)
+            )
         )
-        (self.data_dir / "pg_hba.conf").write_text(HBA)
+        (self.data_dir / "pg_hba.conf").write_text(hba(self.hba_networks))
         for name in ("lab.conf", "pg_hba.conf"):
             chown_to(self.data_dir / name, self.os_user)
 
-    def base_backup_from(self, source_port: int) -> None:
+    def base_backup_from(self, source_port: int, source_host: str = HOST) -> None:
         """Clone the running primary into this node's data dir as a streaming standby, as the
         replication role (`-R` writes its conninfo, passfile included, for the walreceiver)."""
         source = dsn(
@@ -274,6 +291,7 @@ class PgNode:
             passfile=self.passfile,
             user=REPLICATION_ROLE,
             application_name=self.name,
+            host=source_host,
         )
         self.run_tool(
             "pg_basebackup",
@@ -289,10 +307,10 @@ class PgNode:
         )
 
 
-def create_shop_databases(port: int, auth: PgAuth) -> None:
+def create_shop_databases(port: int, auth: PgAuth, host: str = HOST) -> None:
     """The shop's role and databases, and the replication role, each with its password (the
     server keeps only its SCRAM verifier: `password_encryption`)."""
-    with connect(port, passfile=auth.passfile) as conn:
+    with connect(port, passfile=auth.passfile, host=host) as conn:
         for role, password, options in (
             (SHOP_ROLE, auth.shop_password, "LOGIN"),
             (REPLICATION_ROLE, auth.replication_password, "LOGIN REPLICATION"),
@@ -310,8 +328,8 @@ def create_shop_databases(port: int, auth: PgAuth) -> None:
             conn.execute(f"CREATE DATABASE {db} OWNER {SHOP_ROLE}")
 
 
-def replication_state(primary_port: int, passfile: Path) -> list[dict[str, Any]]:
-    with connect(primary_port, passfile=passfile) as conn:
+def replication_state(primary_port: int, passfile: Path, host: str = HOST) -> list[dict[str, Any]]:
+    with connect(primary_port, passfile=passfile, host=host) as conn:
         cur = conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication")
         return [
             {"application_name": r[0], "state": r[1], "sync_state": r[2]} for r in cur.fetchall()
@@ -319,18 +337,18 @@ def replication_state(primary_port: int, passfile: Path) -> list[dict[str, Any]]
 
 
 def enable_synchronous_replication(
-    primary_port: int, standby_name: str, timeout_s: float, *, passfile: Path
+    primary_port: int, standby_name: str, timeout_s: float, *, passfile: Path, host: str = HOST
 ) -> None:
     """Wait until `standby_name` streams, then make every commit wait for it."""
 
     def streaming() -> bool:
         return any(
             r["application_name"] == standby_name and r["state"] == "streaming"
-            for r in replication_state(primary_port, passfile)
+            for r in replication_state(primary_port, passfile, host)
         )
 
     wait_until(streaming, timeout_s=timeout_s, what=f"{standby_name} streaming")
-    with connect(primary_port, passfile=passfile) as conn:
+    with connect(primary_port, passfile=passfile, host=host) as conn:
         # '*' (FIRST 1 of any standby): whichever node is the standby after a failover counts.
         conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
         conn.execute("SELECT pg_reload_conf()")
@@ -338,17 +356,18 @@ def enable_synchronous_replication(
     def synchronous() -> bool:
         return any(
             r["application_name"] == standby_name and r["sync_state"] == "sync"
-            for r in replication_state(primary_port, passfile)
+            for r in replication_state(primary_port, passfile, host)
         )
 
     wait_until(synchronous, timeout_s=timeout_s, what=f"{standby_name} synchronous")
 
 
-def shop_url(database: str, ports: list[int], password: str) -> str:
+def shop_url(database: str, ports: list[int], password: str, hosts: list[str] | None = None) -> str:
     """A multi-host URL: new connections go to whichever node accepts writes. The shop is a
     service of its own: its password is in its URL, not in the lab's pgpass file."""
-    hosts = "&".join(f"host={HOST}:{port}" for port in ports)
+    addresses = hosts or [HOST] * len(ports)
+    hosts_q = "&".join(f"host={a}:{port}" for a, port in zip(addresses, ports, strict=True))
     return (
-        f"postgresql+psycopg://{SHOP_ROLE}:{password}@/{database}?{hosts}"
+        f"postgresql+psycopg://{SHOP_ROLE}:{password}@/{database}?{hosts_q}"
         "&target_session_attrs=read-write"
     )

@@ -37,6 +37,8 @@ class NodeView:
     sync_names: str = ""
     # A primary's (standby name, bytes of WAL it has yet to replay; None: unknown yet)
     lag_bytes: tuple[tuple[str, int | None], ...] = ()
+    # A standby's: seconds since its WAL receiver last heard from its primary (None: unknown).
+    heard_s_ago: float | None = None
 
     @property
     def sync_standbys(self) -> list[str]:
@@ -143,10 +145,20 @@ def _look(name: str, conn: psycopg.Connection[Any]) -> NodeView:
     row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
     if row and row[0]:
         # received_tli: a standby stuck on an old timeline "streams" in a loop, to no end.
-        wal = conn.execute("SELECT status, received_tli FROM pg_stat_wal_receiver").fetchone()
+        wal = conn.execute(
+            "SELECT status, received_tli,"
+            " extract(epoch FROM clock_timestamp() - last_msg_receipt_time)"
+            " FROM pg_stat_wal_receiver"
+        ).fetchone()
         if wal is None:
             return NodeView(name, NodeState.STANDBY)
-        return NodeView(name, NodeState.STANDBY, timeline=int(wal[1] or 0), receiving=str(wal[0]))
+        return NodeView(
+            name,
+            NodeState.STANDBY,
+            timeline=int(wal[1] or 0),
+            receiving=str(wal[0]),
+            heard_s_ago=None if wal[2] is None else float(wal[2]),
+        )
     row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
     timeline = int(str(row[0])[:8], 16) if row else None
     rows = conn.execute(

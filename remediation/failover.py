@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pgcluster.nodes import NodeState, NodeView, leader_of
 from remediation import facts, pg_ops
 from remediation.base import Action, ActionContext, ActionError, Check, Outcome, parse_params
-from remediation.executors.base import ExecutorError
+from remediation.executors.base import ExecutorError, Unreachable
 from remediation.facts import FactsConflict
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ class FailoverParams(BaseModel):
     precheck_budget_s: float = Field(default=3.0, gt=0)
     require_synchronous: bool = True
     promote_timeout_s: float = Field(default=30, gt=0)
+    # A standby that heard from its primary within this long witnesses that the primary lives
+    # (it is cut off from the control plane only): no failover while one does. Asked only
+    # when no node refused (a refusal is a dead server: no witness is waited for).
+    primary_heard_within_s: float = Field(default=3.0, gt=0)
+    # With commits synchronous, a node whose host cannot be reached (no SSH) and that does
+    # not answer is promoted past unfenced: it can acknowledge no commit without the standby
+    # being promoted. Without that guarantee, an unreached fence blocks the promotion.
+    promote_past_unreachable: bool = True
     # Rejoin the fenced nodes and restore synchronous commits right after the promotion.
     rejoin: bool = True
     rejoin_timeout_s: float = Field(default=120, gt=0)
@@ -115,6 +123,9 @@ class Failover(Action):
         standbys = [v for v in views if v.state is NodeState.STANDBY]
         if not standbys:
             return Check.not_now("no standby answers: nothing to promote yet")
+        witness = primary_witness(views, p.primary_heard_within_s)
+        if witness is not None:
+            return Check.not_now(witness)
         synchronous = ctx.facts.read().synchronous
         if p.require_synchronous and synchronous is not True:
             return Check.never(
@@ -137,9 +148,15 @@ class Failover(Action):
                 "commits are no longer known synchronous: not promoting", permanent=True
             )
         fenced = [v.name for v in views if v.state is not NodeState.STANDBY]
+        unreached: dict[str, str] = {}  # promoted past, unfenced: name -> why
         for view in views:
             if view.state is not NodeState.STANDBY:
-                pg_ops.fence(ctx.executor, view)  # the executor verifies it: no process left
+                try:
+                    pg_ops.fence(ctx.executor, view)  # the executor verifies: no process left
+                except ActionError as exc:
+                    if not promotes_past(p, seen.synchronous, view, exc):
+                        raise
+                    unreached[view.name] = str(exc.__cause__)
         # Whatever the executor: a fenced node still taking writes is no fence. Promote nothing.
         still = [
             v.name
@@ -158,7 +175,12 @@ class Failover(Action):
         if not standbys:
             raise ActionError("no standby left to promote", permanent=True)
         new = standbys[0]
-        laps.lap(f"fenced {', '.join(fenced)}")
+        for name, why in unreached.items():
+            laps.lap(
+                f"{name} not fenced, its host unreached ({why}): promoted past it, as commits "
+                "were synchronous (it can acknowledge none without the new leader)"
+            )
+        laps.lap(f"fenced {', '.join(n for n in fenced if n not in unreached) or 'none'}")
         try:  # alone now: commits are local (compare-and-set on what was decided on)
             seen = ctx.facts.change(seen, synchronous=False)
         except FactsConflict as exc:
@@ -173,12 +195,23 @@ class Failover(Action):
         if not p.rejoin:
             return Outcome(
                 f"{promoted}; commits are asynchronous until a standby rejoins",
-                {"leader": new.name, "fenced": fenced, "synchronous": False},
+                {
+                    "leader": new.name,
+                    "fenced": fenced,
+                    "unreached": unreached,
+                    "synchronous": False,
+                },
             )
         steps, synchronous = self._rejoin(ctx, p, new.name, fenced)
         return Outcome(
             "; ".join([promoted, *steps]),
-            {"leader": new.name, "fenced": fenced, "synchronous": synchronous, "steps": steps},
+            {
+                "leader": new.name,
+                "fenced": fenced,
+                "unreached": unreached,
+                "synchronous": synchronous,
+                "steps": steps,
+            },
         )
 
     @staticmethod
@@ -219,3 +252,37 @@ class Failover(Action):
         except (ActionError, psycopg.Error) as exc:
             return Check(False, f"a write on {leader.name} failed: {exc}")
         return Check(True, f"{leader.name} leads and commits writes")
+
+
+def primary_witness(views: list[NodeView], within_s: float) -> str | None:
+    """Why not to fail over yet, if a standby still hears from its primary (which then lives,
+    cut off from the control plane only); None when none does or a node refused (dead)."""
+    if any(v.state is NodeState.REFUSED for v in views):
+        return None
+    for v in views:
+        if (
+            v.state is NodeState.STANDBY
+            and v.receiving == "streaming"
+            and v.heard_s_ago is not None
+            and v.heard_s_ago < within_s
+        ):
+            return (
+                f"{v.name} heard from its primary {v.heard_s_ago:.1f} s ago: the primary lives, "
+                "cut off from the control plane only"
+            )
+    return None
+
+
+def promotes_past(
+    p: FailoverParams, synchronous: bool | None, view: NodeView, exc: ActionError
+) -> bool:
+    """May the failover promote past `view`, whose fence could not reach its host? Only with
+    commits synchronous up to the failure (so it can acknowledge none alone), and only for a
+    node that does not answer either (one that answers is reached, and fenced)."""
+    return (
+        isinstance(exc.__cause__, Unreachable)
+        and p.promote_past_unreachable
+        and p.require_synchronous
+        and synchronous is True
+        and view.state is NodeState.UNANSWERED
+    )

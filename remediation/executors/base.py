@@ -12,6 +12,11 @@ class ExecutorError(Exception):
     pass
 
 
+class Unreachable(ExecutorError):
+    """The node's host could not be reached, or stopped answering mid-step: nothing is known
+    of what runs there (a fence that raises this fenced nothing that anyone knows of)."""
+
+
 class Cancelled(Exception):
     """The work was stopped on purpose (its `Cancel` was set); the message says why. Not an
     ExecutorError: no handler of a failed tool takes it for one (a drill that was stopped did

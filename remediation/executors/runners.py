@@ -19,17 +19,17 @@ from typing import Protocol
 
 import paramiko
 
-from remediation.executors.base import ExecutorError
+from remediation.executors.base import ExecutorError, Unreachable
 
 logger = logging.getLogger(__name__)
 
 
-class HostUnreachable(ExecutorError):
+class HostUnreachable(Unreachable):
     """No connection to the host (refused, no route, no answer): nothing ran there, and what
     runs there is unknown. A node on it is not fenced by this."""
 
 
-class HostHung(ExecutorError):
+class HostHung(Unreachable):
     """The host stopped answering within a step's timeout: whether the step ran is unknown."""
 
 
