@@ -1,5 +1,5 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both set up first.
-.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard bench-persist bench-ssh down
+.PHONY: setup demo test check bench bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-restore bench-flood bench-scale bench-dashboard bench-persist bench-ssh bench-hosts down
 
 DATA_DIR ?= .lab
 BASE_PORT ?= 25400
@@ -26,7 +26,7 @@ bench:
 	@SETUP_BENCH=1 scripts/setup
 	rm -rf $(FIGURES) && mkdir -p $(FIGURES)
 	.venv/bin/python -m lab.bench_goals --start $(FIGURES)
-	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-persist bench-restore bench-flood bench-scale bench-dashboard bench-ssh
+	-$(MAKE) -k bench-orders bench-catalog bench-controlplane bench-failover bench-hang bench-persist bench-restore bench-flood bench-scale bench-dashboard bench-ssh bench-hosts
 	.venv/bin/python -m lab.bench_goals $(FIGURES)
 
 bench-flood:
@@ -58,6 +58,9 @@ bench-dashboard:
 
 bench-ssh:
 	.venv/bin/python bench/ssh.py --steps 200 --figures $(FIGURES)/ssh.json
+
+bench-hosts:
+	.venv/bin/python bench/hosts.py --kills 5 --partitions 3 --figures $(FIGURES)/hosts.json
 
 bench-catalog:
 	.venv/bin/python bench/catalog.py --connections 16 --duration-s 10 --repeats 3 --figures $(FIGURES)/catalog.json

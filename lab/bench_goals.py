@@ -50,6 +50,7 @@ BENCHES = (
     "scale",
     "dashboard",
     "ssh",
+    "hosts",
 )
 
 

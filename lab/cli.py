@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -17,6 +19,8 @@ import click
 
 from lab.chaos_cli import chaos, gameday_command, load
 from lab.errors import LabError
+from lab.hosts.lab import HostsLab, ensure_hosts_supported
+from lab.hosts.stack import HostsStack
 from lab.layout import StackLayout
 from lab.load import run_order_load
 from lab.options import base_port_option, data_dir_option
@@ -94,8 +98,19 @@ def _supervise(stack: Stack, before_stop: Callable[[], None] | None = None) -> N
 @click.option("--shops", type=int, default=2, show_default=True, help="shop instances")
 @click.option("--products", type=int, default=1000, show_default=True, help="catalog size")
 @click.option("--detach", is_flag=True, help="return once everything is ready")
-def up(data_dir: Path, base_port: int, shops: int, products: int, detach: bool) -> None:
+@click.option(
+    "--hosts",
+    "on_hosts",
+    is_flag=True,
+    help="on network-namespace hosts (db-1, db-2, app-1, app-2, cp, mon), reached by SSH",
+)
+def up(
+    data_dir: Path, base_port: int, shops: int, products: int, detach: bool, on_hosts: bool
+) -> None:
     """Start PostgreSQL primary + standby, Redis, Alertmanager, Prometheus and the shop."""
+    if on_hosts:
+        _up_on_hosts(data_dir, products, detach)
+        return
     stack, _ = _start(data_dir, base_port, shops, products)
     if detach:
         click.echo(f"detached; stop it with: shoplab down --data-dir {data_dir}")
@@ -157,10 +172,45 @@ main.add_command(load)
 main.add_command(gameday_command)
 
 
+def _up_on_hosts(data_dir: Path, products: int, detach: bool) -> None:
+    """The multi-host lab (lab/hosts/stack.py): root only (it makes network namespaces)."""
+    try:
+        ensure_hosts_supported()
+        prepare_data_dir(data_dir.absolute())
+        stack = HostsStack(data_dir.absolute(), products=products)
+        click.echo("starting the hosts, their sshd and units...")
+        description = stack.up()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(description, indent=2))
+    if detach:
+        click.echo(f"detached; stop it with: shoplab down --data-dir {data_dir}")
+        return
+    click.echo("running; Ctrl-C stops everything")
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while True:
+            time.sleep(1)
+    except (KeyboardInterrupt, SystemExit):
+        click.echo("stopping...")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        left = stack.down()
+        click.echo(f"stopped{'; left: ' + ', '.join(left) if left else ''}")
+
+
 @main.command()
 @data_dir_option
 def down(data_dir: Path) -> None:
-    """Stop the stack described in DATA_DIR/stack.json; kill whatever of it is left."""
+    """Stop the stack described in DATA_DIR/stack.json (or the multi-host lab described in
+    DATA_DIR/hosts.json); kill whatever of it is left."""
+    hosts = HostsLab.described(data_dir.absolute())
+    if hosts is not None:
+        left = hosts.down()
+        if left:
+            raise click.ClickException(f"left behind: {', '.join(left)}")
+        click.echo("stopped: every host of the multi-host lab")
+        return
     try:
         stopped = stop_described(data_dir.absolute())
     except LabError as exc:

@@ -18,6 +18,7 @@ from bench import (
     failover,
     flood,
     hang,
+    hosts,
     orders,
     persist,
     restore,
@@ -271,6 +272,7 @@ HEADLINES: dict[str, Callable[[], list[Figure]]] = {
         "closed loop",
     ),
     "scale": lambda: scale.headline(A_SCALE_RESULT),
+    "hosts": lambda: hosts.headline([(0.4, 3.0), (0.5, 4.0)], [(7.0, 6.0)], 0),
     "ssh": lambda: ssh.headline(120.0, [3.0, 3.5, 4.0], [70.0, 75.0], [230.0], 3.0),
     "dashboard": lambda: dashboard.headline(
         {name: [0.01, 0.02] for name in dashboard.ENDPOINTS},

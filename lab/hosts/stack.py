@@ -77,9 +77,7 @@ class HostsStack:
         return self.address(NODES[node])
 
     def dsn(self, node: str, dbname: str = "postgres") -> str:
-        return pg.dsn(
-            PG_PORT, dbname, passfile=self.pg_auth.passfile, host=self.node_address(node)
-        )
+        return pg.dsn(PG_PORT, dbname, passfile=self.pg_auth.passfile, host=self.node_address(node))
 
     def shop_url(self, database: str) -> str:
         return pg.shop_url(
