@@ -38,7 +38,7 @@ from remediation.base import (
     Decline,
     operator_params,
 )
-from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError
+from remediation.executors.base import Cancel, Cancelled, Executor, ExecutorError, Unreachable
 from remediation.registry import UnknownAction, action_class, build_action
 
 logger = logging.getLogger(__name__)
@@ -319,6 +319,11 @@ class ActionEngine:
         )
         try:
             pre = self._step(run, "precheck", lambda: action.precheck(ctx))
+        except Unreachable as exc:
+            # Its host cannot be reached: nothing was looked at or done there, and nothing is
+            # taken for done. Not a crash: "not now", tried again while the incident lasts.
+            self._decline(run, Check.not_now(f"its host is unreached: {exc}"))
+            return
         except ActionError as exc:
             self._finish(
                 run_id,

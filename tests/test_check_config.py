@@ -162,3 +162,18 @@ def test_a_service_whose_component_its_local_executor_lacks_is_named(tmp_path: P
     assert code == 1, out
     assert "services[1].component" in out and "'pg' is none of its executor's components" in out
     assert "services[0]" not in out
+
+
+def test_the_multi_host_labs_targets_file_passes_with_every_component_on_a_host(
+    tmp_path: Path,
+) -> None:
+    from lab.hosts.stack import HostsStack
+
+    stack = HostsStack(tmp_path / "hosts")  # not started: only its targets file is rendered
+    path = tmp_path / "targets.toml"
+    write_targets(path, stack.render_targets())
+    code, out = check(path)
+    assert code == 0, out
+    assert "1 executors" in out
+    text = path.read_text()
+    assert 'kind = "ssh"' in text and "127.0.0.1" not in text

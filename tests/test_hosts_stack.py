@@ -142,8 +142,11 @@ def test_a_killed_primary_is_replaced_over_ssh_and_no_acknowledged_order_is_lost
         load.stop()
     acked = load.ids()
     assert set(acked) <= present(hs, acked), "an acknowledged order was lost"
-    runs = [r for r in failovers(hs) if r["state"] == "succeeded"]
-    assert runs, "the failover ran through the control plane"
+    wait_until(
+        lambda: any(r["state"] == "succeeded" for r in failovers(hs)),
+        timeout_s=30,
+        what="the control plane's failover run finished",
+    )
     print(f"kill: write outage {outage:.2f} s, redundant after {redundant_after:.1f} s")
 
 
@@ -244,3 +247,71 @@ def test_a_control_plane_cut_off_from_everything_does_nothing_and_undoes_nothing
     assert not [r for r in runs[: len(runs) - before] if r["state"] == "succeeded"]
     acked = load.ids()
     assert acked and set(acked) <= present(hs, acked)
+
+
+def test_an_app_host_cut_off_is_reported_never_restarted_blind_and_serves_again_when_back(
+    hs: HostsStack,
+) -> None:
+    """The rule for an app host the control plane cannot reach: its shop's incident opens
+    (its readiness probe), the restart policy's attempts fail saying the host is unreached
+    (nothing is started or stopped unseen), and when the link returns the instance, which
+    never stopped, passes its probe and the incident resolves. The other shop serves."""
+    wait_until(lambda: settled(hs), timeout_s=120, what="a settled cluster")
+    shops = hs.describe()["shops"]
+    pid = int(hs.hosts.systemctl("app-2", "show", "-p", "MainPID", "--value", "shop-1.service"))
+    load = OrderClients([shops["shop-0"]], 2, max_s=90, tag="app").start()
+    hs.hosts.net.partition("app-2")
+    try:
+
+        def refused_unreached() -> bool:
+            runs = api(hs, "/actions?action=restart&limit=50")["actions"]
+            return any(
+                r["target"] == "shop-1" and r["state"] in ("failed", "skipped") for r in runs
+            )
+
+        wait_until(refused_unreached, timeout_s=60, what="a restart of shop-1 that failed")
+        acks = len(load.acks)
+        time.sleep(2)
+        assert len(load.acks) > acks, "the other shop stopped serving"
+    finally:
+        hs.hosts.net.heal("app-2")
+    try:
+
+        def shop1_up() -> bool:
+            return bool(api(hs, "/health")["services"]["shop-1"]["status"] == "up")
+
+        wait_until(shop1_up, timeout_s=60, what="shop-1 up again for the control plane")
+    finally:
+        load.stop()
+    runs = [
+        r for r in api(hs, "/actions?action=restart&limit=50")["actions"] if r["target"] == "shop-1"
+    ]
+    audits = json.dumps([api(hs, f"/actions/{r['id']}") for r in runs])
+    assert "unreach" in audits or "no answer" in audits, audits[:2000]
+    now = int(hs.hosts.systemctl("app-2", "show", "-p", "MainPID", "--value", "shop-1.service"))
+    assert now == pid, "shop-1 was restarted: it never stopped, only its host was cut off"
+
+
+def test_a_killed_shop_is_started_again_by_the_control_plane_over_ssh(hs: HostsStack) -> None:
+    wait_until(lambda: settled(hs), timeout_s=120, what="a settled cluster")
+    unit = "shop-0.service"
+    before = int(hs.hosts.systemctl("app-1", "show", "-p", "MainPID", "--value", unit))
+    hs.hosts.systemctl("app-1", "kill", "--signal=SIGKILL", unit)  # its master and workers
+
+    def started_again() -> bool:
+        pid = int(hs.hosts.systemctl("app-1", "show", "-p", "MainPID", "--value", unit))
+        return pid not in (0, before)
+
+    wait_until(started_again, timeout_s=60, what="shop-0 started again")
+    wait_until(
+        lambda: requests.get(f"{hs.shop_base_url('shop-0')}/readyz", timeout=2).ok,
+        timeout_s=60,
+        what="shop-0 ready",
+    )
+
+    def restarted_by_the_control_plane() -> bool:
+        runs = api(hs, "/actions?action=restart&limit=50")["actions"]
+        return any(r["target"] == "shop-0" and r["state"] == "succeeded" for r in runs)
+
+    # Its run (through the ssh executor) ends once its probe passes twice.
+    wait_until(restarted_by_the_control_plane, timeout_s=30, what="a succeeded restart run")

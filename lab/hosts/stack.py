@@ -79,6 +79,16 @@ class HostsStack:
     def dsn(self, node: str, dbname: str = "postgres") -> str:
         return pg.dsn(PG_PORT, dbname, passfile=self.pg_auth.passfile, host=self.node_address(node))
 
+    def primary_dsn(self, database: str) -> str:
+        """Whichever node accepts writes (the in-doubt resolver follows a failover)."""
+        return pg.dsn(
+            ",".join([str(PG_PORT)] * len(NODES)),
+            database,
+            passfile=self.pg_auth.passfile,
+            host=",".join(self.node_address(n) for n in NODES),
+            target_session_attrs="read-write",
+        )
+
     def shop_url(self, database: str) -> str:
         return pg.shop_url(
             database,
@@ -337,6 +347,7 @@ class HostsStack:
             components=self.components(),
             shops=shops,
             nodes={node: self.dsn(node) for node in NODES},
+            primary={db: self.primary_dsn(db) for db in ("orders", "inventory", "postgres")},
             cache_url=self.redis_url,
         )
 

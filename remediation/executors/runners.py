@@ -202,7 +202,10 @@ class SshRunner:
             )
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self._drop(transport)
-            raise HostHung(f"{self.where} opened no channel: {exc or type(exc).__name__}") from exc
+            raise HostHung(
+                f"no answer from {self.where} opening a step within {min(idle_s, timeout_s):g} s"
+                f": treated as hung ({exc or type(exc).__name__})"
+            ) from exc
         try:
             channel.set_combine_stderr(True)
             channel.exec_command(script)
