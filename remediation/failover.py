@@ -141,6 +141,9 @@ class Failover(Action):
         leader = leader_of(views)
         if leader is not None:  # a retry after the promotion went through
             return Outcome(f"{leader.name} leads already", {"leader": leader.name})
+        witness = primary_witness(views, p.primary_heard_within_s)
+        if witness is not None:  # looked at again since the precheck: it lives after all
+            raise ActionError(f"not promoting: {witness}")
         laps = pg_ops.Laps()
         seen = ctx.facts.read()  # what the promotion is decided on: changed meanwhile, no go
         if p.require_synchronous and seen.synchronous is not True:
@@ -256,8 +259,10 @@ class Failover(Action):
 
 def primary_witness(views: list[NodeView], within_s: float) -> str | None:
     """Why not to fail over yet, if a standby still hears from its primary (which then lives,
-    cut off from the control plane only); None when none does or a node refused (dead)."""
-    if any(v.state is NodeState.REFUSED for v in views):
+    cut off from the control plane only); None when none does, or when every node that is
+    not a standby refused (dead: no witness is waited for)."""
+    others = [v for v in views if v.state is not NodeState.STANDBY]
+    if others and all(v.state is NodeState.REFUSED for v in others):
         return None
     for v in views:
         if (

@@ -24,7 +24,7 @@ from lab.process import wait_until
 from remediation.base import ActionError
 from remediation.executors.base import Cancel, Cancelled, ExecutorError
 from remediation.executors.registry import ExecutorConfigError, build_executor
-from remediation.executors.runners import HostHung, HostUnreachable
+from remediation.executors.runners import HostHung, HostUnreachable, StepOverran
 from remediation.executors.systemd import SystemdExecutor
 from remediation.pg_ops import fence as pg_fence
 from tests.conftest import lab_tmpdir
@@ -227,6 +227,30 @@ def test_a_host_that_hangs_mid_step_fails_the_step_within_its_timeout_and_it_is_
         ex.close()
 
 
+def test_a_fence_of_a_unit_systemd_does_not_know_fails_and_never_passes_for_done(
+    hosts: HostsLab,
+) -> None:
+    params = hosts.executor_params({"svc": {"unit": "nosuch.service", "host": "db-1"}})
+    ex = build_executor("hosts", "ssh", params)
+    try:
+        with pytest.raises(ExecutorError, match="not-found") as raised:
+            ex.fence("svc")
+        assert not isinstance(raised.value, HostHung | HostUnreachable)
+    finally:
+        ex.close()  # type: ignore[attr-defined]
+
+
+def test_a_step_that_answered_then_went_silent_is_not_taken_for_an_unreached_host(
+    hosts: HostsLab,
+) -> None:
+    ex = executor(hosts, "db-2", step_timeout_s=1)
+    try:
+        with pytest.raises(StepOverran):
+            ex._step("svc", "echo started; sleep 5")
+    finally:
+        ex.close()
+
+
 def test_a_host_key_other_than_the_known_one_is_refused(hosts: HostsLab) -> None:
     other = hosts.data_dir / "other_known_hosts"
     # db-2's key under db-1's address: what a host taken over (or a lab rebuilt) would offer.
@@ -376,6 +400,12 @@ def test_the_ssh_executor_refuses_a_component_without_a_host_and_a_host_without_
         )
     with pytest.raises(ExecutorConfigError, match="unit"):
         build_executor("x", "systemd", {"components": {"a": {"unit": "a; rm -rf /"}}})
+    with pytest.raises(ExecutorConfigError, match="unit"):  # an option, not a unit
+        build_executor("x", "systemd", {"components": {"a": {"unit": "-Hroot@evil.service"}}})
+    with pytest.raises(ExecutorConfigError, match="component or host name"):
+        build_executor(
+            "x", "systemd", {"components": {'x"; touch /tmp/p; "': {"unit": "a.service"}}}
+        )
 
 
 def test_the_multi_host_lab_leaves_no_namespace_link_cgroup_or_process() -> None:

@@ -63,6 +63,9 @@ def standby(heard_s_ago: float | None, receiving: str = "streaming") -> NodeView
 def test_a_standby_that_still_hears_its_primary_witnesses_that_it_lives() -> None:
     reason = primary_witness([SILENT, standby(0.4)], 3.0)
     assert reason is not None and "cut off from the control plane only" in reason
+    # A third node that refused does not silence the witness of a primary that is silent.
+    refused = NodeView("pg2", NodeState.REFUSED, "connection refused")
+    assert primary_witness([SILENT, refused, standby(0.4)], 3.0) is not None
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,10 @@ def cgroup_root() -> Path:
 class Units:
     def __init__(self, root: Path) -> None:
         self.root = root
-        config = json.loads((root / "host.json").read_text())
+        try:
+            config = json.loads((root / "host.json").read_text())
+        except (OSError, ValueError):
+            raise UnitError("System has not been booted with systemd (no host.json)") from None
         self.cgroup_base: str = config["cgroup"]  # e.g. /shopguard/<lab>/<host>
 
     def spec(self, unit: str) -> dict[str, Any]:
@@ -156,6 +159,12 @@ class Units:
             self._wait_empty(unit, 5.0)
 
     def show(self, unit: str, prop: str) -> str:
+        if prop == "LoadState":
+            try:
+                self.spec(unit)
+            except UnitError:
+                return "not-found"
+            return "loaded"
         if prop == "MainPID":
             return str(self.main_pid(unit))
         if prop == "ControlGroup":

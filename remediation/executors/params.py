@@ -4,6 +4,7 @@ built: a wrong one names its key)."""
 from __future__ import annotations
 
 import pwd
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -77,7 +78,8 @@ class LocalParams(BaseModel):
     passfile: Path | None = None  # PGPASSFILE for those tools
 
 
-UNIT_NAME = r"^[A-Za-z0-9@_.:-]+\.service$"
+UNIT_NAME = r"^[A-Za-z0-9@_][A-Za-z0-9@_.:-]*\.service$"  # never an option ("-H...")
+COMPONENT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 
 class SshHost(BaseModel):
@@ -144,6 +146,9 @@ class SystemdParams(BaseModel):
 
     @model_validator(mode="after")
     def hosts_named_and_known(self) -> SystemdParams:
+        for name in [*self.components, *self.hosts]:
+            if not re.match(COMPONENT_NAME, name):
+                raise ValueError(f"{name!r}: a component or host name is [A-Za-z0-9_.-]")
         for name, comp in self.components.items():
             if comp.host is not None and comp.host not in self.hosts:
                 raise ValueError(f"components.{name}.host: no host {comp.host!r} in hosts")

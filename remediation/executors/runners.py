@@ -30,7 +30,20 @@ class HostUnreachable(Unreachable):
 
 
 class HostHung(Unreachable):
-    """The host stopped answering within a step's timeout: whether the step ran is unknown."""
+    """The host said nothing within a step's timeout: whether the step ran is unknown."""
+
+
+class StepOverran(ExecutorError):
+    """The host answered, then the step went quiet or ran over its time: the host lives, so
+    this is not `Unreachable` (a fence that overran never counts as one that could not run)."""
+
+
+def unreached(exc: BaseException) -> bool:
+    """Did a connection attempt fail for want of the host (no route, no answer, no banner),
+    rather than for what it said?"""
+    if isinstance(exc, OSError | EOFError):
+        return True
+    return isinstance(exc, paramiko.SSHException) and "banner" in str(exc).lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +94,10 @@ class LocalRunner:
                 timeout=timeout_s,
                 check=False,
             )
-        except subprocess.TimeoutExpired as exc:
-            raise HostHung(f"no answer on {self.where} within {timeout_s:g} s") from exc
+        except subprocess.TimeoutExpired as exc:  # this host is never "unreached"
+            raise StepOverran(f"a step on {self.where} ran over {timeout_s:g} s") from exc
+        except ValueError as exc:  # a NUL in the script or its input
+            raise ExecutorError(f"a step on {self.where} cannot be run: {exc}") from exc
         except OSError as exc:
             raise ExecutorError(f"cannot run a shell on {self.where}: {exc}") from exc
         return Done(done.returncode, done.stdout)
@@ -134,12 +149,13 @@ class SshRunner:
             except OSError as exc:
                 raise ExecutorError(f"cannot read known_hosts {self.known_hosts}: {exc}") from exc
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            pkey = self._key()  # a bad key is the configuration's fault, never "unreachable"
             try:
                 client.connect(
                     self.address,
                     port=self.port,
                     username=self.user,
-                    key_filename=str(self.key_file),
+                    pkey=pkey,
                     timeout=self.connect_timeout_s,
                     banner_timeout=self.connect_timeout_s,
                     auth_timeout=self.connect_timeout_s,
@@ -157,12 +173,12 @@ class SshRunner:
                 raise ExecutorError(f"{self.where} refused the key of {self.user}: {exc}") from exc
             except (OSError, paramiko.SSHException, EOFError) as exc:
                 client.close()
-                if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(
-                    exc
-                ):
+                if "not found in known_hosts" in str(exc):
                     raise ExecutorError(
                         f"{self.where} is not in {self.known_hosts}: refused"
                     ) from exc
+                if not unreached(exc):
+                    raise ExecutorError(f"{self.where}: SSH failed: {exc}") from exc
                 raise HostUnreachable(
                     f"{self.where} unreachable within {self.connect_timeout_s:g} s: "
                     f"{exc or type(exc).__name__}"
@@ -179,6 +195,12 @@ class SshRunner:
             self._client = client
             return transport
 
+    def _key(self) -> paramiko.PKey:
+        try:
+            return paramiko.PKey.from_path(str(self.key_file))
+        except (OSError, paramiko.SSHException, ValueError) as exc:
+            raise ExecutorError(f"cannot read the key {self.key_file}: {exc}") from exc
+
     def _drop(self, transport: paramiko.Transport) -> None:
         with self._lock:
             if self._client is not None and self._client.get_transport() is transport:
@@ -193,26 +215,29 @@ class SshRunner:
         timeout_s: float,
         idle_timeout_s: float | None = None,
     ) -> Done:
-        deadline = time.monotonic() + timeout_s
-        idle_s = idle_timeout_s or timeout_s
+        if "\0" in script or (stdin and "\0" in stdin):
+            raise ExecutorError("a step may not hold a NUL character")
+        started = time.monotonic()
+        deadline = started + timeout_s
+        idle_s = min(idle_timeout_s or timeout_s, timeout_s)
         transport = self._transport()
+        chunks: list[bytes] = []
+        # Until the step runs (a channel, the exec request, its stdin), paramiko waits for
+        # the host without a timeout of its own: a host that stops then would hold it
+        # forever. Its connection is closed at the idle timeout instead, which frees it.
+        guard = threading.Timer(idle_s, transport.close)
+        guard.daemon = True
+        guard.start()
+        channel: paramiko.Channel | None = None
         try:
-            channel = transport.open_session(
-                timeout=max(0.1, min(idle_s, deadline - time.monotonic()))
-            )
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            self._drop(transport)
-            raise HostHung(
-                f"no answer from {self.where} opening a step within {min(idle_s, timeout_s):g} s"
-                f": treated as hung ({exc or type(exc).__name__})"
-            ) from exc
-        try:
+            channel = transport.open_session(timeout=idle_s)
+            channel.settimeout(idle_s)
             channel.set_combine_stderr(True)
             channel.exec_command(script)
             if stdin:
                 channel.sendall(stdin.encode())
             channel.shutdown_write()
-            chunks: list[bytes] = []
+            guard.cancel()
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -225,17 +250,24 @@ class SshRunner:
             if not channel.status_event.wait(min(idle_s, max(0.0, deadline - time.monotonic()))):
                 raise TimeoutError
             return Done(channel.recv_exit_status(), b"".join(chunks).decode(errors="replace"))
-        except TimeoutError as exc:
+        except (TimeoutError, OSError, paramiko.SSHException, EOFError) as exc:
             self._drop(transport)
+            took = time.monotonic() - started
+            if chunks:
+                # It answered, then went quiet or ran over: the host lives (a step that
+                # overran, or a host that hung since). Never taken for an unreached one.
+                raise StepOverran(
+                    f"a step on {self.where} said {len(b''.join(chunks))} bytes, then nothing "
+                    f"for {took:.1f} s: stopped (whether it finished there is unknown)"
+                ) from exc
             raise HostHung(
-                f"no answer from {self.where} within {min(idle_s, timeout_s):g} s: treated "
-                "as hung (whether the step ran there is unknown)"
+                f"no answer from {self.where} within {took:.1f} s: treated as hung "
+                f"(whether the step ran there is unknown; {exc or type(exc).__name__})"
             ) from exc
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            self._drop(transport)
-            raise HostHung(f"{self.where} dropped the step: {exc or type(exc).__name__}") from exc
         finally:
-            channel.close()
+            guard.cancel()
+            if channel is not None:
+                channel.close()
 
     def close(self) -> None:
         with self._lock:

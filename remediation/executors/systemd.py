@@ -23,19 +23,20 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 
-from remediation.executors.base import Cancel, Cancelled, ExecutorError
+from remediation.executors.base import Cancel, Cancelled, ExecutorError, Unreachable
 from remediation.executors.params import SshParams, SystemdParams, UnitComponent
 from remediation.executors.runners import (
     Done,
-    HostHung,
     LocalRunner,
     Runner,
     SshRunner,
+    StepOverran,
 )
 
 logger = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("active", "activating", "reloading", "deactivating")
+STOPPED_STATES = ("inactive", "failed")  # is-active's words for a unit with nothing running
 # Where a unit's cgroup lives: unified (cgroup v2, or systemd's hybrid layout), else the
 # named v1 hierarchy of systemd's.
 CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/systemd")
@@ -130,15 +131,15 @@ class SystemdExecutor:
     # -- processes -----------------------------------------------------------------------------
     def is_running(self, component: str) -> bool:
         unit = self._unit(component).unit
-        done = self._step(component, f"{self._systemctl} is-active {q(unit)}")
+        done = self._step(component, f"{self._systemctl} is-active -- {q(unit)}")
         return done.output.strip() in ACTIVE_STATES
 
     def restart(self, component: str) -> int:
         unit = self._unit(component).unit
         out = self._checked(
             component,
-            f"{self._systemctl} restart {q(unit)} && "
-            f"{self._systemctl} show -p MainPID --value {q(unit)}",
+            f"{self._systemctl} restart -- {q(unit)} && "
+            f"{self._systemctl} show -p MainPID --value -- {q(unit)}",
             "restart",
             timeout_s=STOP_STEP_S,
         )
@@ -149,52 +150,60 @@ class SystemdExecutor:
 
     def fence(self, component: str) -> bool:
         unit = q(self._unit(component).unit)
-        polls = max(1, int(self.params.fence_timeout_s / FENCE_POLL_S))
         s = self._systemctl
+        wait_s = max(1, round(self.params.fence_timeout_s))
+        # Every systemctl answer is checked: a unit systemd does not know (a typo), a bus it
+        # cannot reach or a refused sudo must fail the fence, never pass for an empty cgroup.
         script = "\n".join(
             [
-                f"cg=$({s} show -p ControlGroup --value {unit})",
+                f"load=$({s} show -p LoadState --value -- {unit}) || "
+                '{ echo "error: systemctl show failed"; exit 4; }',
+                '[ "$load" = loaded ] || { echo "error: the unit is $load"; exit 4; }',
+                f"cg=$({s} show -p ControlGroup --value -- {unit}) || "
+                '{ echo "error: systemctl show failed"; exit 4; }',
                 cgroup_procs_script("cg"),
                 'echo "had: $procs"',
-                f"{s} kill --signal=SIGKILL {unit} >/dev/null 2>&1",
-                "i=0",
-                f"while [ $i -lt {polls} ]; do",
+                f"{s} kill --signal=SIGKILL -- {unit} >/dev/null 2>&1",
+                # Until the cgroup is empty, on the host's own clock (not a count of loops).
+                f"end=$(( $(date +%s) + {wait_s} )); i=0",
+                "while :; do",
                 "  " + cgroup_procs_script("cg"),
                 '  [ -z "$procs" ] && break',
+                '  [ "$(date +%s)" -ge "$end" ] && break',
                 "  kill -KILL $procs 2>/dev/null",  # what the unit's kill did not reach yet
                 f"  sleep {FENCE_POLL_S}; i=$((i+1))",
                 '  [ $((i % 25)) = 0 ] && echo "waiting: $procs"',  # it lives: not a hung host
                 "done",
                 'echo "left: $procs"',
-                f"{s} stop {unit} >/dev/null 2>&1",
-                f'echo "state: $({s} is-active {unit})"',
+                f"{s} stop -- {unit} >/dev/null 2>&1 || "
+                '{ echo "error: systemctl stop failed"; exit 4; }',
+                f'echo "state: $({s} is-active -- {unit})"',
             ]
         )
         out = self._checked(
             component,
             script,
             "fence",
-            timeout_s=self.params.fence_timeout_s + self.params.step_timeout_s,
+            timeout_s=self.params.fence_timeout_s + 2 * self.params.step_timeout_s,
             idle_timeout_s=self.params.step_timeout_s,
         )
         fields = {
-            key: value
+            key: value.strip()
             for key, _, value in (line.partition(":") for line in out.splitlines())
             if key in ("had", "left", "state")
         }
-        if fields.get("left", "").strip():
-            raise ExecutorError(
-                f"{component} survived SIGKILL: pids {fields['left'].strip()} still in its cgroup"
-            )
-        state = fields.get("state", "").strip()
-        if state in ACTIVE_STATES:
-            raise ExecutorError(
-                f"{component} is {state} again after its fence: its unit must not have "
-                "Restart= (the control plane decides when a node runs)"
-            )
-        if "left" not in fields:
+        if "left" not in fields or "state" not in fields:
             raise ExecutorError(f"the fence of {component} did not finish: {out[-300:]}")
-        return bool(fields.get("had", "").strip())
+        if fields["left"]:
+            raise ExecutorError(
+                f"{component} survived SIGKILL: pids {fields['left']} still in its cgroup"
+            )
+        if fields["state"] not in STOPPED_STATES:
+            raise ExecutorError(
+                f"{component} is {fields['state'] or 'in no known state'} after its fence: its "
+                "unit must not have Restart= (the control plane decides when a node runs)"
+            )
+        return bool(fields.get("had"))
 
     def stop(self, component: str, timeout_s: float = 30) -> None:
         unit = q(self._unit(component).unit)
@@ -203,9 +212,9 @@ class SystemdExecutor:
             component,
             "\n".join(
                 [
-                    f"{s} stop {unit}",
+                    f"{s} stop -- {unit}",
                     "rc=$?",
-                    f"cg=$({s} show -p ControlGroup --value {unit})",
+                    f"cg=$({s} show -p ControlGroup --value -- {unit})",
                     cgroup_procs_script("cg"),
                     'echo "left: $procs"',
                     "exit $rc",
@@ -243,8 +252,11 @@ class SystemdExecutor:
             raise ExecutorError(f"no tool {tool!r} for {component}")
         step = f"${{TMPDIR:-/tmp}}/shopguard-step-{uuid.uuid4().hex}"
         env = f"export PGPASSFILE={q(self.params.passfile)}\n" if self.params.passfile else ""
+        # The host kills it itself at its time (plus a little): a control plane that lost the
+        # host must not leave a tool to go on writing when the host answers again.
         script = (
-            f"set -- {q(PurePosixPath(tools_dir) / tool)} {' '.join(q(a) for a in args)}\n"
+            f"set -- timeout -s KILL {int(timeout_s) + 2} "
+            f"{q(PurePosixPath(tools_dir) / tool)} {' '.join(q(a) for a in args)}\n"
             + self._as_user(comp)
             # A session of its own, its id in a file: a cancel kills it and what it forked.
             + env
@@ -259,7 +271,8 @@ class SystemdExecutor:
             runner = self._runners[comp.host]
             try:
                 runner.run(
-                    f'f="{step}"; [ -f "$f" ] && kill -KILL -- -"$(cat "$f")"; rm -f "$f"',
+                    # Its whole session: `timeout` puts the tool in a process group of its own.
+                    f'f="{step}"; [ -f "$f" ] && pkill -KILL -s "$(cat "$f")"; rm -f "$f"',
                     timeout_s=self.params.connect_timeout_s,
                 )
             except ExecutorError as exc:
@@ -271,7 +284,7 @@ class SystemdExecutor:
                 cancelling.__enter__()
             try:
                 done = self._step(component, script, stdin=stdin, timeout_s=timeout_s)
-            except HostHung as exc:
+            except (Unreachable, StepOverran) as exc:
                 kill()  # a tool over its time must not go on writing
                 raise ExecutorError(f"{tool} for {component}: {exc}") from exc
         finally:
@@ -303,11 +316,14 @@ class SystemdExecutor:
         return " | ".join(lines)
 
     def _not_running(self, component: str, what: str) -> str:
-        """Shell: exit 3 (with a message) when the unit runs."""
+        """Shell: exit 3 (with a message) unless the unit is stopped (inactive or failed: not
+        starting, not stopping)."""
         unit = q(self._unit(component).unit)
+        message = q(f"{component} runs: stop it before {what}")
         return (
-            f"if {self._systemctl} is-active --quiet {unit}; then "
-            f'echo "{component} runs: stop it before {what}"; exit 3; fi\n'
+            f"state=$({self._systemctl} is-active -- {unit})\n"
+            'case "$state" in inactive|failed) ;; *) '
+            f'echo {message} "($state)"; exit 3 ;; esac\n'
         )
 
     def reset_data_dir(self, component: str) -> None:
