@@ -177,3 +177,10 @@ def test_the_multi_host_labs_targets_file_passes_with_every_component_on_a_host(
     assert "1 executors" in out
     text = path.read_text()
     assert 'kind = "ssh"' in text and "127.0.0.1" not in text
+
+
+def test_the_five_host_example_passes() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "targets-five-hosts.toml"
+    code, out = check(example)
+    assert code == 0, out
+    assert "7 services" in out
