@@ -159,11 +159,11 @@ class Units:
             self._wait_empty(unit, 5.0)
 
     def show(self, unit: str, prop: str) -> str:
+        try:  # as systemd: an unknown unit shows, not-found and empty
+            self.spec(unit)
+        except UnitError:
+            return {"LoadState": "not-found", "MainPID": "0", "ActiveState": INACTIVE}.get(prop, "")
         if prop == "LoadState":
-            try:
-                self.spec(unit)
-            except UnitError:
-                return "not-found"
             return "loaded"
         if prop == "MainPID":
             return str(self.main_pid(unit))
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--lab", type=Path)
     parser.add_argument("--quiet", "-q", action="store_true")
     parser.add_argument("--value", action="store_true")
-    parser.add_argument("-p", "--property", default=None)
+    parser.add_argument("-p", "--property", action="append", default=[])
     parser.add_argument("--signal", "-s", default="SIGTERM")
     parser.add_argument("command")
     parser.add_argument("units", nargs="*")
@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.quiet:
                     print(ACTIVE if active else INACTIVE)
                 rc = rc or (0 if active else 3)
-            elif args.command == "show":
-                value = units.show(unit, args.property or "ActiveState")
-                print(value if args.value else f"{args.property}={value}")
+            elif args.command == "show":  # each property asked, in order (systemd: by name)
+                for prop in args.property or ["ActiveState"]:
+                    value = units.show(unit, prop)
+                    print(value if args.value else f"{prop}={value}")
             else:
                 raise UnitError(f"Unknown command verb {args.command}.")
         return rc

@@ -156,11 +156,12 @@ class SystemdExecutor:
         # cannot reach or a refused sudo must fail the fence, never pass for an empty cgroup.
         script = "\n".join(
             [
-                f"load=$({s} show -p LoadState --value -- {unit}) || "
+                # One call: NAME=value lines (systemd prints them in an order of its own).
+                f"props=$({s} show -p LoadState -p ControlGroup -- {unit}) || "
                 '{ echo "error: systemctl show failed"; exit 4; }',
+                "load=$(printf '%s\\n' \"$props\" | sed -n 's/^LoadState=//p')",
+                "cg=$(printf '%s\\n' \"$props\" | sed -n 's/^ControlGroup=//p')",
                 '[ "$load" = loaded ] || { echo "error: the unit is $load"; exit 4; }',
-                f"cg=$({s} show -p ControlGroup --value -- {unit}) || "
-                '{ echo "error: systemctl show failed"; exit 4; }',
                 cgroup_procs_script("cg"),
                 'echo "had: $procs"',
                 f"{s} kill --signal=SIGKILL -- {unit} >/dev/null 2>&1",
