@@ -79,7 +79,20 @@ def redundant(stack: HostsStack) -> bool:
     )
 
 
+def in_doubt(stack: HostsStack) -> int:
+    """Prepared transactions on the leader (an acknowledged order whose commit a fault cut is
+    one until its shop, or the in-doubt resolver, finishes it)."""
+    lead = leader(stack)
+    if lead is None:
+        return -1
+    with psycopg.connect(stack.dsn(lead), connect_timeout=3) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_prepared_xacts").fetchone()
+    return int(row[0]) if row else 0
+
+
 def present(stack: HostsStack, ids: list[str]) -> set[str]:
+    """Which of `ids` the leader's orders table holds, once nothing is in doubt."""
+    wait_until(lambda: in_doubt(stack) == 0, timeout_s=90, what="nothing in doubt")
     lead = leader(stack)
     assert lead is not None
     with psycopg.connect(stack.dsn(lead, "orders"), connect_timeout=3) as conn:
