@@ -163,13 +163,22 @@ class PgPrimaryProbe(Probe):
                 stop.wait(WATCH_POLL_S)
                 continue
             ends = self._grace_ends_at()
-            if ends is not None and ends - time.monotonic() <= self.timeout_s + WATCH_POLL_S:
-                # Too close to the grace's end for another look: wait for it, then a run.
-                stop.wait(max(0.0, ends - time.monotonic()))
+            if ends is not None:
+                # A run found it silent: the runs look, this counts the grace down. (Holding a
+                # session meanwhile would block in a connect to the silent node, libpq's two
+                # seconds at least, past the grace's end: the failover a second late.)
+                left_s = ends - time.monotonic()
+                if left_s > self.timeout_s + WATCH_POLL_S:
+                    stop.wait(min(WATCH_POLL_S, left_s - self.timeout_s - WATCH_POLL_S))
+                    continue
+                # A run that begins one look before the grace's end ends at it: a node still
+                # silent then has been silent for the whole grace (a run judges the silence
+                # when its look ends, never sooner), and one that answered is UP.
+                stop.wait(max(0.0, left_s - self.timeout_s))
                 if not stop.is_set() and self._grace_ends_at() == ends:
-                    logger.info("%s: %s's grace ended: running the probe now", self.name, name)
-                    self._bring_forward(on_event, ends, stop)
-                    stop.wait(EVENT_GAP_S)
+                    logger.info("%s: %s's grace ends: running the probe now", self.name, name)
+                    self._bring_forward(on_event, time.monotonic(), stop)
+                    stop.wait(max(EVENT_GAP_S, ends - time.monotonic()))
                 continue
             event = self._hold_until_event(name, p.nodes[name], stop)
             if event is not None:
