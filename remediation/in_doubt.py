@@ -50,7 +50,10 @@ class InDoubt(Action):
         found = {}
         for name, dsn in (("inventory", p.inventory_dsn), ("orders", p.orders_dsn)):
             with self._connect(dsn, p) as conn:
-                found[name] = twophase.in_doubt(conn, p.gid_prefix + "%", p.min_age_s)
+                try:
+                    found[name] = twophase.in_doubt(conn, p.gid_prefix + "%", p.min_age_s)
+                except psycopg.Error as exc:  # lost after connecting: not a crash, a retry
+                    raise ActionError(f"lost the {name} database: {exc}") from exc
         return found
 
     @classmethod
@@ -74,21 +77,32 @@ class InDoubt(Action):
     def execute(self, ctx: ActionContext) -> Outcome:
         p = self._params(ctx)
         decided: dict[str, list[str]] = {"commit": [], "abort": []}
-        with self._connect(p.orders_dsn, p) as log:
-            for database, gids in self._in_doubt(p).items():
-                dsn = p.orders_dsn if database == "orders" else p.inventory_dsn
-                with self._connect(dsn, p) as conn:
-                    for gid in gids:
-                        decision = twophase.resolve(log, conn, gid, "controlplane")
-                        if decision is not None:  # else the shop, restarting, finished it
-                            decided[decision].append(gid)
+        try:
+            with self._connect(p.orders_dsn, p) as log:
+                for database, gids in self._in_doubt(p).items():
+                    dsn = p.orders_dsn if database == "orders" else p.inventory_dsn
+                    with self._connect(dsn, p) as conn:
+                        for gid in gids:
+                            decision = twophase.resolve(log, conn, gid, "controlplane")
+                            if decision is not None:  # else the shop, restarting, finished it
+                                decided[decision].append(gid)
+        except psycopg.Error as exc:
+            # A node lost mid-way (fenced after a partition: the multi-host URL had found an
+            # old primary writable on its old timeline). Resolving again is harmless: the
+            # decision log decides, so the next attempt finishes on the leader.
+            raise ActionError(
+                f"lost the database mid-way ({type(exc).__name__}: {exc}); done so far: {decided}"
+            ) from exc
         return Outcome(
             f"committed {len(decided['commit'])}, rolled back {len(decided['abort'])}",
             decided,
         )
 
     def verify(self, ctx: ActionContext) -> Check:
-        left = sum(len(g) for g in self._in_doubt(self._params(ctx)).values())
+        try:
+            left = sum(len(g) for g in self._in_doubt(self._params(ctx)).values())
+        except (ActionError, psycopg.Error) as exc:
+            return Check(False, f"cannot look: {exc}")
         if left:
             return Check(False, f"{left} still in doubt")
         return ctx.is_healthy()  # and the business invariants hold
