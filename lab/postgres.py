@@ -154,6 +154,21 @@ def dsn(
     return make_conninfo(**{**params, **extra, "passfile": str(passfile)})
 
 
+def writable_dsn(
+    database: str, nodes: list[tuple[str, int]], *, passfile: Path, user: str = SUPERUSER
+) -> str:
+    """Whichever of `nodes` (address, port) accepts writes: a reader that follows a
+    failover (the in-doubt resolver, the invariants probe)."""
+    return dsn(
+        ",".join(str(port) for _, port in nodes),
+        database,
+        passfile=passfile,
+        user=user,
+        host=",".join(address for address, _ in nodes),
+        target_session_attrs="read-write",
+    )
+
+
 def pg_os_user() -> str | None:
     """PostgreSQL refuses to run as root: as root, run it as the `postgres` OS user."""
     if os.geteuid() != 0:

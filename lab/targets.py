@@ -28,12 +28,8 @@ def dsn(layout: StackLayout, port: int, db: str = "postgres") -> str:
 
 def primary_dsn(layout: StackLayout, db: str) -> str:
     """Whichever node accepts writes, so that the in-doubt resolver follows a failover."""
-    return pg.dsn(
-        f"{layout.pg_port(0)},{layout.pg_port(1)}",
-        db,
-        passfile=layout.pgpass,
-        host=f"{HOST},{HOST}",
-        target_session_attrs="read-write",
+    return pg.writable_dsn(
+        db, [(HOST, layout.pg_port(0)), (HOST, layout.pg_port(1))], passfile=layout.pgpass
     )
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from lab.errors import LabError
 from lab.hosts.fake_systemctl import cgroup_root
-from lab.hosts.net import HOSTS, HostNet, write_lines
+from lab.hosts.net import HostNet, write_lines
 from lab.process import is_port_open, wait_until
 from remediation.executors.processes import spawn
 
@@ -80,8 +81,13 @@ class HostsLab:
     def units_dir(self, host: str) -> Path:
         return self.host_dir(host) / "units"
 
+    @property
+    def cgroup_prefix(self) -> str:
+        """The lab's own cgroup (each host's units under it), relative to a hierarchy."""
+        return f"/shopguard/{self.net.prefix}"
+
     def cgroup_base(self, host: str) -> str:
-        return f"/shopguard/{self.net.prefix}/{host}"
+        return f"{self.cgroup_prefix}/{host}"
 
     @property
     def systemctl_argv(self) -> list[str]:
@@ -220,7 +226,7 @@ class HostsLab:
         self.net.down()
         base = cgroup_root_or_none()
         if base is not None:
-            group = base / "shopguard" / self.net.prefix
+            group = base / self.cgroup_prefix.lstrip("/")
             for host in self.net.hosts:
                 remove_cgroups(group / host)
             with contextlib.suppress(OSError):
@@ -232,8 +238,8 @@ class HostsLab:
     def leftovers(self) -> list[str]:
         left = self.net.leftovers()
         base = cgroup_root_or_none()
-        if base is not None and (base / "shopguard" / self.net.prefix).exists():
-            left.append(str(base / "shopguard" / self.net.prefix))
+        if base is not None and (group := base / self.cgroup_prefix.lstrip("/")).exists():
+            left.append(str(group))
         return left
 
 
@@ -272,10 +278,10 @@ def remove_cgroups(group: Path, timeout_s: float = 5.0) -> None:
                 time.sleep(0.05)
 
 
-def ensure_hosts_supported(hosts: Sequence[str] = HOSTS) -> None:
+def ensure_hosts_supported() -> None:
     """Root, iproute2, nft and sshd: what the multi-host lab needs of this machine."""
     if os.geteuid() != 0:
         raise LabError("the multi-host lab makes network namespaces: run it as root")
     for tool in ("ip", "nft", SSHD, "ssh-keygen"):
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+        if shutil.which(tool) is None:
             raise LabError(f"the multi-host lab needs {tool} (scripts/setup installs it)")

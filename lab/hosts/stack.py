@@ -81,12 +81,10 @@ class HostsStack:
 
     def primary_dsn(self, database: str) -> str:
         """Whichever node accepts writes (the in-doubt resolver follows a failover)."""
-        return pg.dsn(
-            ",".join([str(PG_PORT)] * len(NODES)),
+        return pg.writable_dsn(
             database,
+            [(self.node_address(n), PG_PORT) for n in NODES],
             passfile=self.pg_auth.passfile,
-            host=",".join(self.node_address(n) for n in NODES),
-            target_session_attrs="read-write",
         )
 
     def shop_url(self, database: str) -> str:
