@@ -251,6 +251,22 @@ def test_a_step_that_answered_then_went_silent_is_not_taken_for_an_unreached_hos
         ex.close()
 
 
+def test_a_new_connection_to_a_host_whose_every_process_is_stopped_is_unreached(
+    hosts: HostsLab,
+) -> None:
+    """Its kernel accepts the TCP connection, its sshd never says a word: that is a host not
+    reached (which a failover may promote past), not a configuration error (which blocks it),
+    whatever paramiko's error says next."""
+    ex = executor(hosts, "db-2", step_timeout_s=1, connect_timeout_s=1)
+    hosts.net.hang("db-2")
+    try:
+        with pytest.raises(HostUnreachable):
+            ex.fence("svc")
+    finally:
+        hosts.net.resume("db-2")
+        ex.close()
+
+
 def test_a_host_key_other_than_the_known_one_is_refused(hosts: HostsLab) -> None:
     other = hosts.data_dir / "other_known_hosts"
     # db-2's key under db-1's address: what a host taken over (or a lab rebuilt) would offer.

@@ -38,12 +38,16 @@ class StepOverran(ExecutorError):
     this is not `Unreachable` (a fence that overran never counts as one that could not run)."""
 
 
-def unreached(exc: BaseException) -> bool:
-    """Did a connection attempt fail for want of the host (no route, no answer, no banner),
-    rather than for what it said?"""
+def unreached(exc: BaseException, transport: paramiko.Transport | None) -> bool:
+    """Did a connection attempt fail for want of the host (no route, no answer, never its
+    SSH banner), rather than for what it said? A host whose every process is stopped accepts
+    the TCP connection (the kernel does) and then says nothing: paramiko's error is then
+    whatever step came next ("No existing session"), so what counts is whether the host ever
+    spoke, not the error's words."""
     if isinstance(exc, OSError | EOFError):
         return True
-    return isinstance(exc, paramiko.SSHException) and "banner" in str(exc).lower()
+    spoke = transport is not None and bool(getattr(transport, "remote_version", ""))
+    return not spoke
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +176,13 @@ class SshRunner:
                 client.close()
                 raise ExecutorError(f"{self.where} refused the key of {self.user}: {exc}") from exc
             except (OSError, paramiko.SSHException, EOFError) as exc:
+                partial = client.get_transport()  # how far it got, before it is closed
                 client.close()
                 if "not found in known_hosts" in str(exc):
                     raise ExecutorError(
                         f"{self.where} is not in {self.known_hosts}: refused"
                     ) from exc
-                if not unreached(exc):
+                if not unreached(exc, partial):
                     raise ExecutorError(f"{self.where}: SSH failed: {exc}") from exc
                 raise HostUnreachable(
                     f"{self.where} unreachable within {self.connect_timeout_s:g} s: "
